@@ -1,0 +1,397 @@
+"""Run configuration: one dataclass per concern, YAML files, dotted CLI overrides, validation.
+
+    cfg = load_config("examples/tiny_cpu_ease.yaml", ["parallel.tensor_model_parallel_size=2"])
+    validate_config(cfg, world_size=2)
+
+Everything is validated before any process group starts; errors are one line naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+@dataclass
+class VisionConfig:
+    """Vision tower sizes (HF ``vision_config`` names)."""
+
+    depth: int = 2
+    hidden_size: int = 32
+    intermediate_size: int = 64
+    num_heads: int = 2
+    in_channels: int = 3
+    patch_size: int = 14
+    spatial_merge_size: int = 2
+    temporal_patch_size: int = 2
+    out_hidden_size: int = 64
+    hidden_act: str = "silu"
+    rope_theta: float = 10_000.0  # base of the tower's 2D rotary embedding
+    # Qwen2.5-VL: windowed attention except at these blocks.
+    window_size: int = 112
+    fullatt_block_indexes: list[int] = field(default_factory=list)
+    # Qwen3-VL: learned position embeddings and DeepStack feature taps.
+    num_position_embeddings: int = 0
+    deepstack_visual_indexes: list[int] = field(default_factory=list)
+
+
+@dataclass
+class ModelConfig:
+    """Language-model sizes (HF ``text_config`` names) plus the vision tower and token ids."""
+
+    family: str = "qwen2_5_vl"  # qwen2_5_vl | qwen3_vl
+    hf_config: Optional[str] = None  # a dir/config.json; when set, its sizes replace the ones below
+    init_from: Optional[str] = None  # a converted (or trained) megatron checkpoint to start from
+    num_layers: int = 2
+    hidden_size: int = 64
+    ffn_hidden_size: int = 128
+    num_attention_heads: int = 4
+    num_query_groups: int = 2
+    kv_channels: Optional[int] = None  # head_dim; None = hidden_size / num_attention_heads
+    vocab_size: int = 256
+    max_position_embeddings: int = 4096
+    rope_theta: float = 1_000_000.0
+    mrope_section: list[int] = field(default_factory=lambda: [2, 3, 3])
+    mrope_interleaved: bool = False
+    rms_norm_eps: float = 1e-6
+    add_qkv_bias: bool = True
+    qk_layernorm: bool = False
+    tie_word_embeddings: bool = False
+    image_token_id: int = 251
+    video_token_id: int = 252
+    vision_start_token_id: int = 249
+    vision_end_token_id: int = 250
+    eos_token_id: int = 248
+    pad_token_id: int = 0
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    freeze_vision: bool = False
+    recompute_layers: bool = False  # full activation recomputation of the language-model layers
+    bf16: bool = False
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    context_parallel_size: int = 1
+    # Language-model layers on the first pipeline stage (it also holds the vision tower);
+    # None = an even split.
+    first_pipeline_stage_layers: Optional[int] = None
+    use_distributed_optimizer: bool = False
+    backend: Optional[str] = None  # None = nccl when CUDA is available, else gloo
+    timeout_minutes: float = 10.0
+
+
+@dataclass
+class EaseConfig:
+    enabled: bool = True
+    layers: list[int] = field(default_factory=list)  # 0-based language-model layer indices
+    loss_coeff: float = 0.1
+    sigma: float = 1.0
+    alpha: float = 0.05
+    divergence: str = "kl"  # kl | ce | reverse_kl | mass
+    # Also feed EASE the correct rollouts of groups filtered out as all-correct.
+    use_filtered_correct: bool = False
+    chunk_size: Optional[int] = None
+
+
+@dataclass
+class DapoConfig:
+    group_size: int = 8
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    clip_c: float = 10.0
+    max_response_length: int = 64
+    overlong_buffer_length: int = 16
+    overlong_penalty_factor: float = 1.0
+    max_gen_batches: int = 4  # dynamic-sampling chunks before giving up; 0 = no limit
+    temperature: float = 1.0
+    top_p: float = 1.0
+    format_reward: float = 0.0
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = ""
+    eval_shards: str = ""
+    tokenizer: str = ""
+    min_pixels: int = 28 * 28 * 4
+    max_pixels: int = 28 * 28 * 1024
+    num_workers: int = 0
+    shuffle_seed: int = 1234
+    strict: bool = False
+    synthetic: bool = False  # write the synthetic evidence dataset when the shards are missing
+    synthetic_train_samples: int = 2000
+    synthetic_eval_samples: int = 500
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 10
+    seed: int = 1234
+    prompts_per_step: int = 8  # B: prompt groups per optimizer step (global)
+    micro_batch_size: int = 4  # rollouts per micro-batch
+    ppo_epochs: int = 1
+    ppo_mini_batches: int = 1
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    lr_warmup_steps: int = 0
+    lr_decay_style: str = "constant"  # constant | linear | cosine
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    clip_grad: float = 1.0
+    warm_start_steps: int = 0  # supervised steps before RL (the demo's shared warm start)
+    warm_start_lr: float = 1e-3
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None
+    interval: int = 0  # 0 = only at the end / on preemption
+    keep_last: int = 2
+    resume: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    run_dir: str = "runs/default"
+    log_interval: int = 1
+    wandb: bool = True
+    wandb_project: str = "megatron_ease"
+    wandb_mode: Optional[str] = None  # None = offline unless WANDB_MODE / a key says otherwise
+    tensorboard: bool = False
+
+
+@dataclass
+class EvalConfig:
+    interval: int = 0  # 0 = no periodic validation
+    samples: int = 64
+    batch_size: int = 16
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    ease: EaseConfig = field(default_factory=EaseConfig)
+    dapo: DapoConfig = field(default_factory=DapoConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _unknown_key(path: str, key: str, known) -> ConfigError:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown config key '{path}{key}'{hint}")
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check/convert a YAML value to the annotated type, naming the field on failure."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], path)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"config field '{path}' must be a mapping, got {value!r}")
+        return _from_dict(tp, value, path + ".")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config field '{path}' must be a list, got {value!r}")
+        return [_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config field '{path}' must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config field '{path}' must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-6" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config field '{path}' must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config field '{path}' must be a string, got {value!r}")
+    return value
+
+
+def _from_dict(cls, data: dict, path: str = ""):
+    types = _field_types(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in types:
+            raise _unknown_key(path, key, types)
+        kwargs[key] = _coerce(value, types[key], path + key)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict) -> Config:
+    return _from_dict(Config, data or {})
+
+
+def config_to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML: 2, 1e-6, [1,2], true, null)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        dotted, raw = item.split("=", 1)
+        keys = dotted.strip().split(".")
+        target, path = cfg, ""
+        for key in keys[:-1]:
+            types = _field_types(type(target))
+            if key not in types or not dataclasses.is_dataclass(types[key]):
+                raise _unknown_key(path, key, types)
+            target, path = getattr(target, key), path + key + "."
+        types = _field_types(type(target))
+        leaf = keys[-1]
+        if leaf not in types:
+            raise _unknown_key(path, leaf, types)
+        value = yaml.safe_load(raw) if raw.strip() else None
+        setattr(target, leaf, _coerce(value, types[leaf], path + leaf))
+    return cfg
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Read a YAML config (a missing file is an error naming it), then apply dotted overrides."""
+    data = {}
+    if path:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    try:
+        cfg = config_from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return apply_overrides(cfg, overrides or [])
+
+
+def data_parallel_size(cfg: Config, world_size: int) -> int:
+    p = cfg.parallel
+    return world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+                          * p.context_parallel_size)
+
+
+def validate_config(cfg: Config, world_size: int = 1) -> None:
+    """Fail fast, before any process group starts, with the offending field in the message."""
+    m, p, e, d, t = cfg.model, cfg.parallel, cfg.ease, cfg.dapo, cfg.train
+
+    def check(ok: bool, msg: str):
+        if not ok:
+            raise ConfigError(msg)
+
+    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                 "context_parallel_size"):
+        check(getattr(p, name) >= 1, f"parallel.{name} must be >= 1, got {getattr(p, name)}")
+    tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
+    check(m.family in ("qwen2_5_vl", "qwen3_vl"),
+          f"model.family must be qwen2_5_vl or qwen3_vl, got {m.family!r}")
+    check(m.num_attention_heads % tp == 0,
+          f"model.num_attention_heads ({m.num_attention_heads}) must be divisible by "
+          f"parallel.tensor_model_parallel_size ({tp})")
+    check(m.num_attention_heads % m.num_query_groups == 0,
+          f"model.num_attention_heads ({m.num_attention_heads}) must be divisible by "
+          f"model.num_query_groups ({m.num_query_groups})")
+    check(m.num_query_groups % tp == 0,
+          f"model.num_query_groups ({m.num_query_groups}) must be divisible by "
+          f"parallel.tensor_model_parallel_size ({tp}): each TP rank needs whole KV heads")
+    check(m.vision.num_heads >= 1, "model.vision.num_heads must be >= 1")
+    if p.first_pipeline_stage_layers is None:
+        check(m.num_layers % pp == 0,
+              f"model.num_layers ({m.num_layers}) must be divisible by "
+              f"parallel.pipeline_model_parallel_size ({pp}); or set "
+              f"parallel.first_pipeline_stage_layers")
+    else:
+        rest = m.num_layers - p.first_pipeline_stage_layers
+        check(pp > 1 and 0 <= p.first_pipeline_stage_layers <= m.num_layers
+              and rest % (pp - 1) == 0,
+              f"parallel.first_pipeline_stage_layers ({p.first_pipeline_stage_layers}) must leave "
+              f"model.num_layers - it ({rest}) divisible by the other "
+              f"{pp - 1} pipeline stages")
+    if p.virtual_pipeline_model_parallel_size is not None:
+        check(pp > 1, "parallel.virtual_pipeline_model_parallel_size needs "
+                      "parallel.pipeline_model_parallel_size > 1")
+    check(world_size % (tp * pp * cp) == 0,
+          f"world size {world_size} is not divisible by parallel.tensor_model_parallel_size ({tp})"
+          f" x parallel.pipeline_model_parallel_size ({pp}) x parallel.context_parallel_size ({cp})")
+    dp = data_parallel_size(cfg, world_size)
+    check(d.group_size >= 2, f"dapo.group_size must be >= 2 (group-normalised advantages), "
+                             f"got {d.group_size}")
+    check(0 <= d.clip_low < 1 and d.clip_high >= 0,
+          f"dapo.clip_low must be in [0, 1) and dapo.clip_high >= 0, got {d.clip_low}, {d.clip_high}")
+    check(d.clip_c > 1, f"dapo.clip_c must be > 1, got {d.clip_c}")
+    check(0 <= d.overlong_buffer_length < d.max_response_length,
+          f"dapo.overlong_buffer_length ({d.overlong_buffer_length}) must be in "
+          f"[0, dapo.max_response_length ({d.max_response_length}))")
+    check(d.max_gen_batches >= 0, f"dapo.max_gen_batches must be >= 0, got {d.max_gen_batches}")
+    check(t.prompts_per_step % dp == 0,
+          f"train.prompts_per_step ({t.prompts_per_step}) must be divisible by the data-parallel "
+          f"size ({dp}): a prompt group never straddles ranks")
+    rollouts_per_rank = t.prompts_per_step * d.group_size // dp
+    check(t.ppo_mini_batches >= 1 and (t.prompts_per_step // dp) % t.ppo_mini_batches == 0,
+          f"train.ppo_mini_batches ({t.ppo_mini_batches}) must divide the prompt groups per "
+          f"data-parallel rank ({t.prompts_per_step // dp})")
+    per_mini = rollouts_per_rank // t.ppo_mini_batches
+    check(t.micro_batch_size >= 1 and per_mini % t.micro_batch_size == 0,
+          f"global batch: {per_mini} rollouts per mini-batch per data-parallel rank "
+          f"(train.prompts_per_step x dapo.group_size / DP / train.ppo_mini_batches) is not "
+          f"divisible by train.micro_batch_size ({t.micro_batch_size})")
+    check(t.steps >= 0, f"train.steps must be >= 0, got {t.steps}")
+    check(t.lr_decay_style in ("constant", "linear", "cosine"),
+          f"train.lr_decay_style must be constant, linear or cosine, got {t.lr_decay_style!r}")
+    if e.enabled:
+        bad = [i for i in e.layers if not 0 <= i < m.num_layers]
+        check(not bad, f"ease.layers {bad} out of range: the model has {m.num_layers} layers "
+                       f"(0-based indices 0..{m.num_layers - 1})")
+        check(len(set(e.layers)) == len(e.layers), f"ease.layers has duplicates: {e.layers}")
+        check(cp == 1, "ease.enabled with parallel.context_parallel_size > 1 is not supported yet: "
+                       "the softmax row normaliser would have to span CP ranks")
+        check(e.loss_coeff >= 0, f"ease.loss_coeff must be >= 0, got {e.loss_coeff}")
+        check(e.sigma >= 0, f"ease.sigma must be >= 0, got {e.sigma}")
+        check(0 <= e.alpha <= 1, f"ease.alpha must be in [0, 1], got {e.alpha}")
+        check(e.divergence in ("kl", "ce", "reverse_kl", "mass"),
+              f"ease.divergence must be kl, ce, reverse_kl or mass, got {e.divergence!r}")
+    check(cfg.checkpoint.interval >= 0,
+          f"checkpoint.interval must be >= 0, got {cfg.checkpoint.interval}")
+    check(cfg.checkpoint.keep_last >= 1,
+          f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}")
+    check(cfg.eval.interval >= 0, f"eval.interval must be >= 0, got {cfg.eval.interval}")

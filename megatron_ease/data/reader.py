@@ -1,0 +1,376 @@
+"""Deterministic, resumable reader of evidence shards.
+
+Why not a streaming webdataset pipeline with a shuffle buffer: resuming one exactly needs the
+buffer's contents and every worker's tar position, and a DP split by shard needs as many shards
+as ranks × workers. Instead (as Megatron-Energon does) the tar headers are indexed once, which
+is cheap (a seek per member, no data read), and the sample order is a pure function:
+
+    rank stream position k  ->  epoch e = k // L, slot j = k % L
+                            ->  sample order_e[j · R + rank]       (order_e: seeded permutation)
+
+with R data-parallel ranks and L = N // R samples per rank and epoch (the N mod R left over
+differ every epoch, so nothing is dropped for good). DataLoader worker u of W takes positions
+k ≡ u (mod W) and fills batches with the valid samples among them; the DataLoader hands out
+batches round-robin over workers. So the loader state is just "which positions have been
+delivered", kept in the main process from what each delivered batch reports, never from what
+workers have prefetched. Resuming with the same W continues bit-for-bit; with another W it
+continues with every sample exactly once, in a different interleaving.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import tarfile
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import braceexpand
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from megatron_ease.data.collate import collate_evidence_batch
+from megatron_ease.data.processing import ProcessedSample, SampleProcessor
+from megatron_ease.data.schema import SampleError, decode_sample, split_member_name
+
+logger = logging.getLogger(__name__)
+
+_OPEN_SHARDS_PER_WORKER = 16
+
+
+def expand_shards(spec: Union[str, Sequence[str]]) -> list[str]:
+    """Shard paths from globs and webdataset brace ranges (``d/shard-{000000..000009}.tar``).
+
+    Sorted and de-duplicated, so every rank derives the same order from the same spec.
+    """
+    patterns = [spec] if isinstance(spec, str) else list(spec)
+    paths = set()
+    for pattern in patterns:
+        for expanded in braceexpand.braceexpand(pattern):
+            matches = glob.glob(expanded) if glob.has_magic(expanded) else [expanded]
+            if not matches or not all(os.path.isfile(m) for m in matches):
+                raise FileNotFoundError(f"no shard file matches {expanded!r} (from {pattern!r})")
+            paths.update(matches)
+    if not paths:
+        raise FileNotFoundError(f"no shards in {spec!r}")
+    return sorted(paths)
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    shard: int  # index into ShardIndex.shards
+    key: str
+    members: tuple[tuple[str, int, int], ...]  # (extension, data offset, size) in tar order
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    shards: tuple[str, ...]
+    entries: tuple[IndexEntry, ...]
+    errors: tuple[str, ...]  # shards that could not be indexed to their end, with the reason
+
+
+def build_shard_index(shards: Sequence[str]) -> ShardIndex:
+    """Group tar members by key (consecutive members, as webdataset does) for random access.
+
+    A truncated or corrupt tar keeps the samples before the damage; its last, possibly
+    incomplete sample is dropped and the shard is reported in ``errors``.
+    """
+    entries, errors = [], []
+    for shard_id, path in enumerate(shards):
+        groups: list[tuple[str, list[tuple[str, int, int]]]] = []
+        size = os.path.getsize(path)
+        try:
+            with tarfile.open(path, "r:") as tar:
+                for info in tar:
+                    if not info.isfile():
+                        continue
+                    key, ext = split_member_name(info.name)
+                    if key is None or os.path.basename(key).startswith("__"):
+                        continue  # webdataset metadata (__index__ etc.) or not a sample member
+                    if info.offset_data + info.size > size:
+                        raise tarfile.ReadError(f"member {info.name} extends past the end of the file")
+                    if not groups or groups[-1][0] != key:
+                        groups.append((key, []))
+                    groups[-1][1].append((ext, info.offset_data, info.size))
+                # tarfile reads a file cut at a member boundary as a complete archive; only the
+                # missing end-of-archive zero block tells the two apart.
+                tar.fileobj.seek(tar.offset)
+                if tar.fileobj.read(512) != bytes(512):
+                    raise tarfile.ReadError("no end-of-archive marker: the file was cut short")
+        except (tarfile.TarError, OSError) as e:
+            errors.append(f"{path}: {type(e).__name__}: {e} (after {max(len(groups) - 1, 0)} samples)")
+            groups = groups[:-1]
+        entries.extend(IndexEntry(shard_id, key, tuple(members)) for key, members in groups)
+    return ShardIndex(tuple(shards), tuple(entries), tuple(errors))
+
+
+@dataclass(frozen=True)
+class StreamStart:
+    """Where a rank's stream starts: every position < base and every one in skip was delivered."""
+
+    base: int = 0
+    skip: frozenset = frozenset()
+    first_worker: int = 0  # logical worker whose batch comes first (round-robin continuity)
+    num_workers: Optional[int] = None  # W the start was saved with; another W resets first_worker
+
+
+class EvidenceShardDataset(IterableDataset):
+    """Batches of processed samples for one data-parallel rank (use via EvidenceDataLoader).
+
+    num_epochs=None streams forever (training); a finite count with even_ranks=False and
+    shuffle=False gives each rank a disjoint part of one in-order pass (evaluation, inspection).
+    even_ranks=True gives every rank L = N // R samples per epoch, so ranks step in lockstep.
+    """
+
+    def __init__(
+        self,
+        shards: Union[str, Sequence[str]],
+        processor: SampleProcessor,
+        batch_size: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        num_epochs: Optional[int] = None,
+        even_ranks: bool = True,
+        drop_last: bool = False,
+        strict: bool = False,
+        padding_side: str = "right",
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, {world_size})")
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.index = build_shard_index(expand_shards(shards))
+        for error in self.index.errors:
+            if strict:
+                raise ValueError(f"unreadable shard: {error}")
+            logger.error("unreadable shard (samples after the damage are lost): %s", error)
+        num_samples = len(self.index.entries)
+        self.epoch_length = num_samples // world_size if even_ranks else len(range(rank, num_samples, world_size))
+        if self.epoch_length == 0:
+            raise ValueError(f"{num_samples} samples in {len(self.index.shards)} shards: too few for {world_size} ranks")
+        self.processor = processor
+        self.batch_size = batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.shuffle, self.num_epochs, self.even_ranks = shuffle, num_epochs, even_ranks
+        self.drop_last, self.strict, self.padding_side = drop_last, strict, padding_side
+        self.start = StreamStart()
+        self._order_cache: tuple[int, Optional[np.ndarray]] = (-1, None)
+
+    # ------------------------------------------------------------ positions -> samples
+
+    @property
+    def total_positions(self) -> Optional[int]:
+        return None if self.num_epochs is None else self.num_epochs * self.epoch_length
+
+    def entry_index(self, position: int) -> int:
+        """Rank stream position -> index into ``self.index.entries``."""
+        epoch, slot = divmod(position, self.epoch_length)
+        global_slot = slot * self.world_size + self.rank
+        if not self.shuffle:
+            return global_slot
+        if self._order_cache[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._order_cache = (epoch, rng.permutation(len(self.index.entries)))
+        return int(self._order_cache[1][global_slot])
+
+    def worker_positions(self, worker: int, num_workers: int, start: StreamStart) -> Iterator[int]:
+        """Positions of logical worker ``worker``: ≡ worker (mod W), from start.base, minus start.skip."""
+        position = start.base + (worker - start.base) % num_workers
+        total = self.total_positions
+        while total is None or position < total:
+            if position not in start.skip:
+                yield position
+            position += num_workers
+
+    def read_files(self, entry: IndexEntry, handles: OrderedDict) -> dict[str, bytes]:
+        """Member bytes of one sample by seek + read, through a small LRU of open shards."""
+        shard = self.index.shards[entry.shard]
+        handle = handles.pop(entry.shard, None) or open(shard, "rb")
+        handles[entry.shard] = handle
+        if len(handles) > _OPEN_SHARDS_PER_WORKER:
+            handles.popitem(last=False)[1].close()
+        files = {}
+        for ext, offset, size in entry.members:
+            if ext in files:
+                raise SampleError("duplicate_member", f"member .{ext} appears twice", shard, entry.key)
+            handle.seek(offset)
+            files[ext] = handle.read(size)
+        return files
+
+    def iter_samples(
+        self, worker: int = 0, num_workers: int = 1, start: Optional[StreamStart] = None
+    ) -> Iterator[tuple[int, Optional[ProcessedSample], Optional[SampleError]]]:
+        """(position, processed sample or None, error or None) for each position of a worker.
+
+        The one place samples are read, decoded, validated and processed. Errors are yielded,
+        not raised (callers decide; under ``strict`` the loader raises them in the main process),
+        and logged unless ``strict``.
+        """
+        handles: OrderedDict = OrderedDict()
+        try:
+            for position in self.worker_positions(worker, num_workers, start or StreamStart()):
+                entry = self.index.entries[self.entry_index(position)]
+                shard = self.index.shards[entry.shard]
+                try:
+                    sample = self.processor(decode_sample(self.read_files(entry, handles), entry.key, shard))
+                except SampleError as error:
+                    if not self.strict:
+                        logger.warning("skipping %s", error)
+                    yield position, None, error
+                    continue
+                yield position, sample, None
+        finally:
+            for handle in handles.values():
+                handle.close()
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        physical, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        start = self.start
+        first = start.first_worker if start.num_workers == num_workers else 0
+        worker = (physical + first) % num_workers
+        special = self.processor.special
+        batch: list[ProcessedSample] = []
+        skipped: Counter = Counter()
+        position = -1
+        consecutive_errors = 0  # an infinite stream over data with no valid sample must not spin
+
+        def emit() -> dict[str, Any]:
+            out = collate_evidence_batch(batch, special.pad, special.image_pad, self.padding_side)
+            out["_stream"] = {"worker": worker, "last_position": position, "skipped": dict(skipped)}
+            return out
+
+        for position, sample, error in self.iter_samples(worker, num_workers, start):
+            if error is not None and self.strict:
+                # Raised by the loader in the main process: a worker that raises is torn down
+                # through DataLoader's error path and the error arrives as a re-typed copy.
+                yield {"_stream": {"error": dict(reason=error.reason, detail=error.detail, shard=error.shard, key=error.key)}}
+                return
+            if error is not None:
+                skipped[error.reason] += 1
+                consecutive_errors += 1
+                if consecutive_errors > self.epoch_length:
+                    raise ValueError(
+                        f"no valid sample in a whole epoch of {len(self.index.shards)} shards "
+                        f"(first: {self.index.shards[0]}); skipped: {dict(skipped)}"
+                    )
+                continue
+            consecutive_errors = 0
+            batch.append(sample)
+            if len(batch) == self.batch_size:
+                yield emit()
+                batch, skipped = [], Counter()
+        if batch and not self.drop_last:
+            yield emit()
+
+
+class EvidenceDataLoader:
+    """Iterates an EvidenceShardDataset through torch DataLoader workers, with exact resume.
+
+    state_dict() describes the batches this iterator has *returned*; prefetched batches are
+    not counted, so loading it into a fresh loader continues exactly after the last batch the
+    trainer saw. Samples skipped as invalid are counted in ``skipped`` (also part of the state).
+    """
+
+    def __init__(self, dataset: EvidenceShardDataset, num_workers: int = 0, prefetch_factor: Optional[int] = None, pin_memory: bool = False):
+        self.dataset = dataset
+        self.num_workers = num_workers
+        self.prefetch_factor = prefetch_factor
+        self.pin_memory = pin_memory
+        self.skipped: Counter = Counter()
+        self._start = StreamStart()
+        self._delivered: dict[int, int] = {}  # logical worker -> first position not yet delivered
+        self._last_worker: Optional[int] = None
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self._start = self._current_start()
+        if self._finished(self._start):
+            self._start = StreamStart()  # a finished finite pass: iterate it again from the top
+        self._delivered, self._last_worker = {}, None
+        self.dataset.start = self._start  # read by workers when the DataLoader forks them
+        loader = DataLoader(
+            self.dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
+            pin_memory=self.pin_memory,
+        )
+        batches = iter(loader)
+        try:
+            for batch in batches:
+                stream = batch.pop("_stream")
+                if "error" in stream:
+                    raise SampleError(**stream["error"])
+                self._delivered[stream["worker"]] = stream["last_position"] + 1
+                self._last_worker = stream["worker"]
+                self.skipped.update(stream["skipped"])
+                yield batch
+        finally:
+            # Stop the workers now, not whenever the iterator is garbage collected: an error or
+            # an early break otherwise leaves them (and their prefetched batches) alive.
+            del batches
+
+    def _current_start(self) -> StreamStart:
+        """Fold the positions delivered since the last start into a new (base, skip) start."""
+        workers = max(self.num_workers, 1)
+        start = self._start
+        if self._last_worker is None:
+            return start
+        nxt = [self._delivered.get(u, start.base) for u in range(workers)]
+        total = self.dataset.total_positions
+        # A worker that delivered nothing yet still starts at its first position >= start.base.
+        base = min(nxt)
+        skip = {k for k in start.skip if k >= base}
+        for u in range(workers):
+            first = base + (u - base) % workers
+            skip.update(range(first, nxt[u], workers))
+        if total is not None:
+            skip = {k for k in skip if k < total}
+        return StreamStart(base, frozenset(skip), (self._last_worker + 1) % workers, workers)
+
+    def _finished(self, start: StreamStart) -> bool:
+        total = self.dataset.total_positions
+        if total is None:
+            return False
+        remaining = total - start.base
+        return remaining <= 0 or (len(start.skip) >= remaining and all(k in start.skip for k in range(start.base, total)))
+
+    def state_dict(self) -> dict[str, Any]:
+        start = self._current_start()
+        return {
+            "base": start.base,
+            "skip": sorted(start.skip),
+            "first_worker": start.first_worker,
+            "num_workers": start.num_workers,
+            "skipped": dict(self.skipped),
+            **self._identity(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, value in self._identity().items():
+            if state.get(name) != value:
+                raise ValueError(
+                    f"data loader state was saved with {name}={state.get(name)!r}, this run has {value!r}; "
+                    "the sample order would differ, so it cannot resume exactly (keep the shards and data settings)"
+                )
+        self._start = StreamStart(state["base"], frozenset(state["skip"]), state["first_worker"], state["num_workers"])
+        self._delivered, self._last_worker = {}, None
+        self.skipped = Counter(state["skipped"])
+
+    def _identity(self) -> dict[str, Any]:
+        d = self.dataset
+        return {
+            "num_samples": len(d.index.entries),
+            "seed": d.seed,
+            "shuffle": d.shuffle,
+            "rank": d.rank,
+            "world_size": d.world_size,
+            "even_ranks": d.even_ranks,
+        }

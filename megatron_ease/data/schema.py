@@ -1,0 +1,255 @@
+"""Shard sample schema (DESIGN §6) and the one validation routine used by writer and reader.
+
+A sample is the group of tar members sharing a key (webdataset convention: the key is the
+member name up to the first dot of its basename, the rest is the extension):
+
+    KEY.json                 {"question", "answer", "answer_type", "choices"?, "evidence"?, "source"?, ...}
+    KEY.jpg | KEY.png | ...  a single image (index 0), or KEY.0.jpg, KEY.1.png, ... for several
+    KEY.mask.png             optional grayscale evidence mask of image 0, or KEY.<i>.mask.png
+
+Only JSON and image bytes are ever decoded; unknown members are ignored and nothing is
+unpickled (webdataset's default decoders would unpickle ``.pyd``/``.pickle`` members).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+import numpy as np
+from PIL import Image
+
+ANSWER_TYPES = ("choice", "number", "yesno", "text", "math")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+MASK_EXTENSION = "mask.png"
+# Qwen's smart_resize refuses more extreme images; checked here so the reason is a data one.
+MAX_ASPECT_RATIO = 200
+
+# Every reason a sample can be skipped for, as counted in reader and writer summaries.
+SKIP_REASONS = (
+    "bad_json",  # no json member, not UTF-8 JSON, or not an object
+    "missing_field",  # question or answer missing/empty/not a string or number
+    "unknown_answer_type",
+    "bad_choices",  # choice sample whose choices or answer letter do not fit together
+    "no_image",
+    "bad_image_names",  # duplicate or non-contiguous image indices (0.jpg, 2.jpg)
+    "undecodable_image",
+    "extreme_aspect_ratio",
+    "malformed_evidence",  # evidence not a list of {"image": int, "box": [...]} objects
+    "malformed_box",  # box not four finite numbers (NaN, inf, wrong length, strings)
+    "evidence_image_missing",  # evidence or mask for an image index the sample lacks
+    "undecodable_mask",
+    "mask_size_mismatch",
+    "prompt_too_long",  # reader only: over the configured token budget
+    "special_token_in_text",  # reader only: question text tokenises to an image placeholder
+    "duplicate_member",  # reader only: the same extension twice under one key in a tar
+    "unreadable_shard",  # reader only: a tar that cannot be indexed to its end (counted per shard)
+)
+
+_KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext
+
+
+class SampleError(ValueError):
+    """A sample failed to decode or validate. ``reason`` is one of ``SKIP_REASONS``."""
+
+    def __init__(self, reason: str, detail: str, shard: str = "?", key: str = "?"):
+        assert reason in SKIP_REASONS, reason
+        self.reason, self.detail, self.shard, self.key = reason, detail, shard, key
+        super().__init__(f"{shard}: sample {key!r}: {reason}: {detail}")
+
+
+@dataclass
+class EvidenceSample:
+    """A decoded, validated sample. Boxes are as stored (original pixels, not clipped)."""
+
+    key: str
+    shard: str
+    images: list[Image.Image]  # decoded (loaded) PIL images, original mode
+    question: str
+    answer: str
+    answer_type: str
+    choices: Optional[list[str]]
+    boxes: list[list[list[float]]]  # per image: list of [x0, y0, x1, y1]
+    masks: list[Optional[np.ndarray]]  # per image: [H, W] integer array (value/255) or None
+    record: dict[str, Any] = field(default_factory=dict)  # the full JSON object (source, extras)
+
+    @property
+    def has_evidence(self) -> bool:
+        return any(self.boxes) or any(m is not None for m in self.masks)
+
+
+def split_member_name(name: str) -> tuple[Optional[str], Optional[str]]:
+    """'a/b/k001.0.jpg' -> ('a/b/k001', '0.jpg'); (None, None) when there is no extension.
+
+    Extensions are lowercased, as webdataset does when grouping.
+    """
+    match = _KEY_RE.match(name)
+    if not match:
+        return None, None
+    return match.group(1), match.group(2).lower()
+
+
+def choice_letter(index: int) -> str:
+    return chr(ord("A") + index)
+
+
+def decode_sample(files: Mapping[str, bytes], key: str, shard: str) -> EvidenceSample:
+    """Decode and validate one sample's members ({extension: bytes}). Raises SampleError."""
+
+    def fail(reason: str, detail: str) -> SampleError:
+        return SampleError(reason, detail, shard=shard, key=key)
+
+    record = _parse_json(files.get("json"), fail)
+    question, answer, answer_type, choices = _parse_qa(record, fail)
+
+    image_members = _indexed_members(files, IMAGE_EXTENSIONS, fail)
+    if not image_members:
+        raise fail("no_image", f"no member with extension {'|'.join(IMAGE_EXTENSIONS)}")
+    images = []
+    for i, name in enumerate(image_members):
+        image = _open_image(files[name], fail, "undecodable_image", name)
+        width, height = image.size
+        if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+            raise fail("extreme_aspect_ratio", f"image {i} is {width}x{height}")
+        images.append(image)
+
+    boxes: list[list[list[float]]] = [[] for _ in images]
+    for entry_index, image_index, box in _parse_evidence(record.get("evidence"), fail):
+        if not 0 <= image_index < len(images):
+            raise fail("evidence_image_missing", f"evidence[{entry_index}] names image {image_index}, sample has {len(images)}")
+        boxes[image_index].append(box)
+
+    masks: list[Optional[np.ndarray]] = [None] * len(images)
+    for ext in files:
+        if ext != MASK_EXTENSION and not ext.endswith("." + MASK_EXTENSION):
+            continue
+        prefix = ext[: -len(MASK_EXTENSION) - 1]
+        if prefix and not prefix.isdigit():
+            continue
+        index = int(prefix) if prefix else 0
+        if index >= len(images):
+            raise fail("evidence_image_missing", f"mask member {ext!r} for image {index}, sample has {len(images)}")
+        mask_image = _open_image(files[ext], fail, "undecodable_mask", ext)
+        if mask_image.size != images[index].size:
+            raise fail("mask_size_mismatch", f"{ext} is {mask_image.size}, image {index} is {images[index].size}")
+        masks[index] = _mask_array(mask_image)
+
+    return EvidenceSample(key, shard, images, question, answer, answer_type, choices, boxes, masks, record)
+
+
+def _parse_json(raw: Optional[bytes], fail) -> dict:
+    if raw is None:
+        raise fail("bad_json", "no json member")
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise fail("bad_json", str(e)) from None
+    if not isinstance(record, dict):
+        raise fail("bad_json", f"top level is {type(record).__name__}, expected an object")
+    return record
+
+
+def _parse_qa(record: dict, fail) -> tuple[str, str, str, Optional[list[str]]]:
+    question = record.get("question")
+    if not isinstance(question, str) or not question.strip():
+        raise fail("missing_field", "question missing or empty")
+    answer = record.get("answer")
+    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+        raise fail("missing_field", f"answer missing or not a string/number: {answer!r}")
+    if isinstance(answer, float) and not math.isfinite(answer):
+        raise fail("missing_field", f"answer is {answer}")
+    answer = str(answer).strip()
+    if not answer:
+        raise fail("missing_field", "answer is empty")
+    answer_type = record.get("answer_type")
+    if answer_type not in ANSWER_TYPES:
+        raise fail("unknown_answer_type", f"{answer_type!r} not in {ANSWER_TYPES}")
+    choices = record.get("choices")
+    if choices is not None:
+        if not isinstance(choices, list) or not all(isinstance(c, str) and c.strip() for c in choices):
+            raise fail("bad_choices", f"choices must be a list of non-empty strings, got {choices!r}")
+        if len(choices) > 26:
+            raise fail("bad_choices", f"{len(choices)} choices; at most 26 (letters A-Z)")
+    if answer_type == "choice":
+        if not choices or len(choices) < 2:
+            raise fail("bad_choices", "a choice sample needs at least two choices")
+        letters = [choice_letter(i) for i in range(len(choices))]
+        if answer.upper() not in letters:
+            raise fail("bad_choices", f"answer {answer!r} is not one of the letters {letters}")
+        answer = answer.upper()
+    return question, answer, answer_type, choices
+
+
+def _indexed_members(files: Mapping[str, bytes], extensions, fail) -> list[str]:
+    """Image member extensions in index order: ['jpg'] or ['0.jpg', '1.png', ...]."""
+    indexed: dict[int, str] = {}
+    for ext in files:
+        prefix, _, suffix = ext.rpartition(".")
+        if suffix not in extensions or prefix == "mask" or prefix.endswith(".mask"):
+            continue
+        if prefix == "":
+            index = 0
+        elif prefix.isdigit():
+            index = int(prefix)
+        else:
+            continue
+        if index in indexed:
+            raise fail("bad_image_names", f"image {index} given twice: {indexed[index]!r} and {ext!r}")
+        indexed[index] = ext
+    if sorted(indexed) != list(range(len(indexed))):
+        raise fail("bad_image_names", f"image indices {sorted(indexed)} are not 0..{len(indexed) - 1}")
+    return [indexed[i] for i in range(len(indexed))]
+
+
+def _open_image(raw: bytes, fail, reason: str, name: str) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            # Decompression-bomb warnings become errors: a giant image is a bad sample here.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(raw))
+            image.load()  # full decode now, so truncated files fail here and not in a worker later
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+        raise fail(reason, f"{name}: {type(e).__name__}: {e}") from None
+    if image.width <= 0 or image.height <= 0:
+        raise fail(reason, f"{name}: empty image {image.size}")
+    return image
+
+
+def _mask_array(mask: Image.Image) -> np.ndarray:
+    """Grayscale mask as an integer [H, W] array (value/255 is the weight, DESIGN §3)."""
+    if mask.mode in ("I", "I;16", "L"):
+        return np.asarray(mask).astype(np.int32 if mask.mode != "L" else np.uint8)
+    return np.asarray(mask.convert("L"))
+
+
+def check_box(box: Any) -> Optional[str]:
+    """Why ``box`` is not four finite numbers, or None when it is (same rule as the targets)."""
+    if not isinstance(box, (list, tuple)) or len(box) != 4:
+        return f"box {box!r} is not a list of four numbers"
+    for v in box:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return f"box {box!r} is not four finite numbers"
+    return None
+
+
+def _parse_evidence(evidence: Any, fail):
+    """Yield (entry index, image index, box) for each evidence entry."""
+    if evidence is None:
+        return
+    if not isinstance(evidence, list):
+        raise fail("malformed_evidence", f"evidence must be a list, got {type(evidence).__name__}")
+    for i, entry in enumerate(evidence):
+        if not isinstance(entry, dict) or "box" not in entry:
+            raise fail("malformed_evidence", f"evidence[{i}] = {entry!r} is not an object with a box")
+        image_index = entry.get("image", 0)
+        if isinstance(image_index, bool) or not isinstance(image_index, int):
+            raise fail("malformed_evidence", f"evidence[{i}].image = {image_index!r} is not an integer")
+        problem = check_box(entry["box"])
+        if problem:
+            raise fail("malformed_box", f"evidence[{i}]: {problem}")
+        yield i, image_index, [float(v) for v in entry["box"]]

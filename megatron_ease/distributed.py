@@ -1,0 +1,233 @@
+"""Process-group runtime: launcher env (torchrun / Slurm / single process) -> torch.distributed
+(nccl on GPUs, gloo on CPU) -> megatron-core ``parallel_state``.
+
+One code path for every launcher and backend; the layout (TP, PP, VPP, CP, DP derived) is built
+once here from the ``parallel`` config and then read through ``parallel_state``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import re
+import socket
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """Where this process sits in the job, read from the launcher's environment."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str  # "torchrun" | "slurm" | "single"
+
+
+_HOST_RANGE = re.compile(r"\[([^\]]*)\]")
+
+
+def _split_top_level(text: str, sep: str = ",") -> list[str]:
+    """Split on ``sep`` outside brackets: ``a[1,2],b`` -> ``["a[1,2]", "b"]``."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"unbalanced ']' in Slurm hostlist {text!r}")
+        elif ch == sep and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    if depth != 0:
+        raise ValueError(f"unbalanced '[' in Slurm hostlist {text!r}")
+    parts.append(text[start:])
+    return [p for p in (p.strip() for p in parts) if p]
+
+
+def _expand_range_list(spec: str, hostlist: str) -> list[str]:
+    """``01-03,07`` -> ``["01", "02", "03", "07"]``, keeping zero padding as Slurm does."""
+    out = []
+    for item in spec.split(","):
+        item = item.strip()
+        if "-" in item:
+            lo, hi = item.split("-", 1)
+            if not (lo.isdigit() and hi.isdigit()) or int(hi) < int(lo):
+                raise ValueError(f"bad range {item!r} in Slurm hostlist {hostlist!r}")
+            width = len(lo)
+            out.extend(str(n).zfill(width) for n in range(int(lo), int(hi) + 1))
+        elif item.isdigit():
+            out.append(item)
+        else:
+            raise ValueError(f"bad range item {item!r} in Slurm hostlist {hostlist!r}")
+    return out
+
+
+def expand_hostlist(hostlist: str) -> list[str]:
+    """Expand a Slurm hostlist (``SLURM_JOB_NODELIST``) into host names, in order.
+
+    Supports comma-separated hosts, bracketed ranges with zero padding and several bracket groups
+    in one name (expanded as a product, leftmost slowest): ``node[01-03,07]``,
+    ``gpu-a[1-2]-b[3,5]``, ``login1,node[1-2]``.
+    """
+    hosts: list[str] = []
+    for token in _split_top_level(hostlist):
+        expansions = [""]
+        pos = 0
+        for m in _HOST_RANGE.finditer(token):
+            prefix = token[pos:m.start()]
+            choices = _expand_range_list(m.group(1), hostlist)
+            expansions = [e + prefix + c for e in expansions for c in choices]
+            pos = m.end()
+        hosts.extend(e + token[pos:] for e in expansions)
+    return hosts
+
+
+def port_from_job_id(job_id: str | int, base: int = 20000, span: int = 20000) -> int:
+    """A master port every task of a Slurm job derives alike, different for concurrent jobs."""
+    return base + int(job_id) % span
+
+
+def find_free_port() -> int:
+    """A free TCP port on this host (``--master_port 0`` does not work for torchrun rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_launch_env(environ: Optional[Mapping[str, str]] = None) -> LaunchEnv:
+    """torchrun's variables win; else Slurm's (``srun`` one task per GPU); else one process."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return LaunchEnv(
+            rank=int(env["RANK"]),
+            world_size=int(env["WORLD_SIZE"]),
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", 29500)),
+            launcher="torchrun",
+        )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        if not nodelist:
+            raise RuntimeError("Slurm task without SLURM_JOB_NODELIST: cannot find the master host")
+        if "MASTER_PORT" in env:
+            port = int(env["MASTER_PORT"])
+        elif "SLURM_JOB_ID" in env:
+            port = port_from_job_id(env["SLURM_JOB_ID"])
+        else:
+            raise RuntimeError("Slurm task without SLURM_JOB_ID or MASTER_PORT: cannot pick a port")
+        return LaunchEnv(
+            rank=int(env["SLURM_PROCID"]),
+            world_size=int(env["SLURM_NTASKS"]),
+            local_rank=int(env.get("SLURM_LOCALID", 0)),
+            master_addr=env.get("MASTER_ADDR") or expand_hostlist(nodelist)[0],
+            master_port=port,
+            launcher="slurm",
+        )
+    return LaunchEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or find_free_port(),
+                     "single")
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_process_group(launch: Optional[LaunchEnv] = None, backend: Optional[str] = None,
+                       timeout_minutes: float = 10.0) -> LaunchEnv:
+    """Start torch.distributed for this process. A dead peer ends the job after the timeout."""
+    launch = launch or read_launch_env()
+    backend = backend or default_backend()
+    if backend == "nccl":
+        torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
+    else:
+        from megatron_ease.cpu_shims import apply_cpu_shims
+
+        apply_cpu_shims()
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(
+            backend=backend,
+            init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
+            rank=launch.rank,
+            world_size=launch.world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    return launch
+
+
+def initialize_model_parallel(tensor_model_parallel_size: int = 1,
+                              pipeline_model_parallel_size: int = 1,
+                              virtual_pipeline_model_parallel_size: Optional[int] = None,
+                              context_parallel_size: int = 1,
+                              seed: int = 1234) -> None:
+    """megatron-core's process groups for TP/PP/VPP/CP (DP derived), and seeded RNG streams."""
+    from megatron.core import parallel_state
+
+    world = torch.distributed.get_world_size()
+    model_parallel = tensor_model_parallel_size * pipeline_model_parallel_size * context_parallel_size
+    if world % model_parallel:
+        raise ValueError(
+            f"world size {world} is not divisible by tensor_model_parallel_size "
+            f"({tensor_model_parallel_size}) x pipeline_model_parallel_size "
+            f"({pipeline_model_parallel_size}) x context_parallel_size ({context_parallel_size})")
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
+        context_parallel_size=context_parallel_size,
+    )
+    model_parallel_seed(seed)
+
+
+def model_parallel_seed(seed: int) -> None:
+    """Seed the default and per-TP-rank RNG streams the way megatron-core does."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    if torch.cuda.is_available():
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+        return
+    from megatron_ease.cpu_shims import install_cpu_rng_tracker
+
+    install_cpu_rng_tracker(seed, tp_rank=parallel_state.get_tensor_model_parallel_rank())
+
+
+def initialize_distributed(parallel, seed: int = 1234, backend: Optional[str] = None,
+                           launch: Optional[LaunchEnv] = None) -> LaunchEnv:
+    """Everything a training process needs before building the model, from the ``parallel`` config."""
+    launch = init_process_group(launch, backend, parallel.timeout_minutes)
+    initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
+        seed=seed,
+    )
+    if launch.rank == 0:
+        from megatron.core import parallel_state
+
+        logger.info(
+            "distributed: %s backend=%s world=%d tp=%d pp=%d cp=%d dp=%d", launch.launcher,
+            torch.distributed.get_backend(), launch.world_size,
+            parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_pipeline_model_parallel_world_size(),
+            parallel_state.get_context_parallel_world_size(),
+            parallel_state.get_data_parallel_world_size())
+    return launch
+
+
+def destroy_distributed() -> None:
+    """Tear down megatron-core groups and the default group (safe to call twice)."""
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,503 @@
+"""Verifiable rewards: answer extraction, per-type parsing and comparison (DESIGN §5, §6).
+
+Model output is arbitrary text, so nothing here raises on it: an answer that cannot be found or
+parsed is judged wrong and reported with `parse_ok=False` so the trainer can count it. Bad
+*configuration* (unknown answer type or format) raises, naming the allowed values.
+
+Extraction order, on the text after the last `</think>`: the last complete `\\boxed{...}` (inside
+`<answer>...</answer>` when tags are present), else the tag content, else the text after the last
+"Answer:" / "The answer is", else the last non-empty line. The span is then parsed for the
+sample's `answer_type`; a reference answer that does not parse for its type is compared as
+normalised text instead.
+"""
+
+import math
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+import torch
+
+ANSWER_TYPES = ("choice", "number", "yesno", "text", "math")
+ANSWER_FORMATS = ("boxed", "answer", "boxed_or_answer")
+
+# The answer sits at the end of a response; bounding the scanned tail bounds the verifier's cost
+# on degenerate, very long outputs (it runs on the trainer's critical path).
+_MAX_SCAN_CHARS = 16384
+
+_NUMBER_REL_TOL = 1e-6
+_NUMBER_ABS_TOL = 1e-9
+
+
+@dataclass(frozen=True)
+class RewardSpec:
+    """How a verdict becomes a scalar reward; defaults are DAPO's ±1 with no format bonus."""
+
+    correct_reward: float = 1.0
+    wrong_reward: float = -1.0
+    # Added to the reward (right or wrong) when the response uses `answer_format`.
+    format_reward: float = 0.0
+    answer_format: str = "boxed_or_answer"
+
+    def __post_init__(self):
+        if self.answer_format not in ANSWER_FORMATS:
+            raise ValueError(
+                f"answer_format must be one of {ANSWER_FORMATS}, got {self.answer_format!r}"
+            )
+
+
+@dataclass(frozen=True)
+class RewardResult:
+    reward: float
+    correct: bool
+    parsed: Optional[str]  # canonical form of the extracted answer, None when nothing parsed
+    parse_ok: bool
+    format_ok: bool = False
+
+
+# --- extraction -------------------------------------------------------------------------------
+
+_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_ANSWER_MARKER = re.compile(
+    r"(?:\bthe\s+)?(?:\bfinal\s+)?\banswer\b\**\s*(?:\bis\b\s*:?|:)", re.IGNORECASE
+)
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+
+
+def _response_tail(text) -> str:
+    """The part of a response that can hold the final answer, NFKC-normalised."""
+    if text is None:
+        return ""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", errors="replace")
+    elif not isinstance(text, str):
+        text = str(text)
+    end_of_thought = text.rfind("</think>")
+    if end_of_thought >= 0:
+        text = text[end_of_thought + len("</think>") :]
+    return unicodedata.normalize("NFKC", text[-_MAX_SCAN_CHARS:])
+
+
+def _last_boxed(text: str) -> Optional[str]:
+    """Content of the last complete `\\boxed{...}` (nested braces allowed), or None."""
+    starts = [m.end() - 1 for m in _BOXED.finditer(text)]  # index of each opening brace
+    if not starts:
+        return None
+    # One pass pairs every brace, so many (possibly unclosed) \boxed{ stay linear in cost.
+    closing, stack = {}, []
+    for m in re.finditer(r"[{}]", text):
+        if m.group() == "{":
+            stack.append(m.start())
+        elif stack:
+            closing[stack.pop()] = m.start()
+    for start in reversed(starts):
+        if start in closing:
+            return text[start + 1 : closing[start]]
+    return None
+
+
+def _answer_tag(text: str) -> Optional[str]:
+    close = text.rfind("</answer>")
+    if close < 0:
+        return None
+    open_ = text.rfind("<answer>", 0, close)
+    return None if open_ < 0 else text[open_ + len("<answer>") : close]
+
+
+def _after_answer_marker(text: str) -> Optional[str]:
+    markers = list(_ANSWER_MARKER.finditer(text))
+    if not markers:
+        return None
+    last = markers[-1]
+    # "Answer:\n12" puts the answer on the next line.
+    rest = text[last.end() :].lstrip(" \t\r\n*:")
+    line = rest.split("\n", 1)[0]
+    # "The answer is B. Because ..." -> "B."
+    return _SENTENCE_END.split(line, 1)[0] or None
+
+
+def extract_answer(text) -> Optional[str]:
+    """The final-answer span of a response (see module docstring), stripped; None if empty."""
+    text = _response_tail(text)
+    tagged = _answer_tag(text)
+    region = text if tagged is None else tagged
+    span = _last_boxed(region)
+    if span is None:
+        span = tagged
+    if span is None:
+        span = _after_answer_marker(text)
+    if span is None:
+        lines = [line for line in text.splitlines() if line.strip()]
+        span = lines[-1] if lines else None
+    if span is None:
+        return None
+    span = span.strip().strip("*").strip()
+    return span or None
+
+
+def has_answer_format(text, answer_format: str = "boxed_or_answer") -> bool:
+    """Whether a response states its answer in the required format."""
+    if answer_format not in ANSWER_FORMATS:
+        raise ValueError(f"answer_format must be one of {ANSWER_FORMATS}, got {answer_format!r}")
+    text = _response_tail(text)
+    boxed = _last_boxed(text) is not None
+    marked = _answer_tag(text) is not None or _ANSWER_MARKER.search(text) is not None
+    return {"boxed": boxed, "answer": marked, "boxed_or_answer": boxed or marked}[answer_format]
+
+
+# --- normalisation shared by the parsers ------------------------------------------------------
+
+_LATEX_WRAPPERS = re.compile(
+    r"\\(?:text|textbf|textit|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}"
+)
+_LATEX_SPACING = re.compile(r"\\left\b|\\right\b|\\[!,;:]|\\quad\b|\\qquad\b|~")
+_MATH_DELIMITERS = re.compile(r"\$|\\\(|\\\)|\\\[|\\\]")
+
+
+def _unwrap_latex(span: str) -> str:
+    """Drop math delimiters, spacing commands and \\text{}-style wrappers (keep their content)."""
+    span = _MATH_DELIMITERS.sub(" ", span)
+    span = _LATEX_SPACING.sub(" ", span)
+    span = _LATEX_WRAPPERS.sub(r"\1", span)
+    return span.replace("\u2212", "-").strip()
+
+
+def normalize_text(text: str) -> str:
+    """SQuAD-style: lowercase, no punctuation, no articles, single spaces."""
+    text = _unwrap_latex(unicodedata.normalize("NFKC", text)).lower()
+    text = "".join(" " if unicodedata.category(ch).startswith("P") else ch for ch in text)
+    text = re.sub(r"\b(?:a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+# --- choice -----------------------------------------------------------------------------------
+
+_CHOICE_ALONE = re.compile(r"[(\[]?\s*([A-Za-z])\s*[)\]]?\s*[.:]?")
+_CHOICE_LEADING = re.compile(r"(?:[(\[]([A-Za-z])[)\]]|([A-Za-z])\)|([A-Z])[.:])(?=\s|$)")
+_CHOICE_KEYWORD = re.compile(r"\b(?:option|choice)\b\s*[(\[]?([A-Za-z])\b", re.IGNORECASE)
+_CHOICE_PARENTHESISED = re.compile(r"\(([A-Z])\)")
+# "A" and "I" followed by a lowercase word ("A cat", "I think") are the English article and
+# pronoun, not options; "A or B", "A is correct" still name options.
+_CAPITAL_WORD = re.compile(r"\b(?![AI]\s+(?!(?:or|and|is|was)\b)[a-z])([A-Z])\b")
+
+
+def parse_choice(span: Optional[str], choices: Optional[Sequence[str]] = None) -> Optional[str]:
+    """The option letter ("A".."Z") a span names, or None when absent or ambiguous.
+
+    In order: a bare letter ("B", "(b)", "B."), a leading label ("(B) red", "B. red"),
+    "option B" / "choice (B)", a unique parenthesised letter, the exact text of one of `choices`,
+    and finally a unique capital letter standing alone, restricted to the choices' letters when
+    `choices` is given (so "I think B" parses, while "A or B" does not parse at all).
+    """
+    if not span:
+        return None
+    span = _unwrap_latex(span)
+    if m := _CHOICE_ALONE.fullmatch(span):
+        return m.group(1).upper()
+    if m := _CHOICE_LEADING.match(span):
+        return next(g for g in m.groups() if g).upper()
+    keyword = _CHOICE_KEYWORD.findall(span)
+    if keyword:
+        return keyword[-1].upper()
+    parenthesised = set(_CHOICE_PARENTHESISED.findall(span))
+    if len(parenthesised) == 1:
+        return parenthesised.pop()
+    if choices:
+        normalized = normalize_text(span)
+        matches = [i for i, c in enumerate(choices) if normalize_text(str(c)) == normalized]
+        if len(matches) == 1 and matches[0] < 26:
+            return chr(ord("A") + matches[0])
+    valid = {chr(ord("A") + i) for i in range(min(len(choices), 26))} if choices else None
+    letters = {l for l in _CAPITAL_WORD.findall(span) if valid is None or l in valid}
+    return letters.pop() if len(letters) == 1 else None
+
+
+# --- yes / no ---------------------------------------------------------------------------------
+
+_YES_WORDS = {
+    "yes", "yeah", "yep", "true", "correct", "affirmative", "indeed", "certainly", "definitely",
+    "absolutely", "sure",
+}
+_NO_WORDS = {"no", "nope", "false", "incorrect", "negative", "not", "never"}
+_NEGATIONS = {"not", "no", "never", "none", "nothing", "neither", "nor", "nobody", "nowhere"}
+# A statement about the speaker ("I don't know", "We can't tell") answers nothing.
+_SPEAKERS = {"i", "we", "you"}
+_AUXILIARIES = {
+    "is", "are", "was", "were", "does", "do", "did", "can", "could", "has", "have", "had",
+    "will", "would", "should", "am", "may", "might", "must",
+}
+_BOTH_POLARITIES = re.compile(r"\b(?:yes\s*(?:or|and|/)\s*no|no\s*(?:or|and|/)\s*yes)\b")
+
+
+def _yesno_words(span: str) -> list[str]:
+    span = _unwrap_latex(span).lower().replace("\u2019", "'")
+    # Expand contractions so negation is a word of its own: "isn't" -> "is not".
+    span = re.sub(r"\bcan't\b|\bcannot\b", "can not", span)
+    span = re.sub(r"\bwon't\b", "will not", span)
+    span = re.sub(r"n't\b", " not", span)
+    span = re.sub(r"'s\b", " is", span)
+    span = re.sub(r"'re\b", " are", span)
+    return re.findall(r"[a-z]+", span)
+
+
+def parse_yesno(span: Optional[str]) -> Optional[str]:
+    """"yes" / "no" from a span, or None when it commits to neither.
+
+    In order: "yes or no" / "yes and no" -> None; a leading polarity word decides ("Yes, there
+    is" -> yes, "No." / "Not at all" / "Certainly not" -> no); an explicit yes or no inside
+    ("I'd say yes"; both -> None); a short statement, an auxiliary verb among its first four
+    words ("It is not", "There are two", "The shirt isn't red"), is yes unless negated. Statements
+    about the speaker ("I don't know") and anything else -> None.
+    """
+    if not span:
+        return None
+    words = _yesno_words(span)
+    if not words or _BOTH_POLARITIES.search(" ".join(words)):
+        return None
+    if words[0] in _YES_WORDS:
+        return "no" if words[1:2] == ["not"] else "yes"
+    if words[0] in _NO_WORDS:
+        return "no"
+    has_yes, has_no = "yes" in words, "no" in words
+    if has_yes != has_no:
+        return "yes" if has_yes else "no"
+    if has_yes:
+        return None
+    verb = next((i for i, w in enumerate(words[1:4], start=1) if w in _AUXILIARIES), None)
+    if verb is None or _SPEAKERS.intersection(words[:verb]):
+        return None
+    return "no" if _NEGATIONS.intersection(words) else "yes"
+
+
+# --- numbers ----------------------------------------------------------------------------------
+
+_UNSIGNED = r"(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?"
+_NUMBER = re.compile(
+    rf"(?P<sign>[-+]?)\s*(?P<num>{_UNSIGNED})(?:\s*/\s*(?P<den_sign>[-+]?)(?P<den>{_UNSIGNED}))?"
+    r"(?P<percent>\s*(?:%|\bpercent\b))?"
+)
+_MIXED_FRACTION = re.compile(r"(\d+)\s*\\[dtc]?frac\s*\{\s*(\d+)\s*\}\s*\{\s*(\d+)\s*\}")
+_FRACTION = re.compile(r"\\[dtc]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
+_FRACTION_SHORT = re.compile(r"\\[dtc]?frac\s*(\d)\s*(\d)")
+_TIMES_POWER_OF_TEN = re.compile(r"\s*(?:\\times|\\cdot|×|\*)\s*10\s*\^\s*\{?\s*([-+]?\d+)\s*\}?")
+_DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|\\degree|°")
+# Counting answers are often spelled out ("There are two dogs").
+_NUMBER_WORDS = {
+    word: float(value)
+    for value, word in enumerate(
+        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+        "fifteen sixteen seventeen eighteen nineteen twenty".split()
+    )
+}
+_NUMBER_WORD = re.compile(r"\b(" + "|".join(_NUMBER_WORDS) + r")\b", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Number:
+    value: float
+    percent: bool = False
+
+    def __str__(self) -> str:
+        return format(self.value, ".10g") + ("%" if self.percent else "")
+
+
+def _plain_number_text(span: str) -> str:
+    """LaTeX numerals as text: \\frac{3}{4} -> 3/4, 2\\frac{1}{2} -> 2.5, 3\\times10^{4} -> 3e4."""
+    span = _unwrap_latex(span).replace("\\%", "%").replace("\u2044", "/")
+    span = _DEGREES.sub(" ", span)
+
+    def mixed(m: re.Match) -> str:
+        whole, num, den = (float(g) for g in m.groups())
+        return f" {whole + num / den!r} " if den else " "  # x/0 states no number
+
+    span = _MIXED_FRACTION.sub(mixed, span)
+    span = _FRACTION.sub(r" \1/\2 ", span)
+    span = _FRACTION_SHORT.sub(r" \1/\2 ", span)
+    return _TIMES_POWER_OF_TEN.sub(r"e\1", span)
+
+
+def _to_number(m: re.Match) -> Optional[Number]:
+    value = float(m.group("num").replace(",", ""))
+    if m.group("den") is not None:
+        den = float(m.group("den").replace(",", ""))
+        if den == 0:
+            return None
+        value = value / den * (-1 if m.group("den_sign") == "-" else 1)
+    value = -value if m.group("sign") == "-" else value
+    if not math.isfinite(value):
+        return None
+    return Number(value, percent=bool(m.group("percent")))
+
+
+def parse_number(span: Optional[str], strict: bool = False) -> Optional[Number]:
+    """The number a span states ("1,234", "-0.5", "3/4", "\\dfrac{1}{2}", "50%", "12 cm", "two").
+
+    After an "=" only the right-hand side counts ("x = 5", "2 + 3 = 5"); then the first number
+    is taken, so units and trailing words are ignored; number words (zero..twenty) only count
+    when no numeral is present. `strict` requires the whole span to be one number (used for
+    `math`, where "2x" or "\\sqrt{2}" must not read as 2).
+    """
+    if not span:
+        return None
+    text = _plain_number_text(span)
+    if "=" in text:
+        text = text.rsplit("=", 1)[1]
+    text = text.strip().rstrip(".")
+    if strict:
+        m = _NUMBER.fullmatch(text)
+        return _to_number(m) if m else None
+    m = _NUMBER.search(text)
+    if m:
+        return _to_number(m)
+    word = _NUMBER_WORD.search(text)
+    return Number(_NUMBER_WORDS[word.group(1).lower()]) if word else None
+
+
+def numbers_equal(response: Number, reference: Number) -> bool:
+    """Equal within tolerance; a percent on exactly one side may also mean value/100."""
+    candidates = [(response.value, reference.value)]
+    if response.percent and not reference.percent:
+        candidates.append((response.value / 100.0, reference.value))
+    elif reference.percent and not response.percent:
+        candidates.append((response.value, reference.value / 100.0))
+    return any(
+        math.isclose(a, b, rel_tol=_NUMBER_REL_TOL, abs_tol=_NUMBER_ABS_TOL) for a, b in candidates
+    )
+
+
+# --- math -------------------------------------------------------------------------------------
+
+# A trailing unit after a value ("5\text{ cm}"); a bare "\text{east}" is the answer itself.
+_MATH_UNITS = re.compile(r"(?<=[\d}])\s*\\(?:text|mbox|mathrm)\s*\{[^{}]*\}\s*$")
+_MATH_LHS = re.compile(r"^[A-Za-z]\w*\s*=(?!=)")
+
+
+def normalize_math(span: str) -> str:
+    """Canonical string of a math answer (MATH-benchmark-style cleanup, no CAS)."""
+    span = unicodedata.normalize("NFKC", span).strip().rstrip(".")
+    span = _MATH_DELIMITERS.sub("", span)
+    span = _MATH_UNITS.sub("", span.strip())
+    span = _MATH_LHS.sub("", span)
+    span = _LATEX_SPACING.sub("", span)
+    span = _DEGREES.sub("", span)
+    span = re.sub(r"\\[dtc]frac", r"\\frac", span)
+    span = _FRACTION_SHORT.sub(r"\\frac{\1}{\2}", span)
+    span = re.sub(r"\\sqrt\s*(\w)", r"\\sqrt{\1}", span)
+    span = _LATEX_WRAPPERS.sub(r"\1", span)
+    span = span.replace("\\%", "").replace("%", "").replace("\u2212", "-")
+    return "".join(span.split())
+
+
+def _math_equal(response: str, reference: str) -> bool:
+    a, b = parse_number(response, strict=True), parse_number(reference, strict=True)
+    if a is not None and b is not None:
+        return numbers_equal(a, b)
+    a_norm, b_norm = normalize_math(response), normalize_math(reference)
+    if a_norm == b_norm:
+        return True
+    # After cleanup ("x = \dfrac{3}{4} \text{ m}" -> "\frac{3}{4}"), try numbers once more.
+    a, b = parse_number(a_norm, strict=True), parse_number(b_norm, strict=True)
+    return a is not None and b is not None and numbers_equal(a, b)
+
+
+# --- verdicts ---------------------------------------------------------------------------------
+
+
+def _judge(
+    span: Optional[str], answer: str, answer_type: str, choices: Optional[Sequence[str]]
+) -> tuple[Optional[str], bool]:
+    """(canonical parsed answer or None, correct) for one extracted span."""
+    if answer_type == "choice":
+        parsed = parse_choice(span, choices)
+        reference = parse_choice(answer, choices)
+    elif answer_type == "yesno":
+        parsed, reference = parse_yesno(span), parse_yesno(answer)
+    elif answer_type == "number":
+        number, ref_number = parse_number(span), parse_number(answer)
+        parsed = None if number is None else str(number)
+        if number is not None and ref_number is not None:
+            return parsed, numbers_equal(number, ref_number)
+        reference = None
+    elif answer_type == "math":
+        if not span:
+            return None, False
+        return normalize_math(span) or None, _math_equal(span, answer)
+    else:  # text
+        parsed = normalize_text(span) if span else None
+        return parsed or None, bool(parsed) and parsed == normalize_text(answer)
+    if parsed is None:
+        return None, False
+    if reference is None:
+        # The label itself does not parse for its type (a data issue): fall back to text match.
+        return parsed, normalize_text(span) == normalize_text(answer)
+    return parsed, parsed == reference
+
+
+def compute_reward(
+    response_text,
+    answer,
+    answer_type: str,
+    choices: Optional[Sequence[str]] = None,
+    spec: RewardSpec = RewardSpec(),
+) -> RewardResult:
+    """Verify one response against its reference answer and turn the verdict into a reward."""
+    if answer_type not in ANSWER_TYPES:
+        raise ValueError(f"answer_type must be one of {ANSWER_TYPES}, got {answer_type!r}")
+    span = extract_answer(response_text)
+    parsed, correct = _judge(span, "" if answer is None else str(answer), answer_type, choices)
+    format_ok = has_answer_format(response_text, spec.answer_format)
+    reward = spec.correct_reward if correct else spec.wrong_reward
+    if format_ok:
+        reward += spec.format_reward
+    return RewardResult(
+        reward=float(reward),
+        correct=bool(correct),
+        parsed=parsed,
+        parse_ok=parsed is not None,
+        format_ok=format_ok,
+    )
+
+
+@dataclass
+class BatchRewards:
+    reward: torch.Tensor  # [n] float32, verifier reward (+ format bonus), before overlong shaping
+    accuracy: torch.Tensor  # [n] float32 in {0, 1}
+    parse_ok: torch.Tensor  # [n] bool
+    format_ok: torch.Tensor  # [n] bool
+    results: list[RewardResult] = field(repr=False)
+
+    @property
+    def num_unparsed(self) -> int:
+        return int((~self.parse_ok).sum())
+
+
+def compute_rewards(
+    responses: Sequence,
+    answers: Sequence,
+    answer_types: Union[str, Sequence[str]],
+    choices: Optional[Sequence[Optional[Sequence[str]]]] = None,
+    spec: RewardSpec = RewardSpec(),
+) -> BatchRewards:
+    """`compute_reward` over a batch of rollouts (one entry per rollout, not per prompt)."""
+    n = len(responses)
+    if isinstance(answer_types, str):
+        answer_types = [answer_types] * n
+    if choices is None:
+        choices = [None] * n
+    if not len(answers) == len(answer_types) == len(choices) == n:
+        raise ValueError(
+            f"compute_rewards needs one entry per rollout: {n} responses, {len(answers)} answers, "
+            f"{len(answer_types)} answer_types, {len(choices)} choices"
+        )
+    results = [
+        compute_reward(r, a, t, c, spec)
+        for r, a, t, c in zip(responses, answers, answer_types, choices)
+    ]
+    return BatchRewards(
+        reward=torch.tensor([r.reward for r in results], dtype=torch.float32),
+        accuracy=torch.tensor([float(r.correct) for r in results], dtype=torch.float32),
+        parse_ok=torch.tensor([r.parse_ok for r in results], dtype=torch.bool),
+        format_ok=torch.tensor([r.format_ok for r in results], dtype=torch.bool),
+        results=results,
+    )

@@ -1,0 +1,95 @@
+"""Config: YAML + dotted overrides, and validation that names the offending field."""
+
+import glob
+
+import pytest
+
+from megatron_ease.config import ConfigError, load_config, validate_config
+
+
+def _cfg(*overrides):
+    return load_config(None, list(overrides))
+
+
+def test_dotted_overrides_are_typed():
+    cfg = _cfg("parallel.tensor_model_parallel_size=2", "train.steps=10", "ease.loss_coeff=0.5",
+               "ease.layers=[0,1]", "checkpoint.dir=/tmp/x", "model.vision.depth=3",
+               "train.lr=1e-6", "ease.enabled=false", "model.hf_config=null")
+    assert cfg.parallel.tensor_model_parallel_size == 2
+    assert cfg.train.steps == 10 and cfg.train.lr == 1e-6
+    assert cfg.ease.loss_coeff == 0.5 and cfg.ease.layers == [0, 1] and cfg.ease.enabled is False
+    assert cfg.checkpoint.dir == "/tmp/x" and cfg.model.vision.depth == 3
+    assert cfg.model.hf_config is None
+
+
+def test_yaml_file_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  steps: 3\nease:\n  layers: [1]\n")
+    cfg = load_config(str(path), ["train.steps=7"])
+    assert cfg.train.steps == 7 and cfg.ease.layers == [1]
+
+
+@pytest.mark.parametrize("override, match", [
+    ("train.stpes=3", r"unknown config key 'train.stpes' \(did you mean 'steps'\?\)"),
+    ("trian.steps=3", r"unknown config key 'trian'"),
+    ("train.steps=abc", r"'train.steps' must be an integer"),
+    ("ease.enabled=3", r"'ease.enabled' must be true or false"),
+    ("ease.layers=5", r"'ease.layers' must be a list"),
+    ("trainsteps", r"section.key=value"),
+])
+def test_bad_overrides_name_the_field(override, match):
+    with pytest.raises(ConfigError, match=match):
+        _cfg(override)
+
+
+def test_unknown_yaml_key_names_file_and_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("ease:\n  lambda: 0.1\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: unknown config key 'ease.lambda'"):
+        load_config(str(path))
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="config file not found: nope.yaml"):
+        load_config("nope.yaml")
+
+
+@pytest.mark.parametrize("overrides, world, match", [
+    (["model.num_attention_heads=6", "model.num_query_groups=2",
+      "parallel.tensor_model_parallel_size=4"], 4, r"model.num_attention_heads \(6\)"),
+    (["model.num_attention_heads=8", "model.num_query_groups=2",
+      "parallel.tensor_model_parallel_size=4"], 4, r"model.num_query_groups \(2\)"),
+    (["model.num_layers=3", "parallel.pipeline_model_parallel_size=2"], 2,
+     r"model.num_layers \(3\)"),
+    (["model.num_layers=5", "parallel.pipeline_model_parallel_size=3",
+      "parallel.first_pipeline_stage_layers=2"], 3, r"parallel.first_pipeline_stage_layers"),
+    (["parallel.tensor_model_parallel_size=2"], 3, r"world size 3 is not divisible"),
+    (["train.prompts_per_step=3"], 2, r"train.prompts_per_step \(3\)"),
+    (["train.micro_batch_size=3"], 1, r"train.micro_batch_size \(3\)"),
+    (["ease.layers=[0,2]", "model.num_layers=2"], 1, r"ease.layers \[2\] out of range"),
+    (["ease.layers=[-1]"], 1, r"ease.layers \[-1\] out of range"),
+    (["dapo.group_size=1"], 1, r"dapo.group_size must be >= 2"),
+    (["parallel.context_parallel_size=2"], 2, r"context_parallel_size > 1 is not supported"),
+    (["ease.divergence=js"], 1, r"ease.divergence"),
+])
+def test_invalid_configs_fail_naming_the_field(overrides, world, match):
+    with pytest.raises(ConfigError, match=match):
+        validate_config(_cfg(*overrides), world_size=world)
+
+
+def test_valid_layouts_pass():
+    validate_config(_cfg("parallel.tensor_model_parallel_size=2"), world_size=2)
+    validate_config(_cfg("parallel.pipeline_model_parallel_size=2", "model.num_layers=4",
+                         "ease.layers=[1,3]"), world_size=2)
+    validate_config(_cfg("model.num_layers=5", "parallel.pipeline_model_parallel_size=3",
+                         "parallel.first_pipeline_stage_layers=1"), world_size=3)
+    validate_config(_cfg("ease.enabled=false", "parallel.context_parallel_size=2"), world_size=2)
+
+
+def test_example_configs_load_and_validate():
+    paths = sorted(glob.glob("examples/*.yaml"))
+    for path in paths:
+        cfg = load_config(path)
+        p = cfg.parallel
+        validate_config(cfg, world_size=p.tensor_model_parallel_size
+                        * p.pipeline_model_parallel_size * p.context_parallel_size)

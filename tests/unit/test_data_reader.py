@@ -1,0 +1,336 @@
+"""Shard reader: corrupt samples, strict mode, DP/worker split, exact resume, batch layout."""
+
+import contextlib
+import io
+import itertools
+import json
+import os
+import tarfile
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from megatron_ease.data.image import ImageProcessingConfig
+from megatron_ease.data.processing import SampleProcessor
+from megatron_ease.data.reader import EvidenceDataLoader, EvidenceShardDataset, build_shard_index
+from megatron_ease.data.schema import SampleError
+from megatron_ease.data.synthetic import SyntheticConfig, synthetic_corpus
+from megatron_ease.data.tokenizer import build_tiny_qwen_tokenizer
+from megatron_ease.data.writer import EvidenceShardWriter
+
+IMAGE_CONFIG = ImageProcessingConfig.for_family("qwen2_5_vl", min_pixels=56 * 56, max_pixels=28 * 28 * 16)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return build_tiny_qwen_tokenizer(synthetic_corpus(SyntheticConfig()), str(tmp_path_factory.mktemp("tok")))
+
+
+def encode(image, fmt="PNG"):
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+PNG = encode(Image.new("RGB", (56, 56), (200, 30, 30)))
+JPG = encode(Image.new("RGB", (84, 56), (30, 30, 200)), "JPEG")
+
+
+def record(i=0, **overrides):
+    base = {"question": f"Is there a red square {i}?", "answer": "yes", "answer_type": "yesno",
+            "evidence": [{"image": 0, "box": [0, 0, 28, 28]}], "source": "test"}
+    base.update(overrides)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+def members(rec, images=((".png", PNG),), masks=None):
+    files = {"json": json.dumps(rec).encode()} if not isinstance(rec, bytes) else {"json": rec}
+    files.update({ext.lstrip("."): data for ext, data in images})
+    files.update(masks or {})
+    return files
+
+
+def write_tar(path, samples):
+    """Raw tar writer (no validation), so broken samples and duplicate members can be written."""
+    with tarfile.open(path, "w") as tar:
+        for key, files in samples:
+            items = files if isinstance(files, list) else list(files.items())
+            for ext, data in items:
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+BAD = {  # key -> (members, expected skip reason)
+    "bad-image": (members(record(), [("png", b"not a png")]), "undecodable_image"),
+    "truncated-image": (members(record(), [("png", PNG[: len(PNG) // 2])]), "undecodable_image"),
+    "bad-json": (members(b"{oops"), "bad_json"),
+    "json-array": (members(b"[1, 2]"), "bad_json"),
+    "no-json": ({"png": PNG}, "bad_json"),
+    "no-question": (members(record(question=None)), "missing_field"),
+    "no-answer": (members(record(answer=None)), "missing_field"),
+    "unknown-type": (members(record(answer_type="essay")), "unknown_answer_type"),
+    "nan-box": (members(record(evidence=[{"image": 0, "box": [float("nan"), 0, 5, 5]}])), "malformed_box"),
+    "short-box": (members(record(evidence=[{"image": 0, "box": [1, 2, 3]}])), "malformed_box"),
+    "string-box": (members(record(evidence=[{"image": 0, "box": ["a", 0, 5, 5]}])), "malformed_box"),
+    "evidence-not-list": (members(record(evidence={"box": [0, 0, 1, 1]})), "malformed_evidence"),
+    "evidence-missing-image": (members(record(evidence=[{"image": 1, "box": [0, 0, 5, 5]}])), "evidence_image_missing"),
+    "mask-size": (members(record(), masks={"mask.png": encode(Image.new("L", (10, 10)))}), "mask_size_mismatch"),
+    "mask-missing-image": (members(record(), masks={"3.mask.png": encode(Image.new("L", (56, 56)))}), "evidence_image_missing"),
+    "no-image": (members(record(), []), "no_image"),
+    "bad-choice": (members(record(answer_type="choice", choices=["red", "blue"], answer="E")), "bad_choices"),
+    "image-gap": (members(record(), [("0.png", PNG), ("2.png", PNG)]), "bad_image_names"),
+    "duplicate-member": ([("json", json.dumps(record()).encode()), ("png", PNG), ("png", PNG)], "duplicate_member"),
+    "special-token": (members(record(question="What is <|image_pad|> here?")), "special_token_in_text"),
+}
+
+VALID_WITHOUT_TARGET = {
+    "inverted-box": members(record(evidence=[{"image": 0, "box": [40, 40, 10, 10]}])),
+    "outside-box": members(record(evidence=[{"image": 0, "box": [100, 100, 200, 200]}])),
+    "empty-evidence": members(record(evidence=[])),
+}
+VALID_WITH_TARGET = {
+    "partly-outside": members(record(evidence=[{"image": 0, "box": [40, 40, 90, 90]}])),
+    "two-images": members(
+        record(evidence=[{"image": 1, "box": [0, 0, 40, 56]}]),
+        [("0.png", PNG), ("1.jpg", JPG)],
+        masks={"0.mask.png": encode(Image.new("L", (56, 56), 255))},
+    ),
+    "choice-lowercase": members(record(answer_type="choice", choices=["red", "blue"], answer="b")),
+    "number-answer": members(record(answer_type="number", answer=3)),
+}
+
+
+def good_samples(n, prefix="good"):
+    return [(f"{prefix}-{i:03d}", members(record(i))) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def corrupt_shards(tmp_path_factory):
+    return write_corrupt_shards(tmp_path_factory.mktemp("corrupt"))
+
+
+def write_corrupt_shards(d):
+    """Two shards: good samples interleaved with every bad kind and the valid edge cases."""
+    special = list(BAD.items()) + list(VALID_WITHOUT_TARGET.items()) + list(VALID_WITH_TARGET.items())
+    samples, goods = [], good_samples(24)
+    for i, (key, value) in enumerate(special):
+        samples.append(goods[i] if i < len(goods) else None)
+        samples.append((key, value[0] if key in BAD else value))
+    samples = [s for s in samples if s is not None] + goods[len(special):]
+    half = len(samples) // 2
+    write_tar(d / "shard-000000.tar", samples[:half])
+    write_tar(d / "shard-000001.tar", samples[half:])
+    valid = {k for k, _ in goods} | set(VALID_WITHOUT_TARGET) | set(VALID_WITH_TARGET)
+    return str(d / "shard-*.tar"), valid
+
+
+def make_dataset(shards, tokenizer, batch_size=4, **kwargs):
+    processor = SampleProcessor(tokenizer, IMAGE_CONFIG, append_answer=kwargs.pop("append_answer", False))
+    return EvidenceShardDataset(shards, processor, batch_size, **kwargs)
+
+
+def collect(loader, max_batches=None):
+    """Keys and batches of the first max_batches batches (islice: no extra batch is pulled)."""
+    keys, batches = [], []
+    with contextlib.closing(iter(loader)) as stream:  # closing shuts the workers down now
+        for batch in itertools.islice(stream, max_batches):
+            keys += batch["keys"]
+            batches.append(batch)
+    return keys, batches
+
+
+# ---------------------------------------------------------------- corrupt samples
+
+
+def test_every_bad_kind_is_skipped_and_counted_without_losing_good_samples(corrupt_shards, tokenizer):
+    shards, valid = corrupt_shards
+    loader = EvidenceDataLoader(make_dataset(shards, tokenizer, shuffle=False, num_epochs=1, even_ranks=False))
+    keys, batches = collect(loader)
+    assert sorted(keys) == sorted(valid)
+    assert loader.skipped == Counter(reason for _, reason in BAD.values())
+    has_target = {k: bool(t) for b in batches for k, t in zip(b["keys"], b["has_target"])}
+    assert not any(has_target[k] for k in VALID_WITHOUT_TARGET)
+    assert all(has_target[k] for k in VALID_WITH_TARGET)
+    answers = {k: a for b in batches for k, a in zip(b["keys"], b["answers"])}
+    assert answers["choice-lowercase"] == "B" and answers["number-answer"] == "3"
+
+
+def test_skipped_samples_are_logged_with_shard_and_key(corrupt_shards, tokenizer, caplog):
+    shards, _ = corrupt_shards
+    dataset = make_dataset(shards, tokenizer, shuffle=False, num_epochs=1, even_ranks=False)
+    with caplog.at_level("WARNING", logger="megatron_ease.data.reader"):
+        list(dataset.iter_samples())
+    assert any("'nan-box'" in r.getMessage() and "shard-00000" in r.getMessage() and "malformed_box" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_strict_mode_raises_naming_shard_and_key(corrupt_shards, tokenizer, num_workers):
+    shards, _ = corrupt_shards
+    dataset = make_dataset(shards, tokenizer, shuffle=False, num_epochs=1, even_ranks=False, strict=True)
+    with pytest.raises(SampleError, match=r"shard-000000\.tar: sample 'bad-image': undecodable_image") as info:
+        collect(EvidenceDataLoader(dataset, num_workers=num_workers))
+    assert info.value.key == "bad-image" and info.value.reason == "undecodable_image"
+
+
+def test_truncated_shard_keeps_the_samples_before_the_damage(tmp_path, tokenizer):
+    write_tar(tmp_path / "a.tar", good_samples(10))
+    data = (tmp_path / "a.tar").read_bytes()
+    (tmp_path / "a.tar").write_bytes(data[: len(data) // 2])
+    index = build_shard_index([str(tmp_path / "a.tar")])
+    assert len(index.errors) == 1 and "a.tar" in index.errors[0]
+    assert 0 < len(index.entries) < 10
+    keys, _ = collect(EvidenceDataLoader(make_dataset(str(tmp_path / "a.tar"), tokenizer, shuffle=False, num_epochs=1)))
+    assert keys == [f"good-{i:03d}" for i in range(len(index.entries))]
+    with pytest.raises(ValueError, match="unreadable shard"):
+        make_dataset(str(tmp_path / "a.tar"), tokenizer, strict=True)
+
+
+def test_writer_validates_with_the_reader_code(tmp_path):
+    writer = EvidenceShardWriter(str(tmp_path), "w", samples_per_shard=3)
+    for key, files in good_samples(4):
+        assert writer.write(key, files)
+    assert not writer.write("nan", BAD["nan-box"][0])
+    assert not writer.write("noimg", BAD["no-image"][0])
+    summary = writer.close()
+    assert summary["written"] == 4 and summary["skipped"] == {"malformed_box": 1, "no_image": 1}
+    assert [os.path.basename(s) for s in summary["shards"]] == ["w-000000.tar", "w-000001.tar"]
+    assert sorted(os.listdir(tmp_path)) == ["w-000000.tar", "w-000001.tar"]  # no temporaries left
+    strict = EvidenceShardWriter(str(tmp_path / "s"), strict=True)
+    with pytest.raises(SampleError, match="'k': unknown_answer_type"):
+        strict.write("k", BAD["unknown-type"][0])
+    with pytest.raises(ValueError, match="contains a '.'"):
+        strict.write("a.b", members(record()))
+
+
+# ---------------------------------------------------------------- splitting and resuming
+
+
+@pytest.fixture(scope="module")
+def clean_shards(tmp_path_factory):
+    d = tmp_path_factory.mktemp("clean")
+    samples = good_samples(37)
+    samples[5] = ("bad-5", BAD["nan-box"][0])
+    samples[20] = ("bad-20", BAD["bad-image"][0])
+    for s in range(3):
+        write_tar(d / f"s-{s:06d}.tar", samples[s * 13:(s + 1) * 13])
+    return str(d / "s-{000000..000002}.tar"), {k for k, _ in samples if k.startswith("good")}
+
+
+def test_ranks_and_workers_cover_one_pass_disjointly(clean_shards, tokenizer):
+    shards, valid = clean_shards
+    per_rank = []
+    for rank in range(2):
+        dataset = make_dataset(shards, tokenizer, batch_size=3, rank=rank, world_size=2, seed=3, num_epochs=1, even_ranks=False)
+        keys, _ = collect(EvidenceDataLoader(dataset, num_workers=2))
+        assert len(keys) == len(set(keys))
+        per_rank.append(set(keys))
+    assert not per_rank[0] & per_rank[1]
+    assert per_rank[0] | per_rank[1] == valid
+
+
+def test_even_ranks_get_equal_disjoint_epochs_reshuffled_each_epoch(clean_shards, tokenizer):
+    shards, _ = clean_shards
+    datasets = [make_dataset(shards, tokenizer, rank=r, world_size=2, seed=1) for r in range(2)]
+    length = datasets[0].epoch_length
+    assert length == 37 // 2 == datasets[1].epoch_length
+    epoch0 = [[d.entry_index(k) for k in range(length)] for d in datasets]
+    epoch1 = [[d.entry_index(k) for k in range(length, 2 * length)] for d in datasets]
+    assert not set(epoch0[0]) & set(epoch0[1]) and len(set(epoch0[0]) | set(epoch0[1])) == 2 * length
+    assert epoch0 != epoch1
+
+
+def test_resume_continues_exactly_where_it_stopped(clean_shards, tokenizer):
+    shards, _ = clean_shards
+    kwargs = dict(batch_size=3, seed=7)
+    reference, _ = collect(EvidenceDataLoader(make_dataset(shards, tokenizer, **kwargs), num_workers=2), max_batches=20)
+    assert len(reference) == 60  # crosses the epoch boundary (35 valid samples per epoch)
+
+    first = EvidenceDataLoader(make_dataset(shards, tokenizer, **kwargs), num_workers=2)
+    head, _ = collect(first, max_batches=7)
+    state = json.loads(json.dumps(first.state_dict()))  # checkpointable as plain JSON
+
+    resumed = EvidenceDataLoader(make_dataset(shards, tokenizer, **kwargs), num_workers=2)
+    resumed.load_state_dict(state)
+    tail, _ = collect(resumed, max_batches=13)
+    assert head + tail == reference
+    assert sum(resumed.skipped.values()) >= sum(first.skipped.values())
+
+
+def test_resume_with_other_worker_count_neither_repeats_nor_skips(clean_shards, tokenizer):
+    shards, valid = clean_shards
+    kwargs = dict(batch_size=2, seed=5, num_epochs=1, even_ranks=False)
+    first = EvidenceDataLoader(make_dataset(shards, tokenizer, **kwargs), num_workers=2)
+    head, _ = collect(first, max_batches=5)
+    second = EvidenceDataLoader(make_dataset(shards, tokenizer, **kwargs), num_workers=0)
+    second.load_state_dict(first.state_dict())
+    tail, _ = collect(second)
+    assert len(head) + len(tail) == len(valid) and set(head + tail) == valid
+
+
+def test_state_from_other_data_is_refused(clean_shards, tokenizer):
+    shards, _ = clean_shards
+    loader = EvidenceDataLoader(make_dataset(shards, tokenizer, seed=1))
+    state = loader.state_dict()
+    other = EvidenceDataLoader(make_dataset(shards, tokenizer, seed=2))
+    with pytest.raises(ValueError, match="seed=1"):
+        other.load_state_dict(state)
+
+
+# ---------------------------------------------------------------- batch layout
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_batch_layout(corrupt_shards, tokenizer, padding_side):
+    shards, _ = corrupt_shards
+    dataset = make_dataset(shards, tokenizer, batch_size=8, shuffle=False, num_epochs=1, even_ranks=False,
+                           padding_side=padding_side, append_answer=True)
+    _, batches = collect(EvidenceDataLoader(dataset))
+    special = dataset.processor.special
+    for b in batches:
+        B, S = b["input_ids"].shape
+        assert b["attention_mask"].sum(1).tolist() == b["lengths"].tolist()
+        assert (b["input_ids"][~b["attention_mask"]] == special.pad).all()
+        assert b["image_mask"].sum(1).tolist() == b["num_image_tokens"].tolist()
+        grid = b["image_grid_thw"]
+        assert grid.shape == (int(b["num_images"].sum()), 3)
+        assert b["pixel_values"].shape == (int(grid.prod(1).sum()), IMAGE_CONFIG.patch_dim)
+        assert (grid.prod(1) // IMAGE_CONFIG.merge_size**2).sum() == b["num_image_tokens"].sum()
+        target = b["evidence_target"]
+        torch.testing.assert_close(target.sum(1)[b["has_target"]], torch.ones(int(b["has_target"].sum())))
+        assert (target[~b["image_mask"]] == 0).all() and (target[~b["has_target"]] == 0).all()
+        # Response mask: the answer tokens and <|im_end|>, right after the prompt.
+        for row in range(B):
+            ids = b["input_ids"][row][b["attention_mask"][row]]
+            response = b["input_ids"][row][b["response_mask"][row]]
+            assert b["response_mask"][row].sum() == b["lengths"][row] - b["prompt_lengths"][row]
+            assert response[-1] == special.im_end
+            assert tokenizer.decode(response[:-1]) == b["answers"][row]
+            assert ids[len(ids) - len(response):].tolist() == response.tolist()
+            if padding_side == "left":
+                assert b["attention_mask"][row, -1]
+            else:
+                assert b["attention_mask"][row, 0]
+
+
+def test_prompt_is_qwen_chat_format(clean_shards, tokenizer):
+    shards, _ = clean_shards
+    dataset = make_dataset(shards, tokenizer, batch_size=1, shuffle=False, num_epochs=1)
+    _, sample, _ = next(dataset.iter_samples())
+    text = tokenizer.decode(sample.input_ids)
+    pads = "<|image_pad|>" * 4  # 56x56 image: 2x2 tokens at f = 28
+    assert text == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+        f"<|vision_start|>{pads}<|vision_end|>Is there a red square 0?\nAnswer with yes or no.<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    np.testing.assert_allclose(sample.evidence_target.sum().item(), 1.0, rtol=1e-6)
+
+
+def test_infinite_stream_over_only_bad_samples_raises_instead_of_spinning(tmp_path, tokenizer):
+    write_tar(tmp_path / "bad.tar", [(f"b{i}", BAD["nan-box"][0]) for i in range(4)])
+    with pytest.raises(ValueError, match="no valid sample in a whole epoch"):
+        collect(EvidenceDataLoader(make_dataset(str(tmp_path / "bad.tar"), tokenizer)), max_batches=1)

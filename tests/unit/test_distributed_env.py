@@ -1,0 +1,64 @@
+"""Launcher environment -> rank/world/master, for torchrun, Slurm and a lone process."""
+
+import pytest
+
+from megatron_ease.distributed import expand_hostlist, port_from_job_id, read_launch_env
+
+
+@pytest.mark.parametrize("hostlist, expected", [
+    ("node01", ["node01"]),
+    ("node[01-03,07]", ["node01", "node02", "node03", "node07"]),
+    ("node[8-11]", ["node8", "node9", "node10", "node11"]),
+    ("login1,node[1-2]", ["login1", "node1", "node2"]),
+    ("gpu-a[1-2]-b[3,5]", ["gpu-a1-b3", "gpu-a1-b5", "gpu-a2-b3", "gpu-a2-b5"]),
+    ("a[009-011],b", ["a009", "a010", "a011", "b"]),
+    ("dgx-[001-002],dgx-100", ["dgx-001", "dgx-002", "dgx-100"]),
+])
+def test_expand_hostlist(hostlist, expected):
+    assert expand_hostlist(hostlist) == expected
+
+
+@pytest.mark.parametrize("bad", ["node[01-03", "node01]", "node[3-1]", "node[a-b]"])
+def test_expand_hostlist_rejects_malformed(bad):
+    with pytest.raises(ValueError, match="hostlist"):
+        expand_hostlist(bad)
+
+
+def test_torchrun_env_mapping():
+    env = {"RANK": "5", "WORLD_SIZE": "16", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.2",
+           "MASTER_PORT": "29511", "SLURM_PROCID": "0", "SLURM_NTASKS": "2"}
+    launch = read_launch_env(env)
+    assert (launch.rank, launch.world_size, launch.local_rank) == (5, 16, 1)
+    assert (launch.master_addr, launch.master_port, launch.launcher) == ("10.0.0.2", 29511,
+                                                                          "torchrun")
+
+
+def test_slurm_env_mapping_first_host_is_master_and_port_from_job_id():
+    env = {"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1",
+           "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "123456"}
+    launch = read_launch_env(env)
+    assert (launch.rank, launch.world_size, launch.local_rank) == (9, 16, 1)
+    assert launch.master_addr == "gpu07"
+    assert launch.master_port == port_from_job_id("123456")
+    assert launch.launcher == "slurm"
+    # Every task of the job derives the same port; another job gets another.
+    assert port_from_job_id("123456") == port_from_job_id(123456) != port_from_job_id("123457")
+    assert 1024 < launch.master_port < 65536
+
+
+def test_slurm_env_explicit_master_wins():
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "n[1-2]",
+           "SLURM_JOB_ID": "7", "MASTER_ADDR": "head", "MASTER_PORT": "30000"}
+    launch = read_launch_env(env)
+    assert (launch.master_addr, launch.master_port) == ("head", 30000)
+
+
+def test_slurm_env_without_nodelist_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="SLURM_JOB_NODELIST"):
+        read_launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "1"})
+
+
+def test_single_process_env():
+    launch = read_launch_env({})
+    assert (launch.rank, launch.world_size, launch.launcher) == (0, 1, "single")
+    assert launch.master_port > 0

@@ -1,0 +1,279 @@
+"""Verifier table: extraction, parsing and comparison per answer type, and robustness."""
+
+import random
+import time
+
+import pytest
+import torch
+
+from megatron_ease.rl.rewards import (
+    RewardSpec,
+    compute_reward,
+    compute_rewards,
+    extract_answer,
+    has_answer_format,
+    parse_number,
+)
+
+COLORS = ["red", "green", "blue", "yellow"]
+ANY = object()  # the canonical parsed form is not the point of the row
+
+# (response, reference answer, answer_type, choices, correct, parsed); parsed None = unparseable.
+CASES = [
+    # choice
+    ("B", "B", "choice", COLORS, True, "B"),
+    ("(B)", "B", "choice", COLORS, True, "B"),
+    ("b.", "B", "choice", COLORS, True, "B"),
+    ("The answer is (C).", "C", "choice", COLORS, True, "C"),
+    ("Answer: B. green", "B", "choice", COLORS, True, "B"),
+    ("So we get \\boxed{D}", "D", "choice", COLORS, True, "D"),
+    ("\\boxed{\\text{(A)}}", "A", "choice", COLORS, True, "A"),
+    ("I would pick option c", "C", "choice", COLORS, True, "C"),
+    ("Final choice: (B)", "B", "choice", COLORS, True, "B"),
+    ("The correct option is B", "B", "choice", COLORS, True, "B"),
+    ("A cat is in the picture, so the answer is blue", "C", "choice", COLORS, True, "C"),
+    ("green", "B", "choice", COLORS, True, "B"),
+    ("I think it's A", "A", "choice", COLORS, True, "A"),
+    ("**Answer: D**", "D", "choice", COLORS, True, "D"),
+    ("<answer>C</answer>", "C", "choice", COLORS, True, "C"),
+    ("(A) red\n(B) green\nAnswer: (B)", "B", "choice", COLORS, True, "B"),
+    ("Answer: A", "B", "choice", COLORS, False, "A"),
+    ("Answer: E", "B", "choice", COLORS, False, "E"),
+    ("A or B", "A", "choice", COLORS, False, None),
+    ("The image shows a red car.", "A", "choice", COLORS, False, None),
+    ("A dog", "A", "choice", None, False, None),
+    ("A is correct", "A", "choice", COLORS, True, "A"),
+    ("\\boxed{B: green}", "B", "choice", COLORS, True, "B"),
+    ("", "A", "choice", COLORS, False, None),
+    ("The answer is (B) since it is green", "green", "choice", COLORS, True, "B"),
+    # yes / no
+    ("Yes.", "yes", "yesno", None, True, "yes"),
+    ("no", "yes", "yesno", None, False, "no"),
+    ("It is not.", "no", "yesno", None, True, "no"),
+    ("Yes, there is.", "Yes", "yesno", None, True, "yes"),
+    ("No, there isn't any.", "no", "yesno", None, True, "no"),
+    ("There are two dogs.", "yes", "yesno", None, True, "yes"),
+    ("There aren't any dogs.", "no", "yesno", None, True, "no"),
+    ("The shirt is not red.", "no", "yesno", None, True, "no"),
+    ("It's blue.", "yes", "yesno", None, True, "yes"),
+    ("\\boxed{No}", "no", "yesno", None, True, "no"),
+    ("The answer is yes.", "yes", "yesno", None, True, "yes"),
+    ("Certainly not.", "no", "yesno", None, True, "no"),
+    ("True", "yes", "yesno", None, True, "yes"),
+    ("Not at all.", "no", "yesno", None, True, "no"),
+    ("I'd say yes, definitely.", "yes", "yesno", None, True, "yes"),
+    ("Nope", "no", "yesno", None, True, "no"),
+    ("Yes or no? Hard to say.", "yes", "yesno", None, False, None),
+    ("Yes and no.", "no", "yesno", None, False, None),
+    ("I don't know.", "no", "yesno", None, False, None),
+    ("maybe", "yes", "yesno", None, False, None),
+    ("There is no dog in the image.", "no", "yesno", None, True, "no"),
+    ("It does not appear so.", "no", "yesno", None, True, "no"),
+    ("Is there a dog? Yes", "yes", "yesno", None, True, "yes"),
+    ("Answer: NO", "No.", "yesno", None, True, "no"),
+    # number
+    ("\\boxed{1,234}", "1234", "number", None, True, "1234"),
+    ("The answer is 3/4.", "0.75", "number", None, True, "0.75"),
+    ("Answer: 50%", "50", "number", None, True, "50%"),
+    ("Answer: 50%", "0.5", "number", None, True, "50%"),
+    ("Answer: 0.5%", "50%", "number", None, False, "0.5%"),
+    ("It is 12 cm long.", "12", "number", None, True, "12"),
+    ("Answer: -0.5", "-1/2", "number", None, True, "-0.5"),
+    ("$\\frac{3}{4}$", "0.75", "number", None, True, "0.75"),
+    ("\\boxed{\\dfrac{1}{2}}", "0.5", "number", None, True, "0.5"),
+    ("\\boxed{-\\frac{1}{2}}", "-0.5", "number", None, True, "-0.5"),
+    ("\\boxed{\\frac12}", "0.5", "number", None, True, "0.5"),
+    ("x = 5", "5", "number", None, True, "5"),
+    ("2 + 3 = 5", "5", "number", None, True, "5"),
+    ("Answer: 1,000,000", "1e6", "number", None, True, "1000000"),
+    ("\\boxed{3 \\times 10^{4}}", "30000", "number", None, True, "30000"),
+    ("\\boxed{2\\frac{1}{2}}", "2.5", "number", None, True, "2.5"),
+    ("Answer: 0.3333333", "1/3", "number", None, True, ANY),
+    ("Answer: 0.33", "1/3", "number", None, False, "0.33"),
+    ("Answer: 12", "13", "number", None, False, "12"),
+    ("There are two dogs.", "2", "number", None, True, "2"),
+    ("There are 2 dogs and 3 cats.", "2", "number", None, True, "2"),
+    ("Answer: 1/0", "1", "number", None, False, None),
+    ("\\boxed{}", "1", "number", None, False, None),
+    ("½", "0.5", "number", None, True, "0.5"),
+    ("\u22123", "-3", "number", None, True, "-3"),
+    ("Answer: 1e999", "1", "number", None, False, None),
+    ("Approximately 7.5 m/s", "7.5", "number", None, True, "7.5"),
+    ("$12.50", "12.5", "number", None, True, "12.5"),
+    ("The angle is 30°.", "30", "number", None, True, "30"),
+    ("The angle is $30^\\circ$.", "30", "number", None, True, "30"),
+    ("first \\boxed{2} then \\boxed{3", "2", "number", None, True, "2"),
+    ("no idea", "4", "number", None, False, None),
+    # math
+    ("\\boxed{\\frac{\\sqrt{3}}{2}}", "\\frac{\\sqrt3}{2}", "math", None, True, ANY),
+    ("\\boxed{0.75}", "\\frac{3}{4}", "math", None, True, ANY),
+    ("\\boxed{x = 2}", "2", "math", None, True, ANY),
+    ("\\boxed{2x+1}", "2x + 1", "math", None, True, "2x+1"),
+    ("\\boxed{2x+1}", "2x+2", "math", None, False, "2x+1"),
+    ("\\boxed{\\dfrac{1}{2}}", "\\frac12", "math", None, True, "\\frac{1}{2}"),
+    ("\\boxed{(1, 2)}", "(1,2)", "math", None, True, "(1,2)"),
+    ("\\boxed{\\sqrt{2}}", "2", "math", None, False, ANY),
+    ("\\boxed{50\\%}", "0.5", "math", None, True, ANY),
+    ("\\boxed{10\\text{ cm}}", "10", "math", None, True, "10"),
+    ("\\boxed{\\pi}", "\\pi", "math", None, True, "\\pi"),
+    ("\\boxed{3.0}", "3", "math", None, True, "3.0"),
+    ("\\boxed{2\\sqrt2}", "2\\sqrt{2}", "math", None, True, "2\\sqrt{2}"),
+    ("\\boxed{\\left( 1, 2 \\right)}", "(1,2)", "math", None, True, "(1,2)"),
+    ("\\boxed{\\text{east}}", "east", "math", None, True, "east"),
+    ("", "1", "math", None, False, None),
+    # text
+    ("\\boxed{The Eiffel Tower}", "eiffel tower", "text", None, True, "eiffel tower"),
+    ("Answer: red.", "Red", "text", None, True, "red"),
+    ("Answer: dark red", "red", "text", None, False, "dark red"),
+    ("<answer>New York City</answer>", "new york city", "text", None, True, "new york city"),
+    ("\\boxed{\\text{blue}}", "blue", "text", None, True, "blue"),
+    ("Answer: A dog", "dog", "text", None, True, "dog"),
+    ("...", "x", "text", None, False, None),
+    ("Café", "café", "text", None, True, "café"),
+    # where the answer is taken from
+    ("<think>maybe \\boxed{3}</think>The answer is \\boxed{4}", "4", "number", None, True, "4"),
+    ("<think>it is \\boxed{3}</think>\n4", "4", "number", None, True, "4"),
+    ("Answer:\n12", "12", "number", None, True, "12"),
+    ("The answer is 7. Because 3 + 4 = 7 and not 8", "7", "number", None, True, "7"),
+    ("Final Answer: The final answer is $5$. I hope it is correct.", "5", "number", None,
+     True, "5"),
+    ("<answer>x is \\boxed{9}</answer> \\boxed{8}", "9", "number", None, True, "9"),
+]
+
+
+@pytest.mark.parametrize(
+    "response, answer, answer_type, choices, correct, parsed",
+    CASES,
+    ids=[f"{c[2]}-{i}" for i, c in enumerate(CASES)],
+)
+def test_verifier_table(response, answer, answer_type, choices, correct, parsed):
+    result = compute_reward(response, answer, answer_type, choices)
+    assert result.correct is correct
+    assert result.parse_ok is (parsed is not None)
+    if parsed is not ANY:
+        assert result.parsed == parsed
+    assert result.reward == (1.0 if correct else -1.0)
+
+
+def test_table_is_large_and_covers_every_answer_type():
+    assert len(CASES) >= 60
+    assert {c[2] for c in CASES} == {"choice", "number", "yesno", "text", "math"}
+
+
+@pytest.mark.parametrize(
+    "text, span",
+    [
+        ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+        ("a \\boxed{1} b \\boxed{{2}+{3}}", "{2}+{3}"),
+        ("\\fbox{7}", "7"),
+        ("The answer is: 42", "42"),
+        ("**Answer**: 42", "42"),
+        ("line one\n\nlast line  \n\n", "last line"),
+        ("   ", None),
+        (None, None),
+    ],
+)
+def test_extract_answer_spans(text, span):
+    assert extract_answer(text) == span
+
+
+def test_parse_number_strict_rejects_expressions():
+    assert parse_number("2x", strict=True) is None
+    assert parse_number("\\sqrt{2}", strict=True) is None
+    assert parse_number("\\frac{3}{4}", strict=True).value == 0.75
+    assert parse_number("2x").value == 2.0  # lenient mode reads the leading numeral
+
+
+# --- format reward and configuration ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "response, answer_format, expected",
+    [
+        ("so \\boxed{3}", "boxed", True),
+        ("Answer: 3", "boxed", False),
+        ("Answer: 3", "answer", True),
+        ("<answer>3</answer>", "answer", True),
+        ("so \\boxed{3}", "answer", False),
+        ("so \\boxed{3}", "boxed_or_answer", True),
+        ("3", "boxed_or_answer", False),
+        ("so \\boxed{3", "boxed", False),
+    ],
+)
+def test_has_answer_format(response, answer_format, expected):
+    assert has_answer_format(response, answer_format) is expected
+
+
+def test_format_reward_is_added_to_right_and_wrong_verdicts():
+    spec = RewardSpec(
+        correct_reward=1.0, wrong_reward=0.0, format_reward=0.1, answer_format="boxed"
+    )
+    assert compute_reward("\\boxed{3}", "3", "number", spec=spec).reward == pytest.approx(1.1)
+    assert compute_reward("\\boxed{4}", "3", "number", spec=spec).reward == pytest.approx(0.1)
+    unformatted = compute_reward("3", "3", "number", spec=spec)
+    assert unformatted.reward == 1.0 and unformatted.correct and not unformatted.format_ok
+
+
+def test_configuration_errors_name_the_allowed_values():
+    with pytest.raises(ValueError, match="answer_type must be one of"):
+        compute_reward("3", "3", "integer")
+    with pytest.raises(ValueError, match="answer_format must be one of"):
+        RewardSpec(answer_format="xml")
+
+
+# --- robustness -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("answer_type", ["choice", "number", "yesno", "text", "math"])
+@pytest.mark.parametrize(
+    "response",
+    [None, "", " \n\t ", b"\xff\xfe answer", 12345, "\u0000\u200b\ufeff", "🙂" * 100,
+     "{" * 5000, "}" * 5000, "\\boxed{" * 3000, "\\frac{" * 3000 + "1" + "}" * 3000,
+     "9" * 5000, "1," * 3000, "Answer:" * 2000, "<answer>" * 2000, "$" * 5000],
+)
+def test_odd_output_never_crashes(response, answer_type):
+    result = compute_reward(response, "A", answer_type, COLORS)
+    assert isinstance(result.reward, float) and isinstance(result.correct, bool)
+
+
+def test_random_unicode_never_crashes():
+    rng = random.Random(0)
+    alphabet = "0123456789abcAB{}()[]\\/$%.,:=-+ \n" + "".join(map(chr, range(0x370, 0x3a0)))
+    for _ in range(300):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 200)))
+        for answer_type in ("choice", "number", "yesno", "text", "math"):
+            compute_reward(text, "1", answer_type)
+
+
+def test_huge_response_is_verified_quickly_from_its_tail():
+    response = "blah " * 2_000_000 + "\nThe answer is \\boxed{42}."
+    start = time.perf_counter()
+    result = compute_reward(response, "42", "number")
+    assert result.correct
+    assert time.perf_counter() - start < 2.0
+
+
+# --- batched ----------------------------------------------------------------------------------
+
+
+def test_compute_rewards_batches_results_into_tensors():
+    batch = compute_rewards(
+        ["\\boxed{3}", "Answer: 4", "gibberish", "(B)"],
+        ["3", "3", "3", "B"],
+        ["number", "number", "number", "choice"],
+        [None, None, None, COLORS],
+    )
+    assert batch.reward.dtype == torch.float32 and batch.accuracy.dtype == torch.float32
+    assert batch.reward.tolist() == [1.0, -1.0, -1.0, 1.0]
+    assert batch.accuracy.tolist() == [1.0, 0.0, 0.0, 1.0]
+    assert batch.parse_ok.tolist() == [True, True, False, True]
+    assert batch.format_ok.tolist() == [True, True, False, False]
+    assert batch.num_unparsed == 1
+    assert len(batch.results) == 4
+
+
+def test_compute_rewards_broadcasts_a_single_answer_type_and_checks_lengths():
+    batch = compute_rewards(["yes", "no"], ["yes", "yes"], "yesno")
+    assert batch.accuracy.tolist() == [1.0, 0.0]
+    with pytest.raises(ValueError, match="one entry per rollout"):
+        compute_rewards(["yes", "no"], ["yes"], "yesno")

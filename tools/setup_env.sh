@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Idempotent set-up: creates .venv/ at the repo root and installs megatron_ease with the pinned
+# versions of constraints.txt. torch==2.13.0 goes in first, on its own, so that no later
+# requirement can pull a multi-GB CUDA build of torch. Re-runs are a no-op unless setup.py or
+# constraints.txt changed.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv with $($PYTHON --version 2>&1)" >&2
+  "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.megatron_ease-installed
+want=$(cat setup.py constraints.txt | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "[setup] installing torch==2.13.0, then megatron_ease[dev] (constraints.txt)" >&2
+  .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
+  .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev]"
+  echo "$want" > "$stamp"
+fi

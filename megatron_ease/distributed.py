@@ -231,3 +231,38 @@ def destroy_distributed() -> None:
     parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def _self_check(argv=None) -> int:
+    """``python -m megatron_ease.distributed [tp] [pp]``: start the runtime, all-reduce, report.
+
+    A launcher smoke test (torchrun, srun, or one process): every rank prints one line with its
+    place in the layout; rank 0 prints ``world=<n> allreduce_ok``.
+    """
+    import argparse
+
+    from megatron.core import parallel_state
+
+    parser = argparse.ArgumentParser(description=_self_check.__doc__.split("\n\n")[0])
+    parser.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    parser.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    args = parser.parse_args(argv)
+    launch = init_process_group(timeout_minutes=2)
+    initialize_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+    total = torch.tensor([float(launch.rank)])
+    torch.distributed.all_reduce(total)
+    ok = total.item() == launch.world_size * (launch.world_size - 1) / 2
+    print(f"rank={launch.rank} local_rank={launch.local_rank} launcher={launch.launcher} "
+          f"backend={torch.distributed.get_backend()} master={launch.master_addr}:"
+          f"{launch.master_port} tp_rank={parallel_state.get_tensor_model_parallel_rank()} "
+          f"pp_rank={parallel_state.get_pipeline_model_parallel_rank()} "
+          f"dp_rank={parallel_state.get_data_parallel_rank()}", flush=True)
+    if launch.rank == 0:
+        print(f"world={launch.world_size} {'allreduce_ok' if ok else 'allreduce_FAILED'}",
+              flush=True)
+    destroy_distributed()
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(_self_check())

@@ -1,0 +1,297 @@
+"""Atomic, resumable megatron-core distributed checkpoints.
+
+Layout of ``checkpoint.dir``::
+
+    latest                     "iter_0000040": written last, by atomic replace
+    iter_0000040/
+      dist/                    megatron-core dist_checkpointing (torch_dist): model (+ optimizer)
+      trainer_state.json       step, LR scheduler, anything JSON the trainer adds (rank 0)
+      rank_state/rank_00003.json  per-rank state: RNG streams, data reader position
+    .tmp_iter_0000050/         a save in progress (or one killed mid-write): never read
+
+Every rank writes into ``.tmp_iter_N``; after a barrier rank 0 renames it to ``iter_N`` (atomic on
+one filesystem) and only then points ``latest`` at it, so a checkpoint interrupted mid-write is
+never picked up. Old checkpoints beyond ``keep_last`` are removed after ``latest`` moves. Nothing
+is pickled by us: trainer and rank state are JSON (RNG states base64-encoded).
+
+The model part is found by ``find_model_checkpoint`` (used by tools/convert_hf_checkpoint.py's
+``megatron-to-hf``): the ``dist`` folder under a step dir, or under the step ``latest`` names.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+LATEST = "latest"
+DIST_SUBDIR = "dist"
+_STEP_DIR = re.compile(r"^iter_(\d{7,})$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"iter_{step:07d}"
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def latest_checkpoint(directory: Optional[str]) -> Optional[str]:
+    """The step dir ``latest`` names, or None when there is no complete checkpoint yet."""
+    if not directory:
+        return None
+    pointer = os.path.join(directory, LATEST)
+    if not os.path.isfile(pointer):
+        return None
+    with open(pointer) as f:
+        name = f.read().strip()
+    path = os.path.join(directory, name)
+    if not _STEP_DIR.match(name) or not os.path.isdir(path):
+        raise RuntimeError(f"{pointer} names {name!r}, which is not a checkpoint in {directory}; "
+                           f"point it at an existing iter_* folder or remove it to start afresh")
+    return path
+
+
+def find_model_checkpoint(path: str) -> str:
+    """Resolve a trainer checkpoint dir / step dir / dist dir to the dist_checkpointing folder."""
+    if os.path.isfile(os.path.join(path, ".metadata")):
+        return path
+    if os.path.isfile(os.path.join(path, LATEST)):
+        path = latest_checkpoint(path)
+    dist = os.path.join(path, DIST_SUBDIR)
+    if os.path.isfile(os.path.join(dist, ".metadata")):
+        return dist
+    raise FileNotFoundError(f"no megatron distributed checkpoint at {path} (looked for "
+                            f"{LATEST}, {DIST_SUBDIR}/.metadata)")
+
+
+def rng_state() -> dict:
+    """This rank's RNG streams as JSON: torch CPU (+ CUDA), megatron's tracker, numpy, random."""
+    from megatron.core import tensor_parallel
+
+    def b64(t: torch.Tensor) -> str:
+        return base64.b64encode(t.cpu().numpy().tobytes()).decode()
+
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    state = {
+        "torch": b64(torch.get_rng_state()),
+        "tracker": {k: b64(v) for k, v in tracker.get_states().items()
+                    if isinstance(v, torch.Tensor)},
+        "numpy": _jsonable(np.random.get_state()),
+        "random": _jsonable(random.getstate()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = b64(torch.cuda.get_rng_state())
+    return state
+
+
+def _jsonable(obj):
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": obj.tolist(), "dtype": str(obj.dtype)}
+    if isinstance(obj, (tuple, list)):
+        return [_jsonable(o) for o in obj]
+    return obj
+
+
+def _from_jsonable(obj):
+    if isinstance(obj, dict) and "__ndarray__" in obj:
+        return np.asarray(obj["__ndarray__"], dtype=obj["dtype"])
+    if isinstance(obj, list):
+        return tuple(_from_jsonable(o) for o in obj)
+    return obj
+
+
+def set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    def unb64(s: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+    torch.set_rng_state(unb64(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(unb64(state["cuda"]))
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    tracker.set_states({k: unb64(v) for k, v in state["tracker"].items()})
+    np.random.set_state(_from_jsonable(state["numpy"]))
+    random.setstate(_from_jsonable(state["random"]))
+
+
+# Megatron-LM's default: each DP rank writes its own optimizer shard, in parallel, with no
+# gather; resuming at another DP size works, at another TP/PP it needs "fully_reshardable".
+OPTIMIZER_SHARDING = "dp_reshardable"
+
+
+def _sharded_state(model_chunks: Sequence[torch.nn.Module], optimizer, is_loading: bool) -> dict:
+    from megatron.core.utils import unwrap_model
+
+    metadata = {"distrib_optim_sharding_type": OPTIMIZER_SHARDING}
+    state = {}
+    # The bare modules' keys (no DDP "module." prefix): the checkpoint does not depend on how
+    # the model was wrapped for training, and the HF exporter reads the same names.
+    for i, chunk in enumerate(unwrap_model(list(model_chunks))):
+        key = "model" if len(model_chunks) == 1 else f"model{i}"
+        state[key] = chunk.sharded_state_dict(metadata=metadata)
+    if optimizer is not None:
+        model_sd = state["model"] if len(model_chunks) == 1 else dict(state)
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
+                                                          metadata=metadata)
+    return state
+
+
+def _optimizer_has_state(optimizer) -> bool:
+    return any(len(getattr(opt, "optimizer", None).state) > 0
+               for opt in getattr(optimizer, "chained_optimizers", [optimizer])
+               if getattr(opt, "optimizer", None) is not None)
+
+
+def _materialize_optimizer_state(optimizer) -> None:
+    """Give a fresh DistributedOptimizer its Adam state before a load.
+
+    Without apex/TE (CPU; torch's Adam) ``DistributedOptimizer.state_dict`` reads the ``step`` of
+    existing Adam states and asserts there is one, which a never-stepped optimizer lacks. Loading
+    overwrites every value, so megatron-core's own dummy initialisation (a zero-grad step) is
+    enough.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(opt, DistributedOptimizer) and len(opt.optimizer.state) == 0:
+            opt._init_optimizer_states_with_dummy_values()
+
+
+def _restore_adam_steps(optimizer) -> None:
+    """Set every Adam state's ``step`` from the loaded param groups, one tensor per state.
+
+    megatron-core 0.16.1's DistributedOptimizer on the torch-Adam path (no apex/TE) keeps the step
+    in its param groups; load_state_dict copies it into the per-parameter states only when those
+    are empty (ours were materialised) and then as one tensor shared by every parameter, which
+    torch's Adam increments in place once per parameter.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        for group in (inner.param_groups if inner is not None else ()):
+            for param in group["params"]:
+                state = inner.state.get(param)
+                if state and isinstance(state.get("step"), torch.Tensor) and "step" in group:
+                    state["step"] = torch.tensor(float(group["step"]), dtype=torch.float32,
+                                                 device=state["step"].device)
+
+
+class CheckpointManager:
+    """Save/resume for the trainer; every method is collective over the default group."""
+
+    def __init__(self, directory: str, keep_last: int = 2):
+        if not directory:
+            raise ValueError("checkpoint.dir is not set")
+        self.directory = directory
+        self.keep_last = keep_last
+
+    def latest(self) -> Optional[str]:
+        return latest_checkpoint(self.directory)
+
+    def save(self, step: int, model_chunks: Sequence[torch.nn.Module], optimizer=None,
+             scheduler=None, trainer_state: Optional[dict] = None,
+             rank_state: Optional[dict] = None) -> str:
+        from megatron.core import dist_checkpointing
+
+        final = os.path.join(self.directory, step_dir_name(step))
+        tmp = os.path.join(self.directory, ".tmp_" + step_dir_name(step))
+        if _rank() == 0:
+            os.makedirs(self.directory, exist_ok=True)
+            for stale in os.listdir(self.directory):
+                if stale.startswith(".tmp_iter_"):  # left by a save that was killed
+                    shutil.rmtree(os.path.join(self.directory, stale), ignore_errors=True)
+            os.makedirs(os.path.join(tmp, DIST_SUBDIR))
+            os.makedirs(os.path.join(tmp, "rank_state"))
+        _barrier()
+        # A never-stepped optimizer has nothing to save (and megatron-core cannot describe it).
+        if optimizer is not None and not _optimizer_has_state(optimizer):
+            optimizer = None
+        dist_checkpointing.save(_sharded_state(model_chunks, optimizer, is_loading=False),
+                                os.path.join(tmp, DIST_SUBDIR))
+        state = {"rng": rng_state(), **(rank_state or {})}
+        _write_atomic(os.path.join(tmp, "rank_state", f"rank_{_rank():05d}.json"),
+                      json.dumps(state))
+        if _rank() == 0:
+            meta = {"step": step, "world_size": torch.distributed.get_world_size()
+                    if torch.distributed.is_initialized() else 1,
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                    "has_optimizer": optimizer is not None,
+                    **(trainer_state or {})}
+            _write_atomic(os.path.join(tmp, "trainer_state.json"), json.dumps(meta, indent=1))
+        _barrier()
+        if _rank() == 0:
+            if os.path.isdir(final):  # a re-save of the same step (e.g. after a resume)
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _write_atomic(os.path.join(self.directory, LATEST), step_dir_name(step) + "\n")
+            self._prune()
+            logger.info("saved checkpoint %s", final)
+        _barrier()
+        return final
+
+    def _prune(self) -> None:
+        steps = sorted(name for name in os.listdir(self.directory) if _STEP_DIR.match(name))
+        for name in steps[:-self.keep_last]:
+            shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+
+    def load(self, path: str, model_chunks: Sequence[torch.nn.Module], optimizer=None,
+             scheduler=None, restore_rng: bool = True) -> tuple[int, dict, dict]:
+        """Load a step dir into model/optimizer/scheduler; return (step, trainer, rank state)."""
+        from megatron.core import dist_checkpointing
+
+        with open(os.path.join(path, "trainer_state.json")) as f:
+            meta = json.load(f)
+        if not meta.get("has_optimizer", True):
+            optimizer = None
+        if optimizer is not None:
+            _materialize_optimizer_state(optimizer)
+        sharded = _sharded_state(model_chunks, optimizer, is_loading=True)
+        loaded = dist_checkpointing.load(sharded, os.path.join(path, DIST_SUBDIR))
+        from megatron.core.utils import unwrap_model
+
+        for i, chunk in enumerate(unwrap_model(list(model_chunks))):
+            chunk.load_state_dict(loaded["model" if len(model_chunks) == 1 else f"model{i}"])
+        if optimizer is not None:
+            # fp32 training: the optimizer's main params are views of the model's leaf params.
+            with torch.no_grad():
+                optimizer.load_state_dict(loaded["optimizer"])
+            _restore_adam_steps(optimizer)
+        if scheduler is not None and meta.get("scheduler") is not None:
+            scheduler.load_state_dict(meta["scheduler"])
+        rank_file = os.path.join(path, "rank_state", f"rank_{_rank():05d}.json")
+        rank_state: dict[str, Any] = {}
+        if os.path.isfile(rank_file):
+            with open(rank_file) as f:
+                rank_state = json.load(f)
+            if restore_rng:
+                set_rng_state(rank_state["rng"])
+        elif restore_rng:
+            logger.warning("%s has no state for rank %d (saved with world size %s): RNG streams "
+                           "and data position start afresh", path, _rank(), meta.get("world_size"))
+        return int(meta["step"]), meta, rank_state

@@ -1,0 +1,112 @@
+"""Metrics sinks for rank 0: Megatron-style console lines, a JSONL file, wandb, tensorboard.
+
+wandb runs offline unless the user chose otherwise (``logging.wandb_mode`` or ``WANDB_MODE``);
+the API key is never printed or written by us. Metrics arrive already reduced over DP/PP.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from typing import Optional
+
+logger = logging.getLogger(__name__)
+
+# Console order and short names, Megatron style: "step 3/10 | reward 0.41 | ..."
+CONSOLE_FIELDS = (
+    ("reward", "reward"), ("accuracy", "acc"), ("kept_groups", "kept"),
+    ("dapo_loss", "dapo"), ("ease_loss", "ease"), ("attn_in_evidence", "attn_ev"),
+    ("clip_frac", "clip"), ("grad_norm", "gnorm"), ("lr", "lr"), ("tokens_per_s", "tok/s"),
+    ("step_time", "time"), ("max_rss_gb", "mem_gb"),
+)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
+            return f"{value:.3e}"
+        return f"{value:.4f}"
+    return str(value)
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str, config: Optional[dict] = None, use_wandb: bool = False,
+                 wandb_project: str = "megatron_ease", wandb_mode: Optional[str] = None,
+                 tensorboard: bool = False, enabled: bool = True, stream=None):
+        self.enabled = enabled
+        self.stream = stream or sys.stdout
+        self._wandb = None
+        self._tb = None
+        if not enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        self.jsonl_path = os.path.join(run_dir, "metrics.jsonl")
+        self._jsonl = open(self.jsonl_path, "a")
+        if use_wandb:
+            self._wandb = _start_wandb(run_dir, config, wandb_project, wandb_mode)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            except ImportError:
+                logger.warning("logging.tensorboard is on but tensorboard is not installed")
+
+    def log(self, step: int, metrics: dict, total_steps: Optional[int] = None,
+            prefix: str = "train") -> None:
+        if not self.enabled:
+            return
+        clean = {k: (float(v) if hasattr(v, "__float__") and not isinstance(v, (bool, int)) else v)
+                 for k, v in metrics.items()}
+        record = {"step": step, "split": prefix, "time": time.time(), **clean}
+        self._jsonl.write(json.dumps(record, allow_nan=True) + "\n")
+        self._jsonl.flush()
+        if self._wandb is not None:
+            self._wandb.log({f"{prefix}/{k}": v for k, v in clean.items()
+                             if isinstance(v, (int, float))}, step=step)
+        if self._tb is not None:
+            for k, v in clean.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tb.add_scalar(f"{prefix}/{k}", v, step)
+        head = f"[{prefix}] step {step}" + (f"/{total_steps}" if total_steps else "")
+        parts = [f"{short} {_fmt(clean[key])}" for key, short in CONSOLE_FIELDS if key in clean]
+        print(" | ".join([head] + parts), file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._jsonl.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _start_wandb(run_dir: str, config: Optional[dict], project: str, mode: Optional[str]):
+    try:
+        import wandb
+    except ImportError:
+        logger.warning("logging.wandb is on but wandb is not installed; skipping it")
+        return None
+    # Offline unless the user asked otherwise: a cluster job must never block on a login.
+    mode = mode or os.environ.get("WANDB_MODE") or "offline"
+    return wandb.init(project=project, dir=run_dir, config=config or {}, mode=mode,
+                      resume="allow", id=_stable_run_id(run_dir))
+
+
+def _stable_run_id(run_dir: str) -> str:
+    """Same id after a resume, so a requeued job continues its wandb run."""
+    path = os.path.join(run_dir, "wandb_run_id")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return f.read().strip()
+    import uuid
+
+    run_id = uuid.uuid4().hex[:12]
+    with open(path, "w") as f:
+        f.write(run_id)
+    return run_id

@@ -1,0 +1,135 @@
+"""Atomic dist checkpoints: save/resume of model, optimizer, scheduler, RNG and rank state."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from megatron_ease.training.checkpointing import (
+    CheckpointManager,
+    find_model_checkpoint,
+    latest_checkpoint,
+)
+from megatron_ease.training.metrics import MetricsLogger
+from megatron_ease.training.preemption import PreemptionHandler
+from tests.harness import run_distributed
+from tests.unit.test_megatron_parallel import BATCH, SEQ, _batch, _causal_mask, _tiny_gpt
+
+
+def _train_objects():
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    model = _tiny_gpt()
+    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
+        use_distributed_optimizer=True, grad_reduce_in_fp32=True), model)
+    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, min_lr=1e-3,
+                                                 clip_grad=1.0,
+                                                 use_distributed_optimizer=True), [ddp])
+    sched = OptimizerParamScheduler(opt, init_lr=0.0, max_lr=1e-2, min_lr=1e-3,
+                                    lr_warmup_steps=2, lr_decay_steps=10,
+                                    lr_decay_style="cosine", start_wd=0.0, end_wd=0.0,
+                                    wd_incr_steps=10, wd_incr_style="constant")
+    return ddp, opt, sched
+
+
+def _step(ddp, opt, sched):
+    tokens, labels = _batch()
+    pos = torch.arange(SEQ).expand(BATCH, SEQ)
+    ddp.zero_grad_buffer()
+    opt.zero_grad()
+    noise = torch.rand(())  # consumes the RNG stream, so a resumed stream shows in the loss
+    loss = ddp(tokens, pos, _causal_mask(BATCH, SEQ), labels=labels).mean() * (1 + 0.1 * noise)
+    loss.backward()
+    ddp.finish_grad_sync()
+    opt.step()
+    sched.step(1)
+    return loss.item()
+
+
+def _run_with_checkpoints(directory: str, total: int, save_at: int, resume: bool):
+    """Train ``total`` steps; save at ``save_at``; with ``resume``, start from ``latest``."""
+    ddp, opt, sched = _train_objects()
+    manager = CheckpointManager(directory, keep_last=2)
+    start, losses = 0, {}
+    if resume:
+        start, meta, rank_state = manager.load(manager.latest(), [ddp], opt, sched)
+        assert rank_state["data_position"] == start * 10 + torch.distributed.get_rank()
+        assert meta["note"] == "hello"
+    for step in range(start + 1, total + 1):
+        losses[step] = _step(ddp, opt, sched)
+        if step == save_at and not resume:
+            manager.save(step, [ddp], opt, sched, trainer_state={"note": "hello"},
+                         rank_state={"data_position": step * 10 + torch.distributed.get_rank()})
+    return losses
+
+
+def test_resume_reproduces_an_uninterrupted_run_exactly(tmp_path):
+    full = run_distributed(_run_with_checkpoints, str(tmp_path / "a"), 5, 2, False)
+    run_distributed(_run_with_checkpoints, str(tmp_path / "b"), 2, 2, False)
+    resumed = run_distributed(_run_with_checkpoints, str(tmp_path / "b"), 5, 2, True)
+    assert latest_checkpoint(str(tmp_path / "b")).endswith("iter_0000002")
+    for rank in range(2):
+        assert sorted(resumed[rank]) == [3, 4, 5]
+        for step in (3, 4, 5):
+            assert resumed[rank][step] == full[rank][step], (rank, step)
+
+
+def _save_then_crash(directory: str):
+    ddp, opt, sched = _train_objects()
+    manager = CheckpointManager(directory, keep_last=2)
+    for step in (1, 2, 3):
+        manager.save(step, [ddp], opt, sched)
+    import megatron.core.dist_checkpointing as dc
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed mid-write")
+
+    original, dc.save = dc.save, killed
+    try:
+        manager.save(4, [ddp], opt, sched)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        dc.save = original
+    return sorted(os.listdir(directory))
+
+
+def test_interrupted_save_is_never_latest_and_old_ones_are_pruned(tmp_path):
+    directory = str(tmp_path / "ckpt")
+    listing = run_distributed(_save_then_crash, directory)[0]
+    assert listing == [".tmp_iter_0000004", "iter_0000002", "iter_0000003", "latest"]
+    assert latest_checkpoint(directory).endswith("iter_0000003")
+    assert find_model_checkpoint(directory).endswith(os.path.join("iter_0000003", "dist"))
+
+
+def test_latest_pointing_nowhere_is_a_clear_error(tmp_path):
+    (tmp_path / "latest").write_text("iter_0000009\n")
+    with pytest.raises(RuntimeError, match="iter_0000009"):
+        latest_checkpoint(str(tmp_path))
+    assert latest_checkpoint(str(tmp_path / "missing")) is None
+
+
+def test_preemption_signal_sets_the_stop_flag():
+    handler = PreemptionHandler()
+    try:
+        assert not handler.should_stop()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert handler.should_stop()
+    finally:
+        handler.restore()
+
+
+def test_metrics_logger_writes_jsonl_and_console(tmp_path, capsys):
+    log = MetricsLogger(str(tmp_path), use_wandb=False)
+    log.log(3, {"reward": 0.5, "ease_loss": torch.tensor(0.25), "kept_groups": 4}, total_steps=10)
+    log.close()
+    out = capsys.readouterr().out
+    assert "[train] step 3/10 | reward 0.5000 | kept 4 | ease 0.2500" in out
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["step"] == 3 and record["ease_loss"] == 0.25 and record["kept_groups"] == 4

@@ -3,8 +3,8 @@
 Layout of ``checkpoint.dir``::
 
     latest                     "iter_0000040": written last, by atomic replace
-    iter_0000040/
-      dist/                    megatron-core dist_checkpointing (torch_dist): model (+ optimizer)
+    iter_0000040/              megatron-core dist_checkpointing (torch_dist): model tensors under
+                               "model." (as tools/convert_hf_checkpoint.py writes them), optimizer
       trainer_state.json       step, LR scheduler, anything JSON the trainer adds (rank 0)
       rank_state/rank_00003.json  per-rank state: RNG streams, data reader position
     .tmp_iter_0000050/         a save in progress (or one killed mid-write): never read
@@ -14,8 +14,8 @@ one filesystem) and only then points ``latest`` at it, so a checkpoint interrupt
 never picked up. Old checkpoints beyond ``keep_last`` are removed after ``latest`` moves. Nothing
 is pickled by us: trainer and rank state are JSON (RNG states base64-encoded).
 
-The model part is found by ``find_model_checkpoint`` (used by tools/convert_hf_checkpoint.py's
-``megatron-to-hf``): the ``dist`` folder under a step dir, or under the step ``latest`` names.
+So ``model.init_from`` and ``convert_hf_checkpoint.py megatron-to-hf`` read a trainer checkpoint
+directory as they read a converted one (``megatron_ease.models.qwen_vl.checkpoint``).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 LATEST = "latest"
-DIST_SUBDIR = "dist"
+MODEL_PREFIX = "model."
 _STEP_DIR = re.compile(r"^iter_(\d{7,})$")
 
 
@@ -75,19 +75,6 @@ def latest_checkpoint(directory: Optional[str]) -> Optional[str]:
         raise RuntimeError(f"{pointer} names {name!r}, which is not a checkpoint in {directory}; "
                            f"point it at an existing iter_* folder or remove it to start afresh")
     return path
-
-
-def find_model_checkpoint(path: str) -> str:
-    """Resolve a trainer checkpoint dir / step dir / dist dir to the dist_checkpointing folder."""
-    if os.path.isfile(os.path.join(path, ".metadata")):
-        return path
-    if os.path.isfile(os.path.join(path, LATEST)):
-        path = latest_checkpoint(path)
-    dist = os.path.join(path, DIST_SUBDIR)
-    if os.path.isfile(os.path.join(dist, ".metadata")):
-        return dist
-    raise FileNotFoundError(f"no megatron distributed checkpoint at {path} (looked for "
-                            f"{LATEST}, {DIST_SUBDIR}/.metadata)")
 
 
 def rng_state() -> dict:
@@ -155,7 +142,7 @@ def _sharded_state(model_chunks: Sequence[torch.nn.Module], optimizer, is_loadin
     # the model was wrapped for training, and the HF exporter reads the same names.
     for i, chunk in enumerate(unwrap_model(list(model_chunks))):
         key = "model" if len(model_chunks) == 1 else f"model{i}"
-        state[key] = chunk.sharded_state_dict(metadata=metadata)
+        state[key] = chunk.sharded_state_dict(prefix=key + ".", metadata=metadata)
     if optimizer is not None:
         model_sd = state["model"] if len(model_chunks) == 1 else dict(state)
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
@@ -226,14 +213,15 @@ class CheckpointManager:
             for stale in os.listdir(self.directory):
                 if stale.startswith(".tmp_iter_"):  # left by a save that was killed
                     shutil.rmtree(os.path.join(self.directory, stale), ignore_errors=True)
-            os.makedirs(os.path.join(tmp, DIST_SUBDIR))
-            os.makedirs(os.path.join(tmp, "rank_state"))
+            os.makedirs(tmp)
         _barrier()
         # A never-stepped optimizer has nothing to save (and megatron-core cannot describe it).
         if optimizer is not None and not _optimizer_has_state(optimizer):
             optimizer = None
-        dist_checkpointing.save(_sharded_state(model_chunks, optimizer, is_loading=False),
-                                os.path.join(tmp, DIST_SUBDIR))
+        dist_checkpointing.save(_sharded_state(model_chunks, optimizer, is_loading=False), tmp)
+        if _rank() == 0:
+            os.makedirs(os.path.join(tmp, "rank_state"))
+        _barrier()
         state = {"rng": rng_state(), **(rank_state or {})}
         _write_atomic(os.path.join(tmp, "rank_state", f"rank_{_rank():05d}.json"),
                       json.dumps(state))
@@ -272,11 +260,12 @@ class CheckpointManager:
         if optimizer is not None:
             _materialize_optimizer_state(optimizer)
         sharded = _sharded_state(model_chunks, optimizer, is_loading=True)
-        loaded = dist_checkpointing.load(sharded, os.path.join(path, DIST_SUBDIR))
+        loaded = dist_checkpointing.load(sharded, path)
         from megatron.core.utils import unwrap_model
 
         for i, chunk in enumerate(unwrap_model(list(model_chunks))):
-            chunk.load_state_dict(loaded["model" if len(model_chunks) == 1 else f"model{i}"])
+            key = "model" if len(model_chunks) == 1 else f"model{i}"
+            chunk.load_state_dict({k[len(key) + 1:]: v for k, v in loaded[key].items()})
         if optimizer is not None:
             # fp32 training: the optimizer's main params are views of the model's leaf params.
             with torch.no_grad():

@@ -1,0 +1,200 @@
+"""The one place that knows Hugging Face config names: HF ``config.json`` <-> ``ModelConfig``.
+
+    hf = load_hf_config("Qwen/Qwen2.5-VL-7B-Instruct")      # a dir, a config.json, or a dict
+    model_cfg = model_config_from_hf(hf)                     # sizes, rope, token ids, vision tower
+    hf_again = hf_config_from_model_config(model_cfg)        # a transformers config object
+
+Both directions cover every field the model's math depends on; HF fields that only matter for
+video (``tokens_per_second``) or generation are not carried.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Optional, Union
+
+from megatron_ease.config import ModelConfig, VisionConfig
+
+# HF ``model_type`` -> our ``ModelConfig.family``. Qwen3-VL gets its own entry (and weight table)
+# when it is added; anything else is refused by name.
+SUPPORTED_MODEL_TYPES = {"qwen2_5_vl": "qwen2_5_vl"}
+
+# ModelConfig fields that are run choices, not sizes: an HF config never overrides them.
+_RUN_CHOICE_FIELDS = ("hf_config", "init_from", "freeze_vision", "recompute_layers", "bf16")
+
+
+class UnsupportedModelError(ValueError):
+    """The HF config describes a model family this package has no implementation for."""
+
+
+def load_hf_config(source: Union[str, os.PathLike, dict, Any]):
+    """A transformers config from a directory holding ``config.json``, the file itself, a dict,
+    or an existing config object (returned as is). Only ``config.json`` is needed."""
+    if not isinstance(source, (str, os.PathLike, dict)):
+        return source
+    if isinstance(source, dict):
+        data = dict(source)
+        where = "the given dict"
+    else:
+        path = os.fspath(source)
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no HF config at {path}: pass a directory holding config.json")
+        with open(path) as f:
+            data = json.load(f)
+        where = path
+    model_type = data.get("model_type")
+    check_supported_model_type(model_type, where)
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(**data)
+
+
+def check_supported_model_type(model_type: Optional[str], where: str = "the HF config") -> str:
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"{where}: model_type {model_type!r} is not supported; supported: "
+            f"{', '.join(sorted(SUPPORTED_MODEL_TYPES))}")
+    return SUPPORTED_MODEL_TYPES[model_type]
+
+
+def _first_id(value) -> Optional[int]:
+    if isinstance(value, (list, tuple)):
+        return value[0] if value else None
+    return value
+
+
+def model_config_from_hf(hf_config, base: Optional[ModelConfig] = None) -> ModelConfig:
+    """``ModelConfig`` with the sizes of ``hf_config`` (a transformers config, dir, file or dict).
+
+    Run choices of ``base`` (``bf16``, ``freeze_vision``, ``recompute_layers``, ``init_from``,
+    ``hf_config``) are kept. Refuses configs the model cannot reproduce exactly (sliding-window
+    attention, a non-default rope type, an activation other than SiLU).
+    """
+    hf = load_hf_config(hf_config)
+    family = check_supported_model_type(getattr(hf, "model_type", None))
+    text, vision = hf.text_config, hf.vision_config
+    rope = dict(text.rope_parameters or {})
+    if rope.get("rope_type", "default") != "default":
+        raise UnsupportedModelError(f"text rope_type {rope['rope_type']!r} is not supported "
+                                    f"(only the default mrope)")
+    if getattr(text, "use_sliding_window", False):
+        raise UnsupportedModelError("use_sliding_window=true is not supported")
+    if text.hidden_act != "silu":
+        raise UnsupportedModelError(f"text hidden_act {text.hidden_act!r} is not supported (silu)")
+    if text.hidden_size % text.num_attention_heads:
+        raise UnsupportedModelError(f"hidden_size {text.hidden_size} is not divisible by "
+                                    f"num_attention_heads {text.num_attention_heads}")
+    head_dim = text.hidden_size // text.num_attention_heads  # Qwen2.5-VL ignores head_dim
+    mrope_section = list(rope.get("mrope_section") or [])
+    if sum(mrope_section) != head_dim // 2:
+        raise UnsupportedModelError(f"mrope_section {mrope_section} must sum to head_dim/2 = "
+                                    f"{head_dim // 2}")
+    base = base or ModelConfig()
+    bos = _first_id(getattr(text, "bos_token_id", None))
+    pad = _first_id(getattr(text, "pad_token_id", None))
+    sizes = dict(
+        family=family,
+        num_layers=text.num_hidden_layers,
+        hidden_size=text.hidden_size,
+        ffn_hidden_size=text.intermediate_size,
+        num_attention_heads=text.num_attention_heads,
+        num_query_groups=text.num_key_value_heads or text.num_attention_heads,
+        kv_channels=head_dim,
+        vocab_size=text.vocab_size,
+        max_position_embeddings=text.max_position_embeddings,
+        rope_theta=float(rope.get("rope_theta", 1_000_000.0)),
+        mrope_section=mrope_section,
+        mrope_interleaved=False,
+        rms_norm_eps=text.rms_norm_eps,
+        add_qkv_bias=True,
+        qk_layernorm=False,
+        tie_word_embeddings=bool(hf.tie_word_embeddings),
+        image_token_id=hf.image_token_id,
+        video_token_id=hf.video_token_id,
+        vision_start_token_id=hf.vision_start_token_id,
+        vision_end_token_id=hf.vision_end_token_id,
+        eos_token_id=_first_id(text.eos_token_id),
+        # Qwen tokenizers pad with <|endoftext|>, which the configs carry as bos_token_id.
+        pad_token_id=pad if pad is not None else (bos if bos is not None else base.pad_token_id),
+        vision=VisionConfig(
+            depth=vision.depth,
+            hidden_size=vision.hidden_size,
+            intermediate_size=vision.intermediate_size,
+            num_heads=vision.num_heads,
+            in_channels=vision.in_channels,
+            patch_size=vision.patch_size,
+            spatial_merge_size=vision.spatial_merge_size,
+            temporal_patch_size=vision.temporal_patch_size,
+            out_hidden_size=vision.out_hidden_size,
+            hidden_act=vision.hidden_act,
+            rope_theta=float((vision.rope_parameters or {}).get("rope_theta", 10_000.0)),
+            window_size=vision.window_size,
+            fullatt_block_indexes=list(vision.fullatt_block_indexes),
+        ),
+    )
+    if sizes["vision"].out_hidden_size != sizes["hidden_size"]:
+        raise UnsupportedModelError(f"vision out_hidden_size {vision.out_hidden_size} must equal "
+                                    f"the text hidden_size {text.hidden_size}")
+    keep = {name: getattr(base, name) for name in _RUN_CHOICE_FIELDS}
+    return dataclasses.replace(base, **sizes, **keep)
+
+
+def hf_config_from_model_config(model_cfg: ModelConfig):
+    """The transformers config (``Qwen2_5_VLConfig``) of a ``ModelConfig``."""
+    if model_cfg.family != "qwen2_5_vl":
+        raise UnsupportedModelError(f"model.family {model_cfg.family!r}: only qwen2_5_vl has an "
+                                    f"HF config mapping so far")
+    from transformers import Qwen2_5_VLConfig
+
+    head_dim = model_cfg.kv_channels or model_cfg.hidden_size // model_cfg.num_attention_heads
+    if head_dim * model_cfg.num_attention_heads != model_cfg.hidden_size:
+        raise UnsupportedModelError("Qwen2.5-VL needs kv_channels = hidden_size / "
+                                    "num_attention_heads")
+    v = model_cfg.vision
+    return Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=model_cfg.vocab_size,
+            hidden_size=model_cfg.hidden_size,
+            intermediate_size=model_cfg.ffn_hidden_size,
+            num_hidden_layers=model_cfg.num_layers,
+            num_attention_heads=model_cfg.num_attention_heads,
+            num_key_value_heads=model_cfg.num_query_groups,
+            hidden_act="silu",
+            max_position_embeddings=model_cfg.max_position_embeddings,
+            rms_norm_eps=model_cfg.rms_norm_eps,
+            rope_parameters={"rope_type": "default", "rope_theta": model_cfg.rope_theta,
+                             "mrope_section": list(model_cfg.mrope_section)},
+            bos_token_id=model_cfg.pad_token_id,
+            eos_token_id=model_cfg.eos_token_id,
+            pad_token_id=model_cfg.pad_token_id,
+        ),
+        vision_config=dict(
+            depth=v.depth,
+            hidden_size=v.hidden_size,
+            intermediate_size=v.intermediate_size,
+            num_heads=v.num_heads,
+            in_channels=v.in_channels,
+            patch_size=v.patch_size,
+            spatial_merge_size=v.spatial_merge_size,
+            temporal_patch_size=v.temporal_patch_size,
+            out_hidden_size=v.out_hidden_size,
+            hidden_act=v.hidden_act,
+            window_size=v.window_size,
+            fullatt_block_indexes=list(v.fullatt_block_indexes),
+            rope_parameters={"rope_type": "axial", "rope_theta": v.rope_theta},
+        ),
+        image_token_id=model_cfg.image_token_id,
+        video_token_id=model_cfg.video_token_id,
+        vision_start_token_id=model_cfg.vision_start_token_id,
+        vision_end_token_id=model_cfg.vision_end_token_id,
+        tie_word_embeddings=model_cfg.tie_word_embeddings,
+    )
+
+
+def hf_vision_config(model_cfg: ModelConfig):
+    """The HF vision-tower config of a ``ModelConfig`` (the tower is HF's module, see vision.py)."""
+    return hf_config_from_model_config(model_cfg).vision_config

@@ -1,0 +1,274 @@
+"""HF safetensors <-> our model's parameters, through a weight table, one tensor at a time.
+
+    hf = HFCheckpoint("Qwen2.5-VL-7B-Instruct/")            # lazy: safe_open per file
+    load_hf_weights(model, hf)                              # any TP rank / PP stage: its slices
+    save_hf_weights(hf_tensors(named_full_tensors, table, layout), out_dir, plan)
+
+Loading checks every tensor before it is used: a missing HF tensor, a shape that disagrees with
+the config, or (for a whole model) an HF tensor nothing consumed is an error naming the tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Optional
+
+import torch
+
+from megatron_ease.config import ModelConfig
+from megatron_ease.models.qwen_vl.hf_tables import HFWeightTable, weight_table
+from megatron_ease.models.qwen_vl.param_mapping import AttentionLayout
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+           "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+class WeightMismatchError(ValueError):
+    """A checkpoint does not fit the model: the message names the tensor(s)."""
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}")
+    return dtype
+
+
+class HFCheckpoint:
+    """Tensor names, shapes and dtypes of an HF safetensors checkpoint; tensors read on demand."""
+
+    def __init__(self, hf_dir: str):
+        self.hf_dir = hf_dir
+        index = os.path.join(hf_dir, SAFETENSORS_INDEX)
+        single = os.path.join(hf_dir, SAFETENSORS_SINGLE)
+        if os.path.isfile(index):
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        elif os.path.isfile(single):
+            weight_map = None
+        else:
+            raise FileNotFoundError(f"{hf_dir}: no {SAFETENSORS_INDEX} or {SAFETENSORS_SINGLE}")
+        self._handles = {}
+        self._file_of: dict[str, str] = {}
+        self._info: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        files = sorted(set(weight_map.values())) if weight_map else [SAFETENSORS_SINGLE]
+        for file in files:
+            handle = self._open(file)
+            for name in handle.keys():
+                piece = handle.get_slice(name)
+                self._file_of[name] = file
+                self._info[name] = (tuple(piece.get_shape()), _DTYPES[piece.get_dtype()])
+        if weight_map:
+            missing = sorted(set(weight_map) - set(self._file_of))
+            if missing:
+                raise WeightMismatchError(f"{index} lists tensors that are in no shard: "
+                                          f"{missing[:5]}")
+
+    def _open(self, file: str):
+        from safetensors import safe_open
+
+        if file not in self._handles:
+            path = os.path.join(self.hf_dir, file)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path}: shard listed in {SAFETENSORS_INDEX} is missing")
+            self._handles[file] = safe_open(path, framework="pt")
+        return self._handles[file]
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._info)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._info
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._info[name][0]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._info[name][1]
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._info:
+            raise WeightMismatchError(f"HF checkpoint {self.hf_dir} has no tensor '{name}'")
+        return self._open(self._file_of[name]).get_tensor(name)
+
+
+def attention_layout(model_cfg: ModelConfig) -> AttentionLayout:
+    return AttentionLayout(model_cfg.num_attention_heads, model_cfg.num_query_groups,
+                           model_cfg.kv_channels
+                           or model_cfg.hidden_size // model_cfg.num_attention_heads)
+
+
+def canonical_parameters(model: torch.nn.Module) -> OrderedDict[str, torch.nn.Parameter]:
+    """Parameters by checkpoint name: global layer index, the spec's checkpoint key map applied
+    (the local spec's ``input_layernorm.weight`` is named
+    ``self_attention.linear_qkv.layer_norm_weight``, as in TE's spec and in checkpoints)."""
+    modules = dict(model.named_modules())
+    out = OrderedDict()
+    for name, param in model.named_parameters():
+        m = re.match(r"(.*decoder\.layers\.)(\d+)\.(.*)", name)
+        if m:
+            layer = modules[m.group(1) + m.group(2)]
+            rest = m.group(3)
+            for old, new in layer.submodules_config.sharded_state_dict_keys_map.items():
+                if rest.startswith(old):
+                    rest = new + rest[len(old):]
+                    break
+            name = f"{m.group(1)}{layer.layer_number - 1}.{rest}"
+        out[name] = param
+    return out
+
+
+def _full_shape(param: torch.nn.Parameter, tp_size: int) -> tuple[int, ...]:
+    shape = list(param.shape)
+    if getattr(param, "tensor_model_parallel", False):
+        shape[param.partition_dim] *= tp_size
+    return tuple(shape)
+
+
+def _check_tp_layout(name: str, mapping, param) -> None:
+    declared = mapping.tp_dim
+    actual = param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
+    if declared != actual:
+        raise WeightMismatchError(f"weight table: '{name}' is declared with TP dim {declared} "
+                                  f"but the model shards it along {actual}")
+
+
+def load_hf_weights(model: torch.nn.Module, hf: HFCheckpoint, table: Optional[HFWeightTable] = None,
+                    naming: Optional[str] = None, tp_rank: Optional[int] = None,
+                    tp_size: Optional[int] = None, strict_unused: Optional[bool] = None,
+                    progress: bool = False) -> dict:
+    """Copy HF weights into this rank's parameters (its TP slices, its PP stage's layers).
+
+    Returns ``{"naming": ..., "dtypes": {hf_name: dtype name}}`` of what was read.
+    ``strict_unused`` (default: when the model holds every layer, i.e. PP=1) also refuses HF
+    tensors that no parameter consumed.
+    """
+    from megatron.core import parallel_state
+
+    table = table or weight_table(model.model_cfg.family)
+    naming = naming or table.detect_naming(hf.names)
+    if tp_size is None:
+        tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    layout = attention_layout(model.model_cfg)
+    params = canonical_parameters(model)
+    if strict_unused is None:
+        strict_unused = model.pre_process and model.post_process
+    tied = model.share_embeddings_and_output_weights
+    used: dict[str, torch.dtype] = {}
+    items = params.items()
+    if progress:
+        from tqdm import tqdm
+
+        items = tqdm(items, total=len(params), desc="hf -> megatron", unit="param")
+    for name, param in items:
+        mapping, hf_names = table.resolve(name, naming, tie_word_embeddings=tied)
+        _check_tp_layout(name, mapping, param)
+        full_shape = _full_shape(param, tp_size)
+        expected = mapping.to_hf(torch.empty(full_shape, device="meta"), layout)
+        tensors = {}
+        for role, hf_name in hf_names.items():
+            if hf_name not in hf:
+                raise WeightMismatchError(
+                    f"HF checkpoint {hf.hf_dir} is missing tensor '{hf_name}' (for megatron "
+                    f"parameter '{name}')")
+            if hf.shape(hf_name) != tuple(expected[role].shape):
+                raise WeightMismatchError(
+                    f"HF tensor '{hf_name}' has shape {list(hf.shape(hf_name))} but the config "
+                    f"implies {list(expected[role].shape)} (megatron parameter '{name}')")
+            tensors[role] = hf.get(hf_name)
+            used[hf_name] = hf.dtype(hf_name)
+        shard = mapping.shard(mapping.to_megatron(tensors, layout), tp_rank, tp_size)
+        with torch.no_grad():
+            param.copy_(shard)
+    if strict_unused:
+        unused = sorted(set(hf.names) - set(used))
+        if unused:
+            raise WeightMismatchError(
+                f"HF checkpoint {hf.hf_dir} has {len(unused)} tensor(s) the model does not use, "
+                f"e.g. {unused[:5]}: the config and the weights disagree")
+    return {"naming": naming, "dtypes": {k: dtype_name(v) for k, v in used.items()}}
+
+
+def hf_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]], table: HFWeightTable,
+               layout: AttentionLayout, naming: Optional[str] = None,
+               dtypes: Optional[Mapping[str, str]] = None,
+               default_dtype: Optional[torch.dtype] = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(hf_name, tensor)`` of full (TP=1-layout) megatron tensors given by checkpoint name.
+
+    Sources: ``CheckpointModelTensors.iter_tensors`` (a checkpoint, streamed) or
+    ``canonical_parameters(model).items()`` (a TP=1, PP=1 model). Each output is a fresh
+    contiguous tensor (meta stays meta), cast to ``dtypes[hf_name]`` (a dtype name) when given,
+    else ``default_dtype``, else kept.
+    """
+    naming = naming or table.default_naming
+    for name, tensor in named_tensors:
+        mapping, hf_names = table.resolve(name, naming)
+        for role, part in mapping.to_hf(tensor.detach(), layout).items():
+            hf_name = hf_names[role]
+            dtype = (dtype_from_name(dtypes[hf_name]) if dtypes and hf_name in dtypes
+                     else default_dtype or part.dtype)
+            yield hf_name, part.to(dtype, copy=True).contiguous()
+
+
+def save_hf_weights(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str,
+                    plan: list[tuple[str, tuple[int, ...], torch.dtype]],
+                    max_shard_bytes: int = 5 * 1024 ** 3, progress: bool = False) -> list[str]:
+    """Write safetensors shards (HF layout: ``model.safetensors`` or ``model-0000i-of-0000n``
+    + index). ``plan`` (``(name, shape, dtype)``, e.g. ``hf_tensors`` of meta tensors)
+    fixes the shard split before any tensor exists, so only one shard is in memory at a time.
+    Returns the files written."""
+    from safetensors.torch import save_file
+
+    shards, size = [[]], 0
+    for name, shape, dtype in plan:
+        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    n = len(shards)
+    file_names = ([SAFETENSORS_SINGLE] if n == 1 else
+                  [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+    shard_of = {name: i for i, names in enumerate(shards) for name in names}
+    os.makedirs(out_dir, exist_ok=True)
+    pending: dict[int, dict[str, torch.Tensor]] = {}
+    written = []
+    total_bytes = 0
+    if progress:
+        from tqdm import tqdm
+
+        tensors = tqdm(tensors, total=len(plan), desc="megatron -> hf", unit="tensor")
+    for name, tensor in tensors:
+        if name not in shard_of:
+            raise ValueError(f"tensor '{name}' is not in the export plan")
+        i = shard_of[name]
+        pending.setdefault(i, {})[name] = tensor
+        total_bytes += tensor.numel() * tensor.element_size()
+        if len(pending[i]) == len(shards[i]):
+            save_file(pending.pop(i), os.path.join(out_dir, file_names[i]),
+                      metadata={"format": "pt"})
+            written.append(file_names[i])
+    if pending:
+        missing = [name for i in pending for name in shards[i] if name not in pending[i]]
+        raise ValueError(f"export produced no tensor for {missing[:5]}")
+    if n > 1:
+        index = {"metadata": {"total_size": total_bytes},
+                 "weight_map": {name: file_names[i] for name, i in sorted(shard_of.items())}}
+        with open(os.path.join(out_dir, SAFETENSORS_INDEX), "w") as f:
+            json.dump(index, f, indent=2)
+        written.append(SAFETENSORS_INDEX)
+    return written

@@ -1,0 +1,119 @@
+"""Layer specs of the Qwen-VL language model: megatron-core's GPT layer, local or TransformerEngine.
+
+Local modules on CPU, TE modules when TransformerEngine imports: a spec choice, one code path.
+Selected layers can get another self-attention (EASE captures the image-column softmax slice
+there) without touching the others:
+
+    specs = qwen_vl_layer_specs(config, attention_override=lambda s: dataclasses.replace(
+        s, module=EaseSelfAttention), override_layers=[12, 18])
+
+Both specs use the same checkpoint keys (megatron-core maps the local layer's separate norms to
+TE's fused ``linear_qkv.layer_norm_weight`` / ``linear_fc1.layer_norm_weight``), so a checkpoint
+written on CPU loads on GPU and back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Optional
+
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+AttentionOverride = Callable[[ModuleSpec], ModuleSpec]
+
+
+def transformer_engine_available() -> bool:
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    return gpt_layer_specs.HAVE_TE
+
+
+def qwen_vl_layer_spec(use_te: Optional[bool] = None) -> ModuleSpec:
+    """One decoder layer: RMSNorm, GQA self-attention with qkv bias, RMSNorm, SwiGLU MLP.
+
+    With TE the attention mask type is ``padding_causal`` and the model passes a ``[b, 1, 1, s]``
+    key-padding mask; the local spec keeps ``causal`` and receives the full ``[b, 1, s, s]`` mask
+    (see ``attention_mask_for``).
+    """
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    use_te = transformer_engine_available() if use_te is None else use_te
+    if not use_te:
+        return get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = get_gpt_layer_with_transformer_engine_spec()
+    attention = spec.submodules.self_attention
+    attention = dataclasses.replace(
+        attention, params={**attention.params, "attn_mask_type": AttnMaskType.padding_causal})
+    return dataclasses.replace(
+        spec, submodules=dataclasses.replace(spec.submodules, self_attention=attention))
+
+
+def qwen_vl_layer_specs(
+    config: TransformerConfig,
+    use_te: Optional[bool] = None,
+    attention_override: Optional[AttentionOverride] = None,
+    override_layers: Sequence[int] = (),
+) -> list[ModuleSpec]:
+    """Specs of all ``config.num_layers`` layers (0-based global index order).
+
+    ``attention_override`` maps the default self-attention spec to the one used at the 0-based
+    layers ``override_layers``; every other layer keeps the default.
+    """
+    bad = [i for i in override_layers if not 0 <= i < config.num_layers]
+    if bad:
+        raise ValueError(f"override_layers {bad} out of range for {config.num_layers} layers")
+    if override_layers and attention_override is None:
+        raise ValueError("override_layers given without an attention_override")
+    default = qwen_vl_layer_spec(use_te)
+    specs = []
+    for i in range(config.num_layers):
+        if i in override_layers:
+            sub = default.submodules
+            spec = dataclasses.replace(default, submodules=dataclasses.replace(
+                sub, self_attention=attention_override(sub.self_attention)))
+        else:
+            spec = default
+        specs.append(spec)
+    return specs
+
+
+def qwen_vl_block_spec(
+    config: TransformerConfig,
+    layer_specs: Sequence[ModuleSpec],
+    use_te: Optional[bool] = None,
+    vp_stage: Optional[int] = None,
+    pp_rank: Optional[int] = None,
+) -> TransformerBlockSubmodules:
+    """The decoder block of this pipeline stage: its slice of ``layer_specs`` + the final norm."""
+    from megatron.core.transformer.transformer_block import (
+        get_num_layers_to_build,
+        get_transformer_layer_offset,
+    )
+
+    if len(layer_specs) != config.num_layers:
+        raise ValueError(f"{len(layer_specs)} layer specs for {config.num_layers} layers")
+    use_te = transformer_engine_available() if use_te is None else use_te
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    if use_te:
+        from megatron.core.extensions.transformer_engine import TENorm as final_norm
+    else:
+        from megatron.core.models.gpt.gpt_layer_specs import LNImpl as final_norm
+    return TransformerBlockSubmodules(layer_specs=list(layer_specs[offset:offset + count]),
+                                      layer_norm=final_norm)
+
+
+def spec_attention_mask_type(block_spec: TransformerBlockSubmodules) -> AttnMaskType:
+    """The mask type the block's layers expect (one type for all layers of a block)."""
+    types = {spec.submodules.self_attention.params.get("attn_mask_type", AttnMaskType.causal)
+             for spec in block_spec.layer_specs}
+    if len(types) > 1:
+        raise ValueError(f"layers of one block disagree on attn_mask_type: {types}")
+    return types.pop() if types else AttnMaskType.causal

@@ -1,0 +1,126 @@
+"""Tiny random Qwen2.5-VL models built with transformers, and a batch that exercises the model.
+
+The batch has two padded samples: sample 0 is right-padded and holds two images of different
+sizes, sample 1 is left-padded and holds one image. Images are random patch matrices in the
+processor's layout (``[num_patches, C * T * P * P]``), so no tokenizer or image processor is needed.
+"""
+
+from __future__ import annotations
+
+import copy
+import zlib
+
+import torch
+
+IMAGE, VIDEO, VISION_START, VISION_END, PAD = 251, 252, 249, 250, 0
+VOCAB = 256
+# (t, H, W) patch grids; merged tokens per image = t * H/2 * W/2
+GRIDS = [(1, 4, 6), (1, 6, 8), (1, 8, 4)]
+
+# Qwen2.5-VL-7B-Instruct's config.json as published (legacy flat layout).
+QWEN25VL_7B_CONFIG = {
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"], "attention_dropout": 0.0,
+    "bos_token_id": 151643, "eos_token_id": 151645, "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653, "vision_token_id": 151654, "image_token_id": 151655,
+    "video_token_id": 151656, "hidden_act": "silu", "hidden_size": 3584,
+    "initializer_range": 0.02, "intermediate_size": 18944, "max_position_embeddings": 128000,
+    "max_window_layers": 28, "model_type": "qwen2_5_vl", "num_attention_heads": 28,
+    "num_hidden_layers": 28, "num_key_value_heads": 4, "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "transformers_version": "4.41.2", "use_cache": True,
+    "use_sliding_window": False,
+    "vision_config": {
+        "depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420,
+        "num_heads": 16, "in_chans": 3, "out_hidden_size": 3584, "patch_size": 14,
+        "spatial_merge_size": 2, "spatial_patch_size": 14, "window_size": 112,
+        "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2,
+        "temporal_patch_size": 2,
+    },
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+    "vocab_size": 152064,
+}
+
+
+def tiny_hf_config(num_layers: int = 4, tie_word_embeddings: bool = False):
+    from transformers import Qwen2_5_VLConfig
+
+    return Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+            num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
+            max_position_embeddings=512, bos_token_id=PAD, eos_token_id=248, pad_token_id=PAD,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+        ),
+        vision_config=dict(
+            depth=4, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+            window_size=56, fullatt_block_indexes=[1, 3], patch_size=14, spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
+        image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END, tie_word_embeddings=tie_word_embeddings,
+    )
+
+
+def tiny_hf_model(config=None, seed: int = 0, dtype=torch.float32):
+    """An HF Qwen2.5-VL with every weight random (biases and norms too, so all are tested)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    config = copy.deepcopy(config) if config is not None else tiny_hf_config()
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+            noise = torch.randn(param.shape, generator=gen) * 0.08
+            param.copy_(1.0 + noise if "norm" in name or "ln_q" in name else noise)
+            # Parameters only: rotary inv_freq buffers stay fp32, as from_pretrained keeps them.
+            param.data = param.data.to(dtype)
+    return model.eval()
+
+
+def save_tiny_hf(path, config=None, seed: int = 0, dtype=torch.float32):
+    model = tiny_hf_model(config, seed, dtype)
+    model.save_pretrained(path)
+    return model
+
+
+def _image_tokens(grid):
+    t, h, w = grid
+    return [VISION_START] + [IMAGE] * (t * (h // 2) * (w // 2)) + [VISION_END]
+
+
+def tiny_batch(seed: int = 0):
+    """Two samples of 32 tokens: [right-padded, two images] and [left-padded, one image]."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def text(n):
+        return torch.randint(1, 248, (n,), generator=gen).tolist()
+
+    sample0 = text(3) + _image_tokens(GRIDS[0]) + text(2) + _image_tokens(GRIDS[1]) + text(3)
+    sample1 = text(2) + _image_tokens(GRIDS[2]) + text(17)
+    seq = max(len(sample0), len(sample1)) + 2
+    pad0, pad1 = seq - len(sample0), seq - len(sample1)
+    input_ids = torch.tensor([sample0 + [PAD] * pad0, [PAD] * pad1 + sample1])
+    attention_mask = torch.tensor([[1] * len(sample0) + [0] * pad0,
+                                   [0] * pad1 + [1] * len(sample1)], dtype=torch.bool)
+    patch_dim = 3 * 2 * 14 * 14
+    num_patches = sum(t * h * w for t, h, w in GRIDS)
+    pixel_values = torch.randn(num_patches, patch_dim, generator=gen)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "pixel_values": pixel_values,
+        "image_grid_thw": torch.tensor(GRIDS),
+    }
+
+
+def hf_logits(model, batch) -> torch.Tensor:
+    """HF logits ``[b, s, vocab]`` (3D rope positions need ``mm_token_type_ids``)."""
+    with torch.no_grad():
+        return model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"].long(),
+            pixel_values=batch["pixel_values"].to(model.dtype),
+            image_grid_thw=batch["image_grid_thw"],
+            mm_token_type_ids=(batch["input_ids"] == IMAGE).int(),
+        ).logits

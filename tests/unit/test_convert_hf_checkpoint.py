@@ -1,0 +1,293 @@
+"""tools/convert_hf_checkpoint.py: bit-exact round trip, --verify, trainer-layout input, refusal of
+corrupted checkpoints, and converted checkpoints loading at TP=2 / PP=2 with HF's logits."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from megatron_ease.config import ParallelConfig
+from megatron_ease.models.qwen_vl import QWEN2_5_VL, model_config_from_hf
+from tests.harness import run_distributed
+from tests.qwen_fixtures import hf_logits, save_tiny_hf, tiny_batch
+
+REPO = Path(__file__).resolve().parents[2]
+TOOL = REPO / "tools" / "convert_hf_checkpoint.py"
+
+
+def convert(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=300)
+
+
+def read_safetensors(path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """A tiny bf16 HF model and its conversion with --verify."""
+    root = tmp_path_factory.mktemp("convert")
+    hf_dir, ckpt = root / "hf", root / "ckpt"
+    save_tiny_hf(hf_dir, dtype=torch.bfloat16)
+    result = convert("hf-to-megatron", "--hf-dir", str(hf_dir), "--out", str(ckpt), "--verify")
+    batch = tiny_batch()
+    return {"root": root, "hf_dir": str(hf_dir), "ckpt": str(ckpt), "result": result,
+            "batch": batch, "logits": hf_logits(_from_pretrained_fp32(hf_dir), batch)}
+
+
+def _from_pretrained_fp32(path):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def test_hf_to_megatron_verify_prints_logit_diff_last_on_stdout(converted):
+    result = converted["result"]
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = result.stdout.strip().splitlines()[-1]
+    m = re.fullmatch(r"max_abs_logit_diff=(\S+)", last)
+    assert m and float(m.group(1)) <= 1e-4, result.stdout
+    assert "hf -> megatron" in result.stderr  # progress goes to stderr
+
+
+def test_round_trip_is_bit_exact_and_loads_with_from_pretrained(converted):
+    out = converted["root"] / "hf_back"
+    result = convert("megatron-to-hf", "--ckpt", converted["ckpt"], "--hf-config",
+                     converted["hf_dir"], "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    original, back = read_safetensors(converted["hf_dir"]), read_safetensors(out)
+    assert original.keys() == back.keys()
+    for name, tensor in original.items():
+        assert back[name].dtype == tensor.dtype, name
+        assert torch.equal(back[name], tensor), name
+    torch.testing.assert_close(hf_logits(_from_pretrained_fp32(out), converted["batch"]),
+                               converted["logits"],
+                               atol=0, rtol=0)
+
+
+def test_megatron_to_hf_reads_trainer_layout_with_config_only_dir(converted):
+    """CKPT/latest_checkpointed_iteration.txt -> CKPT/iter_0000007/, no conversion record."""
+    root = converted["root"]
+    trainer = root / "trainer_ckpt"
+    shutil.copytree(converted["ckpt"], trainer / "iter_0000007",
+                    ignore=shutil.ignore_patterns("hf_conversion.json"))
+    (trainer / "latest_checkpointed_iteration.txt").write_text("7\n")
+    config_only = root / "config_only"
+    config_only.mkdir()
+    shutil.copy(Path(converted["hf_dir"]) / "config.json", config_only)
+    out = root / "hf_from_trainer"
+    result = convert("megatron-to-hf", "--ckpt", str(trainer), "--hf-config", str(config_only),
+                     "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    original, back = read_safetensors(converted["hf_dir"]), read_safetensors(out)
+    assert original.keys() == back.keys()  # transformers' default (legacy) names
+    assert all(torch.equal(back[k], v) and back[k].dtype == v.dtype for k, v in original.items())
+    assert json.loads((out / "config.json").read_text()) == json.loads(
+        (config_only / "config.json").read_text())
+
+
+def _corrupt(src: str, dst: Path, how: str) -> str:
+    shutil.copytree(src, dst)
+    path = dst / "model.safetensors"
+    tensors = load_file(path)
+    if how == "missing":
+        name = "model.layers.1.mlp.up_proj.weight"
+        del tensors[name]
+    else:
+        name = "visual.blocks.0.attn.qkv.weight"
+        tensors[name] = tensors[name][:-1].clone()
+    save_file(tensors, path, metadata={"format": "pt"})
+    return name
+
+
+@pytest.mark.parametrize("how", ["missing", "wrong_shape"])
+def test_corrupted_hf_checkpoint_is_refused_naming_the_tensor(converted, how):
+    bad = converted["root"] / f"hf_{how}"
+    name = _corrupt(converted["hf_dir"], bad, how)
+    result = convert("hf-to-megatron", "--hf-dir", str(bad), "--out",
+                     str(converted["root"] / f"ckpt_{how}"))
+    assert result.returncode != 0
+    assert f"'{name}'" in result.stderr
+    assert ("missing tensor" if how == "missing" else "has shape") in result.stderr
+
+
+def test_weight_table_detects_and_writes_the_nested_naming():
+    legacy = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+              "visual.blocks.0.attn.qkv.weight", "lm_head.weight"]
+    nested = ["model.language_model.embed_tokens.weight",
+              "model.language_model.layers.0.self_attn.q_proj.weight",
+              "model.visual.blocks.0.attn.qkv.weight", "lm_head.weight"]
+    assert QWEN2_5_VL.detect_naming(legacy) == "legacy"
+    assert QWEN2_5_VL.detect_naming(nested) == "nested"
+    _, names = QWEN2_5_VL.resolve("language_model.decoder.layers.3.self_attention.linear_qkv.bias",
+                                  "nested")
+    assert names == {r: f"model.language_model.layers.3.self_attn.{r}_proj.bias" for r in "qkv"}
+    _, names = QWEN2_5_VL.resolve("vision_model.merger.mlp.0.weight", "nested")
+    assert names == {"weight": "model.visual.merger.mlp.0.weight"}
+    _, names = QWEN2_5_VL.resolve("language_model.output_layer.weight", "legacy",
+                                  tie_word_embeddings=True)
+    assert names == {"weight": "model.embed_tokens.weight"}
+
+
+# -- converted checkpoints in other layouts (gloo ranks) ------------------------------------------
+
+def _checkpoint_logits_worker(hf_dir, ckpt, batch):
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    from megatron_ease.models.qwen_vl import build_qwen_vl_model, load_model_checkpoint
+
+    parallel = ParallelConfig(
+        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size())
+    model = build_qwen_vl_model(model_config_from_hf(hf_dir), parallel, params_dtype=torch.float32,
+                                perform_initialization=False)
+    load_model_checkpoint(model, ckpt)
+    model.eval()
+
+    def forward_step(data_iterator, model):
+        b = next(data_iterator)
+        out = model(b["input_ids"], attention_mask=b["attention_mask"],
+                    pixel_values=b["pixel_values"], image_grid_thw=b["image_grid_thw"])
+        return out, lambda x: (x.sum() * 0, {"logits": gather_from_tensor_model_parallel_region(x)})
+
+    with torch.no_grad():
+        out = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter([batch]), model=[model],
+            num_microbatches=1, seq_length=batch["input_ids"].shape[1], micro_batch_size=2,
+            forward_only=True)
+    return out[0]["logits"] if out else None
+
+
+@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
+def test_converted_checkpoint_loads_at_other_parallel_layouts(converted, tp, pp):
+    assert converted["result"].returncode == 0
+    results = run_distributed(_checkpoint_logits_worker, converted["hf_dir"], converted["ckpt"],
+                              converted["batch"], tensor_model_parallel_size=tp,
+                              pipeline_model_parallel_size=pp)
+    valid = converted["batch"]["attention_mask"]
+    outputs = [r for r in results if r is not None]
+    assert outputs
+    for logits in outputs:
+        torch.testing.assert_close(logits[valid], converted["logits"][valid], atol=1e-4, rtol=0)
+
+
+def _resave_worker(hf_dir, src, dst, drop_key):
+    """Load at TP=2, save under another prefix (as a trainer might), optionally without a key."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_ease.models.qwen_vl import build_qwen_vl_model, load_model_checkpoint
+
+    model = build_qwen_vl_model(model_config_from_hf(hf_dir),
+                                ParallelConfig(tensor_model_parallel_size=2),
+                                perform_initialization=False)
+    load_model_checkpoint(model, src)
+    sharded = model.sharded_state_dict(prefix="policy.")
+    sharded = {k: v for k, v in sharded.items() if not k.endswith(drop_key or "\0")}
+    os.makedirs(dst, exist_ok=True)
+    dist_checkpointing.save(sharded, dst, sharded_strategy=("torch_dist", 1))
+
+
+def _reload_worker(hf_dir, ckpt, num_layers=None):
+    import dataclasses
+
+    from megatron_ease.models.qwen_vl import build_qwen_vl_model, load_model_checkpoint
+
+    model_cfg = model_config_from_hf(hf_dir)
+    if num_layers:
+        model_cfg = dataclasses.replace(model_cfg, num_layers=num_layers)
+    model = build_qwen_vl_model(model_cfg, ParallelConfig(pipeline_model_parallel_size=2),
+                                perform_initialization=False)
+    try:
+        load_model_checkpoint(model, ckpt)
+    except Exception as e:  # noqa: BLE001 - the message is what the test checks
+        return f"{type(e).__name__}: {e}"
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def test_checkpoint_resaved_at_tp2_loads_at_pp2_and_bad_ones_are_refused(converted, tmp_path):
+    hf_dir, src = converted["hf_dir"], converted["ckpt"]
+    run_distributed(_resave_worker, hf_dir, src, str(tmp_path / "tp2"), None,
+                    tensor_model_parallel_size=2)
+    direct = run_distributed(_reload_worker, hf_dir, src, pipeline_model_parallel_size=2)
+    resaved = run_distributed(_reload_worker, hf_dir, str(tmp_path / "tp2"),
+                              pipeline_model_parallel_size=2)
+    for a, b in zip(direct, resaved, strict=True):
+        assert isinstance(a, dict) and a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+    run_distributed(_resave_worker, hf_dir, src, str(tmp_path / "missing"),
+                    "decoder.final_layernorm.weight", tensor_model_parallel_size=2)
+    errors = run_distributed(_reload_worker, hf_dir, str(tmp_path / "missing"),
+                             pipeline_model_parallel_size=2)
+    assert "missing tensor 'policy.language_model.decoder.final_layernorm.weight'" in errors[1]
+    errors = run_distributed(_reload_worker, hf_dir, src, 6, pipeline_model_parallel_size=2)
+    for error in errors:
+        assert "WeightMismatchError" in error and "has shape [4, " in error, error
+        assert "model.language_model.decoder.layers.mlp.linear_fc1.weight" in error
+
+
+def test_megatron_to_hf_refuses_a_checkpoint_that_does_not_fit_naming_the_tensor(converted):
+    from megatron_ease.models.qwen_vl import CheckpointModelTensors, WeightMismatchError
+
+    reader = CheckpointModelTensors(converted["ckpt"])
+    expected = {name: reader.shape(name) for name in reader.names}
+    reader.check_fits(expected)
+    fc1 = "language_model.decoder.layers.1.mlp.linear_fc1.weight"
+    with pytest.raises(WeightMismatchError, match=re.escape(
+            f"tensor '{fc1}' (checkpoint key 'model.language_model.decoder.layers.mlp."
+            f"linear_fc1.weight'[1]) has shape [256, 64], the model expects [512, 64]")):
+        reader.check_fits({**expected, fc1: (512, 64)})
+    extra = "language_model.decoder.layers.4.mlp.linear_fc2.weight"
+    with pytest.raises(WeightMismatchError, match=f"missing tensor '{extra}'"):
+        reader.check_fits({**expected, extra: (64, 128)})
+    del expected["vision_model.merger.ln_q.weight"]
+    with pytest.raises(WeightMismatchError, match="unexpected tensor 'vision_model.merger.ln_q"):
+        reader.check_fits(expected)
+
+
+def _nested_round_trip_worker(hf_dir):
+    from megatron_ease.models.qwen_vl import (
+        HFCheckpoint,
+        attention_layout,
+        build_qwen_vl_model,
+        canonical_parameters,
+        hf_tensors,
+        load_hf_weights,
+    )
+
+    model_cfg = model_config_from_hf(hf_dir)
+    model = build_qwen_vl_model(model_cfg, ParallelConfig(), params_dtype=torch.bfloat16,
+                                perform_initialization=False)
+    record = load_hf_weights(model, HFCheckpoint(hf_dir))
+    return record["naming"], dict(hf_tensors(canonical_parameters(model).items(), QWEN2_5_VL,
+                                             attention_layout(model_cfg), record["naming"]))
+
+
+def test_nested_hf_names_are_read_and_written_back(converted, tmp_path):
+    """transformers also loads (and Qwen3-VL ships) ``model.language_model.*`` names."""
+    nested_dir = tmp_path / "nested"
+    shutil.copytree(converted["hf_dir"], nested_dir)
+    original = load_file(nested_dir / "model.safetensors")
+    rename = {"model.": "model.language_model.", "visual.": "model.visual."}
+    nested = {next((new + k[len(old):] for old, new in rename.items() if k.startswith(old)), k): v
+              for k, v in original.items()}
+    save_file(nested, nested_dir / "model.safetensors", metadata={"format": "pt"})
+    naming, back = run_distributed(_nested_round_trip_worker, str(nested_dir))[0]
+    assert naming == "nested" and back.keys() == nested.keys()
+    assert all(torch.equal(back[k], v) for k, v in nested.items())

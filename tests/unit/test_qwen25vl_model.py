@@ -1,0 +1,263 @@
+"""Qwen2.5-VL on megatron-core equals HF's model: logits at TP=1/PP=1, TP=2, PP=2 (gloo), mrope
+positions, a training step at TP=2 vs TP=1, and the 7B parameter count on the meta device."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_ease.config import ParallelConfig
+from megatron_ease.models.qwen_vl import get_rope_index, model_config_from_hf
+from tests.harness import run_distributed
+from tests.megatron_utils import assert_close_dicts, gathered_grads
+from tests.qwen_fixtures import (
+    IMAGE,
+    QWEN25VL_7B_CONFIG,
+    hf_logits,
+    save_tiny_hf,
+    tiny_batch,
+    tiny_hf_config,
+    tiny_hf_model,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A saved tiny HF model, its batch and HF's fp32 logits."""
+    path = tmp_path_factory.mktemp("qwen25vl_tiny")
+    model = save_tiny_hf(path)
+    batch = tiny_batch()
+    return {"hf_dir": str(path), "batch": batch, "logits": hf_logits(model, batch)}
+
+
+# -- workers (run on every gloo rank) -------------------------------------------------------------
+
+def _build(hf_dir, first_stage_layers=None, **kwargs):
+    from megatron.core import parallel_state as ps
+
+    from megatron_ease.models.qwen_vl import HFCheckpoint, build_qwen_vl_model, load_hf_weights
+
+    parallel = ParallelConfig(
+        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
+        first_pipeline_stage_layers=first_stage_layers)
+    model = build_qwen_vl_model(model_config_from_hf(hf_dir), parallel, **kwargs)
+    load_hf_weights(model, HFCheckpoint(hf_dir))
+    return model
+
+
+def _run_schedule(model, batch, loss_fn, forward_only):
+    """One micro-batch through megatron-core's schedule (pipelined when PP > 1)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    def forward_step(data_iterator, model):
+        b = next(data_iterator)
+        out = model(b["input_ids"], attention_mask=b["attention_mask"],
+                    pixel_values=b["pixel_values"], image_grid_thw=b["image_grid_thw"])
+        return out, loss_fn
+
+    seq = batch["input_ids"].shape[1]
+    return get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter([batch]), model=[model],
+        num_microbatches=1, seq_length=seq, micro_batch_size=batch["input_ids"].shape[0],
+        forward_only=forward_only)
+
+
+def _logits_worker(hf_dir, batch, first_stage_layers=None):
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    model = _build(hf_dir, first_stage_layers)
+    model.eval()
+
+    def loss_fn(logits):
+        return logits.sum() * 0, {"logits": gather_from_tensor_model_parallel_region(logits)}
+
+    with torch.no_grad():
+        out = _run_schedule(model, batch, loss_fn, forward_only=True)
+    return out[0]["logits"] if out else None
+
+
+def _override_worker(hf_dir, batch, override_layers):
+    import dataclasses
+
+    from megatron.core.transformer.attention import SelfAttention
+
+    marked = type("MarkedSelfAttention", (SelfAttention,), {})
+    model = _build(hf_dir, attention_override=lambda spec: dataclasses.replace(spec, module=marked),
+                   override_layers=override_layers)
+    kinds = [type(layer.self_attention).__name__ for layer in model.language_model.decoder.layers]
+    model.eval()
+    with torch.no_grad():
+        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                       pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"])
+    return kinds, logits
+
+
+def _log_probs_worker(seed):
+    from megatron.core import parallel_state as ps
+
+    from megatron_ease.models.qwen_vl import vocab_parallel_log_probs
+
+    gen = torch.Generator().manual_seed(seed)
+    full = torch.randn(2, 5, 16, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 16, (2, 5), generator=gen)
+    rank, size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    shard = full.chunk(size, dim=-1)[rank].float().requires_grad_()
+    logp = vocab_parallel_log_probs(shard, labels, temperature=0.5)
+    logp.sum().backward()
+    ref = full.clone().requires_grad_()
+    ref_logp = torch.log_softmax(ref / 0.5, dim=-1).gather(-1, labels[..., None])[..., 0]
+    ref_logp.sum().backward()
+    return logp.detach(), ref_logp.detach().float(), shard.grad, ref.grad.chunk(size, -1)[rank]
+
+
+def _train_step_worker(hf_dir, batch):
+    """Mean response-token NLL from our log-prob helper, and every gradient (TP-gathered)."""
+    from megatron_ease.models.qwen_vl import vocab_parallel_log_probs
+
+    model = _build(hf_dir)
+    labels = torch.roll(batch["input_ids"], -1, dims=1)
+    mask = batch["attention_mask"] & torch.roll(batch["attention_mask"], -1, dims=1)
+    mask[:, -1] = False
+
+    def loss_fn(logits):
+        logp = vocab_parallel_log_probs(logits, labels, temperature=0.7)
+        loss = -(logp * mask).sum() / mask.sum()
+        return loss, {"loss": loss.detach()}
+
+    out = _run_schedule(model, batch, loss_fn, forward_only=False)
+    return {"loss": out[0]["loss"], "grads": gathered_grads(model)}
+
+
+# -- tests ----------------------------------------------------------------------------------------
+
+def test_get_rope_index_matches_hf_with_padding_and_several_images(tiny):
+    batch = tiny["batch"]
+    hf = tiny_hf_model()
+    want_pos, want_delta = hf.model.get_rope_index(
+        batch["input_ids"], mm_token_type_ids=(batch["input_ids"] == IMAGE).int(),
+        image_grid_thw=batch["image_grid_thw"], attention_mask=batch["attention_mask"].long())
+    pos, delta = get_rope_index(batch["input_ids"], batch["image_grid_thw"],
+                                batch["attention_mask"], spatial_merge_size=2,
+                                image_token_id=IMAGE)
+    assert torch.equal(pos, want_pos)
+    assert torch.equal(delta, want_delta)
+    # Padding does not change a sample's positions: sample 1 alone, unpadded.
+    valid = batch["attention_mask"][1]
+    alone, _ = get_rope_index(batch["input_ids"][1:, valid], batch["image_grid_thw"][2:],
+                              spatial_merge_size=2, image_token_id=IMAGE)
+    assert torch.equal(alone[:, 0], pos[:, 1, valid])
+
+
+def test_get_rope_index_refuses_image_tokens_without_a_grid(tiny):
+    batch = tiny["batch"]
+    with pytest.raises(ValueError, match="more image tokens than image_grid_thw"):
+        get_rope_index(batch["input_ids"], batch["image_grid_thw"][:2], batch["attention_mask"],
+                       spatial_merge_size=2, image_token_id=IMAGE)
+
+
+@pytest.mark.parametrize("tp, pp, first_stage_layers", [(1, 1, None), (2, 1, None), (1, 2, 1)],
+                         ids=["tp1_pp1", "tp2", "pp2_first_stage_1_layer"])
+def test_logits_match_hf(tiny, tp, pp, first_stage_layers):
+    results = run_distributed(_logits_worker, tiny["hf_dir"], tiny["batch"], first_stage_layers,
+                              tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    outputs = [r for r in results if r is not None]  # last stage only
+    assert len(outputs) == (2 if pp == 1 else 1)
+    valid = tiny["batch"]["attention_mask"]
+    for logits in outputs:
+        assert logits.shape == tiny["logits"].shape
+        torch.testing.assert_close(logits[valid], tiny["logits"][valid], atol=1e-4, rtol=0)
+
+
+def test_train_step_tensor_parallel_2_matches_single_rank(tiny):
+    ref = run_distributed(_train_step_worker, tiny["hf_dir"], tiny["batch"])[0]
+    tp2 = run_distributed(_train_step_worker, tiny["hf_dir"], tiny["batch"],
+                          tensor_model_parallel_size=2)
+    vision = [k for k in ref["grads"] if k.startswith("vision_model.")]
+    assert vision and all(ref["grads"][k].abs().sum() > 0 for k in vision)
+    for out in tp2:
+        torch.testing.assert_close(out["loss"], ref["loss"], atol=1e-6, rtol=0)
+        # Vision grads are rank-local (replicated tower): equal to TP=1 on *each* rank.
+        assert_close_dicts(out["grads"], ref["grads"], atol=1e-5)
+
+
+def test_tied_embeddings_pp2_logits_match_hf(tmp_path):
+    """Tied HF checkpoints have no lm_head: the last stage's output layer loads embed_tokens."""
+    config = tiny_hf_config(tie_word_embeddings=True)
+    model = save_tiny_hf(tmp_path, config)
+    batch = tiny_batch(seed=1)
+    want = hf_logits(model, batch)
+    results = run_distributed(_logits_worker, str(tmp_path), batch,
+                              pipeline_model_parallel_size=2)
+    valid = batch["attention_mask"]
+    torch.testing.assert_close(results[1][valid], want[valid], atol=1e-4, rtol=0)
+
+
+def test_attention_override_reaches_only_the_selected_layers(tiny):
+    kinds, logits = run_distributed(_override_worker, tiny["hf_dir"], tiny["batch"], [1, 3])[0]
+    assert kinds == ["SelfAttention", "MarkedSelfAttention", "SelfAttention",
+                     "MarkedSelfAttention"]
+    valid = tiny["batch"]["attention_mask"]
+    torch.testing.assert_close(logits[valid], tiny["logits"][valid], atol=1e-4, rtol=0)
+
+
+def test_vocab_parallel_log_probs_equal_log_softmax_with_temperature():
+    for logp, ref, grad, ref_grad in run_distributed(_log_probs_worker, 0,
+                                                     tensor_model_parallel_size=2):
+        torch.testing.assert_close(logp, ref, atol=1e-5, rtol=0)
+        torch.testing.assert_close(grad, ref_grad.float(), atol=1e-5, rtol=0)
+
+
+def _meta_param_count(hf_config_dict):
+    from megatron_ease.models.qwen_vl import build_qwen_vl_model
+
+    with torch.device("meta"):
+        model = build_qwen_vl_model(model_config_from_hf(hf_config_dict), ParallelConfig(),
+                                    params_dtype=torch.bfloat16, perform_initialization=False)
+    assert all(p.is_meta for p in model.parameters())
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_7b_builds_on_meta_with_hf_parameter_count():
+    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
+
+    with torch.device("meta"):
+        hf = Qwen2_5_VLForConditionalGeneration(AutoConfig.for_model(**QWEN25VL_7B_CONFIG))
+    want = sum(p.numel() for p in hf.parameters())
+    counts = run_distributed(_meta_param_count, QWEN25VL_7B_CONFIG)
+    assert counts[0] == want == 8_292_166_656
+
+
+def test_model_config_from_hf_reads_7b_sizes_and_round_trips():
+    from megatron_ease.models.qwen_vl import hf_config_from_model_config
+
+    cfg = model_config_from_hf(QWEN25VL_7B_CONFIG)
+    assert (cfg.num_layers, cfg.hidden_size, cfg.ffn_hidden_size) == (28, 3584, 18944)
+    assert (cfg.num_attention_heads, cfg.num_query_groups, cfg.kv_channels) == (28, 4, 128)
+    assert cfg.mrope_section == [16, 24, 24] and cfg.rope_theta == 1e6
+    assert (cfg.vision.depth, cfg.vision.fullatt_block_indexes) == (32, [7, 15, 23, 31])
+    assert cfg.image_token_id == 151655 and not cfg.tie_word_embeddings
+    assert model_config_from_hf(hf_config_from_model_config(cfg)) == cfg
+    tiny_cfg = model_config_from_hf(tiny_hf_config(tie_word_embeddings=True))
+    assert tiny_cfg.tie_word_embeddings
+    assert model_config_from_hf(hf_config_from_model_config(tiny_cfg)) == tiny_cfg
+
+
+def test_unsupported_model_type_is_refused_by_name():
+    from megatron_ease.models.qwen_vl import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="'llava'"):
+        model_config_from_hf({**QWEN25VL_7B_CONFIG, "model_type": "llava"})
+
+
+def test_7b_example_config_validates_and_carries_the_published_sizes():
+    from pathlib import Path
+
+    from megatron_ease.config import load_config, validate_config
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "qwen25vl_7b_ease.yaml"
+    cfg = load_config(str(path))
+    validate_config(cfg, world_size=16)
+    from_hf = model_config_from_hf(QWEN25VL_7B_CONFIG, base=cfg.model)
+    assert from_hf == cfg.model
+    assert cfg.parallel.tensor_model_parallel_size == 4 and cfg.model.bf16

@@ -1,0 +1,291 @@
+#!/usr/bin/env python
+"""Convert Qwen-VL weights between Hugging Face safetensors and megatron-core distributed
+checkpoints.
+
+    python tools/convert_hf_checkpoint.py hf-to-megatron --hf-dir Qwen2.5-VL-7B-Instruct \\
+        --out ckpt/qwen25vl_7b [--verify]
+    python tools/convert_hf_checkpoint.py megatron-to-hf --ckpt runs/x/checkpoints \\
+        --hf-config Qwen2.5-VL-7B-Instruct --out hf_out
+
+hf-to-megatron builds the model at TP=1/PP=1 in the checkpoint's widest dtype (bf16 for the
+published models: ~16.6 GB for Qwen2.5-VL-7B's 8.3B parameters), copies the HF tensors in one at
+a time (``safe_open``; only one HF tensor in memory beyond the model) and writes a torch_dist
+checkpoint that loads at any TP/PP, model keys under ``model.``. Next to the tensors it writes
+``hf_conversion.json``: the HF naming convention and every tensor's dtype, so megatron-to-hf
+writes the same names and dtypes back (a bit-exact round trip).
+
+megatron-to-hf builds no model: it streams the checkpoint's tensors a few keys at a time (a
+layer-stacked key whole: at most ~7.6 GB for 7B's fc1, plus one <= 5 GB output shard) through the
+same table. It accepts a converted checkpoint or one written by the trainer: CKPT is a
+distributed checkpoint, or a directory whose ``latest_checkpointed_iteration.txt`` / ``latest``
+names ``iter_NNNNNNN`` (see ``megatron_ease/models/qwen_vl/checkpoint.py``). Without
+``hf_conversion.json`` it writes transformers' default names in the HF config's dtype.
+``--hf-config`` may hold only ``config.json``; every non-weight file in it (config, generation
+config, tokenizer) is copied to the output.
+
+Memory, measured on a 1.4B-parameter model (2.9 GB bf16): hf-to-megatron peaks at the model
++ 1.0 GB of anonymous memory (plus reclaimable page cache of the mapped safetensors),
+megatron-to-hf at 4.4 GB. For Qwen2.5-VL-7B that extrapolates to ~19 GB and ~14 GB: inside a
+24 GiB node.
+
+``--verify`` runs HF and the converted checkpoint in fp32 on a probe (text + one image, built
+from the config's special token ids; no tokenizer needed) and prints ``max_abs_logit_diff=<x>``
+as the last line of stdout; the exit status is 1 above 1e-4. It needs memory for the fp32 model,
+one at a time (4 bytes x parameters). Progress bars and logs go to stderr.
+
+The model family comes from ``config.json``'s ``model_type``; an unsupported one is refused.
+Runs on CPU in one process (GPUs are hidden: the work is I/O, and it keeps one code path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+logger = logging.getLogger("convert_hf_checkpoint")
+
+CONVERSION_RECORD = "hf_conversion.json"
+VERIFY_TOLERANCE = 1e-4
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    to_megatron = sub.add_parser("hf-to-megatron", help="HF safetensors -> megatron checkpoint")
+    to_megatron.add_argument("--hf-dir", required=True, help="HF model dir (config + safetensors)")
+    to_megatron.add_argument("--out", required=True, help="new megatron checkpoint directory")
+    to_megatron.add_argument("--verify", action="store_true",
+                             help="compare HF and converted logits in fp32 (needs fp32 memory)")
+    to_hf = sub.add_parser("megatron-to-hf", help="megatron checkpoint -> HF safetensors")
+    to_hf.add_argument("--ckpt", required=True, help="megatron checkpoint (dir or its parent)")
+    to_hf.add_argument("--hf-config", required=True, help="dir holding the HF config.json")
+    to_hf.add_argument("--out", required=True, help="output HF model directory")
+    return parser.parse_args(argv)
+
+
+def _start_single_process():
+    from megatron_ease.distributed import (
+        init_process_group,
+        initialize_model_parallel,
+        read_launch_env,
+    )
+
+    launch = read_launch_env()
+    if launch.world_size != 1:
+        raise SystemExit("convert_hf_checkpoint runs in a single process; do not launch it with "
+                         "torchrun/srun across several ranks")
+    init_process_group(launch, backend="gloo")
+    initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
+
+
+def _widest_dtype(dtypes):
+    import torch
+
+    floats = {d for d in dtypes if d.is_floating_point}
+    if not floats:
+        raise ValueError("the HF checkpoint holds no floating-point tensors")
+    if len(floats) == 1:
+        return floats.pop()
+    if torch.float64 in floats:
+        return torch.float64
+    return torch.float32  # bf16 + fp16, or any mix with fp32: fp32 holds each exactly
+
+
+def _build(model_cfg, dtype):
+    from megatron_ease.config import ParallelConfig
+    from megatron_ease.models.qwen_vl import build_qwen_vl_model
+
+    return build_qwen_vl_model(model_cfg, ParallelConfig(), params_dtype=dtype,
+                               perform_initialization=False)
+
+
+def _require_empty(path: str, what: str) -> None:
+    if os.path.isdir(path) and os.listdir(path):
+        raise FileExistsError(f"{what} {path} exists and is not empty; pass a new directory")
+
+
+def hf_to_megatron(hf_dir: str, out: str) -> None:
+    from megatron_ease.models.qwen_vl import (
+        HFCheckpoint,
+        load_hf_config,
+        load_hf_weights,
+        model_config_from_hf,
+        save_model_checkpoint,
+        weight_table,
+    )
+
+    hf_config = load_hf_config(hf_dir)
+    table = weight_table(hf_config.model_type)
+    model_cfg = model_config_from_hf(hf_config)
+    hf = HFCheckpoint(hf_dir)
+    dtype = _widest_dtype({hf.dtype(name) for name in hf.names})
+    _require_empty(out, "--out")
+    logger.info("building %s (%d layers) in %s", hf_config.model_type, model_cfg.num_layers, dtype)
+    model = _build(model_cfg, dtype)
+    record = load_hf_weights(model, hf, table, progress=True)
+    logger.info("writing megatron checkpoint to %s", out)
+    save_model_checkpoint(model, out)
+    with open(os.path.join(out, CONVERSION_RECORD), "w") as f:
+        json.dump({"model_type": hf_config.model_type, **record}, f, indent=1, sort_keys=True)
+
+
+def _conversion_record(ckpt_dir: str, ckpt_arg: str) -> dict:
+    for where in (ckpt_dir, ckpt_arg):
+        path = os.path.join(where, CONVERSION_RECORD)
+        if os.path.isfile(path):
+            with open(path) as f:
+                return json.load(f)
+    return {}
+
+
+def _copy_config_files(hf_config_dir: str, out: str) -> None:
+    for entry in sorted(os.listdir(hf_config_dir)):
+        src = os.path.join(hf_config_dir, entry)
+        if os.path.isfile(src) and not entry.endswith(_WEIGHT_SUFFIXES):
+            shutil.copy2(src, os.path.join(out, entry))
+
+
+def megatron_to_hf(ckpt: str, hf_config_dir: str, out: str) -> None:
+    import torch
+
+    from megatron_ease.models.qwen_vl import (
+        CheckpointModelTensors,
+        attention_layout,
+        canonical_parameters,
+        hf_tensors,
+        load_hf_config,
+        model_config_from_hf,
+        save_hf_weights,
+        weight_table,
+    )
+
+    hf_config = load_hf_config(hf_config_dir)
+    table = weight_table(hf_config.model_type)
+    model_cfg = model_config_from_hf(hf_config)
+    reader = CheckpointModelTensors(ckpt)
+    record = _conversion_record(reader.ckpt_dir, ckpt)
+    if any(name.endswith(_WEIGHT_SUFFIXES) for name in
+           (os.listdir(out) if os.path.isdir(out) else [])):
+        raise FileExistsError(f"--out {out} already holds weights; pass a new directory")
+    # The model on the meta device says which tensors, in which shapes, the config implies.
+    with torch.device("meta"):
+        expected = {name: tuple(p.shape) for name, p in
+                    canonical_parameters(_build(model_cfg, torch.float32)).items()}
+    reader.check_fits(expected)
+    names = reader.ordered(expected)
+    config_dtype = getattr(hf_config, "dtype", None)
+    export = dict(table=table, layout=attention_layout(model_cfg),
+                  naming=record.get("naming", table.default_naming), dtypes=record.get("dtypes"),
+                  default_dtype=config_dtype if isinstance(config_dtype, torch.dtype) else None)
+    shapes = ((name, torch.empty(reader.shape(name), dtype=reader.dtype(name), device="meta"))
+              for name in names)
+    plan = [(name, tuple(t.shape), t.dtype) for name, t in hf_tensors(shapes, **export)]
+    logger.info("streaming %d tensors from %s", len(plan), reader.ckpt_dir)
+    os.makedirs(out, exist_ok=True)
+    save_hf_weights(hf_tensors(reader.iter_tensors(names), **export), out, plan, progress=True)
+    _copy_config_files(hf_config_dir, out)
+    logger.info("wrote %s", out)
+
+
+def verification_probe(model_cfg, seed: int = 0) -> dict:
+    """One sample: text, an image of 4x4 merged tokens, text; ids from the config only."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    special = {model_cfg.image_token_id, model_cfg.video_token_id,
+               model_cfg.vision_start_token_id, model_cfg.vision_end_token_id}
+
+    def text(n):
+        ids = []
+        while len(ids) < n:
+            token = int(torch.randint(0, model_cfg.vocab_size, (1,), generator=gen))
+            if token not in special:
+                ids.append(token)
+        return ids
+
+    v = model_cfg.vision
+    grid = (1, 4 * v.spatial_merge_size, 4 * v.spatial_merge_size)
+    num_image_tokens = grid[1] * grid[2] // v.spatial_merge_size ** 2
+    ids = (text(8) + [model_cfg.vision_start_token_id] + [model_cfg.image_token_id] *
+           num_image_tokens + [model_cfg.vision_end_token_id] + text(8))
+    patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
+    return {"input_ids": torch.tensor([ids]),
+            "attention_mask": torch.ones(1, len(ids), dtype=torch.bool),
+            "pixel_values": torch.randn(grid[0] * grid[1] * grid[2], patch_dim, generator=gen),
+            "image_grid_thw": torch.tensor([grid])}
+
+
+def verify(hf_dir: str, ckpt: str) -> float:
+    """Max |logit difference| between HF and the converted checkpoint, both fp32."""
+    import gc
+
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from megatron_ease.models.qwen_vl import (
+        load_hf_config,
+        load_model_checkpoint,
+        model_config_from_hf,
+    )
+
+    model_cfg = model_config_from_hf(load_hf_config(hf_dir))
+    probe = verification_probe(model_cfg)
+    hf_model = AutoModelForImageTextToText.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = hf_model(input_ids=probe["input_ids"],
+                        attention_mask=probe["attention_mask"].long(),
+                        pixel_values=probe["pixel_values"],
+                        image_grid_thw=probe["image_grid_thw"],
+                        mm_token_type_ids=(probe["input_ids"] == model_cfg.image_token_id).int(),
+                        ).logits
+    del hf_model
+    gc.collect()
+    ours = _build(model_cfg, torch.float32)
+    load_model_checkpoint(ours, ckpt)
+    ours.eval()
+    with torch.no_grad():
+        got = ours(probe["input_ids"], attention_mask=probe["attention_mask"],
+                   pixel_values=probe["pixel_values"], image_grid_thw=probe["image_grid_thw"])
+    return float((got.float() - want.float()).abs().max())
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    # Before torch is imported: the conversion runs on CPU whatever the node has.
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s: %(message)s")
+    from megatron_ease.distributed import destroy_distributed
+    from megatron_ease.models.qwen_vl import UnsupportedModelError, WeightMismatchError
+
+    _start_single_process()
+    try:
+        if args.command == "hf-to-megatron":
+            hf_to_megatron(args.hf_dir, args.out)
+            if args.verify:
+                diff = verify(args.hf_dir, args.out)
+                ok = diff <= VERIFY_TOLERANCE
+                logger.info("verify: %s (tolerance %g)", "ok" if ok else "FAILED", VERIFY_TOLERANCE)
+                print(f"max_abs_logit_diff={diff:.3e}", flush=True)
+                return 0 if ok else 1
+        else:
+            megatron_to_hf(args.ckpt, args.hf_config, args.out)
+        return 0
+    except (UnsupportedModelError, WeightMismatchError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        destroy_distributed()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -342,7 +342,8 @@ def validate_config(cfg: Config, world_size: int = 1) -> None:
               f"parallel.first_pipeline_stage_layers")
     else:
         rest = m.num_layers - p.first_pipeline_stage_layers
-        check(pp > 1 and 0 <= p.first_pipeline_stage_layers <= m.num_layers
+        # megatron-core puts at least one layer on every stage.
+        check(pp > 1 and 1 <= p.first_pipeline_stage_layers < m.num_layers
               and rest % (pp - 1) == 0,
               f"parallel.first_pipeline_stage_layers ({p.first_pipeline_stage_layers}) must leave "
               f"model.num_layers - it ({rest}) divisible by the other "

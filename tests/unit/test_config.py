@@ -63,6 +63,8 @@ def test_missing_config_file():
      r"model.num_layers \(3\)"),
     (["model.num_layers=5", "parallel.pipeline_model_parallel_size=3",
       "parallel.first_pipeline_stage_layers=2"], 3, r"parallel.first_pipeline_stage_layers"),
+    (["model.num_layers=4", "parallel.pipeline_model_parallel_size=2",
+      "parallel.first_pipeline_stage_layers=0"], 2, r"parallel.first_pipeline_stage_layers"),
     (["parallel.tensor_model_parallel_size=2"], 3, r"world size 3 is not divisible"),
     (["train.prompts_per_step=3"], 2, r"train.prompts_per_step \(3\)"),
     (["train.micro_batch_size=3"], 1, r"train.micro_batch_size \(3\)"),

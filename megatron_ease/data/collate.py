@@ -35,6 +35,7 @@ def collate_evidence_batch(
     image_mask        [B, S] bool, True on <|image_pad|> positions
     evidence_target   [B, S] float32, p* on image positions of rows with a target, else 0;
                       aligned with input_ids so padding side never matters to the loss
+    evidence_mask     [B, S] bool, image positions with raw evidence coverage E > 0
     has_target        [B] bool
     pixel_values      [Σ t·h·w, C·tp·p·p] float32, images of all samples in order
     image_grid_thw    [n_img, 3] int64
@@ -54,6 +55,7 @@ def collate_evidence_batch(
     attention_mask = torch.zeros((batch_size, seq_len), dtype=torch.bool)
     response_mask = torch.zeros((batch_size, seq_len), dtype=torch.bool)
     evidence_target = torch.zeros((batch_size, seq_len), dtype=torch.float32)
+    evidence_mask = torch.zeros((batch_size, seq_len), dtype=torch.bool)
     has_target = torch.zeros(batch_size, dtype=torch.bool)
     for b, s in enumerate(samples):
         n = len(s.input_ids)
@@ -65,6 +67,7 @@ def collate_evidence_batch(
         if s.evidence_target is not None:
             positions = torch.nonzero(s.input_ids == image_token_id).squeeze(1) + start  # [N]
             evidence_target[b, positions] = s.evidence_target
+            evidence_mask[b, positions] = s.evidence_mask
             has_target[b] = True
     return {
         "input_ids": input_ids,
@@ -72,6 +75,7 @@ def collate_evidence_batch(
         "response_mask": response_mask,
         "image_mask": input_ids.eq(image_token_id) & attention_mask,
         "evidence_target": evidence_target,
+        "evidence_mask": evidence_mask,
         "has_target": has_target,
         "pixel_values": _concat_for_transport([s.pixel_values for s in samples]),
         "image_grid_thw": torch.cat([s.image_grid_thw for s in samples]),

@@ -31,6 +31,9 @@ class ProcessedSample:
     image_sizes: list[tuple[int, int]]  # (W, H) original
     resized_sizes: list[tuple[int, int]]  # (W', H')
     evidence_target: Optional[torch.Tensor]  # [Σ image tokens] float32 summing to 1, or None
+    # [Σ image tokens] bool, raw coverage E > 0 (before smoothing and mixing), or None: the
+    # "attention inside evidence" metric counts these tokens.
+    evidence_mask: Optional[torch.Tensor]
     answer: str
     answer_type: str
     choices: Optional[list[str]]
@@ -89,11 +92,10 @@ class SampleProcessor:
             answer_ids = self.tokenizer(sample.answer, add_special_tokens=False)["input_ids"] + [self.special.im_end]
             input_ids = torch.cat([input_ids, torch.tensor(answer_ids, dtype=torch.int64)])
 
-        target = evidence_token_targets(
-            [(size, rsize, cfg.cell, boxes, mask) for size, rsize, boxes, mask in zip(sizes, resized, sample.boxes, sample.masks)],
-            sigma=self.sigma,
-            alpha=self.alpha,
-        )
+        images = [(size, rsize, cfg.cell, boxes, mask)
+                  for size, rsize, boxes, mask in zip(sizes, resized, sample.boxes, sample.masks)]
+        target = evidence_token_targets(images, sigma=self.sigma, alpha=self.alpha)
+        raw = evidence_token_targets(images, sigma=0.0, alpha=0.0) if target is not None else None
         return ProcessedSample(
             key=sample.key,
             shard=sample.shard,
@@ -105,6 +107,7 @@ class SampleProcessor:
             image_sizes=sizes,
             resized_sizes=resized,
             evidence_target=target,
+            evidence_mask=raw > 0 if raw is not None else None,
             answer=sample.answer,
             answer_type=sample.answer_type,
             choices=sample.choices,

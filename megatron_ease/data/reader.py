@@ -271,6 +271,15 @@ class EvidenceShardDataset(IterableDataset):
             yield emit()
 
 
+def _ignore_preemption_signals(worker_id: int) -> None:
+    """Slurm signals every process of a task (``--signal=USR1@300``, SIGTERM on preemption);
+    the trainer saves and exits on them, so its loader workers must not die first."""
+    import signal
+
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class EvidenceDataLoader:
     """Iterates an EvidenceShardDataset through torch DataLoader workers, with exact resume.
 
@@ -301,6 +310,7 @@ class EvidenceDataLoader:
             num_workers=self.num_workers,
             prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
             pin_memory=self.pin_memory,
+            worker_init_fn=_ignore_preemption_signals,
         )
         batches = iter(loader)
         try:

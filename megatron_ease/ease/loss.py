@@ -126,6 +126,10 @@ class EaseLossAutoScaler(torch.autograd.Function):
     the final loss. Modelled on megatron-core's ``MoEAuxLossAutoScaler``, with its own scale so
     that EASE (λ and the trainer's micro-batch correction) and MoE balance losses stay
     independent. The trainer sets the scale through ``set_loss_scale``; unset means 1.
+
+    The model's EASE layers (``megatron_ease.ease.layer``) do not use this class-level scale: each
+    micro-batch's ``EaseContext.gradient_scale`` is multiplied into the term they attach, and they
+    refuse to run while a class-level scale is set, so that the scale cannot be applied twice.
     """
 
     main_loss_backward_scale: Optional[Union[float, torch.Tensor]] = None

@@ -1,0 +1,163 @@
+"""Rollout throughput: generated tokens/s of ``MegatronRolloutEngine`` against HF ``generate``.
+
+Both generate from the same weights: a megatron-core GPTModel (Qwen2 layout: RMSNorm, GQA with
+qkv bias, SwiGLU, rope; local layer spec) and the HF ``Qwen2ForCausalLM`` it maps to through the
+Qwen2.5-VL weight table. Workloads are B prompts of random length (left-padded) with G samples
+each, sampled at temperature 1 and top-p 0.9 for a fixed number of new tokens (no stop token, so
+both produce exactly B·G·new tokens). HF gets ``num_return_sequences=G`` (it prefills each prompt
+G times; our engine prefills it once and replicates the KV cache). Greedy outputs of the two are
+checked to be equal before timing.
+
+    OMP_NUM_THREADS=2 python -m benchmarks.rollout                       # ~3 min on 2 CPU cores
+    python -m benchmarks.rollout --device cuda --models small --workloads 64x1 16x8
+
+Reported: median wall time over ``--repeats`` runs after one warm-up, generated tokens/s, and
+the speed-up over HF.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+MODELS = {
+    # name: (layers, hidden, heads, query groups, ffn, vocab)
+    "tiny": (4, 32, 4, 2, 64, 96),
+    "small": (8, 512, 8, 2, 1408, 8192),
+}
+
+
+def build_models(name: str, device: str):
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer import TransformerConfig
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from megatron_ease.models.qwen_vl.hf_tables import QWEN2_5_VL
+    from megatron_ease.models.qwen_vl.hf_weights import canonical_parameters, hf_tensors
+    from megatron_ease.models.qwen_vl.param_mapping import AttentionLayout
+
+    layers, hidden, heads, groups, ffn, vocab = MODELS[name]
+    config = TransformerConfig(
+        num_layers=layers, hidden_size=hidden, num_attention_heads=heads,
+        num_query_groups=groups, ffn_hidden_size=ffn, normalization="RMSNorm",
+        add_bias_linear=False, add_qkv_bias=True, gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu, hidden_dropout=0.0, attention_dropout=0.0,
+        use_cpu_initialization=True, params_dtype=torch.float32, init_method_std=0.05,
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size())
+    torch.manual_seed(0)
+    model = GPTModel(config, get_gpt_layer_local_spec(normalization="RMSNorm"), vocab, 4096,
+                     position_embedding_type="rope").to(device)
+    hf_config = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn,
+                            num_hidden_layers=layers, num_attention_heads=heads,
+                            num_key_value_heads=groups, rms_norm_eps=config.layernorm_epsilon,
+                            tie_word_embeddings=False, pad_token_id=0, bos_token_id=None,
+                            eos_token_id=None)
+    hf = Qwen2ForCausalLM(hf_config).to(device).eval()
+    named = [(f"language_model.{n}", p) for n, p in canonical_parameters(model).items()]
+    state = dict(hf_tensors(named, QWEN2_5_VL, AttentionLayout(heads, groups, hidden // heads),
+                            naming="legacy"))
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    if unexpected or any("rotary" not in k for k in missing):
+        raise RuntimeError(f"weight mapping incomplete: missing {missing}, unexpected {unexpected}")
+    return model, hf
+
+
+def make_prompts(num_prompts: int, vocab: int, min_len: int, max_len: int):
+    from megatron_ease.rl.rollout import Prompt
+
+    gen = torch.Generator().manual_seed(1)
+    lengths = torch.randint(min_len, max_len + 1, (num_prompts,), generator=gen).tolist()
+    return [Prompt(torch.randint(1, vocab, (n,), generator=gen)) for n in lengths]
+
+
+def ours(engine, prompts, new_tokens, n, temperature, top_p):
+    from megatron_ease.rl.sampling import SamplingParams
+
+    out = engine.generate(prompts, SamplingParams(max_new_tokens=new_tokens, n=n, seed=0,
+                                                  temperature=temperature, top_p=top_p))
+    return out.tokens
+
+
+def hf_generate(hf, batch, new_tokens, n, temperature, top_p):
+    kwargs = dict(do_sample=False) if temperature == 0 else dict(
+        do_sample=True, temperature=temperature, top_p=top_p, top_k=0, num_return_sequences=n)
+    out = hf.generate(batch.input_ids, attention_mask=batch.attention_mask.long(),
+                      max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0,
+                      **kwargs)
+    return out[:, batch.input_ids.shape[1]:]
+
+
+def timed(fn, repeats: int, device: str) -> float:
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--workloads", nargs="+", default=["16x1", "4x4", "64x1", "16x4"],
+                        help="BxG: prompts x samples per prompt")
+    parser.add_argument("--prompt-len", type=int, nargs=2, default=[32, 64])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+
+    from megatron_ease.distributed import (
+        LaunchEnv,
+        find_free_port,
+        init_process_group,
+        initialize_model_parallel,
+    )
+    from megatron_ease.rl.rollout import MegatronRolloutEngine, PromptBatch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    backend = "nccl" if args.device == "cuda" else "gloo"
+    init_process_group(LaunchEnv(0, 1, 0, "127.0.0.1", find_free_port(), "single"), backend)
+    initialize_model_parallel()
+
+    print(f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, "
+          f"prompt length {args.prompt_len[0]}-{args.prompt_len[1]}, {args.new_tokens} new "
+          f"tokens, T=1, top-p {args.top_p}")
+    print("| model | B×G | HF generate tok/s | ours tok/s | speed-up |")
+    print("|---|---|---|---|---|")
+    for name in args.models:
+        model, hf = build_models(name, args.device)
+        engine = MegatronRolloutEngine(model, pad_token_id=0)
+        vocab = MODELS[name][-1]
+        with torch.no_grad():
+            prompts = make_prompts(4, vocab, *args.prompt_len)
+            batch = PromptBatch.left_padded(prompts, 0, args.device)
+            if not torch.equal(ours(engine, prompts, 16, 1, 0.0, 1.0),
+                               hf_generate(hf, batch, 16, 1, 0.0, 1.0)):
+                raise RuntimeError(f"{name}: greedy rollouts differ from HF generate")
+            for workload in args.workloads:
+                b, g = (int(x) for x in workload.split("x"))
+                prompts = make_prompts(b, vocab, *args.prompt_len)
+                batch = PromptBatch.left_padded(prompts, 0, args.device)
+                tokens = b * g * args.new_tokens
+                t_hf = timed(lambda: hf_generate(hf, batch, args.new_tokens, g, 1.0, args.top_p),
+                             args.repeats, args.device)
+                t_ours = timed(lambda: ours(engine, prompts, args.new_tokens, g, 1.0, args.top_p),
+                               args.repeats, args.device)
+                print(f"| {name} | {b}×{g} | {tokens / t_hf:.0f} | {tokens / t_ours:.0f} | "
+                      f"{t_hf / t_ours:.2f}× |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

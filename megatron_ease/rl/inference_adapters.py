@@ -1,0 +1,298 @@
+"""Model adapters of the rollout engine: prefill / decode over megatron-core's static KV cache.
+
+An adapter is a megatron-core ``AbstractModelInferenceWrapper`` (the extension point megatron-core
+provides for new models), so the pieces that carry 8B rollouts come from megatron-core itself:
+
+- ``StaticInferenceContext``: per-layer KV buffers ``[max_seq, max_batch, groups/TP, d]`` that the
+  attention layers fill (``Attention._adjust_key_value_for_inference``), sequence offset tracking;
+- ``run_one_forward_step``: the forward of one step on this stage, with activations received from
+  the previous pipeline stage and sent to the next (``inference.communication_utils``); logits
+  come back on the last stage only, gathered over TP.
+
+What the adapter does for RL rollouts instead of megatron-core's text-generation controller:
+
+- **left padding** with an explicit mask: ``[b, 1, s, s]`` causal ∧ valid-key at prefill and
+  ``[b, 1, 1, k]`` valid-key masks at every decode step, so every prompt's last token sits in the
+  last column and generation starts for all rows at once (megatron-core's controller instead
+  starts at the shortest prompt and teacher-forces the longer ones, which cannot work for image
+  prompts whose image tokens need vision features);
+- **prefill once per prompt, decode G samples**: the ``B`` unique prompts are prefilled (the vision
+  tower runs once per image), then the KV cache rows are replicated ``G`` times
+  (``StaticInferenceContext.swap_key_value_dict`` with a repeat-interleaved index) and the
+  ``B·G`` rollouts decode together;
+- **positions per model**: ``position_ids_for`` of each adapter (GPT: ``[b, q]``; Qwen-VL mrope
+  ``[3, b, prefix]``: generated tokens continue at the prompt's largest position + 1, HF's
+  ``rope_deltas`` semantics).
+
+What the adapter changes for the length of a generation (``rollout_attention.py``; both can be
+turned off, the rollouts are the same up to float noise):
+
+- ``cache_rotated_keys``: megatron-core's static path caches keys before rotary and re-rotates
+  the whole cache in every layer at every step; the adapter caches rotated keys instead.
+- ``attention_backend="sdpa"``: the core attention becomes one SDPA call with native GQA and the
+  explicit mask. megatron-core switches the layers to ``attn_mask_type=no_mask`` after prefill;
+  the local ``DotProductAttention`` still applies the explicit mask, TransformerEngine's does not,
+  so with ``attention_backend="model"`` a padded batch needs the local attention (an error says
+  so; that backend is verified with the local spec only). SDPA also avoids the local attention's
+  per-step copy of the grouped K/V cache to all heads (``benchmarks/README.md`` has numbers).
+
+Other limitations of megatron-core 0.16 this code lives with:
+
+- With ``position_embedding_type="rope"`` a GPTModel ignores ``position_ids`` and rotates by the
+  cache index, so a left-padded prompt is rotated with an offset equal to its padding. Rotary
+  attention only depends on position differences, so this changes logits by float noise only,
+  and a teacher-forced forward with the same layout gives the same numbers. mrope (Qwen-VL) takes
+  per-sample positions and is exact.
+- GPTModel gathers the logits over TP in inference (its own assertion), so every TP rank holds
+  ``[b, vocab]`` per step.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+from megatron.core.inference.contexts import StaticInferenceContext
+from megatron.core.inference.model_inference_wrappers.abstract_model_inference_wrapper import (
+    AbstractModelInferenceWrapper,
+)
+from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import (
+    InferenceWrapperConfig,
+)
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.utils import get_model_config, unwrap_model
+
+from megatron_ease.rl.rollout_attention import RolloutAttention
+
+if TYPE_CHECKING:
+    from megatron_ease.rl.rollout import PromptBatch
+
+
+def _causal_valid_mask(key_valid: torch.Tensor) -> torch.Tensor:
+    """``[b, 1, s, s]`` True = masked: causal ∧ valid keys (the local attention's explicit mask)."""
+    s = key_valid.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=key_valid.device).tril()
+    return ~(causal[None, None] & key_valid[:, None, None, :])
+
+
+def _vocab_size(model: torch.nn.Module) -> int:
+    language_model = getattr(model, "language_model", model)
+    return language_model.vocab_size
+
+
+class RolloutModelAdapter(AbstractModelInferenceWrapper, abc.ABC):
+    """prefill(prompts) -> last-token logits; decode(tokens) -> next logits, over a KV cache.
+
+    Subclasses say how a model takes its inputs: ``prompt_positions`` (positions of the prompt
+    tokens and the first generated position), ``position_ids_for`` (what the model's forward
+    takes for a window of the cache) and, when the model is not a plain GPTModel, ``_forward``.
+    Logits are returned on the last pipeline stage only (None elsewhere), ``[rows, vocab]``.
+
+    Args:
+        model: this rank's model chunk (possibly DDP / Float16Module wrapped).
+        pg_collection: process groups (default: megatron-core's ``parallel_state``).
+        cache_rotated_keys: cache keys after rotary (see the module doc).
+        attention_backend: ``"sdpa"`` (default) or ``"model"`` (the model's own core attention).
+    """
+
+    def __init__(self, model: torch.nn.Module, pg_collection=None,
+                 cache_rotated_keys: bool = True, attention_backend: str = "sdpa"):
+        if attention_backend not in ("sdpa", "model"):
+            raise ValueError(f"attention_backend must be 'sdpa' or 'model', got "
+                             f"{attention_backend!r}")
+        config = get_model_config(model)
+        wrapper_config = InferenceWrapperConfig(
+            hidden_size=config.hidden_size,
+            params_dtype=config.params_dtype,
+            # -1: always the single-batch pipeline path; the micro-batched one slices tokens and
+            # positions along dim 0, which is wrong for per-sample masks and [3, b, s] positions.
+            inference_batch_times_seqlen_threshold=-1,
+            padded_vocab_size=_vocab_size(unwrap_model(model)),
+            fp32_residual_connection=config.fp32_residual_connection,
+        )
+        super().__init__(model, wrapper_config, StaticInferenceContext(1, 1), pg_collection)
+        self.attention_backend = attention_backend
+        # megatron-core's flash-decode path has its own rotated cache and kernel; leave it alone.
+        self._attention = RolloutAttention(
+            model, cache_rotated_keys=cache_rotated_keys and not config.flash_decode,
+            sdpa=attention_backend == "sdpa" and not config.flash_decode)
+        self._was_training: Optional[bool] = None  # the model's mode before prefill
+        self._positions: Optional[torch.Tensor] = None  # [..., rows, max_seq]
+        self._key_valid: Optional[torch.Tensor] = None  # [rows, max_seq] bool
+
+    # -- per-model hooks -------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def prompt_positions(self, batch: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions of the prompt tokens ``[..., B, P]`` and each prompt's first generated
+        position ``[B]`` (generated token ``k`` sits at that position + k)."""
+
+    @abc.abstractmethod
+    def position_ids_for(self, positions: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """The ``position_ids`` the forward takes for cache window ``[start, end)``."""
+
+    def prefill_extras(self, batch: PromptBatch) -> dict[str, Any]:
+        """Model inputs besides tokens/positions/mask that only the prefill takes (images)."""
+        if batch.pixel_values is not None:
+            raise ValueError(f"{type(self).__name__} takes no images; use the Qwen-VL adapter")
+        return {}
+
+    # -- the engine's interface ------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_group.rank() == self.pp_group.size() - 1
+
+    def prefill(self, batch: PromptBatch, num_samples: int,
+                max_new_tokens: int) -> Optional[torch.Tensor]:
+        """Prefill ``B`` left-padded prompts once, replicate the cache for ``num_samples`` rollouts
+        per prompt (rows ``b*G .. b*G+G-1`` belong to prompt ``b``) and return the logits that
+        predict each rollout's first token, ``[B*G, vocab]`` (last stage; None elsewhere)."""
+        b, p = batch.input_ids.shape
+        rows = b * num_samples
+        if self.attention_backend == "model" and bool((~batch.attention_mask).any()):
+            self._check_padding_supported()
+        self._was_training = self.model.training
+        self.inference_context = StaticInferenceContext(rows, p + max_new_tokens)
+        self.prep_model_for_inference()  # eval mode, fresh context
+        self._attention.install()
+
+        prompt_pos, next_pos = self.prompt_positions(batch)
+        gen_pos = next_pos[:, None] + torch.arange(max_new_tokens, device=next_pos.device)  # [B, N]
+        positions = torch.cat([prompt_pos, gen_pos.expand(*prompt_pos.shape[:-1], -1)], dim=-1)
+        generated_valid = batch.attention_mask.new_ones(b, max_new_tokens)
+        key_valid = torch.cat([batch.attention_mask, generated_valid], dim=1)  # [B, P + N]
+        logits = self.run_one_forward_step({
+            "tokens": batch.input_ids,
+            "position_ids": self.position_ids_for(positions, 0, p),
+            "attention_mask": _causal_valid_mask(batch.attention_mask),
+            **self.prefill_extras(batch),
+        })
+
+        rollout_rows = torch.arange(b, device=batch.input_ids.device).repeat_interleave(
+            num_samples)
+        self._positions = positions.index_select(-2, rollout_rows)
+        self._key_valid = key_valid.index_select(0, rollout_rows)
+        if num_samples > 1 and self.inference_context.key_value_memory_dict:
+            self.inference_context.swap_key_value_dict(rollout_rows.to(self.device))
+        self.inference_context.enable_decode_mode()
+        if logits is None:
+            return None
+        return logits[:, -1].index_select(0, rollout_rows.to(logits.device))
+
+    def decode(self, tokens: torch.Tensor) -> Optional[torch.Tensor]:
+        """Feed one token per rollout ``[B*G]``; the logits of the next, ``[B*G, vocab]`` on the
+        last stage (None elsewhere)."""
+        start = self.inference_context.sequence_len_offset
+        end = start + 1
+        logits = self.run_one_forward_step({
+            "tokens": tokens[:, None],
+            "position_ids": self.position_ids_for(self._positions, start, end),
+            "attention_mask": ~self._key_valid[:, None, None, :end],
+        })
+        return None if logits is None else logits[:, -1]
+
+    def release(self) -> None:
+        """Free the KV cache and give the model back in the mode it was in."""
+        self.inference_context = StaticInferenceContext(1, 1)
+        self._positions = self._key_valid = None
+        self._attention.remove()
+        if self._was_training is not None:
+            self.model.train(self._was_training)
+            self._was_training = None
+
+    # megatron-core's TextGenerationController protocol; the rollout engine calls prefill/decode.
+
+    def prep_inference_input(self, prompts_tokens):
+        raise NotImplementedError(f"{type(self).__name__} is driven by MegatronRolloutEngine "
+                                  f"(prefill/decode), not by megatron-core's text controller")
+
+    def get_batch_for_context_window(self, *args, **kwargs):
+        raise NotImplementedError(f"{type(self).__name__} is driven by MegatronRolloutEngine "
+                                  f"(prefill/decode), not by megatron-core's text controller")
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _check_padding_supported(self) -> None:
+        for module in self.model.modules():
+            core = getattr(module, "core_attention", None)
+            if core is not None and not isinstance(core, DotProductAttention):
+                raise NotImplementedError(
+                    f"rollouts of prompts of different lengths need the key-padding mask at every "
+                    f"decode step, which megatron-core 0.16 does not give {type(core).__name__} "
+                    f"(it switches attn_mask_type to no_mask after prefill); use "
+                    f"attention_backend='sdpa', the local layer spec, or prompts of equal length")
+
+
+class GPTRolloutAdapter(RolloutModelAdapter):
+    """A megatron-core ``GPTModel`` (rope or learned absolute positions).
+
+    ``position_ids`` ``[b, q]`` count valid tokens (only learned absolute embeddings read them;
+    rope rotates by cache index, see the module doc).
+    """
+
+    def prompt_positions(self, batch):
+        valid = batch.attention_mask.long()
+        positions = (valid.cumsum(dim=1) - 1).clamp(min=0)  # [B, P]
+        return positions, valid.sum(dim=1)
+
+    def position_ids_for(self, positions, start, end):
+        return positions[:, start:end]
+
+
+class QwenVLRolloutAdapter(RolloutModelAdapter):
+    """``QwenVLModel`` (``megatron_ease.models.qwen_vl``): vision tower on stage 0, mrope.
+
+    The prefill embeds the prompts with the image features written over the image tokens
+    (``QwenVLModel.embed``: the tower runs once per prompt image); decode steps embed text tokens
+    only. mrope positions ``[3, b, s]`` come from ``QwenVLModel.position_ids`` (HF
+    ``get_rope_index``, padding-independent); generated token ``k`` of a prompt sits at
+    ``max(prompt positions) + 1 + k`` in all three rows. megatron-core's static path slices the
+    rotary table by cache index (queries ``[start, end)``, keys ``[0, end)``), so every step
+    passes the positions of the whole prefix.
+    """
+
+    def prompt_positions(self, batch):
+        model = unwrap_model(self.model)
+        positions = model.position_ids(batch.input_ids, batch.image_grid_thw,
+                                       batch.attention_mask)  # [3, B, P]
+        masked = positions.masked_fill(~batch.attention_mask[None], -1)
+        return positions, masked.amax(dim=(0, 2)) + 1
+
+    def position_ids_for(self, positions, start, end):
+        return positions[..., :end]
+
+    def prefill_extras(self, batch):
+        return {"pixel_values": batch.pixel_values, "image_grid_thw": batch.image_grid_thw}
+
+    def _forward(self, inference_input):
+        model = unwrap_model(self.model)
+        tokens = inference_input["tokens"]
+        decoder_input = None
+        if model.pre_process and "pixel_values" in inference_input:
+            decoder_input = model.embed(tokens, inference_input["pixel_values"],
+                                        inference_input["image_grid_thw"])  # [s, b, h]
+        return model.language_model(
+            tokens, inference_input["position_ids"], inference_input["attention_mask"],
+            decoder_input=decoder_input, inference_context=self.inference_context,
+            runtime_gather_output=True)
+
+
+def rollout_adapter_for(model: torch.nn.Module, pg_collection=None,
+                        **options) -> RolloutModelAdapter:
+    """The adapter of a (possibly DDP/Float16-wrapped) model: Qwen-VL or a plain GPTModel.
+    ``options``: ``cache_rotated_keys``, ``attention_backend`` (see ``RolloutModelAdapter``)."""
+    from megatron.core.models.gpt import GPTModel
+
+    inner = unwrap_model(model)
+    if hasattr(inner, "vision_model") and hasattr(inner, "language_model"):
+        return QwenVLRolloutAdapter(model, pg_collection, **options)
+    if isinstance(inner, GPTModel):
+        return GPTRolloutAdapter(model, pg_collection, **options)
+    raise TypeError(f"no rollout adapter for {type(inner).__name__}: write a "
+                    f"RolloutModelAdapter subclass (prompt_positions, position_ids_for, _forward)")

@@ -1,0 +1,146 @@
+"""Sampling for rollouts: parameters, next-token sampling with top-p, and stop strings.
+
+Pure functions of logits; the engine (``rollout.py``) calls them on one rank and shares the result.
+
+What the sampler returns as a token's log-probability: ``log softmax(logits / T)[token]`` over the
+full vocabulary, where ``T`` is the sampling temperature (``T = 1`` for greedy decoding). This is
+the policy the trainer's ``π_old`` forward reproduces (``vocab_parallel_log_probs(logits, labels,
+temperature)``); the top-p filter only restricts which tokens can be drawn, it does not renormalise
+the reported log-probability. The rollout log-probs are a diagnostic and a cross-check (they agree
+with a teacher-forced forward to float noise); DAPO's ``π_old`` is recomputed by a proper forward
+pass (DESIGN §5), so the trainer never depends on the KV-cache numerics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample rollouts; ``n`` consecutive rollouts per prompt (the DAPO group)."""
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0 = greedy (argmax)
+    top_p: float = 1.0  # 1 = no nucleus filter
+    n: int = 1
+    seed: int = 0
+    # A rollout ends with (and includes) the first of these tokens.
+    stop_token_ids: tuple[int, ...] = ()
+    # ... or with the token that completes one of these strings (needs the engine's detokenizer).
+    stop_strings: tuple[str, ...] = ()
+    # Never sampled (e.g. the vision placeholders: an image pad in a response would be taken
+    # for a visual token by the model's next forward). Log-probs stay those of the full softmax.
+    suppress_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got "
+                             f"{self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"SamplingParams.temperature must be >= 0 (0 = greedy), got "
+                             f"{self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+        if self.n < 1:
+            raise ValueError(f"SamplingParams.n must be >= 1 rollouts per prompt, got {self.n}")
+        if any(not s for s in self.stop_strings):
+            raise ValueError("SamplingParams.stop_strings must not contain an empty string")
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
+        object.__setattr__(self, "suppress_token_ids",
+                           tuple(int(t) for t in self.suppress_token_ids))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @classmethod
+    def from_dapo_config(cls, dapo, stop_token_ids: Sequence[int], seed: int,
+                         stop_strings: Sequence[str] = (),
+                         suppress_token_ids: Sequence[int] = ()) -> "SamplingParams":
+        """Rollout sampling of a DAPO run: ``group_size`` samples, its temperature/top-p/length."""
+        return cls(max_new_tokens=dapo.max_response_length, temperature=dapo.temperature,
+                   top_p=dapo.top_p, n=dapo.group_size, seed=seed,
+                   stop_token_ids=tuple(stop_token_ids), stop_strings=tuple(stop_strings),
+                   suppress_token_ids=tuple(suppress_token_ids))
+
+
+def _nucleus_removed_sorted(sorted_logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """On logits sorted ascending: True for the least likely tokens whose cumulative mass is
+    ``<= 1 - top_p`` (HF ``TopPLogitsWarper``); the most likely token always stays."""
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    removed = cumulative <= (1 - top_p)
+    removed[..., -1] = False
+    return removed
+
+
+def top_p_removed(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``[b, V]`` bool, True for tokens outside the nucleus (HF ``TopPLogitsWarper`` semantics)."""
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
+    removed = _nucleus_removed_sorted(sorted_logits, top_p)
+    return removed.scatter(-1, order, removed)
+
+
+def token_log_probs(logits: torch.Tensor, tokens: torch.Tensor,
+                    temperature: float = 1.0) -> torch.Tensor:
+    """``log softmax(logits / T)[token]`` in float32; ``T = 0`` (greedy) counts as 1."""
+    scaled = logits.float() / (temperature if temperature > 0 else 1.0)
+    return scaled.gather(-1, tokens[:, None].long())[:, 0] - scaled.logsumexp(dim=-1)
+
+
+def sample_next_tokens(logits: torch.Tensor, params: SamplingParams,
+                       generator: Optional[torch.Generator] = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row of ``logits`` ``[b, V]`` and its log-probability (see the module doc).
+
+    With top-p the nucleus is sampled by inverse CDF over the ascending sort the filter needs
+    anyway (one uniform draw per row), instead of a multinomial over the whole vocabulary.
+    Returns ``tokens`` ``[b]`` int64 and ``log_probs`` ``[b]`` float32.
+    """
+    logits = logits.float()
+    if params.greedy:
+        tokens = logits.argmax(dim=-1)
+        return tokens, token_log_probs(logits, tokens)
+    scaled = logits / params.temperature
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(scaled, dim=-1, descending=False)
+        removed = _nucleus_removed_sorted(sorted_logits, params.top_p)
+        cdf = sorted_logits.masked_fill(removed, float("-inf")).softmax(dim=-1).cumsum(dim=-1)
+        draw = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
+        index = torch.searchsorted(cdf, draw, right=True).clamp_(max=cdf.shape[-1] - 1)
+        tokens = order.gather(-1, index)[:, 0]
+    else:
+        tokens = torch.multinomial(scaled.softmax(dim=-1), 1, generator=generator)[:, 0]
+    return tokens, token_log_probs(scaled, tokens)
+
+
+class StopStringMatcher:
+    """Which rollouts have just completed a stop string.
+
+    Detokenising every rollout in full at every step costs O(length²); only the last ``window``
+    generated tokens are decoded instead. A stop string of ``c`` characters is found as soon as it
+    is complete when each token decodes to at least one character, so ``window`` defaults to the
+    longest stop string's length plus a margin for tokens that decode to nothing on their own
+    (partial UTF-8 sequences).
+    """
+
+    def __init__(self, stop_strings: Sequence[str], detokenize: Callable[[list[int]], str],
+                 window: Optional[int] = None):
+        self.stop_strings = tuple(stop_strings)
+        self.detokenize = detokenize
+        self.window = window or max(len(s) for s in self.stop_strings) + 4
+
+    def __call__(self, tokens: torch.Tensor, lengths: torch.Tensor,
+                 rows: torch.Tensor) -> torch.Tensor:
+        """``tokens`` ``[b, t]`` generated so far, ``lengths`` ``[b]`` valid tokens per row,
+        ``rows`` ``[b]`` bool: the rows to check. Returns ``[b]`` bool."""
+        hit = torch.zeros_like(rows)
+        for i in rows.nonzero()[:, 0].tolist():
+            end = int(lengths[i])
+            text = self.detokenize(tokens[i, max(0, end - self.window):end].tolist())
+            hit[i] = any(s in text for s in self.stop_strings)
+        return hit

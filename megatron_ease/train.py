@@ -1,0 +1,44 @@
+"""Training entry point: ``python -m megatron_ease.train --config X.yaml [section.key=value ...]``.
+
+The same command runs on one CPU, under torchrun, or under srun (slurm/train_*.sh): the launcher's
+environment decides the rank layout, CUDA decides nccl vs gloo. Exit status 75 means "preempted,
+checkpoint saved: requeue me".
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from megatron_ease.config import ConfigError, load_config, validate_config
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="YAML run config (examples/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from megatron_ease.distributed import destroy_distributed, initialize_distributed, \
+        read_launch_env
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        validate_config(cfg, world_size=read_launch_env().world_size)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    initialize_distributed(cfg.parallel, seed=cfg.train.seed, backend=cfg.parallel.backend)
+    try:
+        from megatron_ease.training.trainer import run
+
+        return run(cfg)
+    finally:
+        destroy_distributed()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,74 @@
+"""Rollouts -> training sequences: prompt + response, label-shifted masks, per-row values.
+
+Row convention (DESIGN §4): position ``t`` predicts token ``t + 1``; the *response rows* are the
+positions whose next token is a response token, so for a prompt of length ``P`` and a response of
+length ``L`` they are ``P - 1 … P + L - 2`` (the last prompt position predicts the first answer
+token). The same mask selects the DAPO log-probs and the rows the EASE slice sums over.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+
+@dataclass
+class TrainSequences:
+    input_ids: torch.Tensor  # [n, S] int64, right-padded
+    attention_mask: torch.Tensor  # [n, S] bool, real tokens
+    labels: torch.Tensor  # [n, S] int64, input_ids shifted left (pad at the end)
+    response_mask: torch.Tensor  # [n, S] bool, label-shifted response rows
+    image_mask: torch.Tensor  # [n, S] bool
+
+    def per_row(self, values: torch.Tensor) -> torch.Tensor:
+        """Place per-response-token values ``[n, T]`` at their response rows ``[n, S]``."""
+        out = torch.zeros(self.response_mask.shape, dtype=values.dtype)
+        lengths = self.response_mask.sum(1)
+        for i, n in enumerate(lengths.tolist()):
+            out[i, self.response_mask[i]] = values[i, :n]
+        return out
+
+
+def assemble_sequences(prompt_ids: Sequence[torch.Tensor], responses: torch.Tensor,
+                       response_lengths: torch.Tensor, pad_token_id: int,
+                       image_token_id: int) -> TrainSequences:
+    """Concatenate each prompt with its response (first ``length`` tokens) and right-pad."""
+    n = len(prompt_ids)
+    if responses.shape[0] != n or response_lengths.shape[0] != n:
+        raise ValueError(f"{n} prompts but {responses.shape[0]} responses / "
+                         f"{response_lengths.shape[0]} lengths")
+    total = [p.numel() + int(length) for p, length in zip(prompt_ids, response_lengths)]
+    seq_len = max(total)
+    input_ids = torch.full((n, seq_len), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros(n, seq_len, dtype=torch.bool)
+    response_mask = torch.zeros(n, seq_len, dtype=torch.bool)
+    prompt_part = torch.zeros(n, seq_len, dtype=torch.bool)
+    for i, (prompt, length) in enumerate(zip(prompt_ids, response_lengths.tolist())):
+        p = prompt.numel()
+        input_ids[i, :p] = prompt
+        input_ids[i, p:p + length] = responses[i, :length]
+        attention_mask[i, :p + length] = True
+        prompt_part[i, :p] = True
+        response_mask[i, p - 1:p + length - 1] = True
+    labels = torch.full_like(input_ids, pad_token_id)
+    labels[:, :-1] = input_ids[:, 1:]
+    # Visual tokens are the prompt's image pads only: a sampled response may emit that id too.
+    return TrainSequences(input_ids, attention_mask, labels, response_mask,
+                          input_ids.eq(image_token_id) & prompt_part)
+
+
+def place_at_image_tokens(image_mask: torch.Tensor, values: Sequence[Optional[torch.Tensor]],
+                          dtype=torch.float32) -> torch.Tensor:
+    """``values[i]`` (one entry per visual token of sample i, or None) -> ``[n, S]`` at its image
+    positions; zeros elsewhere and for None."""
+    out = torch.zeros(image_mask.shape, dtype=dtype)
+    for i, v in enumerate(values):
+        if v is None:
+            continue
+        positions = image_mask[i].nonzero().squeeze(1)
+        if positions.numel() != v.numel():
+            raise ValueError(f"sample {i}: {v.numel()} values for {positions.numel()} image tokens")
+        out[i, positions] = v.to(dtype)
+    return out

@@ -1,0 +1,113 @@
+"""Build what the trainer runs on, from the config: model (with EASE layers), DDP, optimizer,
+LR scheduler, tokenizer, data readers. One function per object, no training logic here."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+import torch
+
+from megatron_ease.config import Config
+
+logger = logging.getLogger(__name__)
+
+
+def build_model(cfg: Config) -> torch.nn.Module:
+    """This rank's chunk of the policy, EASE-capturing attention at ``ease.layers``."""
+    from megatron_ease.ease.specs import ease_attention_spec
+    from megatron_ease.models.qwen_vl import build_qwen_vl_model
+
+    use_ease = cfg.ease.enabled and bool(cfg.ease.layers)
+    model = build_qwen_vl_model(cfg.model, cfg.parallel,
+                                attention_override=ease_attention_spec if use_ease else None,
+                                override_layers=cfg.ease.layers if use_ease else ())
+    if cfg.model.freeze_vision and getattr(model, "vision_model", None) is not None:
+        for p in model.vision_model.parameters():
+            p.requires_grad_(False)
+    return model
+
+
+def wrap_ddp(cfg: Config, model: torch.nn.Module) -> torch.nn.Module:
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
+    return DistributedDataParallel(model.config, ddp_config, model)
+
+
+def build_optimizer(cfg: Config, model_chunks: list, lr: Optional[float] = None):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    t = cfg.train
+    opt_config = OptimizerConfig(
+        optimizer="adam", lr=lr if lr is not None else t.lr,
+        min_lr=t.min_lr if lr is None else lr, weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, clip_grad=t.clip_grad,
+        bf16=cfg.model.bf16, params_dtype=torch.bfloat16 if cfg.model.bf16 else torch.float32,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
+    return get_megatron_optimizer(opt_config, model_chunks)
+
+
+def build_scheduler(cfg: Config, optimizer):
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    t = cfg.train
+    steps = max(1, t.steps)
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if t.lr_warmup_steps else t.lr, max_lr=t.lr, min_lr=t.min_lr,
+        lr_warmup_steps=t.lr_warmup_steps, lr_decay_steps=max(steps, t.lr_warmup_steps + 1),
+        lr_decay_style=t.lr_decay_style, start_wd=t.weight_decay, end_wd=t.weight_decay,
+        wd_incr_steps=steps, wd_incr_style="constant")
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    if not path or not os.path.isdir(path):
+        raise FileNotFoundError(f"data.tokenizer: no tokenizer directory at {path!r}")
+    return AutoTokenizer.from_pretrained(path)
+
+
+def image_config(cfg: Config):
+    from megatron_ease.data.image import ImageProcessingConfig
+
+    v = cfg.model.vision
+    return ImageProcessingConfig.for_family(
+        cfg.model.family, patch_size=v.patch_size, merge_size=v.spatial_merge_size,
+        temporal_patch_size=v.temporal_patch_size, min_pixels=cfg.data.min_pixels,
+        max_pixels=cfg.data.max_pixels)
+
+
+def build_reader(cfg: Config, tokenizer, shards: str, batch_size: int, dp_rank: int, dp_size: int,
+                 train: bool = True, append_answer: bool = False):
+    """Evidence shards -> collated prompt batches for this data-parallel rank."""
+    from megatron_ease.data.processing import SampleProcessor
+    from megatron_ease.data.reader import EvidenceDataLoader, EvidenceShardDataset, expand_shards
+
+    files = expand_shards(shards)
+    if not files:
+        field = "data.train_shards" if train else "data.eval_shards"
+        raise FileNotFoundError(f"{field}: no shards match {shards!r}")
+    processor = SampleProcessor(tokenizer, image_config(cfg), sigma=cfg.ease.sigma,
+                                alpha=cfg.ease.alpha, append_answer=append_answer)
+    dataset = EvidenceShardDataset(
+        files, processor, batch_size=batch_size, rank=dp_rank, world_size=dp_size,
+        seed=cfg.data.shuffle_seed, shuffle=train, num_epochs=None if train else 1,
+        even_ranks=train, drop_last=False, strict=cfg.data.strict, padding_side="right")
+    return EvidenceDataLoader(dataset, num_workers=cfg.data.num_workers)
+
+
+def ensure_synthetic_data(cfg: Config) -> None:
+    """``data.synthetic``: rank 0 writes the synthetic dataset when missing; others wait."""
+    if not cfg.data.synthetic:
+        return
+    from megatron_ease.data.synthetic import write_synthetic_dataset
+
+    root = os.path.dirname(os.path.dirname(cfg.data.train_shards.rstrip("/")))
+    if torch.distributed.get_rank() == 0:
+        write_synthetic_dataset(root, cfg.data.synthetic_train_samples,
+                                cfg.data.synthetic_eval_samples, seed=cfg.data.shuffle_seed)
+    torch.distributed.barrier()

@@ -1,0 +1,367 @@
+"""The DAPO + EASE training loop. Read ``Trainer.train_step`` top to bottom for one RL step:
+
+    rollouts (G per prompt) -> rewards + overlong shaping -> dynamic sampling (B mixed groups)
+    -> group advantages -> sequences + EASE targets -> π_old forward -> mini-batch updates
+    (loss = DAPO + λ·EASE, global normalisers) -> metrics
+
+Everything around it (building, resume, checkpoints, preemption, validation) is in this file's
+other methods; the math lives in ``megatron_ease.rl`` and ``megatron_ease.ease``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Optional
+
+import psutil
+import torch
+
+from megatron_ease.config import Config, config_to_dict
+from megatron_ease.rl.dapo import group_advantages
+from megatron_ease.rl.dynamic_sampling import RolloutBatch
+from megatron_ease.rl.rollout import MegatronRolloutEngine
+from megatron_ease.rl.sampling import SamplingParams
+from megatron_ease.training import builders
+from megatron_ease.training.batch import assemble_sequences, place_at_image_tokens
+from megatron_ease.training.checkpointing import CheckpointManager
+from megatron_ease.training.metrics import MetricsLogger
+from megatron_ease.training.preemption import PreemptionHandler
+from megatron_ease.training.rollouts import (
+    RolloutCollector,
+    image_values,
+    split_prompts,
+    vision_token_ids,
+)
+from megatron_ease.training.update import (
+    MicroBatch,
+    _forward_backward,
+    compute_old_log_probs,
+    supervised_step,
+    train_mini_batch,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        from megatron.core import parallel_state as ps
+
+        self.cfg = cfg
+        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        self.dp_group = ps.get_data_parallel_group() if self.dp_size > 1 else None
+        self.is_logging_rank = torch.distributed.get_rank() == 0
+
+        builders.ensure_synthetic_data(cfg)
+        self.tokenizer = builders.load_tokenizer(cfg.data.tokenizer)
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:
+            raise ValueError(f"data.tokenizer {cfg.data.tokenizer} has no pad token")
+        self.image_token_id = cfg.model.image_token_id
+        self.stop_ids = [cfg.model.eos_token_id]
+
+        self.model = builders.build_model(cfg)
+        self.ddp = builders.wrap_ddp(cfg, self.model)
+        self.model_chunks = [self.ddp]
+        self.optimizer = builders.build_optimizer(cfg, self.model_chunks)
+        self.scheduler = builders.build_scheduler(cfg, self.optimizer)
+        self.engine = MegatronRolloutEngine(self.model, pad_token_id=self.pad_id,
+                                            detokenize=self.tokenizer.decode)
+        self.train_reader = builders.build_reader(
+            cfg, self.tokenizer, cfg.data.train_shards,
+            cfg.train.prompts_per_step // self.dp_size, self.dp_rank, self.dp_size)
+        self.train_iter = iter(self.train_reader)
+        self.collector = RolloutCollector(cfg, self.engine, self.tokenizer, self.train_iter,
+                                          self.stop_ids, self.dp_rank)
+        self.checkpoints = CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.keep_last) \
+            if cfg.checkpoint.dir else None
+        self.step = 0
+        self._load_initial_state()
+        self.metrics = MetricsLogger(
+            cfg.logging.run_dir, config_to_dict(cfg), use_wandb=cfg.logging.wandb,
+            wandb_project=cfg.logging.wandb_project, wandb_mode=cfg.logging.wandb_mode,
+            tensorboard=cfg.logging.tensorboard, enabled=self.is_logging_rank)
+
+    # -- start-up ------------------------------------------------------------------------------
+
+    def _load_initial_state(self) -> None:
+        latest = self.checkpoints.latest() if self.checkpoints and self.cfg.checkpoint.resume \
+            else None
+        if latest:
+            self.step, _, rank_state = self.checkpoints.load(
+                latest, self.model_chunks, self.optimizer, self.scheduler)
+            if "reader" in rank_state:
+                self.train_reader.load_state_dict(rank_state["reader"])
+                self.train_iter = iter(self.train_reader)
+                self.collector.reader_iter = self.train_iter
+            if self.is_logging_rank:
+                print(f"resumed from {latest} at step {self.step}", flush=True)
+        elif self.cfg.model.init_from:
+            from megatron_ease.models.qwen_vl import load_model_checkpoint
+
+            path = load_model_checkpoint(self.model, self.cfg.model.init_from)
+            if self.is_logging_rank:
+                print(f"initialised policy from {path}", flush=True)
+
+    # -- supervised warm start -------------------------------------------------------------------
+
+    def warm_start(self) -> None:
+        """``train.warm_start_steps`` supervised steps on prompt + answer (its own Adam, lr
+        ``train.warm_start_lr``) so RL starts from a policy that answers in the task's format."""
+        cfg = self.cfg
+        reader = builders.build_reader(cfg, self.tokenizer, cfg.data.train_shards,
+                                       cfg.train.micro_batch_size, self.dp_rank, self.dp_size,
+                                       append_answer=True)
+        optimizer = builders.build_optimizer(cfg, self.model_chunks, lr=cfg.train.warm_start_lr)
+        batches = iter(reader)
+        for step in range(1, cfg.train.warm_start_steps + 1):
+            batch = next(batches)
+            labels = torch.full_like(batch["input_ids"], self.pad_id)
+            labels[:, :-1] = batch["input_ids"][:, 1:]
+            rows = torch.zeros_like(batch["response_mask"])
+            rows[:, :-1] = batch["response_mask"][:, 1:]  # label-shifted: predicts an answer token
+            n = labels.shape[0]
+            mb = MicroBatch(batch["input_ids"], batch["attention_mask"], labels, rows,
+                            batch["image_mask"], batch["pixel_values"], batch["image_grid_thw"],
+                            torch.zeros(n), torch.zeros(labels.shape), torch.zeros(n),
+                            torch.zeros(labels.shape, dtype=torch.bool))
+            metrics = supervised_step(cfg, self.model_chunks, optimizer, [mb], self.dp_group,
+                                      self.dp_size)
+            self.metrics.log(step, metrics, cfg.train.warm_start_steps, prefix="warm_start")
+
+    # -- one RL step -----------------------------------------------------------------------------
+
+    def train_step(self) -> dict:
+        cfg, t0 = self.cfg, time.perf_counter()
+        sampled = self.collector.collect(self.step, self.dp_group)  # B/DP mixed groups here
+        kept = sampled.batch
+        t_rollout = time.perf_counter() - t0
+        mini_batches = self.micro_batches(kept)
+        compute_old_log_probs(cfg, self.model_chunks, [mb for mini in mini_batches for mb in mini])
+        update_metrics = []
+        for _ in range(cfg.train.ppo_epochs):
+            for mini in mini_batches:
+                update_metrics.append(train_mini_batch(
+                    cfg, self.model_chunks, self.optimizer, mini, self.dp_group, self.dp_size,
+                    ease_active=cfg.ease.enabled and cfg.ease.loss_coeff > 0))
+        self.scheduler.step(1)
+        self.step += 1
+        return self.step_metrics(kept, sampled.stats, update_metrics,
+                                 time.perf_counter() - t0, t_rollout)
+
+    def micro_batches(self, kept: RolloutBatch) -> list[list[MicroBatch]]:
+        """Kept rollout groups -> mini-batches of micro-batches (this DP rank's share)."""
+        cfg, p = self.cfg, kept.payload
+        advantages = group_advantages(kept.reward, cfg.dapo.group_size)
+        n = kept.reward.shape[0]
+        per_mini = n // cfg.train.ppo_mini_batches
+        mbs = cfg.train.micro_batch_size
+        seqs = assemble_sequences(p["prompt_ids"], p["tokens"], p["lengths"], self.pad_id,
+                                  self.image_token_id)
+        target = place_at_image_tokens(seqs.image_mask, p["target"])
+        evidence = place_at_image_tokens(seqs.image_mask, p["evidence"], dtype=torch.bool)
+        has_target = torch.tensor([t is not None for t in p["target"]])
+        weight = (kept.accuracy > 0.5).float() * has_target.float()
+        out = []
+        for start in range(0, n, per_mini):
+            mini = []
+            for i in range(start, start + per_mini, mbs):
+                rows = slice(i, i + mbs)
+                idx = range(i, min(i + mbs, n))
+                mini.append(MicroBatch(
+                    input_ids=seqs.input_ids[rows], attention_mask=seqs.attention_mask[rows],
+                    labels=seqs.labels[rows], response_mask=seqs.response_mask[rows],
+                    image_mask=seqs.image_mask[rows],
+                    pixel_values=torch.cat([p["pixel_values"][j] for j in idx]),
+                    image_grid_thw=torch.cat([p["image_grid_thw"][j] for j in idx]),
+                    advantages=advantages[rows], ease_target=target[rows],
+                    ease_weight=weight[rows], evidence_mask=evidence[rows]))
+            out.append(mini)
+        return out
+
+    def step_metrics(self, kept: RolloutBatch, stats: dict, updates: list[dict],
+                     step_time: float, rollout_time: float) -> dict:
+        from megatron.core import parallel_state as ps
+
+        # Rollout statistics: identical on TP/PP peers, summed over DP.
+        lengths = kept.payload["lengths"].double()
+        local = torch.tensor([
+            float(kept.reward.sum()), float(kept.accuracy.sum()), float(kept.reward.numel()),
+            float(lengths.sum()), float((~kept.payload["parse_ok"]).sum()),
+        ] + [sum(u["_policy_sums"][k] for u in updates) for k in
+             ("dapo_loss", "clip_low", "clip_high", "clip_dual", "approx_kl", "tokens")],
+            dtype=torch.float64)
+        policy = local[5:].clone()
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            torch.distributed.all_reduce(policy, group=ps.get_pipeline_model_parallel_group())
+        local[5:] = policy
+        if self.dp_group is not None:
+            torch.distributed.all_reduce(local, group=self.dp_group)
+        reward, acc, n, tokens, unparsed = local[:5].tolist()
+        dapo_loss, clip_low, clip_high, clip_dual, kl, resp_tokens = local[5:].tolist()
+        n_updates = max(1, len(updates))
+        metrics = {
+            "reward": reward / n, "accuracy": acc / n, "response_length": tokens / n,
+            "unparsed": unparsed, "kept_groups": stats.get("num_groups"),
+            "mixed_groups": stats.get("kept_groups"),
+            "generated_groups": stats.get("generated_groups"),
+            "gen_batches": stats.get("gen_batches"),
+            "dapo_loss": dapo_loss / n_updates,
+            "clip_frac": (clip_low + clip_high) / max(1.0, resp_tokens),
+            "clip_dual_frac": clip_dual / max(1.0, resp_tokens),
+            "approx_kl": kl / max(1.0, resp_tokens),
+            "grad_norm": sum(u["grad_norm"] for u in updates) / n_updates,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "tokens_per_s": tokens / max(step_time, 1e-9),
+            "step_time": step_time, "rollout_time": rollout_time,
+            "max_rss_gb": psutil.Process().memory_info().rss / 2**30,
+        }
+        for key, name in (("ease/loss", "ease_loss"),
+                          ("ease/attention_in_evidence", "attn_in_evidence")):
+            values = [u[key] for u in updates if key in u]
+            if values:
+                metrics[name] = sum(values) / len(values)
+        return metrics
+
+    # -- validation ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, max_samples: Optional[int] = None) -> dict:
+        """Greedy accuracy (all, and anti-prior samples) and attention in evidence on held-out
+        shards, each DP rank on its own part."""
+        from megatron_ease.rl.rewards import compute_rewards
+
+        cfg = self.cfg
+        reader = builders.build_reader(cfg, self.tokenizer, cfg.data.eval_shards,
+                                       cfg.eval.batch_size, self.dp_rank, self.dp_size,
+                                       train=False)
+        limit = (max_samples or cfg.eval.samples) // self.dp_size
+        params = SamplingParams(max_new_tokens=cfg.dapo.max_response_length, temperature=0.0,
+                                n=1, stop_token_ids=tuple(self.stop_ids),
+                                suppress_token_ids=vision_token_ids(cfg))
+        totals = torch.zeros(6, dtype=torch.float64)  # correct, n, anti correct, anti n, ev, ev n
+        seen = 0
+        for batch in reader:
+            if seen >= limit:
+                break
+            prompts = split_prompts(batch)[:limit - seen]
+            seen += len(prompts)
+            out = self.engine.generate(prompts, params)
+            texts = self.tokenizer.batch_decode(
+                [out.tokens[i, :int(out.lengths[i])].tolist() for i in range(len(prompts))],
+                skip_special_tokens=True)
+            rewards = compute_rewards(texts, batch["answers"][:len(prompts)],
+                                      batch["answer_types"][:len(prompts)],
+                                      batch["choices"][:len(prompts)])
+            anti = torch.tensor([not r.get("answer_is_prior", False)
+                                 for r in batch["records"][:len(prompts)]], dtype=torch.float64)
+            acc = rewards.accuracy.double()
+            totals[:4] += torch.tensor([acc.sum(), len(prompts), (acc * anti).sum(), anti.sum()])
+            if cfg.ease.layers:
+                ev_sum, ev_n = self._evidence_attention(batch, prompts, out)
+                totals[4:] += torch.tensor([ev_sum, ev_n])
+        if self.dp_group is not None:
+            torch.distributed.all_reduce(totals, group=self.dp_group)
+        c, n, ac, an, ev, evn = totals.tolist()
+        metrics = {"accuracy": c / max(n, 1), "anti_prior_accuracy": ac / max(an, 1),
+                   "eval_samples": int(n)}
+        if evn > 0:
+            metrics["evidence_attention_mass"] = ev / evn
+        return metrics
+
+    def _evidence_attention(self, batch, prompts, out) -> tuple[float, float]:
+        """Σ over samples of attention-in-evidence (mean over EASE layers), and the count."""
+        from megatron_ease.ease.context import EaseContext
+
+        n = len(prompts)
+        seqs = assemble_sequences([p.input_ids for p in prompts], out.tokens, out.lengths,
+                                  self.pad_id, self.image_token_id)
+        targets = [image_values(batch, "evidence_target", i) for i in range(n)]
+        evidence = place_at_image_tokens(seqs.image_mask,
+                                         [image_values(batch, "evidence_mask", i)
+                                          for i in range(n)], dtype=torch.bool)
+        has = torch.tensor([t is not None for t in targets], dtype=torch.float32)
+        mb = MicroBatch(seqs.input_ids, seqs.attention_mask, seqs.labels, seqs.response_mask,
+                        seqs.image_mask, torch.cat([p.pixel_values for p in prompts]),
+                        torch.cat([p.image_grid_thw for p in prompts]), torch.zeros(n),
+                        place_at_image_tokens(seqs.image_mask, targets), has, evidence)
+        contexts = []
+
+        def contexts_for(m):
+            ctx = EaseContext(m.image_mask, m.response_mask, m.ease_target, m.ease_weight,
+                              normalizer=1.0, num_layers=len(self.cfg.ease.layers),
+                              gradient_scale=0.0, key_valid_mask=m.attention_mask,
+                              evidence_mask=m.evidence_mask)
+            contexts.append(ctx)
+            return ctx
+
+        def loss_fn(m, output):
+            return torch.zeros((), device=output.device), {}
+
+        for chunk in self.model_chunks:
+            chunk.eval()
+        _forward_backward(self.cfg, self.model_chunks, [mb], loss_fn, contexts_for,
+                          forward_only=True)
+        for chunk in self.model_chunks:
+            chunk.train()
+        # Per-layer sums of this stage's EASE layers, summed over pipeline stages only: DP ranks
+        # evaluate different numbers of batches, so nothing here may wait on DP peers.
+        from megatron.core import parallel_state as ps
+
+        sums = torch.zeros(2, dtype=torch.float64)
+        for record in (r for c in contexts for r in c.records.values()):
+            if record.evidence_samples is not None and float(record.evidence_samples) > 0:
+                sums += torch.tensor([float(record.evidence_attention_sum),
+                                      float(record.evidence_samples)])
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            torch.distributed.all_reduce(sums, group=ps.get_pipeline_model_parallel_group())
+        layers = len(self.cfg.ease.layers)
+        return float(sums[0]) / layers, float(sums[1]) / layers
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def save(self) -> None:
+        if self.checkpoints is None:
+            return
+        self.checkpoints.save(
+            self.step, self.model_chunks, self.optimizer, self.scheduler,
+            trainer_state={"config": config_to_dict(self.cfg)},
+            rank_state={"reader": self.train_reader.state_dict()})
+
+    def train(self) -> int:
+        """Run to ``train.steps``; returns the process exit status (75 = preempted, requeue)."""
+        from megatron_ease.training.preemption import EXIT_REQUEUE
+
+        cfg = self.cfg
+        preemption = PreemptionHandler()
+        try:
+            if self.step == 0 and cfg.train.warm_start_steps > 0 and not cfg.model.init_from:
+                self.warm_start()
+            while self.step < cfg.train.steps:
+                metrics = self.train_step()
+                self.metrics.log(self.step, metrics, cfg.train.steps)
+                if cfg.eval.interval and self.step % cfg.eval.interval == 0:
+                    self.metrics.log(self.step, self.evaluate(), cfg.train.steps, prefix="eval")
+                stop = preemption.should_stop()
+                if stop or (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0):
+                    self.save()
+                if stop:
+                    if self.is_logging_rank:
+                        print(f"preempted: saved step {self.step}, exiting {EXIT_REQUEUE}",
+                              flush=True)
+                    return EXIT_REQUEUE
+            if self.checkpoints is not None and (
+                    self.checkpoints.latest() is None
+                    or not self.checkpoints.latest().endswith(f"{self.step:07d}")):
+                self.save()
+            return 0
+        finally:
+            preemption.restore()
+            self.metrics.close()
+
+
+def run(cfg: Config) -> int:
+    os.makedirs(cfg.logging.run_dir, exist_ok=True)
+    return Trainer(cfg).train()

@@ -1,0 +1,165 @@
+"""Policy updates through megatron-core's schedule: π_old log-probs, then DAPO + λ·EASE.
+
+Scaling invariant (DESIGN §4–5): each micro-batch returns its token-loss *sum* divided by the
+mini-batch's global response-token count (all micro-batches, all DP ranks), multiplied by
+``num_microbatches · DP`` to undo the schedule's division by the micro-batch count and DDP's
+average over DP. The EASE term is injected by the layers themselves (auto-scaler) with the
+global gated count and ``ease_gradient_scale``. So the applied gradient is that of
+``L_DAPO + λ·L_EASE`` over the mini-batch, whatever the micro-batch count, DP, TP or PP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from functools import partial
+from typing import Optional
+
+import torch
+
+from megatron_ease.config import Config
+from megatron_ease.ease.context import (
+    EaseContext,
+    ease_context,
+    ease_gradient_scale,
+    global_gated_count,
+    reduce_ease_metrics,
+)
+from megatron_ease.models.qwen_vl.logprobs import vocab_parallel_log_probs
+from megatron_ease.rl.dapo import dapo_policy_loss_and_metrics
+
+
+@dataclass
+class MicroBatch:
+    input_ids: torch.Tensor  # [b, S]
+    attention_mask: torch.Tensor  # [b, S] bool
+    labels: torch.Tensor  # [b, S]
+    response_mask: torch.Tensor  # [b, S] bool, label-shifted
+    image_mask: torch.Tensor  # [b, S] bool
+    pixel_values: Optional[torch.Tensor]  # [patches, C·T·P·P]
+    image_grid_thw: Optional[torch.Tensor]  # [images, 3]
+    advantages: torch.Tensor  # [b]
+    ease_target: torch.Tensor  # [b, S] p* at image positions
+    ease_weight: torch.Tensor  # [b] gate: correct and has a target
+    evidence_mask: torch.Tensor  # [b, S] bool, E > 0
+    old_log_probs: Optional[torch.Tensor] = None  # [b, S], set on the last stage by π_old pass
+
+    @property
+    def num_response_tokens(self) -> int:
+        return int(self.response_mask.sum())
+
+
+def _forward_backward(cfg: Config, model_chunks, micro_batches: list[MicroBatch], loss_fn,
+                      contexts_for, forward_only: bool):
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    def forward_step(data_iterator, model):
+        mb = next(data_iterator)
+        context = contexts_for(mb)
+        with ease_context(model, context) if context is not None else contextlib.nullcontext():
+            output = model(mb.input_ids, attention_mask=mb.attention_mask,
+                           pixel_values=mb.pixel_values, image_grid_thw=mb.image_grid_thw)
+        return output, partial(loss_fn, mb)
+
+    return get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(micro_batches), model=model_chunks,
+        num_microbatches=len(micro_batches), seq_length=micro_batches[0].input_ids.shape[1],
+        micro_batch_size=micro_batches[0].input_ids.shape[0], forward_only=forward_only)
+
+
+@torch.no_grad()
+def compute_old_log_probs(cfg: Config, model_chunks, micro_batches: list[MicroBatch]) -> None:
+    """π_old: one forward pass of the current policy; stored on the last stage's micro-batches."""
+    temperature = cfg.dapo.temperature
+
+    def loss_fn(mb, output):
+        log_probs = vocab_parallel_log_probs(output, mb.labels, temperature)
+        return torch.zeros((), device=output.device), {"log_probs": log_probs}
+
+    for chunk in model_chunks:
+        chunk.eval()
+    outputs = _forward_backward(cfg, model_chunks, micro_batches, loss_fn, lambda mb: None,
+                                forward_only=True)
+    for chunk in model_chunks:
+        chunk.train()
+    for mb, out in zip(micro_batches, outputs or []):
+        mb.old_log_probs = out["log_probs"]
+
+
+def train_mini_batch(cfg: Config, model_chunks, optimizer, micro_batches: list[MicroBatch],
+                     dp_group, dp_size: int, ease_active: bool) -> dict:
+    """One optimizer step on a mini-batch; returns metric sums (reduce them with the DP group)."""
+    d = cfg.dapo
+    local_tokens = torch.tensor([float(sum(mb.num_response_tokens for mb in micro_batches))],
+                                dtype=torch.float64)
+    if dp_group is not None:
+        torch.distributed.all_reduce(local_tokens, group=dp_group)
+    global_tokens = float(local_tokens)
+    undo = len(micro_batches) * dp_size
+
+    def loss_fn(mb, output):
+        log_probs = vocab_parallel_log_probs(output, mb.labels, d.temperature)
+        loss, sums = dapo_policy_loss_and_metrics(
+            log_probs, mb.old_log_probs, mb.advantages, mb.response_mask, d.clip_low,
+            d.clip_high, d.clip_c, num_tokens=global_tokens)
+        return loss * undo, {"dapo_loss": loss.detach().double(), **sums}
+
+    contexts = []
+    if ease_active or cfg.ease.layers:
+        normalizer = global_gated_count([mb.ease_weight for mb in micro_batches], group=dp_group)
+        scale = ease_gradient_scale(cfg.ease.loss_coeff if ease_active else 0.0,
+                                    data_parallel_size=dp_size)
+
+        def contexts_for(mb):
+            context = EaseContext(
+                mb.image_mask, mb.response_mask, mb.ease_target, mb.ease_weight,
+                normalizer=normalizer, num_layers=len(cfg.ease.layers), gradient_scale=scale,
+                key_valid_mask=mb.attention_mask, evidence_mask=mb.evidence_mask,
+                divergence=cfg.ease.divergence, chunk_size=cfg.ease.chunk_size)
+            contexts.append(context)
+            return context
+    else:
+        def contexts_for(mb):
+            return None
+
+    for chunk in model_chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    outputs = _forward_backward(cfg, model_chunks, micro_batches, loss_fn, contexts_for,
+                                forward_only=False)
+    ok, grad_norm, _ = optimizer.step()
+    sums = {"dapo_loss": 0.0, "clip_low": 0.0, "clip_high": 0.0, "clip_dual": 0.0,
+            "approx_kl": 0.0, "ratio": 0.0, "tokens": 0.0}
+    for out in outputs or []:
+        for k in sums:
+            sums[k] += float(out[k])
+    metrics = {"update_ok": float(bool(ok)), "grad_norm": float(grad_norm or 0.0),
+               "_policy_sums": sums}
+    if cfg.ease.layers:
+        metrics.update(reduce_ease_metrics(contexts, cfg.ease.layers))
+    return metrics
+
+
+def supervised_step(cfg: Config, model_chunks, optimizer, micro_batches: list[MicroBatch],
+                    dp_group, dp_size: int) -> dict:
+    """One supervised (cross-entropy on the response rows) optimizer step: the warm start."""
+    local_tokens = torch.tensor([float(sum(mb.num_response_tokens for mb in micro_batches))],
+                                dtype=torch.float64)
+    if dp_group is not None:
+        torch.distributed.all_reduce(local_tokens, group=dp_group)
+    global_tokens = max(1.0, float(local_tokens))
+    undo = len(micro_batches) * dp_size
+
+    def loss_fn(mb, output):
+        log_probs = vocab_parallel_log_probs(output, mb.labels)
+        nll = -torch.where(mb.response_mask, log_probs, torch.zeros_like(log_probs)).sum()
+        loss = nll / global_tokens
+        return loss * undo, {"sft_loss": loss.detach().double()}
+
+    for chunk in model_chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    outputs = _forward_backward(cfg, model_chunks, micro_batches, loss_fn, lambda mb: None,
+                                forward_only=False)
+    optimizer.step()
+    return {"sft_loss": sum(float(o["sft_loss"]) for o in outputs or [])}

@@ -1,0 +1,489 @@
+"""EASE inside a megatron-core model (DESIGN §4): a tiny GPTModel whose token sequence holds a fake
+image region, EASE layers chosen by spec, TP/PP/DP layouts against single-process autograd of
+``L_main + λ·L_EASE``, recomputation, bf16, and bit-identity with the plain model when off."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import pytest
+import torch
+
+from megatron_ease.ease.attention import image_attention_mass
+from megatron_ease.ease.loss import ease_alignment_loss
+from tests.harness import run_distributed
+from tests.megatron_utils import assert_close_dicts, deterministic_init_, gathered_grads
+from tests.unit.test_ease_attention import naive_image_attention_mass
+
+VOCAB, SEQ, BATCH, NUM_LAYERS = 64, 16, 4, 4
+EASE_LAYERS = (1, 2)  # 0-based global: one on each stage at PP=2 (layers 0-1 | 2-3)
+LAMBDA = 0.5  # large, so that a wrong EASE gradient shows above float noise
+
+
+def _config(recompute=False, bf16=False):
+    from megatron.core import parallel_state
+    from megatron.core.transformer import TransformerConfig
+
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    extra = dict(recompute_granularity="full", recompute_method="uniform",
+                 recompute_num_layers=1) if recompute else {}
+    return TransformerConfig(
+        num_layers=NUM_LAYERS, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+        ffn_hidden_size=64, normalization="RMSNorm", add_bias_linear=False, add_qkv_bias=True,
+        gated_linear_unit=True, activation_func=torch.nn.functional.silu,
+        hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True,
+        params_dtype=dtype, pipeline_dtype=dtype, bf16=bf16,
+        # As on GPU: stage outputs are freed after the send, so nothing may alias them.
+        deallocate_pipeline_outputs=True,
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        **extra,
+    )
+
+
+def _tiny_gpt(ease_layers=EASE_LAYERS, recompute=False, bf16=False, plain_spec=False):
+    """The GPT of test_megatron_parallel, built from a per-layer spec list with EASE layers.
+
+    ``plain_spec`` builds it the ordinary way (one layer ModuleSpec), to check that the spec route
+    changes nothing.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from megatron_ease.ease.specs import ease_block_spec, ease_layer_specs
+
+    config = _config(recompute, bf16)
+    layer_spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = layer_spec if plain_spec else ease_block_spec(
+        config, ease_layer_specs(layer_spec, NUM_LAYERS, ease_layers))
+    model = GPTModel(config, spec, VOCAB, SEQ,
+                     pre_process=parallel_state.is_pipeline_first_stage(),
+                     post_process=parallel_state.is_pipeline_last_stage(),
+                     position_embedding_type="rope")
+    deterministic_init_(model, parallel_state.get_tensor_model_parallel_rank(),
+                        parallel_state.get_tensor_model_parallel_world_size())
+    return model
+
+
+def _batch():
+    """Prompt with a 6-token "image" (different offsets), a response, right padding on sample 1.
+
+    Gates [1, 0, 1, 1] put one gated sample on DP rank 0 and two on rank 1, so only the global
+    normaliser makes the DP split agree with the single batch.
+    """
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=gen)
+    image = torch.zeros(BATCH, SEQ, dtype=torch.bool)
+    evidence = torch.zeros_like(image)
+    response = torch.zeros_like(image)  # label-shifted response rows = DAPO loss positions
+    valid = torch.ones_like(image)
+    for b in range(BATCH):
+        start = 1 + b % 2
+        image[b, start:start + 6] = True
+        evidence[b, start + 1:start + 4] = True
+        length = SEQ - 3 if b == 1 else SEQ
+        valid[b, length:] = False
+        first_response_token = 9 + b % 3
+        response[b, first_response_token - 1:length - 1] = True
+    p = torch.rand(BATCH, SEQ, generator=gen, dtype=torch.float64) * evidence
+    p = p / p.sum(dim=1, keepdim=True)
+    target = ((0.9 * p + 0.1 / 6) * image).float()
+    causal = torch.triu(torch.ones(SEQ, SEQ, dtype=torch.bool), diagonal=1)
+    attention_mask = (causal[None] | ~valid[:, None, :]).unsqueeze(1)  # [b, 1, s, s], True = masked
+    return dict(tokens=tokens[:, :-1].contiguous(), labels=tokens[:, 1:].contiguous(),
+                position_ids=torch.arange(SEQ).expand(BATCH, SEQ), attention_mask=attention_mask,
+                image_mask=image, evidence_mask=evidence, response_mask=response,
+                key_valid_mask=valid, target=target, weight=torch.tensor([1.0, 0.0, 1.0, 1.0]))
+
+
+def _select(batch, index):
+    return {k: v[index] for k, v in batch.items()}
+
+
+def _context(mb, normalizer, gradient_scale, **kwargs):
+    from megatron_ease.ease.context import EaseContext
+
+    return EaseContext(mb["image_mask"], mb["response_mask"], mb["target"], mb["weight"],
+                       normalizer=normalizer, num_layers=len(EASE_LAYERS),
+                       gradient_scale=gradient_scale, key_valid_mask=mb["key_valid_mask"],
+                       evidence_mask=mb["evidence_mask"], **kwargs)
+
+
+def _token_losses(model, mb):
+    return model(mb["tokens"], mb["position_ids"], mb["attention_mask"], labels=mb["labels"])
+
+
+def _core_attention(model, layer):
+    return model.decoder.layers[layer].self_attention.core_attention
+
+
+def _capture_qk(model, layers):
+    """Post-rotary query/key entering each listed layer's core attention, [s, b, heads, d]."""
+    captured = {}
+    for layer in layers:
+        def hook(module, args, layer=layer):
+            captured[layer] = (args[0], args[1])
+
+        _core_attention(model, layer).register_forward_pre_hook(hook)
+    return captured
+
+
+def _reference_step(batch):
+    """Single process, single micro-batch: autograd of L_main + λ·L_EASE on the plain model.
+
+    L_main is the token mean over the batch's response tokens; L_EASE the gated mean (global Σw)
+    averaged over layers, from ``image_attention_mass`` on q/k taken by hooks. Needs TP = PP = 1.
+    """
+    model = _tiny_gpt(ease_layers=())
+    qk = _capture_qk(model, EASE_LAYERS)
+    token_losses = _token_losses(model, batch)
+    loss_mask = batch["response_mask"].float()
+    main = (token_losses * loss_mask).sum() / loss_mask.sum()
+    layer_losses = {}
+    for layer, (q, k) in qk.items():
+        mass = image_attention_mass(q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3),
+                                    batch["image_mask"], batch["response_mask"],
+                                    key_valid_mask=batch["key_valid_mask"])
+        layer_losses[layer] = ease_alignment_loss(mass, batch["target"], batch["image_mask"],
+                                                  batch["weight"])
+    ease = sum(layer_losses.values()) / len(layer_losses)
+    (main + LAMBDA * ease).backward()
+    return {"main": main.detach(), "ease": ease.detach(),
+            "layers": {k: v.detach() for k, v in layer_losses.items()},
+            "grads": gathered_grads(model)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor parallel: one forward/backward with autograd, EASE term injected by the layers.
+
+
+def _tp_step():
+    from megatron.core import parallel_state
+
+    from megatron_ease.ease.context import ease_context
+
+    batch = _batch()
+    model = _tiny_gpt()
+    qk = _capture_qk(model, EASE_LAYERS)
+    context = _context(batch, normalizer=batch["weight"].sum(), gradient_scale=LAMBDA,
+                       keep_mass=True)
+    with ease_context(model, context):
+        token_losses = _token_losses(model, batch)
+    loss_mask = batch["response_mask"].float()
+    ((token_losses * loss_mask).sum() / loss_mask.sum()).backward()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    out = {"tp": tp, "grads": gathered_grads(model),
+           "layers": {k: r.loss for k, r in context.records.items()},
+           "mass": {k: r.mass for k, r in context.records.items()},
+           "evidence": {k: r.evidence_attention_sum / r.evidence_samples
+                        for k, r in context.records.items()}}
+    if tp == 1:
+        # The layer's mass is the naive full-softmax slice of the q/k it was given.
+        out["naive_mass"] = {
+            layer: naive_image_attention_mass(
+                q.detach().double().permute(1, 2, 0, 3), k.detach().double().permute(1, 2, 0, 3),
+                batch["image_mask"], batch["response_mask"], valid=batch["key_valid_mask"])
+            for layer, (q, k) in qk.items()}
+        out["reference"] = _reference_step(batch)
+    return out
+
+
+def test_ease_in_model_matches_reference_and_tensor_parallel_2_matches_single_rank():
+    single = run_distributed(_tp_step, tensor_model_parallel_size=1)[0]
+    ref = single["reference"]
+    assert sorted(single["layers"]) == list(EASE_LAYERS)
+    for layer in EASE_LAYERS:
+        torch.testing.assert_close(single["mass"][layer].double(), single["naive_mass"][layer],
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(single["layers"][layer], ref["layers"][layer],
+                                   atol=1e-6, rtol=1e-6)
+        assert 0 < single["evidence"][layer] < 1
+    assert ref["ease"] > 0.1, "the test needs a sizeable EASE term"
+    assert_close_dicts(single["grads"], ref["grads"], atol=2e-6)
+
+    for out in run_distributed(_tp_step, tensor_model_parallel_size=2):
+        assert out["tp"] == 2
+        for layer in EASE_LAYERS:
+            torch.testing.assert_close(out["mass"][layer], single["mass"][layer],
+                                       atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(out["layers"][layer], single["layers"][layer],
+                                       atol=1e-6, rtol=1e-6)
+        assert_close_dicts(out["grads"], single["grads"], atol=2e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipeline parallel through megatron-core's schedule, with and without full recomputation.
+
+
+def _schedule_step(num_microbatches, recompute=False, ddp=False):
+    """One step through get_forward_backward_func on this rank's share of the batch.
+
+    Main loss: token sum over the global token count, times what undoes the schedule's
+    /num_microbatches and DDP's DP average; EASE: global Σw and ``ease_gradient_scale``.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_ease.ease.context import (
+        ease_attention_modules,
+        ease_context,
+        ease_gradient_scale,
+        global_gated_count,
+        reduce_ease_metrics,
+    )
+
+    batch = _batch()
+    model = _tiny_gpt(recompute=recompute)
+    ease_modules = sorted(m.ease_layer_index for m in ease_attention_modules(model))
+    dp = parallel_state.get_data_parallel_world_size() if ddp else 1
+    if ddp:
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+        model = DistributedDataParallel(
+            model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+        rank = parallel_state.get_data_parallel_rank()
+        batch = _select(batch, slice(rank * BATCH // dp, (rank + 1) * BATCH // dp))
+    mbs = batch["tokens"].shape[0] // num_microbatches
+    micro = [_select(batch, slice(i * mbs, (i + 1) * mbs)) for i in range(num_microbatches)]
+
+    # Without DDP every rank runs its own copy of the step: nothing to reduce over DP.
+    group = parallel_state.get_data_parallel_group() if ddp else _own_group()
+    normalizer = global_gated_count([mb["weight"] for mb in micro], group=group)
+    num_tokens = torch.tensor(float(batch["response_mask"].sum()))
+    if ddp:
+        torch.distributed.all_reduce(num_tokens, group=group)
+    scale = ease_gradient_scale(LAMBDA, data_parallel_size=dp)
+    contexts = []
+
+    def forward_step(data_iterator, model):
+        mb = next(data_iterator)
+        context = _context(mb, normalizer, scale)
+        contexts.append(context)
+        with ease_context(model, context):
+            output = _token_losses(model, mb)
+        mask = mb["response_mask"].float()
+
+        def loss_func(token_losses):
+            loss = (token_losses * mask).sum() / num_tokens
+            return loss * num_microbatches * dp, {"loss": loss.detach()}
+
+        return output, loss_func
+
+    with _counting_aux_backward() as aux_backward_calls:
+        losses = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(micro), model=[model],
+            num_microbatches=num_microbatches, seq_length=SEQ, micro_batch_size=mbs,
+            forward_only=False)
+    if ddp:
+        model.finish_grad_sync()
+        model = model.module
+    metrics = reduce_ease_metrics(contexts, EASE_LAYERS, data_parallel_group=group)
+    out = {"stage": parallel_state.get_pipeline_model_parallel_rank(),
+           "grads": gathered_grads(model), "ease_modules": ease_modules, "metrics": metrics,
+           "aux_backward_calls": aux_backward_calls[0],
+           "main": sum(d["loss"] for d in losses) if losses else None,
+           "records": [{k: r.loss for k, r in c.records.items()} for c in contexts]}
+    if parallel_state.get_tensor_model_parallel_world_size() == 1 and \
+            parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        out["reference"] = _reference_step(_batch())
+    return out
+
+
+@contextlib.contextmanager
+def _counting_aux_backward():
+    """Count the auto-scaler's backward calls: the EASE gradient injections."""
+    from megatron_ease.ease.loss import EaseLossAutoScaler
+
+    calls = [0]
+    original = EaseLossAutoScaler.backward
+
+    def backward(ctx, grad):
+        calls[0] += 1
+        return original(ctx, grad)
+
+    EaseLossAutoScaler.backward = staticmethod(backward)
+    try:
+        yield calls
+    finally:
+        EaseLossAutoScaler.backward = staticmethod(original)
+
+
+def _own_group():
+    """A process group of this rank alone (new_group is collective: every rank makes them all)."""
+    world = torch.distributed.get_world_size()
+    return [torch.distributed.new_group([r]) for r in range(world)][torch.distributed.get_rank()]
+
+
+def test_ease_pipeline_parallel_2_with_and_without_recompute_matches_single_stage():
+    ref = run_distributed(_schedule_step, 2, pipeline_model_parallel_size=1)[0]
+    torch.testing.assert_close(ref["main"], ref["reference"]["main"], atol=1e-6, rtol=0)
+    assert ref["metrics"]["ease/loss"] == pytest.approx(float(ref["reference"]["ease"]), rel=1e-5)
+    assert_close_dicts(ref["grads"], ref["reference"]["grads"], atol=2e-6)
+    assert ref["aux_backward_calls"] == 4  # 2 layers x 2 micro-batches
+
+    for recompute in (False, True):
+        stages = run_distributed(_schedule_step, 2, recompute, pipeline_model_parallel_size=2)
+        assert [s["stage"] for s in stages] == [0, 1]
+        # Layer 1 lives on stage 0 and layer 2 on stage 1: global indices, not local ones.
+        assert [s["ease_modules"] for s in stages] == [[1], [2]]
+        # Every micro-batch's context was filled exactly by its own stage's layer.
+        assert [list(r) for r in stages[0]["records"]] == [[1], [1]]
+        assert [list(r) for r in stages[1]["records"]] == [[2], [2]]
+        # One injection per layer and micro-batch: a recomputed layer does not inject twice.
+        assert [s["aux_backward_calls"] for s in stages] == [2, 2]
+        torch.testing.assert_close(stages[1]["main"], ref["main"], atol=1e-6, rtol=0)
+        for stage in stages:
+            assert stage["metrics"] == pytest.approx(ref["metrics"], rel=1e-5)
+        merged = {**stages[0]["grads"], **stages[1]["grads"]}
+        assert_close_dicts(merged, ref["grads"], atol=2e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scaling invariant: DP=2 × 2 micro-batches after DDP's reduction == one batch, one process.
+
+
+def test_ease_data_parallel_micro_batches_match_single_batch_step():
+    for out in run_distributed(_schedule_step, 2, False, True):
+        ref = out["reference"]
+        assert out["metrics"]["ease/loss"] == pytest.approx(float(ref["ease"]), rel=1e-5)
+        for layer in EASE_LAYERS:
+            assert out["metrics"][f"ease/loss/layer_{layer}"] == pytest.approx(
+                float(ref["layers"][layer]), rel=1e-5)
+        assert_close_dicts(out["grads"], ref["grads"], atol=2e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Off means off: no context, or λ = 0, is the plain model bit for bit.
+
+
+def _outputs_and_grads(model, mb, context=None):
+    from megatron_ease.ease.context import ease_context
+
+    with ease_context(model, context):
+        token_losses = _token_losses(model, mb)
+    token_losses.sum().backward()
+    return token_losses.detach(), gathered_grads(model)
+
+
+def _off_equals_plain(recompute):
+    batch = _batch()
+    plain = _outputs_and_grads(_tiny_gpt(plain_spec=True, recompute=recompute), batch)
+    no_context = _outputs_and_grads(_tiny_gpt(recompute=recompute), batch)
+    zero = _context(batch, normalizer=3.0, gradient_scale=0.0)
+    zero_coeff = _outputs_and_grads(_tiny_gpt(recompute=recompute), batch, zero)
+    return plain, no_context, zero_coeff, {k: r.loss for k, r in zero.records.items()}
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_ease_layers_without_context_or_with_zero_coeff_are_bit_identical(recompute):
+    for plain, no_context, zero_coeff, zero_records in run_distributed(
+            _off_equals_plain, recompute, tensor_model_parallel_size=2):
+        for other in (no_context, zero_coeff):
+            assert torch.equal(other[0], plain[0])
+            assert other[1].keys() == plain[1].keys()
+            assert all(torch.equal(other[1][k], plain[1][k]) for k in plain[1])
+        # λ = 0 still measures: the loss is recorded for logging.
+        assert sorted(zero_records) == list(EASE_LAYERS)
+        assert all(v > 0 for v in zero_records.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# bf16: mass and loss in fp32, gradients close to the fp32 model's.
+
+
+def _bf16_step(bf16):
+    from megatron_ease.ease.context import ease_context
+
+    batch = _batch()
+    model = _tiny_gpt(bf16=bf16)
+    context = _context(batch, normalizer=3.0, gradient_scale=LAMBDA, keep_mass=True)
+    with ease_context(model, context):
+        token_losses = _token_losses(model, batch)
+    loss_mask = batch["response_mask"].float()
+    ((token_losses.float() * loss_mask).sum() / loss_mask.sum()).backward()
+    grads = {k: v.float() for k, v in gathered_grads(model).items()}
+    return {"mass": {k: r.mass for k, r in context.records.items()},
+            "layers": {k: r.loss for k, r in context.records.items()}, "grads": grads}
+
+
+def test_ease_in_bf16_computes_mass_in_fp32():
+    fp32 = run_distributed(_bf16_step, False, tensor_model_parallel_size=2)[0]
+    bf16 = run_distributed(_bf16_step, True, tensor_model_parallel_size=2)[0]
+    for layer in EASE_LAYERS:
+        assert bf16["mass"][layer].dtype == torch.float32
+        assert bf16["layers"][layer].dtype == torch.float32
+        torch.testing.assert_close(bf16["mass"][layer], fp32["mass"][layer], atol=0.05, rtol=0.02)
+        torch.testing.assert_close(bf16["layers"][layer], fp32["layers"][layer],
+                                   atol=0.01, rtol=0.02)
+    for name, grad in bf16["grads"].items():
+        assert torch.isfinite(grad).all(), name
+        scale = fp32["grads"][name].abs().max().clamp(min=1e-3)
+        assert (grad - fp32["grads"][name]).abs().max() <= 0.05 * scale, name
+
+
+# ---------------------------------------------------------------------------------------------
+# Specs and refusals (no process group needed).
+
+
+def test_ease_layer_specs_swap_only_the_selected_layers_core_attention():
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    from megatron_ease.ease.layer import EaseDotProductAttention, ease_core_attention
+    from megatron_ease.ease.specs import ease_attention_spec, ease_layer_specs
+
+    base = get_gpt_layer_local_spec(normalization="RMSNorm")
+    specs = ease_layer_specs(base, 4, [0, 3])
+    assert [s is base for s in specs] == [False, True, True, False]
+    core = specs[0].submodules.self_attention.submodules.core_attention
+    assert core is EaseDotProductAttention and issubclass(core, DotProductAttention)
+    assert base.submodules.self_attention.submodules.core_attention is DotProductAttention
+    assert ease_layer_specs(base, 4, []) == [base] * 4
+    assert ease_core_attention(EaseDotProductAttention) is EaseDotProductAttention
+    # A core attention given as a ModuleSpec (as TE specs may) keeps its params.
+    attention = base.submodules.self_attention
+    as_spec = dataclasses.replace(attention, submodules=dataclasses.replace(
+        attention.submodules,
+        core_attention=ModuleSpec(module=DotProductAttention, params={"attention_dropout": 0.0})))
+    swapped = ease_attention_spec(as_spec).submodules.core_attention
+    assert swapped.module is EaseDotProductAttention
+    assert swapped.params == {"attention_dropout": 0.0}
+    with pytest.raises(ValueError, match=r"ease.layers \[4\] out of range"):
+        ease_layer_specs(base, 4, [4])
+
+
+def test_ease_layer_refuses_context_parallelism():
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megatron_ease.ease.layer import EaseDotProductAttention
+
+    config = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4,
+                               context_parallel_size=2, use_cpu_initialization=True)
+    with pytest.raises(ValueError, match="context parallelism .* not supported with EASE"):
+        EaseDotProductAttention(config=config, layer_number=2, attn_mask_type=AttnMaskType.causal,
+                                attention_type="self")
+
+
+def test_ease_context_checks_shapes():
+    batch = _batch()
+    with pytest.raises(ValueError, match="weight must have shape"):
+        _context({**batch, "weight": batch["weight"][:2]}, 3.0, 1.0)
+    with pytest.raises(ValueError, match="response_mask must be a bool tensor"):
+        _context({**batch, "response_mask": batch["response_mask"].float()}, 3.0, 1.0)
+
+
+def test_ease_gradient_scale_cancels_what_megatron_does_to_gradients():
+    from megatron_ease.ease.context import ease_gradient_scale
+
+    # DDP averages over DP: multiply back by DP (never by the micro-batch count).
+    assert ease_gradient_scale(0.1, data_parallel_size=4) == pytest.approx(0.4)
+    # fp16: the optimizer divides every gradient by its loss scale.
+    assert ease_gradient_scale(0.1, data_parallel_size=2, loss_scale=1024.0) == \
+        pytest.approx(204.8)
+    # calculate_per_token_loss: DDP sums, finalize_model_grads divides by the global token count.
+    assert ease_gradient_scale(0.1, data_parallel_size=2, global_num_tokens=torch.tensor(500)) == \
+        pytest.approx(50.0)

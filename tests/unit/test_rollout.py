@@ -1,0 +1,398 @@
+"""Rollout engine: KV-cache greedy = full recompute = HF generate; sampling reproducible and equal
+on TP ranks; log-probs = a teacher-forced forward; PP=2 = PP=1; EOS / stop strings; Qwen-VL
+prompts with images (vision once per prompt, greedy = HF generate)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_ease.rl.rollout import Prompt, PromptBatch, RolloutOutput
+from megatron_ease.rl.sampling import SamplingParams, sample_next_tokens, top_p_removed
+from tests.harness import run_distributed
+from tests.megatron_utils import deterministic_init_
+
+VOCAB, PAD = 96, 0
+PROMPT_LENGTHS = (3, 7, 5, 7)
+
+
+def _gpt(pre_process=True, post_process=True):
+    """A tiny Qwen2-like megatron GPTModel (RMSNorm, GQA, qkv bias, SwiGLU, rope), peaked logits."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer import TransformerConfig
+
+    config = TransformerConfig(
+        num_layers=4, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+        ffn_hidden_size=64, normalization="RMSNorm", add_bias_linear=False, add_qkv_bias=True,
+        gated_linear_unit=True, activation_func=torch.nn.functional.silu,
+        hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True,
+        params_dtype=torch.float32, pipeline_dtype=torch.float32,
+        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size())
+    model = GPTModel(config, get_gpt_layer_local_spec(normalization="RMSNorm"), VOCAB, 64,
+                     pre_process=pre_process, post_process=post_process,
+                     position_embedding_type="rope")
+    deterministic_init_(model, ps.get_tensor_model_parallel_rank(),
+                        ps.get_tensor_model_parallel_world_size(), scale=0.2)
+    return model
+
+
+def _prompts():
+    gen = torch.Generator().manual_seed(0)
+    return [Prompt(torch.randint(1, VOCAB, (n,), generator=gen)) for n in PROMPT_LENGTHS]
+
+
+def _engine(model, **kwargs):
+    from megatron_ease.rl.rollout import MegatronRolloutEngine
+
+    return MegatronRolloutEngine(model, pad_token_id=PAD, **kwargs)
+
+
+def _full_forward_logits(model, input_ids, valid):
+    """No-cache forward of ``[b, s]`` tokens with a causal ∧ valid-key mask; TP-gathered logits."""
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    s = input_ids.shape[1]
+    mask = ~(torch.ones(s, s, dtype=torch.bool).tril()[None, None] & valid[:, None, None, :])
+    with torch.no_grad():
+        logits = model(input_ids, torch.arange(s).expand_as(input_ids), mask)
+    return gather_from_tensor_model_parallel_region(logits)  # [b, s, V]
+
+
+def _teacher_forced_log_probs(logits_fn, batch: PromptBatch, out: RolloutOutput, n: int,
+                              temperature: float):
+    """``log softmax(logits / T)`` of the rollout tokens from one forward over prompt + response."""
+    rows = torch.arange(batch.input_ids.shape[0]).repeat_interleave(n)
+    input_ids = torch.cat([batch.input_ids[rows], out.tokens], dim=1)
+    valid = torch.cat([batch.attention_mask[rows], out.response_mask], dim=1)
+    logits = logits_fn(input_ids, valid)
+    p = batch.input_ids.shape[1]
+    pred = logits[:, p - 1:-1].float() / (temperature or 1.0)  # position t predicts token t + 1
+    return torch.log_softmax(pred, dim=-1).gather(-1, out.tokens[..., None])[..., 0]
+
+
+# -- workers (every gloo rank) ---------------------------------------------------------------------
+
+def _greedy_worker(max_new_tokens: int):
+    """Greedy rollouts with the KV cache, the same by full recompute, and the model's weights;
+    sampled rollouts with the rollout attention path and with megatron-core's own."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from megatron_ease.models.qwen_vl.hf_weights import canonical_parameters
+    from megatron_ease.rl.inference_adapters import GPTRolloutAdapter
+    from megatron_ease.rl.rollout_attention import SdpaCoreAttention
+
+    model = _gpt()
+    prompts = _prompts()
+    out = _engine(model).generate(prompts, SamplingParams(max_new_tokens=max_new_tokens,
+                                                          temperature=0))
+    sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, n=2, seed=1)
+    paths = {}
+    for name, options in {"rollout": {},
+                          "megatron": dict(cache_rotated_keys=False, attention_backend="model")
+                          }.items():
+        adapter = GPTRolloutAdapter(model, **options)
+        paths[name] = _engine(model, adapter=adapter).generate(prompts, sampling)
+    attentions = [layer.self_attention for layer in model.decoder.layers]
+    restored = all(isinstance(a.core_attention, DotProductAttention)
+                   and "_adjust_key_value_for_inference" not in a.__dict__ for a in attentions)
+    attentions[0].core_attention = SdpaCoreAttention(model.config)  # not the local attention
+    try:
+        _engine(model, adapter=GPTRolloutAdapter(model, attention_backend="model")).generate(
+            prompts, sampling)
+        refused = None
+    except NotImplementedError as e:
+        refused = str(e)
+    batch = PromptBatch.left_padded(prompts, PAD)
+    ids, valid, ref, ref_logp = batch.input_ids, batch.attention_mask, [], []
+    for _ in range(max_new_tokens):
+        logits = _full_forward_logits(model, ids, valid)[:, -1]
+        token = logits.argmax(-1)
+        ref.append(token)
+        ref_logp.append(torch.log_softmax(logits, -1).gather(-1, token[:, None])[:, 0])
+        ids = torch.cat([ids, token[:, None]], dim=1)
+        valid = torch.cat([valid, torch.ones(len(prompts), 1, dtype=torch.bool)], dim=1)
+    params = {n: p.detach().clone() for n, p in canonical_parameters(model).items()}
+    return {"out": out, "ref": torch.stack(ref, 1), "ref_log_probs": torch.stack(ref_logp, 1),
+            "params": params, "training": model.training, "paths": paths, "restored": restored,
+            "refused": refused}
+
+
+def _sampling_worker(seed: int, temperature: float, top_p: float, n: int):
+    """Sampled rollouts (twice with one seed, once with another), their teacher-forced log-probs,
+    and the same rollouts with an EOS and with a stop string taken from the first run."""
+    model = _gpt()
+    engine = _engine(model, detokenize=_detokenize)
+    prompts = _prompts()
+    params = SamplingParams(max_new_tokens=12, temperature=temperature, top_p=top_p, n=n,
+                            seed=seed)
+    out = engine.generate(prompts, params)
+    again = engine.generate(prompts, params)
+    other = engine.generate(prompts, SamplingParams(**{**params.__dict__, "seed": seed + 1}))
+    forced = _teacher_forced_log_probs(lambda i, v: _full_forward_logits(model, i, v),
+                                       PromptBatch.left_padded(prompts, PAD), out, n, temperature)
+    eos = int(out.tokens[0, 2])
+    stop_string = _detokenize(out.tokens[1, 4:6].tolist())
+    with_eos = engine.generate(prompts, SamplingParams(**{**params.__dict__,
+                                                          "stop_token_ids": (eos,)}))
+    with_stop = engine.generate(prompts, SamplingParams(**{**params.__dict__,
+                                                           "stop_strings": (stop_string,)}))
+    return {"out": out, "again": again, "other": other, "forced": forced, "eos": eos,
+            "with_eos": with_eos, "stop_string": stop_string, "with_stop": with_stop}
+
+
+def _detokenize(ids):
+    """A toy tokenizer: one letter per token id."""
+    return "".join(chr(ord("a") + i % 26) for i in ids)
+
+
+def _pipeline_worker():
+    from megatron.core import parallel_state as ps
+
+    model = _gpt(pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
+    engine = _engine(model, max_rollouts_per_batch=6)  # 3 prompts x 2 samples, then 1 x 2
+    prompts = _prompts()
+    greedy = engine.generate(prompts, SamplingParams(max_new_tokens=8, temperature=0))
+    sampled = engine.generate(prompts, SamplingParams(max_new_tokens=8, temperature=1.0, n=2,
+                                                      top_p=0.95, seed=3))
+    return {"greedy": greedy, "sampled": sampled}
+
+
+# -- sampler ---------------------------------------------------------------------------------------
+
+def test_top_p_filter_matches_hf_top_p_warper():
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0)) * 3
+    for top_p in (0.05, 0.5, 0.9, 0.999):
+        want = TopPLogitsWarper(top_p)(None, logits.clone()) == float("-inf")
+        assert torch.equal(top_p_removed(logits, top_p), want)
+
+
+def test_sampler_log_probs_are_temperature_softmax_without_top_p():
+    logits = torch.randn(64, 10, generator=torch.Generator().manual_seed(1)) * 2
+    params = SamplingParams(temperature=0.7, top_p=0.6)
+    tokens, log_probs = sample_next_tokens(logits, params, torch.Generator().manual_seed(2))
+    assert not top_p_removed(logits / 0.7, 0.6).gather(-1, tokens[:, None]).any()
+    want = torch.log_softmax(logits / 0.7, -1).gather(-1, tokens[:, None])[:, 0]
+    torch.testing.assert_close(log_probs, want, atol=1e-6, rtol=0)
+    greedy, greedy_lp = sample_next_tokens(logits, SamplingParams(temperature=0))
+    assert torch.equal(greedy, logits.argmax(-1))
+    torch.testing.assert_close(greedy_lp, torch.log_softmax(logits, -1).amax(-1))
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_sampler_draws_from_the_tempered_nucleus(top_p):
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]]).expand(40000, -1)
+    tokens, _ = sample_next_tokens(logits, SamplingParams(temperature=1.5, top_p=top_p),
+                                   torch.Generator().manual_seed(0))
+    want = (logits[0] / 1.5).masked_fill(top_p_removed(logits[:1] / 1.5, top_p)[0],
+                                         float("-inf")).softmax(-1)
+    freq = torch.bincount(tokens, minlength=6).double() / tokens.numel()
+    torch.testing.assert_close(freq, want.double(), atol=0.01, rtol=0)
+
+
+# -- GPT engine ------------------------------------------------------------------------------------
+
+def _hf_qwen2(params):
+    """HF Qwen2ForCausalLM holding the megatron GPT's weights (the Qwen2.5-VL weight table's
+    language-model mappings: QKV per-group interleave, [gate; up] split)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from megatron_ease.models.qwen_vl.hf_tables import QWEN2_5_VL
+    from megatron_ease.models.qwen_vl.hf_weights import hf_tensors
+    from megatron_ease.models.qwen_vl.param_mapping import AttentionLayout
+
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                         rms_norm_eps=1e-5, tie_word_embeddings=False, pad_token_id=PAD,
+                         bos_token_id=None, eos_token_id=None)
+    hf = Qwen2ForCausalLM(config).eval()
+    named = [(f"language_model.{name}", t) for name, t in params.items()]
+    state = dict(hf_tensors(named, QWEN2_5_VL, AttentionLayout(4, 2, 8), naming="legacy"))
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
+    return hf
+
+
+def test_greedy_with_kv_cache_equals_full_recompute_and_hf_generate():
+    steps = 10
+    res = run_distributed(_greedy_worker, steps)[0]
+    out = res["out"]
+    assert torch.equal(out.tokens, res["ref"])
+    torch.testing.assert_close(out.log_probs, res["ref_log_probs"], atol=1e-5, rtol=0)
+    assert out.lengths.tolist() == [steps] * len(PROMPT_LENGTHS)
+    assert not out.finished.any() and res["training"], "model must be back in train mode"
+
+    # The rollout attention path (rotated-key cache, SDPA) = megatron-core's static path, and the
+    # model gets its own modules back; with the model's attention, padding needs the local one.
+    paths = res["paths"]
+    assert torch.equal(paths["rollout"].tokens, paths["megatron"].tokens)
+    torch.testing.assert_close(paths["rollout"].log_probs, paths["megatron"].log_probs,
+                               atol=1e-5, rtol=0)
+    assert res["restored"]
+    assert res["refused"] and "key-padding mask" in res["refused"]
+
+    hf = _hf_qwen2(res["params"])
+    batch = PromptBatch.left_padded(_prompts(), PAD)
+    with torch.no_grad():
+        want = hf.generate(batch.input_ids, attention_mask=batch.attention_mask.long(),
+                           max_new_tokens=steps, do_sample=False, pad_token_id=PAD)
+    assert torch.equal(out.tokens, want[:, batch.input_ids.shape[1]:])
+
+
+@pytest.mark.parametrize("tp", [1, 2], ids=["tp1", "tp2"])
+def test_sampled_rollouts_reproducible_equal_on_tp_ranks_and_log_probs_match_forward(tp):
+    n, temperature = 3, 0.8
+    ranks = run_distributed(_sampling_worker, 11, temperature, 0.9, n,
+                            tensor_model_parallel_size=tp)
+    res = ranks[0]
+    out = res["out"]
+    for other in ranks[1:]:  # TP ranks (tp=2) or DP replicas (tp=1) return the same rollouts
+        for key in ("out", "with_eos", "with_stop"):
+            assert torch.equal(other[key].tokens, res[key].tokens)
+            assert torch.equal(other[key].log_probs, res[key].log_probs)
+    assert out.tokens.shape == (len(PROMPT_LENGTHS) * n, 12)
+    assert out.prompt_index.tolist() == [i for i in range(len(PROMPT_LENGTHS)) for _ in range(n)]
+    assert torch.equal(out.tokens, res["again"].tokens), "same seed, same rollouts"
+    assert not torch.equal(out.tokens, res["other"].tokens), "another seed, other rollouts"
+    groups = out.tokens.view(len(PROMPT_LENGTHS), n, -1)
+    assert not torch.equal(groups[:, 0], groups[:, 1]), "the G samples of a prompt differ"
+    mask = out.response_mask
+    torch.testing.assert_close(out.log_probs[mask], res["forced"][mask], atol=1e-5, rtol=0)
+
+    # EOS: each rollout ends at its first EOS (included), padded after; the prefix is unchanged.
+    eos, stopped = res["eos"], res["with_eos"]
+    for row in range(out.tokens.shape[0]):
+        hits = (out.tokens[row] == eos).nonzero()
+        length = int(hits[0]) + 1 if len(hits) else out.tokens.shape[1]
+        assert int(stopped.lengths[row]) == length
+        assert bool(stopped.finished[row]) == bool(len(hits))
+        assert torch.equal(stopped.tokens[row, :length], out.tokens[row, :length])
+        assert torch.equal(stopped.log_probs[row, :length], out.log_probs[row, :length])
+        assert (stopped.tokens[row, length:] == PAD).all()
+        assert (stopped.log_probs[row, length:] == 0).all()
+    assert int(stopped.lengths[0]) <= 3
+
+    # Stop string: ends with the token that completes the string.
+    text_stop = res["with_stop"]
+    for row in range(out.tokens.shape[0]):
+        ids = out.tokens[row].tolist()
+        ends = [k for k in range(1, len(ids) + 1) if res["stop_string"] in _detokenize(ids[:k])]
+        length = ends[0] if ends else len(ids)
+        assert int(text_stop.lengths[row]) == length
+        assert torch.equal(text_stop.tokens[row, :length], out.tokens[row, :length])
+    assert int(text_stop.lengths[1]) <= 6
+
+
+def test_pipeline_parallel_2_generates_what_a_single_stage_generates():
+    ref = run_distributed(_pipeline_worker)[0]
+    stages = run_distributed(_pipeline_worker, pipeline_model_parallel_size=2)
+    for stage in stages:  # every stage returns the rollouts
+        for key in ("greedy", "sampled"):
+            assert torch.equal(stage[key].tokens, ref[key].tokens), key
+            assert torch.equal(stage[key].lengths, ref[key].lengths), key
+            torch.testing.assert_close(stage[key].log_probs, ref[key].log_probs, atol=1e-5,
+                                       rtol=0)
+    assert ref["sampled"].tokens.shape[0] == 2 * len(PROMPT_LENGTHS)
+
+
+# -- Qwen-VL ---------------------------------------------------------------------------------------
+
+def _vl_prompts():
+    """The fixture batch's two samples as prompts: [text, image, text, image, text], [text, image,
+    text], unpadded, each with its own images' patches."""
+    from tests.qwen_fixtures import tiny_batch
+
+    batch = tiny_batch()
+    patches = [int(t * h * w) for t, h, w in batch["image_grid_thw"].tolist()]
+    pixels = batch["pixel_values"].split(patches)
+    grids = batch["image_grid_thw"]
+    valid = batch["attention_mask"]
+    return [Prompt(batch["input_ids"][0][valid[0]], torch.cat(pixels[:2]), grids[:2]),
+            Prompt(batch["input_ids"][1][valid[1]], pixels[2], grids[2:])]
+
+
+def _qwen_vl_worker(hf_dir: str, temperature: float, n: int, max_new_tokens: int):
+    """Rollouts of the VL prompts, the tower's calls (patches per call) and, at PP=1, the
+    teacher-forced log-probs of the rollouts."""
+    from megatron.core import parallel_state as ps
+
+    from tests.unit.test_qwen25vl_model import _build
+
+    model = _build(hf_dir, first_stage_layers=2 if ps.get_pipeline_model_parallel_world_size() > 1
+                   else None)
+    tower_calls = []
+    if model.vision_model is not None:
+        model.vision_model.register_forward_hook(
+            lambda module, args, output: tower_calls.append(int(args[0].shape[0])))
+    prompts = _vl_prompts()
+    out = _engine(model).generate(prompts, SamplingParams(
+        max_new_tokens=max_new_tokens, temperature=temperature, n=n, seed=5))
+    calls = list(tower_calls)
+
+    def logits_fn(input_ids, valid):
+        from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+        images = [i for i in range(len(prompts)) for _ in range(n)]
+        with torch.no_grad():
+            logits = model(input_ids, attention_mask=valid,
+                           pixel_values=torch.cat([prompts[i].pixel_values for i in images]),
+                           image_grid_thw=torch.cat([prompts[i].image_grid_thw for i in images]))
+        return gather_from_tensor_model_parallel_region(logits)
+
+    forced = None
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        forced = _teacher_forced_log_probs(logits_fn, PromptBatch.left_padded(prompts, PAD), out,
+                                           n, temperature)
+    return {"out": out, "forced": forced, "tower_calls": calls}
+
+
+@pytest.fixture(scope="module")
+def tiny_vl(tmp_path_factory):
+    from tests.qwen_fixtures import save_tiny_hf
+
+    path = tmp_path_factory.mktemp("rollout_qwen25vl")
+    return str(path), save_tiny_hf(path)
+
+
+@pytest.mark.parametrize("tp, pp", [(1, 1), (2, 1), (1, 2)], ids=["tp1_pp1", "tp2", "pp2"])
+def test_qwen_vl_greedy_with_images_matches_hf_generate(tiny_vl, tp, pp):
+    from tests.qwen_fixtures import IMAGE
+
+    hf_dir, hf = tiny_vl
+    steps = 8
+    ranks = run_distributed(_qwen_vl_worker, hf_dir, 0.0, 1, steps,
+                            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    for other in ranks[1:]:
+        assert torch.equal(other["out"].tokens, ranks[0]["out"].tokens)
+    res = ranks[-1]
+    out = res["out"]
+    prompts = _vl_prompts()
+    batch = PromptBatch.left_padded(prompts, PAD)
+    with torch.no_grad():
+        want = hf.generate(
+            batch.input_ids, attention_mask=batch.attention_mask.long(),
+            pixel_values=torch.cat([p.pixel_values for p in prompts]),
+            image_grid_thw=torch.cat([p.image_grid_thw for p in prompts]),
+            mm_token_type_ids=(batch.input_ids == IMAGE).int(),
+            max_new_tokens=steps, do_sample=False, pad_token_id=PAD, eos_token_id=None)
+    assert torch.equal(out.tokens, want[:, batch.input_ids.shape[1]:])
+    if res["forced"] is not None:
+        mask = out.response_mask
+        torch.testing.assert_close(out.log_probs[mask], res["forced"][mask], atol=1e-5, rtol=0)
+
+
+def test_qwen_vl_encodes_images_once_per_prompt_for_a_group(tiny_vl):
+    n = 3
+    res = run_distributed(_qwen_vl_worker, tiny_vl[0], 1.0, n, 6)[0]
+    out = res["out"]
+    num_patches = sum(p.pixel_values.shape[0] for p in _vl_prompts())
+    assert res["tower_calls"] == [num_patches], "one tower call over each prompt's images once"
+    assert out.tokens.shape[0] == 2 * n
+    groups = out.tokens.view(2, n, -1)
+    assert not torch.equal(groups[:, 0], groups[:, 1])
+    mask = out.response_mask
+    torch.testing.assert_close(out.log_probs[mask], res["forced"][mask], atol=1e-5, rtol=0)

@@ -1,0 +1,143 @@
+"""The DAPO + EASE trainer end to end on the tiny config: TP=2 / PP=2 steps on gloo, exact resume
+after kill -9, and SIGTERM -> checkpoint + exit 75 -> resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from megatron_ease.config import load_config
+from tests.harness import run_distributed
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG = os.path.join(REPO, "examples", "tiny_cpu_ease.yaml")
+COMPARED = ("reward", "accuracy", "kept_groups", "dapo_loss", "ease_loss", "grad_norm",
+            "response_length", "clip_frac")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from megatron_ease.data.synthetic import write_synthetic_dataset
+
+    root = str(tmp_path_factory.mktemp("synthetic"))
+    write_synthetic_dataset(root, num_train=128, num_eval=32, seed=0, samples_per_shard=64)
+    return root
+
+
+def _overrides(dataset: str, run_dir: str, steps: int, *extra: str) -> list[str]:
+    return [f"data.train_shards={dataset}/train/*.tar", f"data.eval_shards={dataset}/eval/*.tar",
+            f"data.tokenizer={dataset}/tokenizer", "data.synthetic=false",
+            f"logging.run_dir={run_dir}", f"checkpoint.dir={run_dir}/ckpt",
+            f"train.steps={steps}", "train.prompts_per_step=4", "dapo.group_size=4",
+            "train.micro_batch_size=8", "dapo.max_response_length=6",
+            "dapo.overlong_buffer_length=2", "dapo.max_gen_batches=16",
+            "train.warm_start_steps=30", "train.warm_start_lr=3e-3", *extra]
+
+
+def _metrics(run_dir: str) -> dict[int, dict]:
+    """Last record of every training step (a killed run may have logged a step twice)."""
+    out = {}
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            record = json.loads(line)
+            if record["split"] == "train":
+                out[record["step"]] = record
+    return out
+
+
+def _train_in_pool(overrides):
+    from megatron_ease.training.trainer import Trainer
+
+    cfg = load_config(CONFIG, overrides)
+    trainer = Trainer(cfg)
+    status = trainer.train()
+    return status, trainer.evaluate(max_samples=8)
+
+
+@pytest.mark.parametrize("layout", [{"tensor_model_parallel_size": 2},
+                                    {"pipeline_model_parallel_size": 2}],
+                         ids=["tp2", "pp2"])
+def test_training_steps_run_at_tp2_and_pp2(dataset, tmp_path, layout):
+    run_dir = str(tmp_path / "run")
+    key, size = next(iter(layout.items()))
+    overrides = _overrides(dataset, run_dir, 2, f"parallel.{key}={size}", "eval.samples=8")
+    results = run_distributed(_train_in_pool, overrides, timeout_s=600, **layout)
+    assert [status for status, _ in results] == [0, 0]
+    assert results[0][1] == results[1][1]  # eval metrics agree on every rank
+    assert results[0][1]["eval_samples"] == 8
+    metrics = _metrics(run_dir)
+    assert sorted(metrics) == [1, 2]
+    for record in metrics.values():
+        assert record["kept_groups"] == 4
+        for name in ("reward", "dapo_loss", "ease_loss", "grad_norm", "attn_in_evidence"):
+            assert math.isfinite(record[name]), (name, record)
+        assert 0.0 <= record["accuracy"] <= 1.0 and 0.0 <= record["attn_in_evidence"] <= 1.0
+    assert os.path.isfile(os.path.join(run_dir, "ckpt", "latest"))
+
+
+def _launch(overrides, **kwargs) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    return subprocess.Popen([sys.executable, "-m", "megatron_ease.train", "--config", CONFIG,
+                             *overrides], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def _wait_for(predicate, proc, timeout=300):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early ({proc.returncode}):\n{proc.stdout.read()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("timed out waiting for the run")
+        time.sleep(0.2)
+
+
+def _latest(run_dir):
+    path = os.path.join(run_dir, "ckpt", "latest")
+    return open(path).read().strip() if os.path.isfile(path) else None
+
+
+def test_kill_9_then_resume_reproduces_an_uninterrupted_run(dataset, tmp_path):
+    steps = 4
+    full_dir, cut_dir = str(tmp_path / "full"), str(tmp_path / "cut")
+    full = _launch(_overrides(dataset, full_dir, steps, "checkpoint.interval=1"))
+    cut = _launch(_overrides(dataset, cut_dir, steps, "checkpoint.interval=1"))
+    _wait_for(lambda: _latest(cut_dir) == "iter_0000002", cut)
+    cut.send_signal(signal.SIGKILL)
+    cut.wait()
+    assert full.wait(timeout=600) == 0, full.stdout.read()
+    resumed = _launch(_overrides(dataset, cut_dir, steps, "checkpoint.interval=1"))
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+    assert "resumed from" in out and "at step 2" in out, out
+    a, b = _metrics(full_dir), _metrics(cut_dir)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in (3, 4):
+        for name in COMPARED:
+            assert a[step][name] == b[step][name], (step, name, a[step][name], b[step][name])
+
+
+def test_sigterm_saves_exits_75_and_the_next_run_resumes(dataset, tmp_path):
+    run_dir = str(tmp_path / "run")
+    proc = _launch(_overrides(dataset, run_dir, 50))
+    _wait_for(lambda: os.path.isfile(os.path.join(run_dir, "metrics.jsonl"))
+              and os.path.getsize(os.path.join(run_dir, "metrics.jsonl")) > 0, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 75, out
+    saved = _latest(run_dir)
+    step = int(saved.split("_")[1])
+    assert 1 <= step < 50 and f"preempted: saved step {step}" in out
+    again = _launch(_overrides(dataset, run_dir, step + 1))
+    out, _ = again.communicate(timeout=300)
+    assert again.returncode == 0, out
+    assert f"resumed from {os.path.join(run_dir, 'ckpt', saved)} at step {step}" in out
+    assert sorted(_metrics(run_dir))[-1] == step + 1

@@ -1,4 +1,5 @@
-"""Tiny random Qwen2.5-VL models built with transformers, and a batch that exercises the model.
+"""Tiny random Qwen2.5-VL / Qwen3-VL models built with transformers, and a batch that exercises
+the model.
 
 The batch has two padded samples: sample 0 is right-padded and holds two images of different
 sizes, sample 1 is left-padded and holds one image. Images are random patch matrices in the
@@ -41,6 +42,47 @@ QWEN25VL_7B_CONFIG = {
 }
 
 
+def _published_qwen3vl(text: dict, vision: dict, tie: bool) -> dict:
+    """A Qwen3-VL config.json as Qwen publishes them (transformers 4.57 layout)."""
+    return {
+        "architectures": ["Qwen3VLForConditionalGeneration"], "image_token_id": 151655,
+        "model_type": "qwen3_vl",
+        "text_config": {
+            "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 151643,
+            "dtype": "bfloat16", "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu",
+            "initializer_range": 0.02, "max_position_embeddings": 262144,
+            "model_type": "qwen3_vl_text", "num_attention_heads": 32, "num_hidden_layers": 36,
+            "num_key_value_heads": 8, "rms_norm_eps": 1e-06,
+            "rope_scaling": {"mrope_interleaved": True, "mrope_section": [24, 20, 20],
+                             "rope_type": "default"},
+            "rope_theta": 5000000, "tie_word_embeddings": tie, "use_cache": True,
+            "vocab_size": 151936, **text,
+        },
+        "tie_word_embeddings": tie, "transformers_version": "4.57.0.dev0",
+        "video_token_id": 151656,
+        "vision_config": {
+            "depth": 24, "hidden_act": "gelu_pytorch_tanh", "in_channels": 3,
+            "initializer_range": 0.02, "model_type": "qwen3_vl", "num_heads": 16,
+            "num_position_embeddings": 2304, "patch_size": 16, "spatial_merge_size": 2,
+            "temporal_patch_size": 2, **vision,
+        },
+        "vision_end_token_id": 151653, "vision_start_token_id": 151652,
+    }
+
+
+# Qwen3-VL-4B-Instruct's and -8B-Instruct's config.json as published.
+QWEN3VL_4B_CONFIG = _published_qwen3vl(
+    text={"hidden_size": 2560, "intermediate_size": 9728},
+    vision={"deepstack_visual_indexes": [5, 11, 17], "depth": 24, "hidden_size": 1024,
+            "intermediate_size": 4096, "out_hidden_size": 2560},
+    tie=True)
+QWEN3VL_8B_CONFIG = _published_qwen3vl(
+    text={"hidden_size": 4096, "intermediate_size": 12288},
+    vision={"deepstack_visual_indexes": [8, 16, 24], "depth": 27, "hidden_size": 1152,
+            "intermediate_size": 4304, "out_hidden_size": 4096},
+    tie=False)
+
+
 def tiny_hf_config(num_layers: int = 4, tie_word_embeddings: bool = False):
     from transformers import Qwen2_5_VLConfig
 
@@ -61,13 +103,40 @@ def tiny_hf_config(num_layers: int = 4, tie_word_embeddings: bool = False):
     )
 
 
+def tiny_qwen3vl_config(num_layers: int = 4, tie_word_embeddings: bool = True,
+                        deepstack_visual_indexes=(0, 1, 3)):
+    """Qwen3-VL in miniature: head_dim (32) independent of hidden / heads (16), interleaved mrope
+    over 16 frequencies, patch 16 with an 8x8 learned position grid, three DeepStack levels."""
+    from transformers import Qwen3VLConfig
+
+    return Qwen3VLConfig(
+        text_config=dict(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-6,
+            max_position_embeddings=512, bos_token_id=PAD, eos_token_id=248, pad_token_id=PAD,
+            rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [6, 5, 5],
+                             "mrope_interleaved": True},
+        ),
+        vision_config=dict(
+            depth=4, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+            num_position_embeddings=64, deepstack_visual_indexes=list(deepstack_visual_indexes),
+            patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+        ),
+        image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END, tie_word_embeddings=tie_word_embeddings,
+    )
+
+
 def tiny_hf_model(config=None, seed: int = 0, dtype=torch.float32):
-    """An HF Qwen2.5-VL with every weight random (biases and norms too, so all are tested)."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    """An HF Qwen2.5-VL / Qwen3-VL (by ``config.model_type``) with every weight random (biases and
+    norms too, so all are tested)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
 
     config = copy.deepcopy(config) if config is not None else tiny_hf_config()
+    model_class = {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+                   "qwen3_vl": Qwen3VLForConditionalGeneration}[config.model_type]
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
+    model = model_class(config)
     with torch.no_grad():
         for name, param in model.named_parameters():
             gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
@@ -89,8 +158,9 @@ def _image_tokens(grid):
     return [VISION_START] + [IMAGE] * (t * (h // 2) * (w // 2)) + [VISION_END]
 
 
-def tiny_batch(seed: int = 0):
-    """Two samples of 32 tokens: [right-padded, two images] and [left-padded, one image]."""
+def tiny_batch(seed: int = 0, patch_size: int = 14):
+    """Two samples of 32 tokens: [right-padded, two images] and [left-padded, one image]
+    (``patch_size`` 14 for Qwen2.5-VL, 16 for Qwen3-VL)."""
     gen = torch.Generator().manual_seed(seed)
 
     def text(n):
@@ -103,7 +173,7 @@ def tiny_batch(seed: int = 0):
     input_ids = torch.tensor([sample0 + [PAD] * pad0, [PAD] * pad1 + sample1])
     attention_mask = torch.tensor([[1] * len(sample0) + [0] * pad0,
                                    [0] * pad1 + [1] * len(sample1)], dtype=torch.bool)
-    patch_dim = 3 * 2 * 14 * 14
+    patch_dim = 3 * 2 * patch_size * patch_size
     num_patches = sum(t * h * w for t, h, w in GRIDS)
     pixel_values = torch.randn(num_patches, patch_dim, generator=gen)
     return {

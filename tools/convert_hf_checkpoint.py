@@ -7,12 +7,16 @@ checkpoints.
     python tools/convert_hf_checkpoint.py megatron-to-hf --ckpt runs/x/checkpoints \\
         --hf-config Qwen2.5-VL-7B-Instruct --out hf_out
 
+Qwen2.5-VL (``model_type: qwen2_5_vl``) and Qwen3-VL (``qwen3_vl``: 4B, 8B, ...) take the same
+commands; the family comes from ``config.json``.
+
 hf-to-megatron builds the model at TP=1/PP=1 in the checkpoint's widest dtype (bf16 for the
 published models: ~16.6 GB for Qwen2.5-VL-7B's 8.3B parameters), copies the HF tensors in one at
 a time (``safe_open``; only one HF tensor in memory beyond the model) and writes a torch_dist
 checkpoint that loads at any TP/PP, model keys under ``model.``. Next to the tensors it writes
-``hf_conversion.json``: the HF naming convention and every tensor's dtype, so megatron-to-hf
-writes the same names and dtypes back (a bit-exact round trip).
+``hf_conversion.json``: the HF naming convention, every tensor's dtype and any copies a tied
+checkpoint stores (an ``lm_head.weight`` equal to the embeddings), so megatron-to-hf writes the
+same names and dtypes back (a bit-exact round trip).
 
 megatron-to-hf builds no model: it streams the checkpoint's tensors a few keys at a time (a
 layer-stacked key whole: at most ~7.6 GB for 7B's fc1, plus one <= 5 GB output shard) through the
@@ -25,8 +29,8 @@ config, tokenizer) is copied to the output.
 
 Memory, measured on a 1.4B-parameter model (2.9 GB bf16): hf-to-megatron peaks at the model
 + 1.0 GB of anonymous memory (plus reclaimable page cache of the mapped safetensors),
-megatron-to-hf at 4.4 GB. For Qwen2.5-VL-7B that extrapolates to ~19 GB and ~14 GB: inside a
-24 GiB node.
+megatron-to-hf at 4.4 GB. For Qwen2.5-VL-7B that extrapolates to ~19 GB and ~14 GB, for
+Qwen3-VL-8B (8.8B parameters, 17.5 GB bf16) to ~20 GB and ~14 GB: inside a 24 GiB node.
 
 ``--verify`` runs HF and the converted checkpoint in fp32 on a probe (text + one image, built
 from the config's special token ids; no tokenizer needed) and prints ``max_abs_logit_diff=<x>``
@@ -185,7 +189,8 @@ def megatron_to_hf(ckpt: str, hf_config_dir: str, out: str) -> None:
     config_dtype = getattr(hf_config, "dtype", None)
     export = dict(table=table, layout=attention_layout(model_cfg),
                   naming=record.get("naming", table.default_naming), dtypes=record.get("dtypes"),
-                  default_dtype=config_dtype if isinstance(config_dtype, torch.dtype) else None)
+                  default_dtype=config_dtype if isinstance(config_dtype, torch.dtype) else None,
+                  tied_copies=record.get("tied_copies"))
     shapes = ((name, torch.empty(reader.shape(name), dtype=reader.dtype(name), device="meta"))
               for name in names)
     plan = [(name, tuple(t.shape), t.dtype) for name, t in hf_tensors(shapes, **export)]

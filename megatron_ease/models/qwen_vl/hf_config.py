@@ -1,8 +1,17 @@
 """The one place that knows Hugging Face config names: HF ``config.json`` <-> ``ModelConfig``.
 
-    hf = load_hf_config("Qwen/Qwen2.5-VL-7B-Instruct")      # a dir, a config.json, or a dict
+    hf = load_hf_config("Qwen/Qwen3-VL-8B-Instruct")        # a dir, a config.json, or a dict
     model_cfg = model_config_from_hf(hf)                     # sizes, rope, token ids, vision tower
     hf_again = hf_config_from_model_config(model_cfg)        # a transformers config object
+
+Families (HF ``model_type`` -> ``ModelConfig.family``):
+
+- ``qwen2_5_vl``: Qwen2 decoder (qkv bias, head_dim = hidden / heads), mrope in contiguous
+  sections, windowed vision tower with patch 14.
+- ``qwen3_vl``: Qwen3 decoder (q/k RMSNorm, no biases, ``head_dim`` independent of the hidden
+  size), *interleaved* mrope (HF's Qwen3-VL always interleaves; published configs also say
+  ``mrope_interleaved: true``), vision tower with patch 16, learned position embeddings
+  (``num_position_embeddings``) and DeepStack taps (``deepstack_visual_indexes``).
 
 Both directions cover every field the model's math depends on; HF fields that only matter for
 video (``tokens_per_second``) or generation are not carried.
@@ -17,9 +26,9 @@ from typing import Any, Optional, Union
 
 from megatron_ease.config import ModelConfig, VisionConfig
 
-# HF ``model_type`` -> our ``ModelConfig.family``. Qwen3-VL gets its own entry (and weight table)
-# when it is added; anything else is refused by name.
-SUPPORTED_MODEL_TYPES = {"qwen2_5_vl": "qwen2_5_vl"}
+# HF ``model_type`` -> our ``ModelConfig.family`` (each has a weight table in hf_tables.py);
+# anything else is refused by name.
+SUPPORTED_MODEL_TYPES = {"qwen2_5_vl": "qwen2_5_vl", "qwen3_vl": "qwen3_vl"}
 
 # ModelConfig fields that are run choices, not sizes: an HF config never overrides them.
 _RUN_CHOICE_FIELDS = ("hf_config", "init_from", "freeze_vision", "recompute_layers", "bf16")
@@ -72,7 +81,7 @@ def model_config_from_hf(hf_config, base: Optional[ModelConfig] = None) -> Model
 
     Run choices of ``base`` (``bf16``, ``freeze_vision``, ``recompute_layers``, ``init_from``,
     ``hf_config``) are kept. Refuses configs the model cannot reproduce exactly (sliding-window
-    attention, a non-default rope type, an activation other than SiLU).
+    attention, a non-default rope type, an activation other than SiLU, Qwen3 attention biases).
     """
     hf = load_hf_config(hf_config)
     family = check_supported_model_type(getattr(hf, "model_type", None))
@@ -85,10 +94,16 @@ def model_config_from_hf(hf_config, base: Optional[ModelConfig] = None) -> Model
         raise UnsupportedModelError("use_sliding_window=true is not supported")
     if text.hidden_act != "silu":
         raise UnsupportedModelError(f"text hidden_act {text.hidden_act!r} is not supported (silu)")
-    if text.hidden_size % text.num_attention_heads:
-        raise UnsupportedModelError(f"hidden_size {text.hidden_size} is not divisible by "
-                                    f"num_attention_heads {text.num_attention_heads}")
-    head_dim = text.hidden_size // text.num_attention_heads  # Qwen2.5-VL ignores head_dim
+    if family == "qwen3_vl":
+        if getattr(text, "attention_bias", False):
+            # HF's attention_bias also puts a bias on o_proj, which megatron's qkv bias does not.
+            raise UnsupportedModelError("Qwen3-VL text attention_bias=true is not supported")
+        head_dim = text.head_dim or text.hidden_size // text.num_attention_heads
+    else:
+        if text.hidden_size % text.num_attention_heads:
+            raise UnsupportedModelError(f"hidden_size {text.hidden_size} is not divisible by "
+                                        f"num_attention_heads {text.num_attention_heads}")
+        head_dim = text.hidden_size // text.num_attention_heads  # Qwen2.5-VL ignores head_dim
     mrope_section = list(rope.get("mrope_section") or [])
     if sum(mrope_section) != head_dim // 2:
         raise UnsupportedModelError(f"mrope_section {mrope_section} must sum to head_dim/2 = "
@@ -96,6 +111,7 @@ def model_config_from_hf(hf_config, base: Optional[ModelConfig] = None) -> Model
     base = base or ModelConfig()
     bos = _first_id(getattr(text, "bos_token_id", None))
     pad = _first_id(getattr(text, "pad_token_id", None))
+    qwen3 = family == "qwen3_vl"
     sizes = dict(
         family=family,
         num_layers=text.num_hidden_layers,
@@ -108,93 +124,162 @@ def model_config_from_hf(hf_config, base: Optional[ModelConfig] = None) -> Model
         max_position_embeddings=text.max_position_embeddings,
         rope_theta=float(rope.get("rope_theta", 1_000_000.0)),
         mrope_section=mrope_section,
-        mrope_interleaved=False,
+        mrope_interleaved=qwen3,
         rms_norm_eps=text.rms_norm_eps,
-        add_qkv_bias=True,
-        qk_layernorm=False,
+        add_qkv_bias=not qwen3,
+        qk_layernorm=qwen3,
         tie_word_embeddings=bool(hf.tie_word_embeddings),
         image_token_id=hf.image_token_id,
         video_token_id=hf.video_token_id,
         vision_start_token_id=hf.vision_start_token_id,
         vision_end_token_id=hf.vision_end_token_id,
-        eos_token_id=_first_id(text.eos_token_id),
+        eos_token_id=_first_id(getattr(text, "eos_token_id", None)),
         # Qwen tokenizers pad with <|endoftext|>, which the configs carry as bos_token_id.
         pad_token_id=pad if pad is not None else (bos if bos is not None else base.pad_token_id),
-        vision=VisionConfig(
-            depth=vision.depth,
-            hidden_size=vision.hidden_size,
-            intermediate_size=vision.intermediate_size,
-            num_heads=vision.num_heads,
-            in_channels=vision.in_channels,
-            patch_size=vision.patch_size,
-            spatial_merge_size=vision.spatial_merge_size,
-            temporal_patch_size=vision.temporal_patch_size,
-            out_hidden_size=vision.out_hidden_size,
-            hidden_act=vision.hidden_act,
-            rope_theta=float((vision.rope_parameters or {}).get("rope_theta", 10_000.0)),
-            window_size=vision.window_size,
-            fullatt_block_indexes=list(vision.fullatt_block_indexes),
-        ),
+        vision=_vision_config_from_hf(vision, family),
     )
+    if sizes["eos_token_id"] is None:
+        sizes["eos_token_id"] = base.eos_token_id
     if sizes["vision"].out_hidden_size != sizes["hidden_size"]:
         raise UnsupportedModelError(f"vision out_hidden_size {vision.out_hidden_size} must equal "
                                     f"the text hidden_size {text.hidden_size}")
+    deepstack = sizes["vision"].deepstack_visual_indexes
+    if len(deepstack) > text.num_hidden_layers:
+        raise UnsupportedModelError(f"{len(deepstack)} deepstack_visual_indexes feed the first "
+                                    f"{len(deepstack)} decoder layers, but there are only "
+                                    f"{text.num_hidden_layers}")
     keep = {name: getattr(base, name) for name in _RUN_CHOICE_FIELDS}
     return dataclasses.replace(base, **sizes, **keep)
 
 
-def hf_config_from_model_config(model_cfg: ModelConfig):
-    """The transformers config (``Qwen2_5_VLConfig``) of a ``ModelConfig``."""
-    if model_cfg.family != "qwen2_5_vl":
-        raise UnsupportedModelError(f"model.family {model_cfg.family!r}: only qwen2_5_vl has an "
-                                    f"HF config mapping so far")
-    from transformers import Qwen2_5_VLConfig
+def _vision_config_from_hf(vision, family: str) -> VisionConfig:
+    common = dict(
+        depth=vision.depth,
+        hidden_size=vision.hidden_size,
+        intermediate_size=vision.intermediate_size,
+        num_heads=vision.num_heads,
+        in_channels=vision.in_channels,
+        patch_size=vision.patch_size,
+        spatial_merge_size=vision.spatial_merge_size,
+        temporal_patch_size=vision.temporal_patch_size,
+        out_hidden_size=vision.out_hidden_size,
+        hidden_act=vision.hidden_act,
+        rope_theta=float((vision.rope_parameters or {}).get("rope_theta", 10_000.0)),
+    )
+    if family == "qwen3_vl":
+        indexes = list(vision.deepstack_visual_indexes)
+        bad = [i for i in indexes if not 0 <= i < vision.depth]
+        if bad or len(set(indexes)) != len(indexes):
+            raise UnsupportedModelError(f"deepstack_visual_indexes {indexes} must be distinct "
+                                        f"vision block indices in [0, {vision.depth})")
+        return VisionConfig(**common, num_position_embeddings=vision.num_position_embeddings,
+                            deepstack_visual_indexes=indexes)
+    return VisionConfig(**common, window_size=vision.window_size,
+                        fullatt_block_indexes=list(vision.fullatt_block_indexes))
 
-    head_dim = model_cfg.kv_channels or model_cfg.hidden_size // model_cfg.num_attention_heads
-    if head_dim * model_cfg.num_attention_heads != model_cfg.hidden_size:
-        raise UnsupportedModelError("Qwen2.5-VL needs kv_channels = hidden_size / "
-                                    "num_attention_heads")
+
+def _text_config_common(model_cfg: ModelConfig) -> dict:
+    return dict(
+        vocab_size=model_cfg.vocab_size,
+        hidden_size=model_cfg.hidden_size,
+        intermediate_size=model_cfg.ffn_hidden_size,
+        num_hidden_layers=model_cfg.num_layers,
+        num_attention_heads=model_cfg.num_attention_heads,
+        num_key_value_heads=model_cfg.num_query_groups,
+        hidden_act="silu",
+        max_position_embeddings=model_cfg.max_position_embeddings,
+        rms_norm_eps=model_cfg.rms_norm_eps,
+        bos_token_id=model_cfg.pad_token_id,
+        eos_token_id=model_cfg.eos_token_id,
+        pad_token_id=model_cfg.pad_token_id,
+    )
+
+
+def _hf_vision_fields(model_cfg: ModelConfig) -> dict:
     v = model_cfg.vision
-    return Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=model_cfg.vocab_size,
-            hidden_size=model_cfg.hidden_size,
-            intermediate_size=model_cfg.ffn_hidden_size,
-            num_hidden_layers=model_cfg.num_layers,
-            num_attention_heads=model_cfg.num_attention_heads,
-            num_key_value_heads=model_cfg.num_query_groups,
-            hidden_act="silu",
-            max_position_embeddings=model_cfg.max_position_embeddings,
-            rms_norm_eps=model_cfg.rms_norm_eps,
-            rope_parameters={"rope_type": "default", "rope_theta": model_cfg.rope_theta,
-                             "mrope_section": list(model_cfg.mrope_section)},
-            bos_token_id=model_cfg.pad_token_id,
-            eos_token_id=model_cfg.eos_token_id,
-            pad_token_id=model_cfg.pad_token_id,
-        ),
-        vision_config=dict(
-            depth=v.depth,
-            hidden_size=v.hidden_size,
-            intermediate_size=v.intermediate_size,
-            num_heads=v.num_heads,
-            in_channels=v.in_channels,
-            patch_size=v.patch_size,
-            spatial_merge_size=v.spatial_merge_size,
-            temporal_patch_size=v.temporal_patch_size,
-            out_hidden_size=v.out_hidden_size,
-            hidden_act=v.hidden_act,
-            window_size=v.window_size,
-            fullatt_block_indexes=list(v.fullatt_block_indexes),
-            rope_parameters={"rope_type": "axial", "rope_theta": v.rope_theta},
-        ),
+    fields = dict(
+        depth=v.depth,
+        hidden_size=v.hidden_size,
+        intermediate_size=v.intermediate_size,
+        num_heads=v.num_heads,
+        in_channels=v.in_channels,
+        patch_size=v.patch_size,
+        spatial_merge_size=v.spatial_merge_size,
+        temporal_patch_size=v.temporal_patch_size,
+        out_hidden_size=v.out_hidden_size,
+        hidden_act=v.hidden_act,
+        rope_parameters={"rope_type": "axial", "rope_theta": v.rope_theta},
+    )
+    if model_cfg.family == "qwen3_vl":
+        return dict(fields, num_position_embeddings=v.num_position_embeddings,
+                    deepstack_visual_indexes=list(v.deepstack_visual_indexes))
+    return dict(fields, window_size=v.window_size,
+                fullatt_block_indexes=list(v.fullatt_block_indexes))
+
+
+def _check_family_layout(model_cfg: ModelConfig) -> None:
+    """The ModelConfig flags that are fixed per HF family (HF has no switch for them)."""
+    qwen3 = model_cfg.family == "qwen3_vl"
+    want = {"mrope_interleaved": qwen3, "qk_layernorm": qwen3, "add_qkv_bias": not qwen3}
+    wrong = {k: getattr(model_cfg, k) for k, v in want.items() if getattr(model_cfg, k) != v}
+    if wrong:
+        fixed = ", ".join(f"{k}={v}" for k, v in want.items())
+        raise UnsupportedModelError(f"model.family {model_cfg.family!r} has {fixed} in HF; the "
+                                    f"config says {wrong}")
+    if not qwen3 and model_cfg.vision.deepstack_visual_indexes:
+        raise UnsupportedModelError("model.vision.deepstack_visual_indexes is a Qwen3-VL feature; "
+                                    "Qwen2.5-VL has none")
+
+
+def hf_config_from_model_config(model_cfg: ModelConfig):
+    """The transformers config (``Qwen2_5_VLConfig`` or ``Qwen3VLConfig``) of a ``ModelConfig``."""
+    if model_cfg.family not in SUPPORTED_MODEL_TYPES.values():
+        raise UnsupportedModelError(f"model.family {model_cfg.family!r} has no HF config mapping; "
+                                    f"supported: {', '.join(sorted(SUPPORTED_MODEL_TYPES))}")
+    _check_family_layout(model_cfg)
+    head_dim = model_cfg.kv_channels or model_cfg.hidden_size // model_cfg.num_attention_heads
+    tokens = dict(
         image_token_id=model_cfg.image_token_id,
         video_token_id=model_cfg.video_token_id,
         vision_start_token_id=model_cfg.vision_start_token_id,
         vision_end_token_id=model_cfg.vision_end_token_id,
         tie_word_embeddings=model_cfg.tie_word_embeddings,
     )
+    rope = {"rope_type": "default", "rope_theta": model_cfg.rope_theta,
+            "mrope_section": list(model_cfg.mrope_section)}
+    if model_cfg.family == "qwen3_vl":
+        from transformers import Qwen3VLConfig
+
+        return Qwen3VLConfig(
+            text_config=dict(**_text_config_common(model_cfg), head_dim=head_dim,
+                             attention_bias=False,
+                             rope_parameters={**rope, "mrope_interleaved": True}),
+            vision_config=_hf_vision_fields(model_cfg),
+            **tokens,
+        )
+    from transformers import Qwen2_5_VLConfig
+
+    if head_dim * model_cfg.num_attention_heads != model_cfg.hidden_size:
+        raise UnsupportedModelError("Qwen2.5-VL needs kv_channels = hidden_size / "
+                                    "num_attention_heads")
+    return Qwen2_5_VLConfig(
+        text_config=dict(**_text_config_common(model_cfg), rope_parameters=rope),
+        vision_config=_hf_vision_fields(model_cfg),
+        **tokens,
+    )
 
 
 def hf_vision_config(model_cfg: ModelConfig):
     """The HF vision-tower config of a ``ModelConfig`` (the tower is HF's module, see vision.py)."""
-    return hf_config_from_model_config(model_cfg).vision_config
+    if model_cfg.family == "qwen3_vl":
+        from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLVisionConfig
+
+        return Qwen3VLVisionConfig(**_hf_vision_fields(model_cfg))
+    if model_cfg.family == "qwen2_5_vl":
+        from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import (
+            Qwen2_5_VLVisionConfig,
+        )
+
+        return Qwen2_5_VLVisionConfig(**_hf_vision_fields(model_cfg))
+    raise UnsupportedModelError(f"model.family {model_cfg.family!r} has no vision tower; "
+                                f"supported: {', '.join(sorted(SUPPORTED_MODEL_TYPES))}")

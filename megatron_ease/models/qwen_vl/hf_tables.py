@@ -8,9 +8,9 @@ them to a distributed checkpoint, so one table serves both specs.
 HF checkpoints of the same model come with different prefixes (transformers 5 saves Qwen2.5-VL
 under the legacy ``model.layers.*`` / ``visual.*`` names and loads both); a table lists the
 conventions it knows, the checkpoint's own is detected, and the converter writes it back.
-
-Adding Qwen3-VL = another ``HFWeightTable`` (q/k norms, no qkv bias, deepstack mergers, prefixes
-``model.language_model.`` / ``model.visual.``) registered under its ``model_type``.
+Qwen3-VL has one convention (``model.language_model.*``, ``model.visual.*``, ``lm_head.*``); its
+table differs from Qwen2.5-VL's by the q/k norms and the missing qkv bias (the DeepStack mergers
+are part of the vision tower, HF's own module, and map by name).
 """
 
 from __future__ import annotations
@@ -57,6 +57,16 @@ class HFWeightTable:
                 return naming
         return self.default_naming
 
+    def tied_hf_names(self, naming: str) -> dict[str, str]:
+        """HF name of each tied tensor (e.g. ``lm_head.weight``) -> HF name of its source (the
+        embeddings): a tied checkpoint may store such a copy, which HF ignores on load."""
+        out = {}
+        for target, source in self.tied.items():
+            _, copies = self.resolve(target, naming)
+            _, sources = self.resolve(source, naming)
+            out.update(zip(copies.values(), sources.values(), strict=True))
+        return out
+
     def resolve(self, megatron_name: str, naming: str,
                 tie_word_embeddings: bool = False) -> tuple[ParamMapping, dict[str, str]]:
         """The mapping of a megatron parameter and its HF names (role -> name)."""
@@ -74,44 +84,62 @@ class HFWeightTable:
 _LAYER = "language_model.decoder.layers.*."
 _HF_LAYER = "{lm}layers.*."
 
+_DECODER = (
+    ColumnParallelMapping(_EMBEDDING, {"weight": "{lm}embed_tokens.weight"}),
+    ReplicatedMapping(_LAYER + "self_attention.linear_qkv.layer_norm_weight",
+                      {"weight": _HF_LAYER + "input_layernorm.weight"}),
+    QKVMapping(_LAYER + "self_attention.linear_qkv.weight",
+               {"q": _HF_LAYER + "self_attn.q_proj.weight",
+                "k": _HF_LAYER + "self_attn.k_proj.weight",
+                "v": _HF_LAYER + "self_attn.v_proj.weight"}),
+    RowParallelMapping(_LAYER + "self_attention.linear_proj.weight",
+                       {"weight": _HF_LAYER + "self_attn.o_proj.weight"}),
+    ReplicatedMapping(_LAYER + "mlp.linear_fc1.layer_norm_weight",
+                      {"weight": _HF_LAYER + "post_attention_layernorm.weight"}),
+    GatedMLPMapping(_LAYER + "mlp.linear_fc1.weight",
+                    {"gate": _HF_LAYER + "mlp.gate_proj.weight",
+                     "up": _HF_LAYER + "mlp.up_proj.weight"}),
+    RowParallelMapping(_LAYER + "mlp.linear_fc2.weight",
+                       {"weight": _HF_LAYER + "mlp.down_proj.weight"}),
+    ReplicatedMapping("language_model.decoder.final_layernorm.weight",
+                      {"weight": "{lm}norm.weight"}),
+    ColumnParallelMapping("language_model.output_layer.weight", {"weight": "{head}weight"}),
+    # The vision tower is HF's own module: same names under another prefix.
+    ReplicatedMapping("vision_model.**", {"weight": "{vision}**"}),
+)
+_TIED = {"language_model.output_layer.weight": _EMBEDDING}
+
 QWEN2_5_VL = HFWeightTable(
     model_type="qwen2_5_vl",
-    mappings=(
-        ColumnParallelMapping(_EMBEDDING, {"weight": "{lm}embed_tokens.weight"}),
-        ReplicatedMapping(_LAYER + "self_attention.linear_qkv.layer_norm_weight",
-                          {"weight": _HF_LAYER + "input_layernorm.weight"}),
-        QKVMapping(_LAYER + "self_attention.linear_qkv.weight",
-                   {"q": _HF_LAYER + "self_attn.q_proj.weight",
-                    "k": _HF_LAYER + "self_attn.k_proj.weight",
-                    "v": _HF_LAYER + "self_attn.v_proj.weight"}),
+    mappings=_DECODER + (
         QKVMapping(_LAYER + "self_attention.linear_qkv.bias",
                    {"q": _HF_LAYER + "self_attn.q_proj.bias",
                     "k": _HF_LAYER + "self_attn.k_proj.bias",
                     "v": _HF_LAYER + "self_attn.v_proj.bias"}),
-        RowParallelMapping(_LAYER + "self_attention.linear_proj.weight",
-                           {"weight": _HF_LAYER + "self_attn.o_proj.weight"}),
-        ReplicatedMapping(_LAYER + "mlp.linear_fc1.layer_norm_weight",
-                          {"weight": _HF_LAYER + "post_attention_layernorm.weight"}),
-        GatedMLPMapping(_LAYER + "mlp.linear_fc1.weight",
-                        {"gate": _HF_LAYER + "mlp.gate_proj.weight",
-                         "up": _HF_LAYER + "mlp.up_proj.weight"}),
-        RowParallelMapping(_LAYER + "mlp.linear_fc2.weight",
-                           {"weight": _HF_LAYER + "mlp.down_proj.weight"}),
-        ReplicatedMapping("language_model.decoder.final_layernorm.weight",
-                          {"weight": "{lm}norm.weight"}),
-        ColumnParallelMapping("language_model.output_layer.weight",
-                              {"weight": "{head}weight"}),
-        # The vision tower is HF's own module: same names under another prefix.
-        ReplicatedMapping("vision_model.**", {"weight": "{vision}**"}),
     ),
     namings={
         "legacy": {"lm": "model.", "vision": "visual.", "head": "lm_head."},
         "nested": {"lm": "model.language_model.", "vision": "model.visual.", "head": "lm_head."},
     },
-    tied={"language_model.output_layer.weight": _EMBEDDING},
+    tied=_TIED,
 )
 
-WEIGHT_TABLES = {QWEN2_5_VL.model_type: QWEN2_5_VL}
+QWEN3_VL = HFWeightTable(
+    model_type="qwen3_vl",
+    mappings=_DECODER + (
+        # Per-head RMSNorm of queries and keys (before rotary), the same on every TP rank.
+        ReplicatedMapping(_LAYER + "self_attention.q_layernorm.weight",
+                          {"weight": _HF_LAYER + "self_attn.q_norm.weight"}),
+        ReplicatedMapping(_LAYER + "self_attention.k_layernorm.weight",
+                          {"weight": _HF_LAYER + "self_attn.k_norm.weight"}),
+    ),
+    namings={
+        "nested": {"lm": "model.language_model.", "vision": "model.visual.", "head": "lm_head."},
+    },
+    tied=_TIED,
+)
+
+WEIGHT_TABLES = {table.model_type: table for table in (QWEN2_5_VL, QWEN3_VL)}
 
 
 def weight_table(model_type: Optional[str]) -> HFWeightTable:

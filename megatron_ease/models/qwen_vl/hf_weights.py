@@ -151,9 +151,11 @@ def load_hf_weights(model: torch.nn.Module, hf: HFCheckpoint, table: Optional[HF
                     progress: bool = False) -> dict:
     """Copy HF weights into this rank's parameters (its TP slices, its PP stage's layers).
 
-    Returns ``{"naming": ..., "dtypes": {hf_name: dtype name}}`` of what was read.
-    ``strict_unused`` (default: when the model holds every layer, i.e. PP=1) also refuses HF
-    tensors that no parameter consumed.
+    Returns ``{"naming": ..., "dtypes": {hf_name: dtype name}, "tied_copies": {hf_name: source}}``
+    of what was read; ``tied_copies`` lists tensors of a tied checkpoint that merely repeat
+    another (an ``lm_head.weight`` next to tied embeddings: HF ignores it, and so does this), so
+    that an export can write them back. ``strict_unused`` (default: when the model holds every
+    layer, i.e. PP=1) also refuses HF tensors that no parameter consumed.
     """
     from megatron.core import parallel_state
 
@@ -193,34 +195,50 @@ def load_hf_weights(model: torch.nn.Module, hf: HFCheckpoint, table: Optional[HF
         shard = mapping.shard(mapping.to_megatron(tensors, layout), tp_rank, tp_size)
         with torch.no_grad():
             param.copy_(shard)
+    tied_copies = {}
+    if tied:
+        tied_copies = {copy: source for copy, source in table.tied_hf_names(naming).items()
+                       if copy in hf and copy not in used}
+        used.update({copy: hf.dtype(copy) for copy in tied_copies})
     if strict_unused:
         unused = sorted(set(hf.names) - set(used))
         if unused:
             raise WeightMismatchError(
                 f"HF checkpoint {hf.hf_dir} has {len(unused)} tensor(s) the model does not use, "
                 f"e.g. {unused[:5]}: the config and the weights disagree")
-    return {"naming": naming, "dtypes": {k: dtype_name(v) for k, v in used.items()}}
+    return {"naming": naming, "dtypes": {k: dtype_name(v) for k, v in used.items()},
+            "tied_copies": tied_copies}
 
 
 def hf_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]], table: HFWeightTable,
                layout: AttentionLayout, naming: Optional[str] = None,
                dtypes: Optional[Mapping[str, str]] = None,
-               default_dtype: Optional[torch.dtype] = None) -> Iterator[tuple[str, torch.Tensor]]:
+               default_dtype: Optional[torch.dtype] = None,
+               tied_copies: Optional[Mapping[str, str]] = None,
+               ) -> Iterator[tuple[str, torch.Tensor]]:
     """``(hf_name, tensor)`` of full (TP=1-layout) megatron tensors given by checkpoint name.
 
     Sources: ``CheckpointModelTensors.iter_tensors`` (a checkpoint, streamed) or
     ``canonical_parameters(model).items()`` (a TP=1, PP=1 model). Each output is a fresh
     contiguous tensor (meta stays meta), cast to ``dtypes[hf_name]`` (a dtype name) when given,
-    else ``default_dtype``, else kept.
+    else ``default_dtype``, else kept. ``tied_copies`` (copy -> source HF name, as
+    ``load_hf_weights`` reports them) are written again after their source.
     """
     naming = naming or table.default_naming
+
+    def cast(hf_name, tensor):
+        dtype = (dtype_from_name(dtypes[hf_name]) if dtypes and hf_name in dtypes
+                 else default_dtype or tensor.dtype)
+        return tensor.to(dtype, copy=True).contiguous()
+
     for name, tensor in named_tensors:
         mapping, hf_names = table.resolve(name, naming)
         for role, part in mapping.to_hf(tensor.detach(), layout).items():
             hf_name = hf_names[role]
-            dtype = (dtype_from_name(dtypes[hf_name]) if dtypes and hf_name in dtypes
-                     else default_dtype or part.dtype)
-            yield hf_name, part.to(dtype, copy=True).contiguous()
+            yield hf_name, cast(hf_name, part)
+            for copy, source in (tied_copies or {}).items():
+                if source == hf_name:
+                    yield copy, cast(copy, part)
 
 
 def save_hf_weights(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str,

@@ -1,4 +1,4 @@
-"""Qwen2.5-VL on megatron-core: HF vision tower (stage 0) + megatron-core GPTModel language model.
+"""Qwen2.5-VL / Qwen3-VL on megatron-core: HF vision tower (stage 0) + megatron-core GPTModel.
 
     model = build_qwen_vl_model(cfg.model, cfg.parallel)
     logits = model(input_ids, attention_mask=valid, pixel_values=px, image_grid_thw=grids)
@@ -9,10 +9,16 @@ Forward, on every pipeline stage:
 1. mrope positions ``[3, b, s]`` from ``input_ids``, ``image_grid_thw`` and the valid mask
    (``rope.get_rope_index``), unless given;
 2. stage 0 only: token embeddings ``[s, b, h]``, the vision tower's merged features written over
-   the image-token positions (``image_token_mask``), in batch-major token order like HF;
+   the image-token positions (``image_token_mask``), in batch-major token order like HF; for
+   Qwen3-VL the DeepStack levels are packed after them along the hidden dimension
+   (``[s, b, (1 + L) h]``, consumed by the first ``L`` layers: ``deepstack.py``);
 3. the attention mask for the layer spec (``attention_mask_for``), then megatron-core's GPTModel
    with ``decoder_input`` on stage 0 and the pipeline's input tensor elsewhere
    (``set_input_tensor``, as megatron-core's schedules call it).
+
+Rotary: megatron-core's ``MultimodalRotaryEmbedding`` (contiguous mrope sections, Qwen2.5-VL) or,
+with ``model.mrope_interleaved`` (Qwen3-VL), ``InterleavedMultimodalRotaryEmbedding``
+(``rotary.py``), installed as the GPT model's ``rotary_pos_emb``.
 """
 
 from __future__ import annotations
@@ -30,7 +36,9 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_ease.config import ModelConfig, ParallelConfig
+from megatron_ease.models.qwen_vl.deepstack import pack_deepstack, scatter_deepstack_levels
 from megatron_ease.models.qwen_vl.rope import get_rope_index, image_token_mask
+from megatron_ease.models.qwen_vl.rotary import InterleavedMultimodalRotaryEmbedding
 from megatron_ease.models.qwen_vl.specs import (
     AttentionOverride,
     qwen_vl_block_spec,
@@ -96,6 +104,9 @@ class QwenVLModel(MegatronModule):
             scatter_embedding_sequence_parallel=False,
             vp_stage=vp_stage,
         )
+        if model_cfg.mrope_interleaved:
+            self.language_model.rotary_pos_emb = InterleavedMultimodalRotaryEmbedding(
+                kv_channels=config.kv_channels, rotary_base=model_cfg.rope_theta)
 
     # -- megatron-core model protocol -------------------------------------------------------------
 
@@ -105,6 +116,18 @@ class QwenVLModel(MegatronModule):
     def shared_embedding_or_output_weight(self):
         """For ``finalize_model_grads``' tied-embedding all-reduce."""
         return self.language_model.shared_embedding_or_output_weight()
+
+    def input_hidden_size(self, with_images: bool) -> int:
+        """Width of the hidden states this stage takes in (from ``embed`` on the first stage,
+        from the previous stage otherwise): ``h``, or ``(1 + l) h`` for a batch with images while
+        ``l`` DeepStack levels remain for this stage's layers and later ones (``deepstack.py``).
+        For code that preallocates pipeline receive buffers (megatron-core's inference wrappers
+        use ``h``)."""
+        levels = len(self.model_cfg.vision.deepstack_visual_indexes)
+        layers = self.language_model.decoder.layers
+        first = layers[0].layer_number - 1 if len(layers) else self.config.num_layers
+        remaining = max(0, levels - first) if with_images else 0
+        return (1 + remaining) * self.config.hidden_size
 
     # -- inputs -----------------------------------------------------------------------------------
 
@@ -121,7 +144,11 @@ class QwenVLModel(MegatronModule):
 
     def embed(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor] = None,
               image_grid_thw: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Stage 0: ``[s, b, h]`` token embeddings with image features at image-token positions."""
+        """Stage 0: ``[s, b, h]`` token embeddings with image features at image-token positions.
+
+        With DeepStack (Qwen3-VL) and images: ``[s, b, (1 + L) h]``, the ``L`` levels packed after
+        the embeddings (``deepstack.py``); pass it on as ``decoder_input`` unchanged.
+        """
         if not self.pre_process:
             raise RuntimeError("embed() runs on the first pipeline stage only")
         embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=None)
@@ -134,13 +161,16 @@ class QwenVLModel(MegatronModule):
             return embeddings
         if image_grid_thw is None:
             raise ValueError("pixel_values given without image_grid_thw")
-        features = vision_features(self.vision_model, pixel_values, image_grid_thw)  # [n, h]
+        features, deepstack = vision_features(self.vision_model, pixel_values,
+                                              image_grid_thw)  # [n, h], L x [n, h]
         if features.shape[0] != num_tokens:
             raise ValueError(f"the images give {features.shape[0]} features (image_grid_thw "
                              f"{image_grid_thw.tolist()}) but input_ids hold {num_tokens} image "
                              f"tokens (id {self.model_cfg.image_token_id})")
         batch_idx, seq_idx = image_mask.nonzero(as_tuple=True)  # batch-major, like HF's scatter
-        return embeddings.index_put((seq_idx, batch_idx), features.to(embeddings.dtype))
+        levels = scatter_deepstack_levels(deepstack, seq_idx, batch_idx, embeddings)
+        embeddings = embeddings.index_put((seq_idx, batch_idx), features.to(embeddings.dtype))
+        return pack_deepstack(embeddings, levels)  # [s, b, (1 + L) h]
 
     # -- forward ----------------------------------------------------------------------------------
 
@@ -167,13 +197,15 @@ class QwenVLModel(MegatronModule):
             image_grid_thw: ``[num_images, 3]`` patch grids, batch order.
             labels: ``[b, s]``; when given, the last stage returns per-token ``-log p`` ``[b, s]``
                 (megatron-core's vocab-parallel cross entropy) instead of logits.
-            decoder_input: ``[s, b, h]`` precomputed stage-0 embeddings (skips ``embed``).
+            decoder_input: precomputed stage-0 ``embed`` output (``[s, b, h]``, or packed with
+                DeepStack levels).
             extra_block_kwargs: passed to megatron's ``TransformerBlock.forward``.
             runtime_gather_output: gather the vocab-parallel logits over TP (megatron-core).
 
         Returns:
             Last stage: ``[b, s, vocab / TP]`` logits (or ``[b, s]`` losses with labels).
-            Other stages: ``[s, b, h]`` hidden states for the next stage.
+            Other stages: ``[s, b, h]`` hidden states for the next stage (``[s, b, (1 + l) h]``
+            while ``l`` DeepStack levels are still to be added on later stages).
         """
         batch, seq_len = input_ids.shape
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
@@ -226,7 +258,9 @@ def build_qwen_vl_model(
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False,
                                                              vp_stage=vp_stage)
-    layer_specs = qwen_vl_layer_specs(config, use_te, attention_override, override_layers)
+    layer_specs = qwen_vl_layer_specs(
+        config, use_te, attention_override, override_layers,
+        num_deepstack_levels=len(model_cfg.vision.deepstack_visual_indexes))
     block_spec = qwen_vl_block_spec(config, layer_specs, use_te, vp_stage=vp_stage)
     model = QwenVLModel(config, model_cfg, block_spec, pre_process, post_process, vp_stage,
                         initialize_vision=perform_initialization)

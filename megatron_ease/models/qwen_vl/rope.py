@@ -1,9 +1,12 @@
-"""Multimodal rotary positions (mrope) of Qwen2.5-VL, as pure functions of the token ids.
+"""Multimodal rotary positions (mrope) of Qwen2.5-VL and Qwen3-VL, as pure functions of the
+token ids.
 
 Every pipeline stage derives the ``[3, b, s]`` position ids from ``input_ids`` and
 ``image_grid_thw`` itself (they are cheap and tiny), so nothing but hidden states crosses stages.
 
-Semantics follow HF ``Qwen2_5_VLModel.get_rope_index`` (transformers 5), images only:
+Semantics follow HF ``Qwen2_5_VLModel.get_rope_index`` and ``Qwen3VLModel.get_rope_index``
+(transformers 5; the two agree for images, they differ only in how videos are timed), images
+only:
 
 - only valid tokens (``attention_mask`` True) are numbered; padding keeps position 0 in all three
   rows, so left and right padding give a sample the same positions it has unpadded;
@@ -36,14 +39,14 @@ def get_rope_index(
     spatial_merge_size: int,
     image_token_id: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Qwen2.5-VL mrope positions.
+    """Qwen2.5-VL / Qwen3-VL mrope positions.
 
     Args:
         input_ids: ``[b, s]`` token ids.
         image_grid_thw: ``[num_images, 3]`` patch grids (t, H, W) of the images in batch order,
             or None for a text-only batch.
         attention_mask: ``[b, s]``, nonzero/True at real tokens; None = all real.
-        spatial_merge_size: the vision tower's merge size ``m`` (2 for Qwen2.5-VL).
+        spatial_merge_size: the vision tower's merge size ``m`` (2 for both families).
         image_token_id: the id of the image placeholder token.
 
     Returns:

@@ -7,6 +7,10 @@ there) without touching the others:
     specs = qwen_vl_layer_specs(config, attention_override=lambda s: dataclasses.replace(
         s, module=EaseSelfAttention), override_layers=[12, 18])
 
+Qwen3-VL: q/k RMSNorm per head (``qk_layernorm``, read from the TransformerConfig) and, at the
+first ``num_deepstack_levels`` layers, ``DeepstackTransformerLayer`` as the layer module (same
+parameters; it adds the DeepStack visual features after the layer, see ``deepstack.py``).
+
 Both specs use the same checkpoint keys (megatron-core maps the local layer's separate norms to
 TE's fused ``linear_qkv.layer_norm_weight`` / ``linear_fc1.layer_norm_weight``), so a checkpoint
 written on CPU loads on GPU and back.
@@ -23,6 +27,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_ease.models.qwen_vl.deepstack import DeepstackTransformerLayer
+
 AttentionOverride = Callable[[ModuleSpec], ModuleSpec]
 
 
@@ -32,8 +38,9 @@ def transformer_engine_available() -> bool:
     return gpt_layer_specs.HAVE_TE
 
 
-def qwen_vl_layer_spec(use_te: Optional[bool] = None) -> ModuleSpec:
-    """One decoder layer: RMSNorm, GQA self-attention with qkv bias, RMSNorm, SwiGLU MLP.
+def qwen_vl_layer_spec(use_te: Optional[bool] = None, qk_layernorm: bool = False) -> ModuleSpec:
+    """One decoder layer: RMSNorm, GQA self-attention (qkv bias per the TransformerConfig; q/k
+    RMSNorm with ``qk_layernorm``), RMSNorm, SwiGLU MLP.
 
     With TE the attention mask type is ``padding_causal`` and the model passes a ``[b, 1, 1, s]``
     key-padding mask; the local spec keeps ``causal`` and receives the full ``[b, 1, s, s]`` mask
@@ -46,8 +53,8 @@ def qwen_vl_layer_spec(use_te: Optional[bool] = None) -> ModuleSpec:
 
     use_te = transformer_engine_available() if use_te is None else use_te
     if not use_te:
-        return get_gpt_layer_local_spec(normalization="RMSNorm")
-    spec = get_gpt_layer_with_transformer_engine_spec()
+        return get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_layernorm)
+    spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
     attention = spec.submodules.self_attention
     attention = dataclasses.replace(
         attention, params={**attention.params, "attn_mask_type": AttnMaskType.padding_causal})
@@ -60,26 +67,33 @@ def qwen_vl_layer_specs(
     use_te: Optional[bool] = None,
     attention_override: Optional[AttentionOverride] = None,
     override_layers: Sequence[int] = (),
+    num_deepstack_levels: int = 0,
 ) -> list[ModuleSpec]:
     """Specs of all ``config.num_layers`` layers (0-based global index order).
 
     ``attention_override`` maps the default self-attention spec to the one used at the 0-based
-    layers ``override_layers``; every other layer keeps the default.
+    layers ``override_layers``; every other layer keeps the default. Layers
+    ``0 .. num_deepstack_levels - 1`` get ``DeepstackTransformerLayer`` as their module.
     """
     bad = [i for i in override_layers if not 0 <= i < config.num_layers]
     if bad:
         raise ValueError(f"override_layers {bad} out of range for {config.num_layers} layers")
     if override_layers and attention_override is None:
         raise ValueError("override_layers given without an attention_override")
-    default = qwen_vl_layer_spec(use_te)
+    if not 0 <= num_deepstack_levels <= config.num_layers:
+        raise ValueError(f"{num_deepstack_levels} DeepStack levels for {config.num_layers} layers")
+    default = qwen_vl_layer_spec(use_te, qk_layernorm=config.qk_layernorm)
     specs = []
     for i in range(config.num_layers):
+        spec = default
         if i in override_layers:
-            sub = default.submodules
-            spec = dataclasses.replace(default, submodules=dataclasses.replace(
+            sub = spec.submodules
+            spec = dataclasses.replace(spec, submodules=dataclasses.replace(
                 sub, self_attention=attention_override(sub.self_attention)))
-        else:
-            spec = default
+        if i < num_deepstack_levels:
+            spec = dataclasses.replace(spec, module=DeepstackTransformerLayer,
+                                       params={**spec.params,
+                                               "num_deepstack_levels": num_deepstack_levels})
         specs.append(spec)
     return specs
 

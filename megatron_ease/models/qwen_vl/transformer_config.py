@@ -1,7 +1,10 @@
 """``ModelConfig`` + ``ParallelConfig`` -> the language model's megatron-core ``TransformerConfig``.
 
 Qwen2 decoder = GPT layer with RMSNorm, GQA, qkv bias and no other biases, SwiGLU, no dropout,
-multimodal rotary (``mrope_section``, non-interleaved halves, base ``rope_theta``).
+multimodal rotary (``mrope_section``, rotate-half pairs, base ``rope_theta``). Qwen3 decoder = the
+same without the qkv bias, with q/k RMSNorm per head (``qk_layernorm``) and ``kv_channels``
+(head_dim) independent of the hidden size; its interleaved mrope sections are the model's rotary
+module (``rotary.py``), not a TransformerConfig field.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ class SamplingParams:
     # ... or with the token that completes one of these strings (needs the engine's detokenizer).
     stop_strings: tuple[str, ...] = ()
     # Never sampled (e.g. the vision placeholders: an image pad in a response would be taken
-    # for a visual token by the model's next forward). Log-probs stay those of the full softmax.
+    # for a visual token by the model's next forward).
     suppress_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
@@ -99,9 +99,13 @@ def sample_next_tokens(logits: torch.Tensor, params: SamplingParams,
 
     With top-p the nucleus is sampled by inverse CDF over the ascending sort the filter needs
     anyway (one uniform draw per row), instead of a multinomial over the whole vocabulary.
-    Returns ``tokens`` ``[b]`` int64 and ``log_probs`` ``[b]`` float32.
+    Returns ``tokens`` ``[b]`` int64 and ``log_probs`` ``[b]`` float32. Suppressed tokens are
+    removed before anything else, so log-probs are those of the distribution actually sampled.
     """
     logits = logits.float()
+    if params.suppress_token_ids:
+        suppressed = torch.tensor(params.suppress_token_ids, device=logits.device)
+        logits = logits.index_fill(-1, suppressed, float("-inf"))
     if params.greedy:
         tokens = logits.argmax(dim=-1)
         return tokens, token_log_probs(logits, tokens)

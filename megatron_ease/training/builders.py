@@ -15,14 +15,18 @@ logger = logging.getLogger(__name__)
 
 
 def build_model(cfg: Config) -> torch.nn.Module:
-    """This rank's chunk of the policy, EASE-capturing attention at ``ease.layers``."""
+    """This rank's chunk of the policy, EASE-capturing attention at ``ease.layers``.
+
+    The capturing layers are built even with ``ease.enabled: false``: without a gradient scale
+    they only record attention (bit-identical training), so a DAPO-only run reports the same
+    attention-in-evidence metrics as an EASE run."""
     from megatron_ease.ease.specs import ease_attention_spec
     from megatron_ease.models.qwen_vl import build_qwen_vl_model
 
-    use_ease = cfg.ease.enabled and bool(cfg.ease.layers)
+    capture = bool(cfg.ease.layers)
     model = build_qwen_vl_model(cfg.model, cfg.parallel,
-                                attention_override=ease_attention_spec if use_ease else None,
-                                override_layers=cfg.ease.layers if use_ease else ())
+                                attention_override=ease_attention_spec if capture else None,
+                                override_layers=cfg.ease.layers)
     if cfg.model.freeze_vision and getattr(model, "vision_model", None) is not None:
         for p in model.vision_model.parameters():
             p.requires_grad_(False)

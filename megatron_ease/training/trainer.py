@@ -271,8 +271,9 @@ class Trainer:
             metrics["evidence_attention_mass"] = ev / evn
         return metrics
 
-    def _evidence_attention(self, batch, prompts, out) -> tuple[float, float]:
-        """Σ over samples of attention-in-evidence (mean over EASE layers), and the count."""
+    def _eval_contexts(self, batch, prompts, out, keep_mass: bool = False):
+        """Forward (no grad, λ = 0) over prompt + response with an EASE context: the EASE layers
+        record attention-in-evidence (and with ``keep_mass`` the mass) of these samples."""
         from megatron_ease.ease.context import EaseContext
 
         n = len(prompts)
@@ -293,7 +294,7 @@ class Trainer:
             ctx = EaseContext(m.image_mask, m.response_mask, m.ease_target, m.ease_weight,
                               normalizer=1.0, num_layers=len(self.cfg.ease.layers),
                               gradient_scale=0.0, key_valid_mask=m.attention_mask,
-                              evidence_mask=m.evidence_mask)
+                              evidence_mask=m.evidence_mask, keep_mass=keep_mass)
             contexts.append(ctx)
             return ctx
 
@@ -306,10 +307,15 @@ class Trainer:
                           forward_only=True)
         for chunk in self.model_chunks:
             chunk.train()
-        # Per-layer sums of this stage's EASE layers, summed over pipeline stages only: DP ranks
-        # evaluate different numbers of batches, so nothing here may wait on DP peers.
+        return contexts, seqs.image_mask
+
+    def _evidence_attention(self, batch, prompts, out) -> tuple[float, float]:
+        """Σ over samples of attention-in-evidence (mean over EASE layers), and the count."""
         from megatron.core import parallel_state as ps
 
+        contexts, _ = self._eval_contexts(batch, prompts, out)
+        # Per-layer sums of this stage's EASE layers, summed over pipeline stages only: DP ranks
+        # evaluate different numbers of batches, so nothing here may wait on DP peers.
         sums = torch.zeros(2, dtype=torch.float64)
         for record in (r for c in contexts for r in c.records.values()):
             if record.evidence_samples is not None and float(record.evidence_samples) > 0:
@@ -319,6 +325,18 @@ class Trainer:
             torch.distributed.all_reduce(sums, group=ps.get_pipeline_model_parallel_group())
         layers = len(self.cfg.ease.layers)
         return float(sums[0]) / layers, float(sums[1]) / layers
+
+    @torch.no_grad()
+    def attention_for(self, batch, prompts) -> list[torch.Tensor]:
+        """Greedy answers, then per sample the response→image attention mass over its visual
+        tokens, averaged over this stage's EASE layers (single-stage runs: all of them)."""
+        params = SamplingParams(max_new_tokens=self.cfg.dapo.max_response_length,
+                                temperature=0.0, n=1, stop_token_ids=tuple(self.stop_ids),
+                                suppress_token_ids=vision_token_ids(self.cfg))
+        out = self.engine.generate(prompts, params)
+        contexts, image_mask = self._eval_contexts(batch, prompts, out, keep_mass=True)
+        masses = torch.stack([r.mass for r in contexts[0].records.values()]).mean(0)  # [b, s]
+        return [masses[i][image_mask[i]] for i in range(len(prompts))]
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -359,9 +377,12 @@ class Trainer:
             return 0
         finally:
             preemption.restore()
-            self.metrics.close()
 
 
 def run(cfg: Config) -> int:
     os.makedirs(cfg.logging.run_dir, exist_ok=True)
-    return Trainer(cfg).train()
+    trainer = Trainer(cfg)
+    try:
+        return trainer.train()
+    finally:
+        trainer.metrics.close()

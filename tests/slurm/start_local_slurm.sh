@@ -37,7 +37,8 @@ fi
 bash "$here/apt_install.sh" slurmctld slurmd slurm-client munge
 
 host=$(hostname -s)
-cpus=$(nproc)
+# Not plain nproc: it honours OMP_NUM_THREADS, which the test command sets to 1.
+cpus=$(getconf _NPROCESSORS_ONLN)
 # Slurm compares RealMemory (MiB) with what slurmd measures; keep 10% below it.
 mem_mib=$(awk '/^MemTotal:/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
 new_conf=$(cat <<CONF

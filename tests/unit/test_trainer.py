@@ -84,9 +84,11 @@ def test_training_steps_run_at_tp2_and_pp2(dataset, tmp_path, layout):
 
 def _launch(overrides, **kwargs) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    # Its own session, so "kill -9" takes the whole job (checkpoint writer processes too).
     return subprocess.Popen([sys.executable, "-m", "megatron_ease.train", "--config", CONFIG,
                              *overrides], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kwargs)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            **kwargs)
 
 
 def _wait_for(predicate, proc, timeout=300):
@@ -111,7 +113,7 @@ def test_kill_9_then_resume_reproduces_an_uninterrupted_run(dataset, tmp_path):
     full = _launch(_overrides(dataset, full_dir, steps, "checkpoint.interval=1"))
     cut = _launch(_overrides(dataset, cut_dir, steps, "checkpoint.interval=1"))
     _wait_for(lambda: _latest(cut_dir) == "iter_0000002", cut)
-    cut.send_signal(signal.SIGKILL)
+    os.killpg(cut.pid, signal.SIGKILL)
     cut.wait()
     assert full.wait(timeout=600) == 0, full.stdout.read()
     resumed = _launch(_overrides(dataset, cut_dir, steps, "checkpoint.interval=1"))

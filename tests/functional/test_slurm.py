@@ -42,6 +42,16 @@ def local_slurm():
     if start.returncode == SKIP_STATUS:
         pytest.skip(f"no local Slurm: {start.stderr.strip()}")
     assert start.returncode == 0, f"start_local_slurm.sh failed:\n{start.stderr}"
+    # Jobs left by an interrupted earlier test run would hold the node's CPUs.
+    queued = subprocess.run(["squeue", "-h", "-o", "%i %j"], capture_output=True, text=True)
+    stale = [line.split()[0] for line in queued.stdout.splitlines()
+             if line.split()[1:] and line.split()[1].startswith("test-")]
+    if stale:
+        subprocess.run(["scancel", *stale], check=False)
+        deadline = time.monotonic() + 60
+        while subprocess.run(["squeue", "-h", "-j", ",".join(stale)], capture_output=True,
+                             text=True).stdout.strip() and time.monotonic() < deadline:
+            time.sleep(0.5)
     yield
     if not was_up:
         subprocess.run(["bash", str(SLURM_TESTS / "stop_local_slurm.sh")], check=True)
@@ -168,8 +178,17 @@ def test_requeued_training_resumes_from_latest_checkpoint(local_slurm, tmp_path)
     checkpoints = run_dir / "checkpoints"
     for steps, workdir in ((2, tmp_path / "first"), (4, tmp_path / "second")):
         workdir.mkdir()
+        # The tiny config at a smaller batch, provisioning its own small synthetic dataset;
+        # a short warm start (first job only) makes mixed-accuracy groups common.
+        data = tmp_path / "synthetic"
+        small = [f"data.train_shards={data}/train/*.tar", f"data.eval_shards={data}/eval/*.tar",
+                 f"data.tokenizer={data}/tokenizer", "data.synthetic_train_samples=128",
+                 "data.synthetic_eval_samples=16", "train.prompts_per_step=2",
+                 "dapo.group_size=4", "train.micro_batch_size=4", "dapo.max_response_length=4",
+                 "dapo.overlong_buffer_length=1", "dapo.max_gen_batches=0",
+                 "train.warm_start_steps=10", "train.warm_start_lr=3e-3"]
         rc, out = _finish(_sbatch("slurm/train_8b.sh", workdir, env, CPU_SHRINK,
-                                  [f"train.steps={steps}", "checkpoint.interval=1"]),
+                                  [f"train.steps={steps}", "checkpoint.interval=1", *small]),
                           timeout=600)
         assert rc == 0, f"train.steps={steps}: sbatch exited {rc}: {out}\n{_job_log(workdir)}"
     first, second = _job_log(tmp_path / "first"), _job_log(tmp_path / "second")

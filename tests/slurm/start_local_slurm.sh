@@ -98,8 +98,9 @@ fi
 install -d -o slurm -g slurm -m 0755 "$state_dir" "$log_dir" "$run_dir"
 install -d -m 0755 /var/spool/slurmd
 if ! pid_alive "$run_dir/slurmctld.pid"; then
+  # -c: forget jobs saved by an earlier controller (a test run killed mid-job leaves them).
   log "starting slurmctld"
-  /usr/sbin/slurmctld
+  /usr/sbin/slurmctld -c
 fi
 if ! pid_alive "$run_dir/slurmd.pid"; then
   log "starting slurmd"

@@ -74,7 +74,7 @@ def _sbatch(script: str, workdir: Path, env: dict[str, str], sbatch_args=(),
                             stderr=subprocess.PIPE, text=True)
 
 
-def _finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[int, str]:
+def _finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
     """Wait for `sbatch --wait` (its exit status is the job's); cancel the job on a timeout."""
     try:
         out, err = proc.communicate(timeout=timeout)

@@ -64,7 +64,20 @@ def _worker(rank, world_size, port, tasks, results):
             results.put((rank, "error", traceback.format_exc()))
         finally:
             parallel_state.destroy_model_parallel()
+            _destroy_subgroups()
     torch.distributed.destroy_process_group()
+
+
+def _destroy_subgroups():
+    """Free the process groups a task's layout created (megatron-core makes dozens per layout;
+    ``destroy_model_parallel`` only drops its references, and every gloo group keeps its
+    threads, so a long-lived worker would pile up thousands of polling threads)."""
+    import torch
+    from torch.distributed import distributed_c10d as c10d
+
+    for group in list(c10d._world.pg_map):
+        if group is not c10d.GroupMember.WORLD:
+            torch.distributed.destroy_process_group(group)
 
 
 class GlooPool:

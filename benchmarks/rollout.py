@@ -2,24 +2,31 @@
 
 Both generate from the same weights: a megatron-core GPTModel (Qwen2 layout: RMSNorm, GQA with
 qkv bias, SwiGLU, rope; local layer spec) and the HF ``Qwen2ForCausalLM`` it maps to through the
-Qwen2.5-VL weight table. Workloads are B prompts of random length (left-padded) with G samples
-each, sampled at temperature 1 and top-p 0.9 for a fixed number of new tokens (no stop token, so
-both produce exactly B·G·new tokens). HF gets ``num_return_sequences=G`` (it prefills each prompt
-G times; our engine prefills it once and replicates the KV cache). Greedy outputs of the two are
-checked to be equal before timing.
+Qwen2.5-VL weight table. A workload ``BxG:lo-hi`` is B prompts of random length in [lo, hi]
+(left-padded) with G samples each, sampled at temperature 1 and top-p 0.9 for a fixed number of
+new tokens (no stop token, so every engine produces exactly B·G·new tokens). HF gets
+``num_return_sequences=G`` (it prefills each prompt G times; our engine prefills it once and
+replicates the KV cache). Greedy outputs of ours and HF are checked to be equal first.
 
-    OMP_NUM_THREADS=2 python -m benchmarks.rollout                       # ~3 min on 2 CPU cores
-    python -m benchmarks.rollout --device cuda --models small --workloads 64x1 16x8
+Engines: ``hf`` (``generate``, SDPA attention, dynamic cache), ``ours`` (the rollout engine with
+its default attention path: rotated-key cache + SDPA core attention) and ``mcore static``
+(the same engine on megatron-core's own static path: keys re-rotated every step, local
+``DotProductAttention``).
 
-Reported: median wall time over ``--repeats`` runs after one warm-up, generated tokens/s, and
-the speed-up over HF.
+    OMP_NUM_THREADS=1 python -m benchmarks.rollout          # ~8 min on the CPU dev box
+    python -m benchmarks.rollout --device cuda --models small --workloads 64x1:32-64 16x8:512-1024
+
+Reported: generated tokens per second of the best of ``--repeats`` interleaved runs (after one
+warm-up each), in process CPU time on CPU (the development machine is shared with other jobs;
+with one thread CPU time is what a dedicated core would take) and wall time on GPU, and ours'
+speed-up over HF.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
-import statistics
 import time
 
 import torch
@@ -93,25 +100,31 @@ def hf_generate(hf, batch, new_tokens, n, temperature, top_p):
     return out[:, batch.input_ids.shape[1]:]
 
 
-def timed(fn, repeats: int, device: str) -> float:
+def best_times(fns: dict, repeats: int, device: str) -> dict:
+    """Best time of each function over ``repeats`` interleaved runs, after a warm-up: process CPU
+    time on CPU (steadier than wall time on a shared machine; run with one thread), wall time on
+    GPU."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
+    clock = time.perf_counter if device == "cuda" else time.process_time
+    for fn in fns.values():
         fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    best = {name: float("inf") for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync()
+            start = clock()
+            fn()
+            sync()
+            best[name] = min(best[name], clock() - start)
+    return best
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--workloads", nargs="+", default=["16x1", "4x4", "64x1", "16x4"],
-                        help="BxG: prompts x samples per prompt")
-    parser.add_argument("--prompt-len", type=int, nargs=2, default=[32, 64])
+    parser.add_argument("--workloads", nargs="+",
+                        default=["16x1:32-64", "64x1:32-64", "2x8:256-512", "8x8:256-512"],
+                        help="BxG:lo-hi: B prompts of lo..hi tokens, G samples each")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--top-p", type=float, default=0.9)
     parser.add_argument("--repeats", type=int, default=3)
@@ -124,6 +137,7 @@ def main():
         init_process_group,
         initialize_model_parallel,
     )
+    from megatron_ease.rl.inference_adapters import GPTRolloutAdapter
     from megatron_ease.rl.rollout import MegatronRolloutEngine, PromptBatch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
@@ -132,31 +146,41 @@ def main():
     initialize_model_parallel()
 
     print(f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, "
-          f"prompt length {args.prompt_len[0]}-{args.prompt_len[1]}, {args.new_tokens} new "
-          f"tokens, T=1, top-p {args.top_p}")
-    print("| model | B×G | HF generate tok/s | ours tok/s | speed-up |")
-    print("|---|---|---|---|---|")
+          f"{args.new_tokens} new tokens, T=1, top-p {args.top_p}")
+    print("| model | B×G | prompt tokens | HF generate tok/s | mcore static tok/s | ours tok/s "
+          "| ours / HF |")
+    print("|---|---|---|---|---|---|---|")
     for name in args.models:
         model, hf = build_models(name, args.device)
-        engine = MegatronRolloutEngine(model, pad_token_id=0)
+        engines = {
+            "ours": MegatronRolloutEngine(model, pad_token_id=0),
+            "mcore": MegatronRolloutEngine(model, pad_token_id=0, adapter=GPTRolloutAdapter(
+                model, cache_rotated_keys=False, attention_backend="model")),
+        }
         vocab = MODELS[name][-1]
         with torch.no_grad():
-            prompts = make_prompts(4, vocab, *args.prompt_len)
+            prompts = make_prompts(4, vocab, 32, 64)
             batch = PromptBatch.left_padded(prompts, 0, args.device)
-            if not torch.equal(ours(engine, prompts, 16, 1, 0.0, 1.0),
-                               hf_generate(hf, batch, 16, 1, 0.0, 1.0)):
-                raise RuntimeError(f"{name}: greedy rollouts differ from HF generate")
+            want = hf_generate(hf, batch, 16, 1, 0.0, 1.0)
+            for engine_name, engine in engines.items():
+                if not torch.equal(ours(engine, prompts, 16, 1, 0.0, 1.0), want):
+                    raise RuntimeError(f"{name}: greedy rollouts of {engine_name} differ from HF")
             for workload in args.workloads:
-                b, g = (int(x) for x in workload.split("x"))
-                prompts = make_prompts(b, vocab, *args.prompt_len)
+                sizes, lengths = workload.split(":")
+                b, g = (int(x) for x in sizes.split("x"))
+                lo, hi = (int(x) for x in lengths.split("-"))
+                prompts = make_prompts(b, vocab, lo, hi)
                 batch = PromptBatch.left_padded(prompts, 0, args.device)
+                run = dict(new_tokens=args.new_tokens, n=g, temperature=1.0, top_p=args.top_p)
+                best = best_times({
+                    "hf": functools.partial(hf_generate, hf, batch, **run),
+                    "mcore": functools.partial(ours, engines["mcore"], prompts, **run),
+                    "ours": functools.partial(ours, engines["ours"], prompts, **run),
+                }, args.repeats, args.device)
                 tokens = b * g * args.new_tokens
-                t_hf = timed(lambda: hf_generate(hf, batch, args.new_tokens, g, 1.0, args.top_p),
-                             args.repeats, args.device)
-                t_ours = timed(lambda: ours(engine, prompts, args.new_tokens, g, 1.0, args.top_p),
-                               args.repeats, args.device)
-                print(f"| {name} | {b}×{g} | {tokens / t_hf:.0f} | {tokens / t_ours:.0f} | "
-                      f"{t_hf / t_ours:.2f}× |", flush=True)
+                print(f"| {name} | {b}×{g} | {lo}-{hi} | {tokens / best['hf']:.0f} | "
+                      f"{tokens / best['mcore']:.0f} | {tokens / best['ours']:.0f} | "
+                      f"{best['hf'] / best['ours']:.2f}× |", flush=True)
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ from megatron.core.inference.model_inference_wrappers.inference_wrapper_config i
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.utils import get_model_config, unwrap_model
 
-from megatron_ease.rl.rollout_attention import RolloutAttention
+from megatron_ease.rl.rollout_attention import RolloutAttention, additive_mask
 
 if TYPE_CHECKING:
     from megatron_ease.rl.rollout import PromptBatch
@@ -170,7 +170,7 @@ class RolloutModelAdapter(AbstractModelInferenceWrapper, abc.ABC):
         logits = self.run_one_forward_step({
             "tokens": batch.input_ids,
             "position_ids": self.position_ids_for(positions, 0, p),
-            "attention_mask": _causal_valid_mask(batch.attention_mask),
+            "attention_mask": self._layer_mask(_causal_valid_mask(batch.attention_mask)),
             **self.prefill_extras(batch),
         })
 
@@ -193,7 +193,7 @@ class RolloutModelAdapter(AbstractModelInferenceWrapper, abc.ABC):
         logits = self.run_one_forward_step({
             "tokens": tokens[:, None],
             "position_ids": self.position_ids_for(self._positions, start, end),
-            "attention_mask": ~self._key_valid[:, None, None, :end],
+            "attention_mask": self._layer_mask(~self._key_valid[:, None, None, :end]),
         })
         return None if logits is None else logits[:, -1]
 
@@ -217,6 +217,13 @@ class RolloutModelAdapter(AbstractModelInferenceWrapper, abc.ABC):
                                   f"(prefill/decode), not by megatron-core's text controller")
 
     # -- helpers ---------------------------------------------------------------------------------
+
+    def _layer_mask(self, masked: torch.Tensor) -> torch.Tensor:
+        """The mask the layers get: bool (True = masked) for the model's own attention, additive
+        for SDPA (converted once per step, not once per layer)."""
+        if self._attention.sdpa:
+            return additive_mask(masked, get_model_config(self.model).params_dtype)
+        return masked
 
     def _check_padding_supported(self) -> None:
         for module in self.model.modules():

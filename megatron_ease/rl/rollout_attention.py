@@ -74,13 +74,21 @@ def rotated_key_cache_adjust(self: SelfAttention, inference_context, query, key,
             attn_mask_type, None)
 
 
+def additive_mask(masked: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Bool mask (True = masked) -> 0 / most negative finite value, for ``SdpaCoreAttention``."""
+    bias = torch.zeros(masked.shape, dtype=dtype, device=masked.device)
+    return bias.masked_fill_(masked, torch.finfo(dtype).min)
+
+
 class SdpaCoreAttention(torch.nn.Module):
     """A core attention for rollouts: ``softmax(q·kᵀ·scale + mask)·v`` by one SDPA call.
 
     Megatron's core-attention contract: ``query [sq, b, h, d]``, ``key``/``value``
-    ``[sk, b, g, d]`` (this TP rank's heads and groups), ``attention_mask`` bool broadcastable to
-    ``[b, 1, sq, sk]`` with True = masked; returns ``[sq, b, h·d]``. A fully masked row (a padding
-    query) gets a finite uniform average instead of NaN, as the local attention's -10000 fill does.
+    ``[sk, b, g, d]`` (this TP rank's heads and groups), ``attention_mask`` broadcastable to
+    ``[b, 1, sq, sk]``, bool with True = masked or already additive (``additive_mask``: built
+    once per step instead of once per layer); returns ``[sq, b, h·d]``. A fully masked row (a
+    padding query) gets a finite uniform average instead of NaN, as the local attention's -10000
+    fill does.
     """
 
     def __init__(self, config):
@@ -103,10 +111,9 @@ class SdpaCoreAttention(torch.nn.Module):
         q = query.permute(1, 2, 0, 3)  # [b, h, sq, d]
         k = key.permute(1, 2, 0, 3)  # [b, g, sk, d]
         v = value.permute(1, 2, 0, 3)
-        bias = None
-        if attention_mask is not None:
-            bias = torch.zeros(attention_mask.shape, dtype=q.dtype, device=q.device)
-            bias.masked_fill_(attention_mask, torch.finfo(q.dtype).min)
+        bias = attention_mask
+        if bias is not None:
+            bias = additive_mask(bias, q.dtype) if bias.dtype == torch.bool else bias.to(q.dtype)
         out = torch.nn.functional.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, scale=self.scale, enable_gqa=k.shape[1] != h)
         return out.permute(2, 0, 1, 3).reshape(sq, b, h * d)  # [sq, b, h*d]

@@ -3,8 +3,9 @@
 Pure functions of logits; the engine (``rollout.py``) calls them on one rank and shares the result.
 
 What the sampler returns as a token's log-probability: ``log softmax(logits / T)[token]`` over the
-full vocabulary, where ``T`` is the sampling temperature (``T = 1`` for greedy decoding). This is
-the policy the trainer's ``π_old`` forward reproduces (``vocab_parallel_log_probs(logits, labels,
+vocabulary less ``suppress_token_ids`` (their logits are -inf before anything else), where ``T``
+is the sampling temperature (``T = 1`` for greedy decoding). Without suppressed tokens this is the
+policy the trainer's ``π_old`` forward computes (``vocab_parallel_log_probs(logits, labels,
 temperature)``); the top-p filter only restricts which tokens can be drawn, it does not renormalise
 the reported log-probability. The rollout log-probs are a diagnostic and a cross-check (they agree
 with a teacher-forced forward to float noise); DAPO's ``π_old`` is recomputed by a proper forward

@@ -183,6 +183,30 @@ def test_sampler_log_probs_are_temperature_softmax_without_top_p():
     torch.testing.assert_close(greedy_lp, torch.log_softmax(logits, -1).amax(-1))
 
 
+def test_sampling_params_from_dapo_config_and_validation():
+    from megatron_ease.config import DapoConfig
+
+    dapo = DapoConfig(group_size=4, max_response_length=32, temperature=0.9, top_p=0.95)
+    params = SamplingParams.from_dapo_config(dapo, stop_token_ids=[7], seed=3)
+    assert (params.n, params.max_new_tokens, params.temperature, params.top_p, params.seed,
+            params.stop_token_ids) == (4, 32, 0.9, 0.95, 3, (7,))
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1.0)
+
+
+def test_suppressed_tokens_are_never_sampled_and_leave_the_softmax():
+    logits = torch.zeros(2000, 6)
+    logits[:, 2] = 5.0  # the suppressed token would win almost always
+    params = SamplingParams(temperature=1.0, top_p=0.9, suppress_token_ids=(2, 4))
+    tokens, log_probs = sample_next_tokens(logits, params, torch.Generator().manual_seed(0))
+    assert not torch.isin(tokens, torch.tensor([2, 4])).any()
+    torch.testing.assert_close(log_probs, torch.full_like(log_probs, -torch.log(torch.tensor(4.0))))
+    greedy, _ = sample_next_tokens(logits, SamplingParams(temperature=0, suppress_token_ids=(2,)))
+    assert not (greedy == 2).any()
+
+
 @pytest.mark.parametrize("top_p", [1.0, 0.8])
 def test_sampler_draws_from_the_tempered_nucleus(top_p):
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]]).expand(40000, -1)

@@ -105,7 +105,7 @@ def train_mini_batch(cfg: Config, model_chunks, optimizer, micro_batches: list[M
         return loss * undo, {"dapo_loss": loss.detach().double(), **sums}
 
     contexts = []
-    if ease_active or cfg.ease.layers:
+    if cfg.ease.layers:
         normalizer = global_gated_count([mb.ease_weight for mb in micro_batches], group=dp_group)
         scale = ease_gradient_scale(cfg.ease.loss_coeff if ease_active else 0.0,
                                     data_parallel_size=dp_size)

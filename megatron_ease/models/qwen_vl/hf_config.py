@@ -152,20 +152,15 @@ def model_config_from_hf(hf_config, base: Optional[ModelConfig] = None) -> Model
     return dataclasses.replace(base, **sizes, **keep)
 
 
+# VisionConfig fields with the same name and meaning in HF's vision_config (both families).
+_SHARED_VISION_FIELDS = ("depth", "hidden_size", "intermediate_size", "num_heads", "in_channels",
+                         "patch_size", "spatial_merge_size", "temporal_patch_size",
+                         "out_hidden_size", "hidden_act")
+
+
 def _vision_config_from_hf(vision, family: str) -> VisionConfig:
-    common = dict(
-        depth=vision.depth,
-        hidden_size=vision.hidden_size,
-        intermediate_size=vision.intermediate_size,
-        num_heads=vision.num_heads,
-        in_channels=vision.in_channels,
-        patch_size=vision.patch_size,
-        spatial_merge_size=vision.spatial_merge_size,
-        temporal_patch_size=vision.temporal_patch_size,
-        out_hidden_size=vision.out_hidden_size,
-        hidden_act=vision.hidden_act,
-        rope_theta=float((vision.rope_parameters or {}).get("rope_theta", 10_000.0)),
-    )
+    common = {name: getattr(vision, name) for name in _SHARED_VISION_FIELDS}
+    common["rope_theta"] = float((vision.rope_parameters or {}).get("rope_theta", 10_000.0))
     if family == "qwen3_vl":
         indexes = list(vision.deepstack_visual_indexes)
         bad = [i for i in indexes if not 0 <= i < vision.depth]
@@ -197,19 +192,8 @@ def _text_config_common(model_cfg: ModelConfig) -> dict:
 
 def _hf_vision_fields(model_cfg: ModelConfig) -> dict:
     v = model_cfg.vision
-    fields = dict(
-        depth=v.depth,
-        hidden_size=v.hidden_size,
-        intermediate_size=v.intermediate_size,
-        num_heads=v.num_heads,
-        in_channels=v.in_channels,
-        patch_size=v.patch_size,
-        spatial_merge_size=v.spatial_merge_size,
-        temporal_patch_size=v.temporal_patch_size,
-        out_hidden_size=v.out_hidden_size,
-        hidden_act=v.hidden_act,
-        rope_parameters={"rope_type": "axial", "rope_theta": v.rope_theta},
-    )
+    fields = {name: getattr(v, name) for name in _SHARED_VISION_FIELDS}
+    fields["rope_parameters"] = {"rope_type": "axial", "rope_theta": v.rope_theta}
     if model_cfg.family == "qwen3_vl":
         return dict(fields, num_position_embeddings=v.num_position_embeddings,
                     deepstack_visual_indexes=list(v.deepstack_visual_indexes))

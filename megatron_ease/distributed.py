@@ -224,6 +224,27 @@ def initialize_distributed(parallel, seed: int = 1234, backend: Optional[str] = 
     return launch
 
 
+def collective_device(group=None) -> torch.device:
+    """Where a tensor must live for a collective on ``group``: NCCL reduces CUDA tensors only,
+    gloo CPU ones (the trainer's bookkeeping tensors are built on the CPU)."""
+    if torch.distributed.is_initialized() and torch.distributed.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_(tensor: torch.Tensor, group=None,
+                op=torch.distributed.ReduceOp.SUM) -> torch.Tensor:
+    """All-reduce ``tensor`` in place over ``group`` whatever its device (a CPU tensor takes a
+    round trip through the GPU under NCCL); returns it."""
+    device = collective_device(group)
+    if tensor.device == device:
+        torch.distributed.all_reduce(tensor, op=op, group=group)
+        return tensor
+    moved = tensor.to(device)
+    torch.distributed.all_reduce(moved, op=op, group=group)
+    return tensor.copy_(moved)
+
+
 def destroy_distributed() -> None:
     """Tear down megatron-core groups and the default group (safe to call twice)."""
     from megatron.core import parallel_state
@@ -249,8 +270,7 @@ def _self_check(argv=None) -> int:
     args = parser.parse_args(argv)
     launch = init_process_group(timeout_minutes=2)
     initialize_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
-    total = torch.tensor([float(launch.rank)])
-    torch.distributed.all_reduce(total)
+    total = all_reduce_(torch.tensor([float(launch.rank)]))
     ok = total.item() == launch.world_size * (launch.world_size - 1) / 2
     print(f"rank={launch.rank} local_rank={launch.local_rank} launcher={launch.launcher} "
           f"backend={torch.distributed.get_backend()} master={launch.master_addr}:"

@@ -21,6 +21,7 @@ V = K); on a dense chunk the single matmul against ``a · (u − c)`` is the sam
 fewer passes.
 """
 
+import contextlib
 import math
 from typing import Optional
 
@@ -73,6 +74,12 @@ class _ImageAttentionMass(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, image_mask, response_mask, key_valid_mask, scale, chunk_size):
+        with _matmul_precision(query):
+            return _ImageAttentionMass._forward(ctx, query, key, image_mask, response_mask,
+                                                key_valid_mask, scale, chunk_size)
+
+    @staticmethod
+    def _forward(ctx, query, key, image_mask, response_mask, key_valid_mask, scale, chunk_size):
         compute_dtype = torch.promote_types(query.dtype, torch.float32)
         b, _, s, _ = query.shape
         query_groups = _group_query_heads(query, key.shape[1])  # [b, g, n, s, d]
@@ -100,6 +107,11 @@ class _ImageAttentionMass(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_mass):
+        with _matmul_precision(ctx.saved_tensors[0]):
+            return _ImageAttentionMass._backward(ctx, grad_mass)
+
+    @staticmethod
+    def _backward(ctx, grad_mass):
         query, key, image_mask, response_mask, key_valid_mask, lse = ctx.saved_tensors
         need_dq, need_dk = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         compute_dtype = torch.promote_types(query.dtype, torch.float32)
@@ -143,6 +155,25 @@ class _ImageAttentionMass(torch.autograd.Function):
         if need_dk:
             grad_key = grad_key.to(key.dtype)
         return grad_query, grad_key, None, None, None, None, None
+
+
+@contextlib.contextmanager
+def _matmul_precision(query: torch.Tensor):
+    """TF32 tensor cores for the float32 matmuls when the inputs are bf16/fp16 on a GPU.
+
+    A bf16 (fp16) value is exact in TF32, so the logits ``q · k`` are the exact fp32 dot products
+    either way; only the backward products of fp32 probabilities with q or k round an operand to
+    TF32 (2^-11 relative), below the bf16 rounding of the gradients returned. Float32 inputs keep
+    full float32 matmuls (whatever the global setting), so fp32 results stay fp32-exact."""
+    if not query.is_cuda:
+        yield
+        return
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = query.dtype in (torch.bfloat16, torch.float16)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 def _group_query_heads(query: torch.Tensor, num_key_heads: int) -> torch.Tensor:

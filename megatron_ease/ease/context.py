@@ -46,6 +46,7 @@ from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
+from megatron_ease.distributed import all_reduce_
 from megatron_ease.ease.layer import EaseCoreAttentionMixin
 from megatron_ease.ease.loss import DIVERGENCES
 
@@ -223,10 +224,9 @@ def global_gated_count(weights: Sequence[torch.Tensor], group=None) -> float:
     """
     local = torch.stack([w.detach().double().sum() for w in weights]).sum() if weights \
         else torch.zeros((), dtype=torch.float64)
-    local = local.to(_collective_device())
     group = _default_group(group, "data")
     if group is not None:
-        torch.distributed.all_reduce(local, group=group)
+        all_reduce_(local, group=group)
     return float(local)
 
 
@@ -262,12 +262,10 @@ def reduce_ease_metrics(
             if record.evidence_samples is not None:
                 row[1] += float(record.evidence_attention_sum)
                 row[2] += float(record.evidence_samples)
-    sums = sums.to(_collective_device())
     for group in (_default_group(pipeline_group, "pipeline"),
                   _default_group(data_parallel_group, "data")):
         if group is not None:
-            torch.distributed.all_reduce(sums, group=group)
-    sums = sums.cpu()
+            all_reduce_(sums, group=group)
 
     metrics = {"ease/loss": float(sums[:, 0].mean())}
     metrics.update({f"ease/loss/layer_{layer}": float(sums[n, 0]) for layer, n in position.items()})
@@ -290,9 +288,3 @@ def _default_group(group, kind: str):
         return parallel_state.get_pipeline_model_parallel_group()
     return parallel_state.get_data_parallel_group()
 
-
-def _collective_device() -> torch.device:
-    # NCCL reduces CUDA tensors only; gloo CPU ones.
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")

@@ -194,7 +194,9 @@ def reduce_policy_metrics(
     names = sorted(metric_sums)
     stacked = torch.stack([metric_sums[name].to(torch.float64) for name in names])
     if group is not None:
-        torch.distributed.all_reduce(stacked, group=group)
+        from megatron_ease.distributed import all_reduce_
+
+        all_reduce_(stacked, group=group)
     totals = dict(zip(names, stacked.tolist()))
     tokens = max(1.0, totals.pop("tokens"))
     return {name: value / tokens for name, value in totals.items()}

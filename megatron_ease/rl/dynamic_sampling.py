@@ -13,6 +13,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 
+from megatron_ease.distributed import collective_device
 from megatron_ease.rl.dapo import mixed_groups
 
 Payload = Union[torch.Tensor, list]
@@ -145,13 +146,6 @@ class DynamicSamplingResult:
     filtered_correct: Optional[RolloutBatch] = None
 
 
-def _collective_device(group) -> torch.device:
-    # NCCL collectives need CUDA tensors; gloo works on CPU ones.
-    if dist.get_backend(group) == dist.Backend.NCCL:
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def _transfer_plan(counts: Sequence[int], per_rank: int) -> list[tuple[int, int, int, int]]:
     """(src, dst, first group index on src, number of groups) moving surplus to short ranks.
 
@@ -176,7 +170,7 @@ def _transfer_plan(counts: Sequence[int], per_rank: int) -> list[tuple[int, int,
 
 def _rebalance(kept: RolloutBatch, per_rank: int, group) -> RolloutBatch:
     """Give every rank of `group` exactly `per_rank` of the kept groups."""
-    device = _collective_device(group)
+    device = collective_device(group)
     world_size, rank = dist.get_world_size(group), dist.get_rank(group)
     local = torch.tensor([kept.num_groups], dtype=torch.long, device=device)
     gathered = [torch.zeros_like(local) for _ in range(world_size)]
@@ -218,7 +212,7 @@ def dynamic_sample(
     if max_gen_batches < 0:
         raise ValueError(f"dapo.max_gen_batches must be >= 0 (0 = no limit), got {max_gen_batches}")
 
-    device = torch.device("cpu") if group is None else _collective_device(group)
+    device = torch.device("cpu") if group is None else collective_device(group)
     # generated, kept (mixed), all correct, all wrong; summed over ranks.
     totals = torch.zeros(4, dtype=torch.long, device=device)
     kept, correct = [], []

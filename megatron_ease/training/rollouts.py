@@ -3,6 +3,7 @@ dynamic sampling (DESIGN §5) -> a ``RolloutBatch`` of B/DP mixed groups on this
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterator
 
 import torch
@@ -11,8 +12,17 @@ from megatron_ease.config import Config
 from megatron_ease.rl.dapo import overlong_reward
 from megatron_ease.rl.dynamic_sampling import DynamicSamplingResult, RolloutBatch, dynamic_sample
 from megatron_ease.rl.rewards import RewardSpec, compute_rewards
-from megatron_ease.rl.rollout import Prompt, RolloutEngine
+from megatron_ease.rl.rollout import Prompt, RolloutEngine, RolloutOutput
 from megatron_ease.rl.sampling import SamplingParams
+
+
+def generate(engine: RolloutEngine, prompts: list[Prompt], params: SamplingParams) -> RolloutOutput:
+    """The engine's rollouts (made on the model's device) on the CPU, where a step's bookkeeping
+    (rewards, dynamic sampling, sequence assembly) lives; micro-batches go back to the model's
+    device in the forward step."""
+    out = engine.generate(prompts, params)
+    return dataclasses.replace(out, **{f.name: getattr(out, f.name).cpu()
+                                       for f in dataclasses.fields(out)})
 
 
 def split_prompts(batch: dict) -> list[Prompt]:
@@ -66,7 +76,7 @@ class RolloutCollector:
         self._chunk += 1
         params = SamplingParams.from_dapo_config(cfg.dapo, self.stop_token_ids, seed=seed,
                                                  suppress_token_ids=vision_token_ids(cfg))
-        out = self.engine.generate(prompts, params)
+        out = generate(self.engine, prompts, params)
         n = out.tokens.shape[0]
         owner = out.prompt_index  # [n] which prompt each rollout answers
         texts = self.tokenizer.batch_decode(

@@ -19,6 +19,7 @@ import psutil
 import torch
 
 from megatron_ease.config import Config, config_to_dict
+from megatron_ease.distributed import all_reduce_
 from megatron_ease.rl.dapo import group_advantages
 from megatron_ease.rl.dynamic_sampling import RolloutBatch
 from megatron_ease.rl.rollout import MegatronRolloutEngine
@@ -30,6 +31,7 @@ from megatron_ease.training.metrics import MetricsLogger
 from megatron_ease.training.preemption import PreemptionHandler
 from megatron_ease.training.rollouts import (
     RolloutCollector,
+    generate,
     image_values,
     split_prompts,
     vision_token_ids,
@@ -102,6 +104,9 @@ class Trainer:
             from megatron_ease.models.qwen_vl import load_model_checkpoint
 
             path = load_model_checkpoint(self.model, self.cfg.model.init_from)
+            # A mixed-precision optimizer keeps float32 main copies of the weights it was built
+            # with: refresh them, or its first step would write the random init back.
+            self.optimizer.reload_model_params()
             if self.is_logging_rank:
                 print(f"initialised policy from {path}", flush=True)
 
@@ -195,10 +200,10 @@ class Trainer:
             dtype=torch.float64)
         policy = local[5:].clone()
         if ps.get_pipeline_model_parallel_world_size() > 1:
-            torch.distributed.all_reduce(policy, group=ps.get_pipeline_model_parallel_group())
+            all_reduce_(policy, group=ps.get_pipeline_model_parallel_group())
         local[5:] = policy
         if self.dp_group is not None:
-            torch.distributed.all_reduce(local, group=self.dp_group)
+            all_reduce_(local, group=self.dp_group)
         reward, acc, n, tokens, unparsed = local[:5].tolist()
         dapo_loss, clip_low, clip_high, clip_dual, kl, resp_tokens = local[5:].tolist()
         n_updates = max(1, len(updates))
@@ -248,7 +253,7 @@ class Trainer:
                 break
             prompts = split_prompts(batch)[:limit - seen]
             seen += len(prompts)
-            out = self.engine.generate(prompts, params)
+            out = generate(self.engine, prompts, params)
             texts = self.tokenizer.batch_decode(
                 [out.tokens[i, :int(out.lengths[i])].tolist() for i in range(len(prompts))],
                 skip_special_tokens=True)
@@ -263,7 +268,7 @@ class Trainer:
                 ev_sum, ev_n = self._evidence_attention(batch, prompts, out)
                 totals[4:] += torch.tensor([ev_sum, ev_n])
         if self.dp_group is not None:
-            torch.distributed.all_reduce(totals, group=self.dp_group)
+            all_reduce_(totals, group=self.dp_group)
         c, n, ac, an, ev, evn = totals.tolist()
         metrics = {"accuracy": c / max(n, 1), "anti_prior_accuracy": ac / max(an, 1),
                    "eval_samples": int(n)}
@@ -322,7 +327,7 @@ class Trainer:
                 sums += torch.tensor([float(record.evidence_attention_sum),
                                       float(record.evidence_samples)])
         if ps.get_pipeline_model_parallel_world_size() > 1:
-            torch.distributed.all_reduce(sums, group=ps.get_pipeline_model_parallel_group())
+            all_reduce_(sums, group=ps.get_pipeline_model_parallel_group())
         layers = len(self.cfg.ease.layers)
         return float(sums[0]) / layers, float(sums[1]) / layers
 
@@ -333,9 +338,9 @@ class Trainer:
         params = SamplingParams(max_new_tokens=self.cfg.dapo.max_response_length,
                                 temperature=0.0, n=1, stop_token_ids=tuple(self.stop_ids),
                                 suppress_token_ids=vision_token_ids(self.cfg))
-        out = self.engine.generate(prompts, params)
+        out = generate(self.engine, prompts, params)
         contexts, image_mask = self._eval_contexts(batch, prompts, out, keep_mass=True)
-        masses = torch.stack([r.mass for r in contexts[0].records.values()]).mean(0)  # [b, s]
+        masses = torch.stack([r.mass for r in contexts[0].records.values()]).mean(0).cpu()  # [b, s]
         return [masses[i][image_mask[i]] for i in range(len(prompts))]
 
     # -- the loop --------------------------------------------------------------------------------
@@ -357,6 +362,7 @@ class Trainer:
         try:
             if self.step == 0 and cfg.train.warm_start_steps > 0 and not cfg.model.init_from:
                 self.warm_start()
+                self.optimizer.reload_model_params()  # the warm start had its own optimizer
             while self.step < cfg.train.steps:
                 metrics = self.train_step()
                 self.metrics.log(self.step, metrics, cfg.train.steps)

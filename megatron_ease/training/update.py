@@ -11,6 +11,7 @@ global gated count and ``ease_gradient_scale``. So the applied gradient is that 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from functools import partial
 from typing import Optional
@@ -18,6 +19,7 @@ from typing import Optional
 import torch
 
 from megatron_ease.config import Config
+from megatron_ease.distributed import all_reduce_
 from megatron_ease.ease.context import (
     EaseContext,
     ease_context,
@@ -48,13 +50,27 @@ class MicroBatch:
     def num_response_tokens(self) -> int:
         return int(self.response_mask.sum())
 
+    def to(self, device: torch.device) -> "MicroBatch":
+        """This micro-batch on ``device`` (the model's); a no-op where it already is."""
+        if self.input_ids.device == device:
+            return self
+        return dataclasses.replace(self, **{
+            f.name: getattr(self, f.name).to(device, non_blocking=True)
+            for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), torch.Tensor)})
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
 
 def _forward_backward(cfg: Config, model_chunks, micro_batches: list[MicroBatch], loss_fn,
                       contexts_for, forward_only: bool):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    device = model_device(model_chunks[0])
+
     def forward_step(data_iterator, model):
-        mb = next(data_iterator)
+        mb = next(data_iterator).to(device)  # the rollout bookkeeping lives on the CPU
         context = contexts_for(mb)
         with ease_context(model, context) if context is not None else contextlib.nullcontext():
             output = model(mb.input_ids, attention_mask=mb.attention_mask,
@@ -93,7 +109,7 @@ def train_mini_batch(cfg: Config, model_chunks, optimizer, micro_batches: list[M
     local_tokens = torch.tensor([float(sum(mb.num_response_tokens for mb in micro_batches))],
                                 dtype=torch.float64)
     if dp_group is not None:
-        torch.distributed.all_reduce(local_tokens, group=dp_group)
+        all_reduce_(local_tokens, group=dp_group)
     global_tokens = float(local_tokens)
     undo = len(micro_batches) * dp_size
 
@@ -146,7 +162,7 @@ def supervised_step(cfg: Config, model_chunks, optimizer, micro_batches: list[Mi
     local_tokens = torch.tensor([float(sum(mb.num_response_tokens for mb in micro_batches))],
                                 dtype=torch.float64)
     if dp_group is not None:
-        torch.distributed.all_reduce(local_tokens, group=dp_group)
+        all_reduce_(local_tokens, group=dp_group)
     global_tokens = max(1.0, float(local_tokens))
     undo = len(micro_batches) * dp_size
 

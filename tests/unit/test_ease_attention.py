@@ -213,3 +213,27 @@ def test_rejects_bad_shapes_with_a_clear_message():
         image_attention_mass(query, key, image.float(), response)
     with pytest.raises(ValueError, match="chunk_size"):
         image_attention_mass(query, key, image, response, chunk_size=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run where one is)")
+@pytest.mark.parametrize("chunk_size", [None, 5])
+@pytest.mark.parametrize(
+    "dtype,rtol,atol", [(torch.float32, 1e-5, 1e-6), (torch.bfloat16, 1e-2, 4e-3)]
+)
+def test_cuda_matches_float64_reference(dtype, rtol, atol, chunk_size):
+    """The same function on the GPU (cuBLAS, fp32 math under bf16) against the CPU float64
+    reference on the same rounded inputs."""
+    query, key, image, response, valid = make_case(b=3, h=8, g=2, s=48, d=32, dtype=dtype,
+                                                   seed=7)
+    upstream = torch.randn(image.shape, generator=torch.Generator().manual_seed(3),
+                           dtype=torch.float64)
+    q, k = leaf(query.cuda()), leaf(key.cuda())
+    mass = image_attention_mass(q, k, image.cuda(), response.cuda(), key_valid_mask=valid.cuda(),
+                                chunk_size=chunk_size)
+    assert mass.dtype == torch.float32 and mass.is_cuda
+    (mass.double() * upstream.cuda()).sum().backward()
+    q_ref, k_ref = leaf(query.double()), leaf(key.double())
+    mass_ref = naive_image_attention_mass(q_ref, k_ref, image, response, None, valid)
+    (mass_ref * upstream).sum().backward()
+    assert_matches((mass.cpu(), q.grad.cpu(), k.grad.cpu()), (mass_ref, q_ref.grad, k_ref.grad),
+                   rtol=rtol, atol=atol)

@@ -143,3 +143,50 @@ def test_sigterm_saves_exits_75_and_the_next_run_resumes(dataset, tmp_path):
     assert again.returncode == 0, out
     assert f"resumed from {os.path.join(run_dir, 'ckpt', saved)} at step {step}" in out
     assert sorted(_metrics(run_dir))[-1] == step + 1
+
+
+def _bf16_run(overrides):
+    import torch
+
+    from megatron_ease.training.trainer import Trainer
+
+    trainer = Trainer(load_config(CONFIG, overrides))
+    dtypes = sorted({str(p.dtype) for p in trainer.model.parameters()})
+    snapshots = {}
+    warm_start = trainer.warm_start
+
+    def warm_start_with_snapshots():
+        snapshots["init"] = [p.detach().clone() for p in trainer.model.parameters()]
+        warm_start()
+        snapshots["warm"] = [p.detach().clone() for p in trainer.model.parameters()]
+
+    trainer.warm_start = warm_start_with_snapshots
+    status = trainer.train()
+    trainer.metrics.close()
+    final = [p.detach() for p in trainer.model.parameters()]
+    warm_changed = any(not torch.equal(a, b) for a, b in zip(snapshots["init"], snapshots["warm"]))
+    warm_kept = all(torch.equal(a, b) for a, b in zip(snapshots["warm"], final))
+    # The step-1 checkpoint (mixed-precision optimizer state included) loads back.
+    resumed = Trainer(load_config(CONFIG, [o for o in overrides if not o.startswith("train.steps")]
+                                  + ["train.steps=2"]))
+    resumed.metrics.close()
+    return status, dtypes, warm_changed, warm_kept, resumed.step
+
+
+def test_bf16_training_keeps_the_warm_start_and_checkpoints(dataset, tmp_path):
+    """bf16 (megatron's mixed-precision optimizer, float32 main weights): every parameter is bf16
+    (a float32 norm weight misaligned the optimizer's checkpoint mapping), and weights changed
+    outside the RL optimizer (warm start, ``init_from``) reach its main copies: with lr = 0 the
+    first RL update must leave the warm-started weights exactly as they were, not write the
+    random init back."""
+    run_dir = str(tmp_path / "run")
+    overrides = _overrides(dataset, run_dir, 1, "model.bf16=true", "train.lr=0.0",
+                           "train.min_lr=0.0", "train.warm_start_steps=3",
+                           "checkpoint.interval=1", "parallel.tensor_model_parallel_size=2")
+    results = run_distributed(_bf16_run, overrides, tensor_model_parallel_size=2, timeout_s=600)
+    for status, dtypes, warm_changed, warm_kept, resumed_step in results:
+        assert status == 0
+        assert dtypes == ["torch.bfloat16"]
+        assert warm_changed, "the warm start did not change the weights: the test proves nothing"
+        assert warm_kept, "the first RL step overwrote the warm-started weights"
+        assert resumed_step == 1

@@ -264,6 +264,18 @@ def build_qwen_vl_model(
     block_spec = qwen_vl_block_spec(config, layer_specs, use_te, vp_stage=vp_stage)
     model = QwenVLModel(config, model_cfg, block_spec, pre_process, post_process, vp_stage,
                         initialize_vision=perform_initialization)
+    if config.params_dtype != torch.float32:
+        # megatron-core's torch norms (local specs) build float32 weights whatever params_dtype;
+        # Megatron-LM casts the whole model (Float16Module). Its mixed-precision optimizer maps
+        # optimizer state to checkpoint tensors by position among the low-precision parameters,
+        # so one float32 weight misaligns every tensor after it. Buffers (rotary inv_freq) stay.
+        for param in model.parameters():
+            if param.dtype == torch.float32:
+                param.data = param.data.to(config.params_dtype)
+    if not config.use_cpu_initialization and not any(p.is_meta for p in model.parameters()):
+        # As megatron-core's trainers do after building: its parallel layers are allocated on the
+        # current GPU already, but torch norms, the HF vision tower and some buffers are not.
+        model.cuda(torch.cuda.current_device())
     if not perform_initialization:
         _set_tensor_parallel_attributes(model)
     return model

@@ -190,3 +190,17 @@ def test_bf16_training_keeps_the_warm_start_and_checkpoints(dataset, tmp_path):
         assert warm_changed, "the warm start did not change the weights: the test proves nothing"
         assert warm_kept, "the first RL step overwrote the warm-started weights"
         assert resumed_step == 1
+
+
+def test_ease_enabled_without_layers_trains_as_dapo(dataset, tmp_path):
+    """``ease.enabled: true`` with no ``ease.layers`` (EaseConfig's defaults) is plain DAPO: no
+    capture layers, no EASE contexts (this combination used to crash the update)."""
+    run_dir = str(tmp_path / "run")
+    overrides = _overrides(dataset, run_dir, 1, "ease.enabled=true", "ease.layers=[]",
+                           "eval.samples=8")
+    results = run_distributed(_train_in_pool, overrides, timeout_s=600)
+    assert [status for status, _ in results] == [0, 0]
+    assert "evidence_attention_mass" not in results[0][1]
+    record = _metrics(run_dir)[1]
+    assert "ease_loss" not in record and "attn_in_evidence" not in record
+    assert math.isfinite(record["dapo_loss"]) and math.isfinite(record["grad_norm"])

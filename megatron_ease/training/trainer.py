@@ -143,24 +143,40 @@ class Trainer:
         sampled = self.collector.collect(self.step, self.dp_group)  # B/DP mixed groups here
         kept = sampled.batch
         t_rollout = time.perf_counter() - t0
-        mini_batches = self.micro_batches(kept)
+        ease_active = cfg.ease.enabled and cfg.ease.loss_coeff > 0
+        # ease.use_filtered_correct: the correct rollouts of groups dynamic sampling dropped as
+        # all-correct feed the EASE term too (never the DAPO loss, where their advantage is 0).
+        extra = sampled.filtered_correct if ease_active and cfg.ease.layers else None
+        mini_batches = self.micro_batches(kept, extra)
         compute_old_log_probs(cfg, self.model_chunks, [mb for mini in mini_batches for mb in mini])
         update_metrics = []
         for _ in range(cfg.train.ppo_epochs):
             for mini in mini_batches:
                 update_metrics.append(train_mini_batch(
                     cfg, self.model_chunks, self.optimizer, mini, self.dp_group, self.dp_size,
-                    ease_active=cfg.ease.enabled and cfg.ease.loss_coeff > 0))
+                    ease_active=ease_active))
         self.scheduler.step(1)
         self.step += 1
-        return self.step_metrics(kept, sampled.stats, update_metrics,
-                                 time.perf_counter() - t0, t_rollout)
+        metrics = self.step_metrics(kept, sampled.stats, update_metrics,
+                                    time.perf_counter() - t0, t_rollout)
+        if cfg.ease.use_filtered_correct and extra is not None:
+            metrics["ease_extra_rows"] = self._dp_sum(float(len(extra)))
+        return metrics
 
-    def micro_batches(self, kept: RolloutBatch) -> list[list[MicroBatch]]:
-        """Kept rollout groups -> mini-batches of micro-batches (this DP rank's share)."""
-        cfg, p = self.cfg, kept.payload
-        advantages = group_advantages(kept.reward, cfg.dapo.group_size)
-        n = kept.reward.shape[0]
+    def micro_batches(self, kept: RolloutBatch,
+                      extra: Optional[RolloutBatch] = None) -> list[list[MicroBatch]]:
+        """Kept rollout groups -> mini-batches of micro-batches (this DP rank's share).
+
+        ``extra`` rollouts (EASE only: advantage 0, outside the DAPO token count) are assembled
+        with the kept ones, so every micro-batch of the step has one sequence length (pipeline
+        stages exchange fixed shapes), and dealt out as extra micro-batches across the
+        mini-batches. Their number may differ between DP ranks; every count that normalises a
+        loss is global."""
+        cfg, n = self.cfg, len(kept)
+        rollouts = kept if extra is None or len(extra) == 0 else RolloutBatch.concat([kept, extra])
+        p, total = rollouts.payload, len(rollouts)
+        advantages = torch.zeros(total)
+        advantages[:n] = group_advantages(kept.reward, cfg.dapo.group_size)
         per_mini = n // cfg.train.ppo_mini_batches
         mbs = cfg.train.micro_batch_size
         seqs = assemble_sequences(p["prompt_ids"], p["tokens"], p["lengths"], self.pad_id,
@@ -168,23 +184,32 @@ class Trainer:
         target = place_at_image_tokens(seqs.image_mask, p["target"])
         evidence = place_at_image_tokens(seqs.image_mask, p["evidence"], dtype=torch.bool)
         has_target = torch.tensor([t is not None for t in p["target"]])
-        weight = (kept.accuracy > 0.5).float() * has_target.float()
-        out = []
-        for start in range(0, n, per_mini):
-            mini = []
-            for i in range(start, start + per_mini, mbs):
-                rows = slice(i, i + mbs)
-                idx = range(i, min(i + mbs, n))
-                mini.append(MicroBatch(
-                    input_ids=seqs.input_ids[rows], attention_mask=seqs.attention_mask[rows],
-                    labels=seqs.labels[rows], response_mask=seqs.response_mask[rows],
-                    image_mask=seqs.image_mask[rows],
-                    pixel_values=torch.cat([p["pixel_values"][j] for j in idx]),
-                    image_grid_thw=torch.cat([p["image_grid_thw"][j] for j in idx]),
-                    advantages=advantages[rows], ease_target=target[rows],
-                    ease_weight=weight[rows], evidence_mask=evidence[rows]))
-            out.append(mini)
+        weight = (rollouts.accuracy > 0.5).float() * has_target.float()
+        policy = torch.arange(total) < n
+
+        def micro_batch(start: int, stop: int) -> MicroBatch:
+            rows, idx = slice(start, stop), range(start, stop)
+            return MicroBatch(
+                input_ids=seqs.input_ids[rows], attention_mask=seqs.attention_mask[rows],
+                labels=seqs.labels[rows], response_mask=seqs.response_mask[rows],
+                image_mask=seqs.image_mask[rows],
+                pixel_values=torch.cat([p["pixel_values"][j] for j in idx]),
+                image_grid_thw=torch.cat([p["image_grid_thw"][j] for j in idx]),
+                advantages=advantages[rows], ease_target=target[rows],
+                ease_weight=weight[rows], evidence_mask=evidence[rows],
+                policy_rows=None if total == n else policy[rows])
+
+        out = [[micro_batch(i, min(i + mbs, start + per_mini))
+                for i in range(start, start + per_mini, mbs)] for start in range(0, n, per_mini)]
+        for k, start in enumerate(range(n, total, mbs)):
+            out[k % len(out)].append(micro_batch(start, min(start + mbs, total)))
         return out
+
+    def _dp_sum(self, value: float) -> float:
+        total = torch.tensor([value], dtype=torch.float64)
+        if self.dp_group is not None:
+            all_reduce_(total, group=self.dp_group)
+        return float(total)
 
     def step_metrics(self, kept: RolloutBatch, stats: dict, updates: list[dict],
                      step_time: float, rollout_time: float) -> dict:

@@ -45,10 +45,21 @@ class MicroBatch:
     ease_weight: torch.Tensor  # [b] gate: correct and has a target
     evidence_mask: torch.Tensor  # [b, S] bool, E > 0
     old_log_probs: Optional[torch.Tensor] = None  # [b, S], set on the last stage by π_old pass
+    # [b] bool, rows in the DAPO loss; None = all. False for rollouts that only feed EASE (the
+    # correct rollouts of filtered all-correct groups, ``ease.use_filtered_correct``).
+    policy_rows: Optional[torch.Tensor] = None
+
+    @property
+    def policy_mask(self) -> torch.Tensor:
+        """``[b, S]`` response tokens of the DAPO loss (EASE reads all of ``response_mask``)."""
+        if self.policy_rows is None:
+            return self.response_mask
+        return self.response_mask & self.policy_rows[:, None]
 
     @property
     def num_response_tokens(self) -> int:
-        return int(self.response_mask.sum())
+        """Tokens in the DAPO (or supervised) loss: its global normaliser counts these."""
+        return int(self.policy_mask.sum())
 
     def to(self, device: torch.device) -> "MicroBatch":
         """This micro-batch on ``device`` (the model's); a no-op where it already is."""
@@ -116,7 +127,7 @@ def train_mini_batch(cfg: Config, model_chunks, optimizer, micro_batches: list[M
     def loss_fn(mb, output):
         log_probs = vocab_parallel_log_probs(output, mb.labels, d.temperature)
         loss, sums = dapo_policy_loss_and_metrics(
-            log_probs, mb.old_log_probs, mb.advantages, mb.response_mask, d.clip_low,
+            log_probs, mb.old_log_probs, mb.advantages, mb.policy_mask, d.clip_low,
             d.clip_high, d.clip_c, num_tokens=global_tokens)
         return loss * undo, {"dapo_loss": loss.detach().double(), **sums}
 

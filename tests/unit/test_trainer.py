@@ -204,3 +204,68 @@ def test_ease_enabled_without_layers_trains_as_dapo(dataset, tmp_path):
     record = _metrics(run_dir)[1]
     assert "ease_loss" not in record and "attn_in_evidence" not in record
     assert math.isfinite(record["dapo_loss"]) and math.isfinite(record["grad_norm"])
+
+
+def _filtered_correct_run(overrides):
+    import torch
+
+    from megatron_ease.training.trainer import Trainer
+
+    trainer = Trainer(load_config(CONFIG, overrides))
+    seen = []
+    build = trainer.micro_batches
+
+    def micro_batches(kept, extra=None):
+        out = build(kept, extra)
+        kept_only = build(kept)
+        flat = [mb for mini in out for mb in mini]
+        policy_rows = sum(int(mb.policy_rows.sum()) if mb.policy_rows is not None
+                          else mb.input_ids.shape[0] for mb in flat)
+        extra_rows = sum(mb.input_ids.shape[0] for mb in flat) - policy_rows
+        extra_advantage = max((float(mb.advantages[~mb.policy_rows].abs().max())
+                               for mb in flat if mb.policy_rows is not None
+                               and not bool(mb.policy_rows.all())), default=0.0)
+        seen.append(dict(
+            kept=len(kept), extra=0 if extra is None else len(extra),
+            policy_rows=policy_rows, extra_rows=extra_rows, extra_advantage=extra_advantage,
+            extra_gated=sum(float(mb.ease_weight[~mb.policy_rows].sum()) for mb in flat
+                            if mb.policy_rows is not None),
+            tokens=sum(mb.num_response_tokens for mb in flat),
+            kept_tokens=sum(mb.num_response_tokens for mini in kept_only for mb in mini),
+            one_length=len({mb.input_ids.shape[1] for mb in flat}) == 1,
+            minis=len(out),
+            # Each mini-batch starts with the kept rows' micro-batches, as without extras (the
+            # joint assembly may pad them further).
+            kept_first=all(torch.equal(a.input_ids, b.input_ids[:, :a.input_ids.shape[1]])
+                           for mini_a, mini_b in zip(kept_only, out)
+                           for a, b in zip(mini_a, mini_b))))
+        return out
+
+    trainer.micro_batches = micro_batches
+    status = trainer.train()
+    trainer.metrics.close()
+    return status, seen
+
+
+def test_filtered_correct_rollouts_feed_ease_but_not_dapo(dataset, tmp_path):
+    """``ease.use_filtered_correct``: the correct rollouts of all-correct groups (which dynamic
+    sampling drops) join the step as EASE-only rows: gated in, advantage 0, outside the DAPO
+    token count, assembled to the step's one sequence length."""
+    run_dir = str(tmp_path / "run")
+    # Groups of 2 so that all-correct groups are common after the short warm start.
+    overrides = _overrides(dataset, run_dir, 2, "ease.use_filtered_correct=true",
+                           "dapo.group_size=2", "train.ppo_mini_batches=2",
+                           "train.micro_batch_size=2", "dapo.max_gen_batches=0",
+                           "checkpoint.interval=0")
+    results = run_distributed(_filtered_correct_run, overrides, timeout_s=600)
+    assert [status for status, _ in results] == [0, 0]
+    steps = [step for _, seen in results for step in seen]
+    assert any(step["extra"] > 0 for step in steps), "no all-correct group: the test proves nothing"
+    for step in steps:
+        assert step["policy_rows"] == step["kept"] and step["extra_rows"] == step["extra"]
+        assert step["extra_advantage"] == 0.0
+        assert step["extra_gated"] == step["extra"]  # all correct, all with a target
+        assert step["tokens"] == step["kept_tokens"]  # the DAPO normaliser ignores them
+        assert step["one_length"] and step["minis"] == 2 and step["kept_first"]
+    metrics = _metrics(run_dir)
+    assert all("ease_extra_rows" in record for record in metrics.values())

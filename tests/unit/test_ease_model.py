@@ -42,11 +42,12 @@ def _config(recompute=False, bf16=False):
     )
 
 
-def _tiny_gpt(ease_layers=EASE_LAYERS, recompute=False, bf16=False, plain_spec=False):
+def _tiny_gpt(ease_layers=EASE_LAYERS, recompute=False, bf16=False, plain_spec=False,
+              core_attention=None):
     """The GPT of test_megatron_parallel, built from a per-layer spec list with EASE layers.
 
     ``plain_spec`` builds it the ordinary way (one layer ModuleSpec), to check that the spec route
-    changes nothing.
+    changes nothing; ``core_attention`` replaces the local core attention class in every layer.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -56,6 +57,12 @@ def _tiny_gpt(ease_layers=EASE_LAYERS, recompute=False, bf16=False, plain_spec=F
 
     config = _config(recompute, bf16)
     layer_spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    if core_attention is not None:
+        attention = layer_spec.submodules.self_attention
+        layer_spec = dataclasses.replace(layer_spec, submodules=dataclasses.replace(
+            layer_spec.submodules, self_attention=dataclasses.replace(
+                attention, submodules=dataclasses.replace(
+                    attention.submodules, core_attention=core_attention))))
     spec = layer_spec if plain_spec else ease_block_spec(
         config, ease_layer_specs(layer_spec, NUM_LAYERS, ease_layers))
     model = GPTModel(config, spec, VOCAB, SEQ,
@@ -387,6 +394,64 @@ def test_ease_layers_without_context_or_with_zero_coeff_are_bit_identical(recomp
         # λ = 0 still measures: the loss is recorded for logging.
         assert sorted(zero_records) == list(EASE_LAYERS)
         assert all(v > 0 for v in zero_records.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# A fused core attention (TransformerEngine's kind): no probabilities come out of it, so the EASE
+# layer computes the slice beside it from the q and k it is given.
+
+
+class FusedStandIn(torch.nn.Module):
+    """Megatron's core-attention interface over one ``scaled_dot_product_attention`` call, not a
+    ``DotProductAttention``: a black box like ``TEDotProductAttention``."""
+
+    def __init__(self, config, layer_number, attn_mask_type=None, attention_type=None,
+                 attention_dropout=None, softmax_scale=None, cp_comm_type=None,
+                 pg_collection=None, **kwargs):
+        super().__init__()
+        self.softmax_scale = softmax_scale
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None):
+        groups = query.shape[2] // key.shape[2]
+        key, value = (t.repeat_interleave(groups, dim=2) for t in (key, value))
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=~attention_mask, scale=self.softmax_scale)  # mask: True = masked
+        s, b = query.shape[0], query.shape[1]
+        return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+
+def _core_attention_step(fused):
+    from megatron_ease.ease.context import ease_context
+
+    batch = _batch()
+    model = _tiny_gpt(core_attention=FusedStandIn if fused else None)
+    context = _context(batch, normalizer=batch["weight"].sum(), gradient_scale=LAMBDA,
+                       keep_mass=True)
+    with ease_context(model, context):
+        token_losses = _token_losses(model, batch)
+    loss_mask = batch["response_mask"].float()
+    ((token_losses * loss_mask).sum() / loss_mask.sum()).backward()
+    core = type(_core_attention(model, EASE_LAYERS[0]))
+    return {"core": core.__bases__[-1].__name__, "grads": gathered_grads(model),
+            "layers": {k: r.loss for k, r in context.records.items()},
+            "mass": {k: r.mass for k, r in context.records.items()}}
+
+
+def test_ease_beside_a_fused_core_attention_matches_the_local_one_at_tp2():
+    local = run_distributed(_core_attention_step, False, tensor_model_parallel_size=2)[0]
+    fused = run_distributed(_core_attention_step, True, tensor_model_parallel_size=2)[0]
+    assert (local["core"], fused["core"]) == ("DotProductAttention", "FusedStandIn")
+    for layer in EASE_LAYERS:
+        torch.testing.assert_close(fused["mass"][layer], local["mass"][layer],
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fused["layers"][layer], local["layers"][layer],
+                                   atol=1e-6, rtol=1e-5)
+    assert fused["grads"].keys() == local["grads"].keys()
+    for name in local["grads"]:
+        torch.testing.assert_close(fused["grads"][name], local["grads"][name],
+                                   atol=1e-5, rtol=1e-4, msg=name)
 
 
 # ---------------------------------------------------------------------------------------------

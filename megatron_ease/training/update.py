@@ -189,4 +189,13 @@ def supervised_step(cfg: Config, model_chunks, optimizer, micro_batches: list[Mi
     outputs = _forward_backward(cfg, model_chunks, micro_batches, loss_fn, lambda mb: None,
                                 forward_only=False)
     optimizer.step()
-    return {"sft_loss": sum(float(o["sft_loss"]) for o in outputs or [])}
+    # Each rank holds its share of the global token mean on the last stage only: sum over PP
+    # (other stages add 0) and DP, so every rank logs the mini-batch's loss.
+    from megatron.core import parallel_state as ps
+
+    local = torch.tensor([sum(float(o["sft_loss"]) for o in outputs or [])], dtype=torch.float64)
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        all_reduce_(local, group=ps.get_pipeline_model_parallel_group())
+    if dp_group is not None:
+        all_reduce_(local, group=dp_group)
+    return {"sft_loss": float(local)}

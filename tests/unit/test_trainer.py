@@ -52,6 +52,17 @@ def _metrics(run_dir: str) -> dict[int, dict]:
     return out
 
 
+def _first_sft_loss(run_dir: str) -> float:
+    """The warm start's step-1 loss: about log(vocab) = 5.5 from the random init, on every rank
+    and layout (it was half that at DP = 2 and 0 at PP = 2 before the loss was reduced)."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            record = json.loads(line)
+            if record["split"] == "warm_start" and record["step"] == 1:
+                return record["sft_loss"]
+    raise AssertionError(f"no warm-start step 1 in {run_dir}/metrics.jsonl")
+
+
 def _train_in_pool(overrides):
     from megatron_ease.training.trainer import Trainer
 
@@ -80,6 +91,7 @@ def test_training_steps_run_at_tp2_and_pp2(dataset, tmp_path, layout):
             assert math.isfinite(record[name]), (name, record)
         assert 0.0 <= record["accuracy"] <= 1.0 and 0.0 <= record["attn_in_evidence"] <= 1.0
     assert os.path.isfile(os.path.join(run_dir, "ckpt", "latest"))
+    assert 4.5 < _first_sft_loss(run_dir) < 6.5
 
 
 def _launch(overrides, **kwargs) -> subprocess.Popen:
@@ -204,6 +216,7 @@ def test_ease_enabled_without_layers_trains_as_dapo(dataset, tmp_path):
     record = _metrics(run_dir)[1]
     assert "ease_loss" not in record and "attn_in_evidence" not in record
     assert math.isfinite(record["dapo_loss"]) and math.isfinite(record["grad_norm"])
+    assert 4.5 < _first_sft_loss(run_dir) < 6.5  # data parallel 2
 
 
 def _filtered_correct_run(overrides):

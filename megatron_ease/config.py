@@ -172,6 +172,7 @@ class LoggingConfig:
     wandb_project: str = "megatron_ease"
     wandb_mode: Optional[str] = None  # None = offline unless WANDB_MODE / a key says otherwise
     tensorboard: bool = False
+    progress: bool = True  # tqdm bars (stderr, logging rank) for rollouts and validation
 
 
 @dataclass

@@ -4,12 +4,13 @@ dynamic sampling (DESIGN §5) -> a ``RolloutBatch`` of B/DP mixed groups on this
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Iterator
 
 import torch
 
 from megatron_ease.config import Config
-from megatron_ease.rl.dapo import overlong_reward
+from megatron_ease.rl.dapo import mixed_groups, overlong_reward
 from megatron_ease.rl.dynamic_sampling import DynamicSamplingResult, RolloutBatch, dynamic_sample
 from megatron_ease.rl.rewards import RewardSpec, compute_rewards
 from megatron_ease.rl.rollout import Prompt, RolloutEngine, RolloutOutput
@@ -58,11 +59,12 @@ class RolloutCollector:
     """Turns reader batches into scored rollout groups for this data-parallel rank."""
 
     def __init__(self, cfg: Config, engine: RolloutEngine, tokenizer, reader_iter: Iterator,
-                 stop_token_ids, dp_rank: int):
+                 stop_token_ids, dp_rank: int, progress: bool = False):
         self.cfg, self.engine, self.tokenizer = cfg, engine, tokenizer
         self.reader_iter = reader_iter
         self.stop_token_ids = tuple(stop_token_ids)
         self.dp_rank = dp_rank
+        self.progress = progress
         self.reward_spec = RewardSpec(format_reward=cfg.dapo.format_reward)
         self._next_group_id = 0
         self._chunk = 0
@@ -108,6 +110,30 @@ class RolloutCollector:
 
     def collect(self, step: int, dp_group) -> DynamicSamplingResult:
         self._chunk = 0
-        return dynamic_sample(lambda: self.generate_chunk(step), self.cfg.train.prompts_per_step,
-                              self.cfg.dapo.max_gen_batches, group=dp_group,
-                              keep_filtered_correct=self.cfg.ease.use_filtered_correct)
+        dp_size = 1 if dp_group is None else torch.distributed.get_world_size(dp_group)
+        # Progress of this rank: its mixed groups against its share of B (dynamic sampling
+        # counts them globally and rebalances).
+        bar = progress_bar(self.progress, total=self.cfg.train.prompts_per_step // dp_size,
+                           desc=f"rollouts, step {step + 1}", unit="group")
+
+        def generate_chunk() -> RolloutBatch:
+            chunk = self.generate_chunk(step)
+            mixed = int(mixed_groups(chunk.accuracy, chunk.group_size).sum())
+            bar.update(min(mixed, bar.total - bar.n))
+            bar.set_postfix(generation_batches=self._chunk, refresh=False)
+            return chunk
+
+        try:
+            return dynamic_sample(generate_chunk, self.cfg.train.prompts_per_step,
+                                  self.cfg.dapo.max_gen_batches, group=dp_group,
+                                  keep_filtered_correct=self.cfg.ease.use_filtered_correct)
+        finally:
+            bar.close()
+
+
+def progress_bar(enabled: bool, **kwargs):
+    """A tqdm bar on stderr that leaves no line behind; a no-op bar when disabled."""
+    from tqdm import tqdm
+
+    return tqdm(disable=not enabled, leave=False, file=sys.stderr, mininterval=1.0,
+                dynamic_ncols=True, **kwargs)

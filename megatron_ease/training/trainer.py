@@ -32,6 +32,7 @@ from megatron_ease.training.preemption import PreemptionHandler
 from megatron_ease.training.rollouts import (
     RolloutCollector,
     generate,
+    progress_bar,
     image_values,
     split_prompts,
     vision_token_ids,
@@ -76,7 +77,8 @@ class Trainer:
             cfg.train.prompts_per_step // self.dp_size, self.dp_rank, self.dp_size)
         self.train_iter = iter(self.train_reader)
         self.collector = RolloutCollector(cfg, self.engine, self.tokenizer, self.train_iter,
-                                          self.stop_ids, self.dp_rank)
+                                          self.stop_ids, self.dp_rank,
+                                          progress=self.is_logging_rank and cfg.logging.progress)
         self.checkpoints = CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.keep_last) \
             if cfg.checkpoint.dir else None
         self.step = 0
@@ -273,11 +275,14 @@ class Trainer:
                                 suppress_token_ids=vision_token_ids(cfg))
         totals = torch.zeros(6, dtype=torch.float64)  # correct, n, anti correct, anti n, ev, ev n
         seen = 0
+        bar = progress_bar(self.is_logging_rank and cfg.logging.progress, total=limit,
+                           desc="validation", unit="sample")
         for batch in reader:
             if seen >= limit:
                 break
             prompts = split_prompts(batch)[:limit - seen]
             seen += len(prompts)
+            bar.update(len(prompts))
             out = generate(self.engine, prompts, params)
             texts = self.tokenizer.batch_decode(
                 [out.tokens[i, :int(out.lengths[i])].tolist() for i in range(len(prompts))],
@@ -292,6 +297,7 @@ class Trainer:
             if cfg.ease.layers:
                 ev_sum, ev_n = self._evidence_attention(batch, prompts, out)
                 totals[4:] += torch.tensor([ev_sum, ev_n])
+        bar.close()
         if self.dp_group is not None:
             all_reduce_(totals, group=self.dp_group)
         c, n, ac, an, ev, evn = totals.tolist()

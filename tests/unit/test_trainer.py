@@ -282,3 +282,13 @@ def test_filtered_correct_rollouts_feed_ease_but_not_dapo(dataset, tmp_path):
         assert step["one_length"] and step["minis"] == 2 and step["kept_first"]
     metrics = _metrics(run_dir)
     assert all("ease_extra_rows" in record for record in metrics.values())
+
+
+def test_rollouts_and_validation_show_progress_bars(dataset, tmp_path):
+    run_dir = str(tmp_path / "run")
+    proc = _launch(_overrides(dataset, run_dir, 1, "eval.interval=1", "eval.samples=8",
+                              "checkpoint.interval=0"))
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    assert "rollouts, step 1" in out and "group" in out, out
+    assert "validation" in out and "sample" in out, out

@@ -4,7 +4,10 @@ Both generate from the same weights: a megatron-core GPTModel (Qwen2 layout: RMS
 qkv bias, SwiGLU, rope; local layer spec) and the HF ``Qwen2ForCausalLM`` it maps to through the
 Qwen2.5-VL weight table. A workload ``BxG:lo-hi`` is B prompts of random length in [lo, hi]
 (left-padded) with G samples each, sampled at temperature 1 and top-p 0.9 for a fixed number of
-new tokens (no stop token, so every engine produces exactly B·G·new tokens). HF gets
+new tokens (no stop token, so every engine produces exactly B·G·new tokens). ``BxG:lo-hi:eos``
+makes every 32nd vocabulary id a stop token, so rollouts end at different steps as RL rollouts
+do (about 1/32 per step on these random-weight models: a mean near 28 of 64 tokens); each engine
+is then credited with the tokens it generated up to and including each stop. HF gets
 ``num_return_sequences=G`` (it prefills each prompt G times; our engine prefills it once and
 replicates the KV cache). Greedy outputs of ours and HF are checked to be equal first.
 
@@ -13,7 +16,7 @@ its default attention path: rotated-key cache + SDPA core attention) and ``mcore
 (the same engine on megatron-core's own static path: keys re-rotated every step, local
 ``DotProductAttention``).
 
-    OMP_NUM_THREADS=1 python -m benchmarks.rollout          # ~8 min on the CPU dev box
+    OMP_NUM_THREADS=1 python -m benchmarks.rollout          # ~12 min on the CPU dev box
     python -m benchmarks.rollout --device cuda --models small --workloads 64x1:32-64 16x8:512-1024
 
 Reported: generated tokens per second of the best of ``--repeats`` interleaved runs (after one
@@ -83,39 +86,56 @@ def make_prompts(num_prompts: int, vocab: int, min_len: int, max_len: int):
     return [Prompt(torch.randint(1, vocab, (n,), generator=gen)) for n in lengths]
 
 
-def ours(engine, prompts, new_tokens, n, temperature, top_p):
+STOP_EVERY = 32  # ":eos" workloads: ids 7, 7 + 32, ... end a rollout
+
+
+def stop_token_ids(vocab: int) -> tuple[int, ...]:
+    return tuple(range(7, vocab, STOP_EVERY))
+
+
+def ours(engine, prompts, new_tokens, n, temperature, top_p, stop_ids=()):
+    """Generated tokens (with the stop token) and the ``[rows, new_tokens]`` ids."""
     from megatron_ease.rl.sampling import SamplingParams
 
     out = engine.generate(prompts, SamplingParams(max_new_tokens=new_tokens, n=n, seed=0,
-                                                  temperature=temperature, top_p=top_p))
-    return out.tokens
+                                                  temperature=temperature, top_p=top_p,
+                                                  stop_token_ids=stop_ids))
+    return int(out.lengths.sum()), out.tokens
 
 
-def hf_generate(hf, batch, new_tokens, n, temperature, top_p):
+def hf_generate(hf, batch, new_tokens, n, temperature, top_p, stop_ids=()):
+    """As ``ours``; HF pads after a rollout's stop token, which is not counted."""
     kwargs = dict(do_sample=False) if temperature == 0 else dict(
         do_sample=True, temperature=temperature, top_p=top_p, top_k=0, num_return_sequences=n)
+    if stop_ids:
+        kwargs["eos_token_id"] = list(stop_ids)
+    else:
+        kwargs["min_new_tokens"] = new_tokens
     out = hf.generate(batch.input_ids, attention_mask=batch.attention_mask.long(),
-                      max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0,
-                      **kwargs)
-    return out[:, batch.input_ids.shape[1]:]
+                      max_new_tokens=new_tokens, pad_token_id=0, **kwargs)
+    tokens = out[:, batch.input_ids.shape[1]:]
+    stops = torch.isin(tokens, torch.tensor(stop_ids, dtype=torch.long, device=tokens.device))
+    ended = stops.any(dim=1)
+    lengths = torch.where(ended, stops.int().argmax(dim=1) + 1, tokens.shape[1])
+    return int(lengths.sum()), tokens
 
 
-def best_times(fns: dict, repeats: int, device: str) -> dict:
-    """Best time of each function over ``repeats`` interleaved runs, after a warm-up: process CPU
-    time on CPU (steadier than wall time on a shared machine; run with one thread), wall time on
-    GPU."""
+def best_tokens_per_second(fns: dict, repeats: int, device: str) -> dict:
+    """Best generated tokens/s of each function (returning its token count) over ``repeats``
+    interleaved runs, after a warm-up: process CPU time on CPU (steadier than wall time on a
+    shared machine; run with one thread), wall time on GPU."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     clock = time.perf_counter if device == "cuda" else time.process_time
     for fn in fns.values():
         fn()
-    best = {name: float("inf") for name in fns}
+    best = {name: 0.0 for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             sync()
             start = clock()
-            fn()
+            tokens, _ = fn()
             sync()
-            best[name] = min(best[name], clock() - start)
+            best[name] = max(best[name], tokens / (clock() - start))
     return best
 
 
@@ -123,8 +143,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--workloads", nargs="+",
-                        default=["16x1:32-64", "64x1:32-64", "2x8:256-512", "8x8:256-512"],
-                        help="BxG:lo-hi: B prompts of lo..hi tokens, G samples each")
+                        default=["16x1:32-64", "64x1:32-64", "2x8:256-512", "8x8:256-512",
+                                 "64x1:32-64:eos", "8x8:256-512:eos"],
+                        help="BxG:lo-hi[:eos]: B prompts of lo..hi tokens, G samples each; eos: "
+                             "every 32nd id is a stop token")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--top-p", type=float, default=0.9)
     parser.add_argument("--repeats", type=int, default=3)
@@ -147,9 +169,9 @@ def main():
 
     print(f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, "
           f"{args.new_tokens} new tokens, T=1, top-p {args.top_p}")
-    print("| model | B×G | prompt tokens | HF generate tok/s | mcore static tok/s | ours tok/s "
-          "| ours / HF |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | B×G | prompt tokens | stop | HF generate tok/s | mcore static tok/s "
+          "| ours tok/s | ours / HF |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in args.models:
         model, hf = build_models(name, args.device)
         engines = {
@@ -161,26 +183,28 @@ def main():
         with torch.no_grad():
             prompts = make_prompts(4, vocab, 32, 64)
             batch = PromptBatch.left_padded(prompts, 0, args.device)
-            want = hf_generate(hf, batch, 16, 1, 0.0, 1.0)
+            _, want = hf_generate(hf, batch, 16, 1, 0.0, 1.0)
             for engine_name, engine in engines.items():
-                if not torch.equal(ours(engine, prompts, 16, 1, 0.0, 1.0), want):
+                if not torch.equal(ours(engine, prompts, 16, 1, 0.0, 1.0)[1], want):
                     raise RuntimeError(f"{name}: greedy rollouts of {engine_name} differ from HF")
             for workload in args.workloads:
-                sizes, lengths = workload.split(":")
+                sizes, lengths, *options = workload.split(":")
                 b, g = (int(x) for x in sizes.split("x"))
                 lo, hi = (int(x) for x in lengths.split("-"))
+                stop_ids = stop_token_ids(vocab) if options == ["eos"] else ()
                 prompts = make_prompts(b, vocab, lo, hi)
                 batch = PromptBatch.left_padded(prompts, 0, args.device)
-                run = dict(new_tokens=args.new_tokens, n=g, temperature=1.0, top_p=args.top_p)
-                best = best_times({
+                run = dict(new_tokens=args.new_tokens, n=g, temperature=1.0, top_p=args.top_p,
+                           stop_ids=stop_ids)
+                best = best_tokens_per_second({
                     "hf": functools.partial(hf_generate, hf, batch, **run),
                     "mcore": functools.partial(ours, engines["mcore"], prompts, **run),
                     "ours": functools.partial(ours, engines["ours"], prompts, **run),
                 }, args.repeats, args.device)
-                tokens = b * g * args.new_tokens
-                print(f"| {name} | {b}×{g} | {lo}-{hi} | {tokens / best['hf']:.0f} | "
-                      f"{tokens / best['mcore']:.0f} | {tokens / best['ours']:.0f} | "
-                      f"{best['hf'] / best['ours']:.2f}× |", flush=True)
+                stop = f"1/{STOP_EVERY} of ids" if stop_ids else "none"
+                print(f"| {name} | {b}×{g} | {lo}-{hi} | {stop} | {best['hf']:.0f} | "
+                      f"{best['mcore']:.0f} | {best['ours']:.0f} | "
+                      f"{best['ours'] / best['hf']:.2f}× |", flush=True)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,9 @@ What the adapter does for RL rollouts instead of megatron-core's text-generation
   prompts whose image tokens need vision features);
 - **prefill once per prompt, decode G samples**: the ``B`` unique prompts are prefilled (the vision
   tower runs once per image), then the KV cache rows are replicated ``G`` times
-  (``StaticInferenceContext.swap_key_value_dict`` with a repeat-interleaved index) and the
-  ``B·G`` rollouts decode together;
+  (``select_rows`` with a repeat-interleaved index) and the ``B·G`` rollouts decode together;
+- **finished rollouts leave the batch**: ``select_rows`` with the unfinished rows drops the others
+  from the KV cache, positions and masks, so decode steps stop computing them;
 - **positions per model**: ``position_ids_for`` of each adapter (GPT: ``[b, q]``; Qwen-VL mrope
   ``[3, b, prefix]``: generated tokens continue at the prompt's largest position + 1, HF's
   ``rope_deltas`` semantics).
@@ -119,7 +120,9 @@ class RolloutModelAdapter(AbstractModelInferenceWrapper, abc.ABC):
             sdpa=attention_backend == "sdpa" and not config.flash_decode)
         self._was_training: Optional[bool] = None  # the model's mode before prefill
         self._positions: Optional[torch.Tensor] = None  # [..., rows, max_seq]
-        self._key_valid: Optional[torch.Tensor] = None  # [rows, max_seq] bool
+        # The layers' decode mask over the whole cache, [rows, 1, 1, max_seq]: built once, each
+        # step takes its first `end` columns.
+        self._decode_mask: Optional[torch.Tensor] = None
 
     # -- per-model hooks -------------------------------------------------------------------------
 
@@ -176,10 +179,10 @@ class RolloutModelAdapter(AbstractModelInferenceWrapper, abc.ABC):
 
         rollout_rows = torch.arange(b, device=batch.input_ids.device).repeat_interleave(
             num_samples)
-        self._positions = positions.index_select(-2, rollout_rows)
-        self._key_valid = key_valid.index_select(0, rollout_rows)
-        if num_samples > 1 and self.inference_context.key_value_memory_dict:
-            self.inference_context.swap_key_value_dict(rollout_rows.to(self.device))
+        self._positions = positions
+        self._decode_mask = self._layer_mask(~key_valid[:, None, None, :])
+        if num_samples > 1:
+            self.select_rows(rollout_rows)
         self.inference_context.enable_decode_mode()
         if logits is None:
             return None
@@ -193,14 +196,25 @@ class RolloutModelAdapter(AbstractModelInferenceWrapper, abc.ABC):
         logits = self.run_one_forward_step({
             "tokens": tokens[:, None],
             "position_ids": self.position_ids_for(self._positions, start, end),
-            "attention_mask": self._layer_mask(~self._key_valid[:, None, None, :end]),
+            "attention_mask": self._decode_mask[..., :end],
         })
         return None if logits is None else logits[:, -1]
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Decode rows ``rows`` of the current batch from now on, in that order (repeats
+        allowed): each prompt's row once per rollout after the prefill, the unfinished rollouts
+        later. KV cache, positions and masks follow; ``decode`` then takes ``len(rows)`` tokens.
+        """
+        rows = rows.to(self.device)
+        if self.inference_context.key_value_memory_dict:
+            self._attention.select_cache_rows(self.inference_context, rows)
+        self._positions = self._positions.index_select(-2, rows.to(self._positions.device))
+        self._decode_mask = self._decode_mask.index_select(0, rows.to(self._decode_mask.device))
 
     def release(self) -> None:
         """Free the KV cache and give the model back in the mode it was in."""
         self.inference_context = StaticInferenceContext(1, 1)
-        self._positions = self._key_valid = None
+        self._positions = self._decode_mask = None
         self._attention.remove()
         if self._was_training is not None:
             self.model.train(self._was_training)
@@ -220,7 +234,7 @@ class RolloutModelAdapter(AbstractModelInferenceWrapper, abc.ABC):
 
     def _layer_mask(self, masked: torch.Tensor) -> torch.Tensor:
         """The mask the layers get: bool (True = masked) for the model's own attention, additive
-        for SDPA (converted once per step, not once per layer)."""
+        for SDPA (converted once, not once per layer)."""
         if self._attention.sdpa:
             return additive_mask(masked, get_model_config(self.model).params_dtype)
         return masked
@@ -261,8 +275,26 @@ class QwenVLRolloutAdapter(RolloutModelAdapter):
     ``get_rope_index``, padding-independent); generated token ``k`` of a prompt sits at
     ``max(prompt positions) + 1 + k`` in all three rows. megatron-core's static path slices the
     rotary table by cache index (queries ``[start, end)``, keys ``[0, end)``), so every step
-    passes the positions of the whole prefix.
+    passes the positions of the whole prefix. Under pipeline parallelism a Qwen3-VL prefill with
+    images sends DeepStack levels across stages ahead of the layers that add them, so the receive
+    buffer takes the stage's ``input_hidden_size`` instead of megatron-core's ``hidden_size``.
     """
+
+    def __init__(self, model: torch.nn.Module, pg_collection=None, **options):
+        super().__init__(model, pg_collection, **options)
+        self._with_images = False  # the step being run embeds images (prefill of image prompts)
+
+    def run_one_forward_step(self, inference_input, recv_buffer_seq_len=None):
+        self._with_images = inference_input.get("pixel_values") is not None
+        return super().run_one_forward_step(inference_input, recv_buffer_seq_len)
+
+    def _allocate_recv_buffer(self, batch_size, seq_len):
+        """megatron-core receives ``[s, b, hidden_size]``; a Qwen3-VL stage that precedes a
+        DeepStack layer sends the levels packed after the hidden states, ``[s, b, (1 + l) h]``,
+        when the step embeds images (``QwenVLModel.input_hidden_size``)."""
+        width = unwrap_model(self.model).input_hidden_size(self._with_images)
+        return torch.empty((seq_len, batch_size, width), dtype=self.pipeline_communication_dtype,
+                           device=self.device)
 
     def prompt_positions(self, batch):
         model = unwrap_model(self.model)

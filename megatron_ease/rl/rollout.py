@@ -15,16 +15,20 @@ training model itself (megatron-core's static KV cache, TP and PP as the model i
 vLLM engine can implement the same ``generate`` later.
 
 Every rank of the model-parallel group calls ``generate`` with the same prompts and parameters.
-The last pipeline stage's first TP rank samples (a ``torch.Generator`` seeded with
-``SamplingParams.seed``, so a seed reproduces the rollouts); the sampled tokens, their log-probs
-and the stop flags are broadcast over TP and then from the last pipeline stage to all stages, so
-every rank returns the same ``RolloutOutput`` and feeds the same tokens to the next step. Data-
-parallel ranks generate independently: give each its own seed (e.g. ``hash((step, dp_rank))``).
+The last pipeline stage's first TP rank samples (a ``torch.Generator`` seeded at every step from
+``SamplingParams.seed``, the batch and the step, so a seed reproduces the rollouts, and a
+rollout's draws do not depend on the other rollouts: dropping finished ones from the batch, or
+adding a stop token, leaves the others' tokens as they were); the sampled tokens, their
+log-probs and the stop flags are broadcast over TP and then from the last pipeline stage to all
+stages, so every rank returns the same ``RolloutOutput`` and feeds the same tokens to the next
+step. Data-parallel ranks generate independently: give each its own seed (e.g.
+``hash((step, dp_rank))``).
 """
 
 from __future__ import annotations
 
 import abc
+import hashlib
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
@@ -108,6 +112,18 @@ class RolloutOutput:
                    prompt_index=torch.cat([o.prompt_index for o in outputs]))
 
 
+# Finished rollouts leave the decode batch once they are this share of it (see _generate_batch).
+_DROP_FINISHED_FRACTION = 0.25
+
+
+def _step_seed(seed: int, first_prompt: int, step: int) -> int:
+    """The sampling generator's seed at one step of one batch: a rollout's draws depend on the
+    seed, its batch, the step and its own row only (``sample_next_tokens(rows=...)``), not on
+    how many draws other rows needed before, nor on which rows are still generating."""
+    digest = hashlib.blake2b(f"{seed}/{first_prompt}/{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
 class RolloutEngine(abc.ABC):
     """Generates ``sampling_params.n`` rollouts per prompt."""
 
@@ -149,17 +165,13 @@ class MegatronRolloutEngine(RolloutEngine):
                 raise ValueError("SamplingParams.stop_strings need MegatronRolloutEngine("
                                  "detokenize=...)")
             matcher = StopStringMatcher(sampling_params.stop_strings, self.detokenize)
-        generator = None
-        if self._is_sampling_rank:
-            generator = torch.Generator(device=self.adapter.device)
-            generator.manual_seed(sampling_params.seed)
         per_batch = len(prompts)
         if self.max_rollouts_per_batch is not None:
             per_batch = max(1, self.max_rollouts_per_batch // sampling_params.n)
         outputs = []
         for first in range(0, len(prompts), per_batch):
-            out = self._generate_batch(prompts[first:first + per_batch], sampling_params,
-                                       generator, matcher)
+            out = self._generate_batch(prompts[first:first + per_batch], first, sampling_params,
+                                       matcher)
             out.prompt_index += first
             outputs.append(out)
         return outputs[0] if len(outputs) == 1 else RolloutOutput.concat(outputs,
@@ -167,9 +179,15 @@ class MegatronRolloutEngine(RolloutEngine):
 
     # -- one batch -------------------------------------------------------------------------------
 
-    def _generate_batch(self, prompts: Sequence[Prompt], params: SamplingParams,
-                        generator: Optional[torch.Generator],
+    def _generate_batch(self, prompts: Sequence[Prompt], first_prompt: int,
+                        params: SamplingParams,
                         matcher: Optional[StopStringMatcher]) -> RolloutOutput:
+        """Rollouts of ``prompts`` (``prompts[0]`` is prompt ``first_prompt`` of the call).
+
+        Each step decodes the rollouts of ``in_batch`` only: once the finished ones make up
+        ``_DROP_FINISHED_FRACTION`` of it they leave the KV cache (a copy of the cache's filled
+        part, about what one step's attention reads), until then they are fed padding and their
+        samples ignored. A step costs one host synchronisation (how many rows are done)."""
         device = self.adapter.device
         batch = PromptBatch.left_padded(prompts, self.pad_token_id, device)
         rows, steps = len(prompts) * params.n, params.max_new_tokens
@@ -178,28 +196,40 @@ class MegatronRolloutEngine(RolloutEngine):
         lengths = torch.zeros(rows, dtype=torch.long, device=device)
         finished = torch.zeros(rows, dtype=torch.bool, device=device)
         stop_ids = torch.tensor(params.stop_token_ids, dtype=torch.long, device=device)
+        in_batch = torch.arange(rows, device=device)  # rollouts in the decode batch, in row order
+        generator = None
+        if self._is_sampling_rank:
+            generator = torch.Generator(device=device)
         try:
             logits = self.adapter.prefill(batch, params.n, steps)  # [rows, V] on the last stage
             for step in range(steps):
-                active = ~finished
+                active = ~finished[in_batch]
                 packed = None
                 if self._is_sampling_rank:
-                    token, log_prob = sample_next_tokens(logits, params, generator)
+                    generator.manual_seed(_step_seed(params.seed, first_prompt, step))
+                    token, log_prob = sample_next_tokens(logits, params, generator,
+                                                         rows=in_batch, num_rows=rows)
                     token = torch.where(active, token, self.pad_token_id)
                     log_prob = torch.where(active, log_prob, 0.0)
                     stop = active & torch.isin(token, stop_ids)
                     if matcher is not None:
-                        tokens[:, step] = token
-                        stop |= matcher(tokens, lengths + 1, active & ~stop)
+                        tokens[in_batch, step] = token
+                        stop |= matcher(tokens[in_batch], lengths[in_batch] + 1, active & ~stop)
                     packed = torch.stack([token.double(), log_prob.double(), stop.double()])
-                packed = self._share(packed, rows)  # [3, rows] on every rank
-                tokens[:, step] = packed[0].long()
-                log_probs[:, step] = packed[1].float()
-                lengths += active.long()
-                finished |= packed[2].bool()
-                if bool(finished.all()) or step == steps - 1:
+                packed = self._share(packed, len(in_batch))  # [3, len(in_batch)] on every rank
+                tokens[in_batch, step] = packed[0].long()
+                log_probs[in_batch, step] = packed[1].float()
+                lengths[in_batch] += active.long()
+                done = ~active | packed[2].bool()
+                finished[in_batch] = done
+                num_done = int(done.sum())
+                if num_done == len(in_batch) or step == steps - 1:
                     break
-                logits = self.adapter.decode(tokens[:, step])
+                if num_done >= _DROP_FINISHED_FRACTION * len(in_batch):
+                    unfinished = (~done).nonzero()[:, 0]
+                    self.adapter.select_rows(unfinished)
+                    in_batch = in_batch[unfinished]
+                logits = self.adapter.decode(tokens[in_batch, step])
         finally:
             self.adapter.release()
         width = max(1, int(lengths.max()))

@@ -12,11 +12,17 @@ flash-attn only, no mrope) avoids, and one gap:
 ``RolloutAttention`` installs, for the duration of one generation and on this model only:
 
 - ``rotated_key_cache_adjust`` as each self-attention's ``_adjust_key_value_for_inference``: same
-  buffers, offsets and return contract as megatron-core's, but the step's new queries and keys are
-  rotated here and cached rotated, so the attention gets no rotary embedding to apply;
+  offsets and return contract as megatron-core's, but the step's new queries and keys are rotated
+  here and cached rotated, so the attention gets no rotary embedding to apply. With SDPA the
+  buffers are batch-first, ``[b, g, s, d]``, so the attention reads each row's keys as one
+  contiguous block (megatron-core's ``[s, b, g, d]`` makes every decode step a strided gather,
+  about half of the attention's time on CPU); otherwise they keep megatron-core's layout;
 - ``SdpaCoreAttention`` as each self-attention's ``core_attention``: one
-  ``scaled_dot_product_attention`` call with native GQA and the explicit mask (True = masked)
-  turned additive, on CPU and GPU alike, whatever the training spec's core attention is.
+  ``scaled_dot_product_attention`` call with the explicit mask (True = masked) turned additive,
+  on CPU and GPU alike, whatever the training spec's core attention is. GQA is native at
+  prefill; a decode step folds the ``h / g`` query heads of each group into the query axis
+  instead (one query per head, so the ``[b, 1, 1, k]`` mask still broadcasts), which reads each
+  group's keys once instead of once per head.
 
 Both are numerically the same attention (tests compare rollouts with and without them); training
 never sees them (``remove`` restores the modules before the model is handed back).
@@ -24,6 +30,7 @@ never sees them (``remove`` restores the modules before the model is handed back
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -39,26 +46,37 @@ from megatron.core.transformer.enums import AttnMaskType
 def rotated_key_cache_adjust(self: SelfAttention, inference_context, query, key, value,
                              rotary_pos_emb, rotary_pos_cos=None, rotary_pos_sin=None,
                              rotary_pos_cos_sin=None, sequence_len_offset=None, *,
-                             inference_params=None):
+                             inference_params=None, batch_first: bool = False):
     """``Attention._adjust_key_value_for_inference`` for a static context, caching rotated keys.
 
     Queries and keys ``[s, b, g, d]`` of this step are rotated with rows ``[start, end)`` of the
     rotary table (rope ``[max_seq, 1, 1, d]`` or mrope ``[end, b, 1, d]``); the returned
-    ``rotary_pos_emb`` is None so ``Attention.forward`` does not rotate again.
+    ``rotary_pos_emb`` is None so ``Attention.forward`` does not rotate again. ``batch_first``:
+    the buffers are ``[max_batch, g, max_seq, d]`` and the returned keys and values
+    ``[end, b, g, d]`` views of them (for ``SdpaCoreAttention``, which permutes them back).
     """
     context = inference_context
     start, end = context.sequence_len_offset, context.sequence_len_offset + key.size(0)
     first, last = context.batch_size_offset, context.batch_size_offset + key.size(1)
     if self.layer_number not in context.key_value_memory_dict:
-        context.key_value_memory_dict[self.layer_number] = (
-            self._allocate_memory(context.max_sequence_length, context.max_batch_size,
-                                  self.key_hidden_size, key.dtype),
-            self._allocate_memory(context.max_sequence_length, context.max_batch_size,
-                                  self.val_hidden_size, value.dtype))
+        if batch_first:
+            groups = self.num_query_groups_per_partition
+            context.key_value_memory_dict[self.layer_number] = tuple(
+                torch.empty(context.max_batch_size, groups, context.max_sequence_length, size,
+                            dtype=t.dtype, device=t.device)
+                for size, t in ((self.key_hidden_size, key), (self.val_hidden_size, value)))
+        else:
+            context.key_value_memory_dict[self.layer_number] = (
+                self._allocate_memory(context.max_sequence_length, context.max_batch_size,
+                                      self.key_hidden_size, key.dtype),
+                self._allocate_memory(context.max_sequence_length, context.max_batch_size,
+                                      self.val_hidden_size, value.dtype))
     key_memory, value_memory = context.key_value_memory_dict[self.layer_number]
-    if end > key_memory.size(0) or last > key_memory.size(1):
-        raise ValueError(f"KV cache of {tuple(key_memory.shape[:2])} (seq, batch) cannot hold "
-                         f"positions [{start}, {end}) of rows [{first}, {last})")
+    seq_dim, batch_dim = (2, 0) if batch_first else (0, 1)
+    if end > key_memory.size(seq_dim) or last > key_memory.size(batch_dim):
+        raise ValueError(f"KV cache of {key_memory.size(seq_dim)} positions x "
+                         f"{key_memory.size(batch_dim)} rows cannot hold positions "
+                         f"[{start}, {end}) of rows [{first}, {last})")
     if rotary_pos_emb is not None:
         q_pos_emb, k_pos_emb = rotary_pos_emb
         mscale = _yarn_get_concentration_factor_from_config(self.config)
@@ -66,10 +84,16 @@ def rotated_key_cache_adjust(self: SelfAttention, inference_context, query, key,
                                      mscale=mscale, cp_group=self.pg_collection.cp)
         key = apply_rotary_pos_emb(key, k_pos_emb[start:end], config=self.config, mscale=mscale,
                                    cp_group=self.pg_collection.cp)
-    key_memory[start:end, first:last] = key
-    value_memory[start:end, first:last] = value
     # As megatron-core: past the prompt the layer's own mask type is off (the explicit mask holds).
     attn_mask_type = AttnMaskType.no_mask if start > 0 else self.attn_mask_type
+    if batch_first:
+        key_memory[first:last, :, start:end] = key.permute(1, 2, 0, 3)
+        value_memory[first:last, :, start:end] = value.permute(1, 2, 0, 3)
+        keys = key_memory[first:last, :, :end].permute(2, 0, 1, 3)  # [end, b, g, d]
+        values = value_memory[first:last, :, :end].permute(2, 0, 1, 3)
+        return query, keys, values, None, attn_mask_type, None
+    key_memory[start:end, first:last] = key
+    value_memory[start:end, first:last] = value
     return (query, key_memory[:end, first:last], value_memory[:end, first:last], None,
             attn_mask_type, None)
 
@@ -108,33 +132,62 @@ class SdpaCoreAttention(torch.nn.Module):
             raise NotImplementedError("SdpaCoreAttention takes no attention_bias or packed "
                                       "sequences")
         sq, b, h, d = query.shape
-        q = query.permute(1, 2, 0, 3)  # [b, h, sq, d]
         k = key.permute(1, 2, 0, 3)  # [b, g, sk, d]
         v = value.permute(1, 2, 0, 3)
+        g = k.shape[1]
         bias = attention_mask
         if bias is not None:
-            bias = additive_mask(bias, q.dtype) if bias.dtype == torch.bool else bias.to(q.dtype)
+            bias = additive_mask(bias, query.dtype) if bias.dtype == torch.bool else bias.to(
+                query.dtype)
+        if sq == 1 and g != h:  # decode: the group's heads as its queries, [b, g, h/g, d]
+            q = query.reshape(b, g, h // g, d)
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                                                   scale=self.scale)
+            return out.reshape(1, b, h * d)  # [sq, b, h*d]
+        q = query.permute(1, 2, 0, 3)  # [b, h, sq, d]
         out = torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, scale=self.scale, enable_gqa=k.shape[1] != h)
+            q, k, v, attn_mask=bias, scale=self.scale, enable_gqa=g != h)
         return out.permute(2, 0, 1, 3).reshape(sq, b, h * d)  # [sq, b, h*d]
 
 
 class RolloutAttention:
-    """Installs / removes the rollout attention path on every self-attention of ``model``."""
+    """Installs / removes the rollout attention path on every self-attention of ``model``, and
+    knows the KV cache layout it makes (``select_cache_rows``)."""
 
     def __init__(self, model: torch.nn.Module, cache_rotated_keys: bool, sdpa: bool):
         self.attentions = [m for m in model.modules() if isinstance(m, SelfAttention)]
         self.cache_rotated_keys = cache_rotated_keys
         self.sdpa = sdpa
+        self.batch_first_cache = cache_rotated_keys and sdpa
         self._replaced: list[tuple[SelfAttention, torch.nn.Module]] = []  # (module, its core)
 
     def install(self) -> None:
         for module in self.attentions:
             if self.cache_rotated_keys:
-                module._adjust_key_value_for_inference = rotated_key_cache_adjust.__get__(module)
+                module._adjust_key_value_for_inference = functools.partial(
+                    rotated_key_cache_adjust, module, batch_first=self.batch_first_cache)
             if self.sdpa:
                 self._replaced.append((module, module.core_attention))
                 module.core_attention = SdpaCoreAttention(module.config)
+
+    def select_cache_rows(self, inference_context, rows: torch.Tensor) -> None:
+        """Keep cache rows ``rows`` (in that order, repeats allowed) of every layer: one prompt's
+        row for each of its rollouts, or the rollouts still generating. Only the filled
+        positions are copied; the context's batch size becomes ``len(rows)``."""
+        batch_dim, seq_dim = (0, 2) if self.batch_first_cache else (1, 0)
+        filled = inference_context.sequence_len_offset
+        memory = inference_context.key_value_memory_dict
+        for layer, buffers in memory.items():
+            selected = []
+            for t in buffers:
+                shape = list(t.shape)
+                shape[batch_dim] = len(rows)
+                out = t.new_empty(shape)
+                torch.index_select(t.narrow(seq_dim, 0, filled), batch_dim, rows,
+                                   out=out.narrow(seq_dim, 0, filled))
+                selected.append(out)
+            memory[layer] = tuple(selected)
+        inference_context.max_batch_size = len(rows)
 
     def remove(self) -> None:
         for module in self.attentions:

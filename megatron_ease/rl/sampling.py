@@ -70,19 +70,16 @@ class SamplingParams:
                    suppress_token_ids=tuple(suppress_token_ids))
 
 
-def _nucleus_removed_sorted(sorted_logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """On logits sorted ascending: True for the least likely tokens whose cumulative mass is
-    ``<= 1 - top_p`` (HF ``TopPLogitsWarper``); the most likely token always stays."""
-    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    removed = cumulative <= (1 - top_p)
-    removed[..., -1] = False
-    return removed
-
-
 def top_p_removed(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """``[b, V]`` bool, True for tokens outside the nucleus (HF ``TopPLogitsWarper`` semantics)."""
+    """``[b, V]`` bool, True for tokens outside the nucleus (HF ``TopPLogitsWarper`` semantics):
+    in ascending order, the least likely tokens whose cumulative mass is ``<= 1 - top_p``; the
+    most likely token always stays. Equivalently, a token stays iff the mass of the tokens
+    strictly more likely than it is ``< top_p``: the test ``sample_next_tokens`` makes without a
+    sort. The two differ only on exact ties at the boundary, which that test keeps together
+    (here the sort order decides which of the tied tokens stay, as in HF)."""
     sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
-    removed = _nucleus_removed_sorted(sorted_logits, top_p)
+    removed = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+    removed[..., -1] = False
     return removed.scatter(-1, order, removed)
 
 
@@ -93,15 +90,61 @@ def token_log_probs(logits: torch.Tensor, tokens: torch.Tensor,
     return scaled.gather(-1, tokens[:, None].long())[:, 0] - scaled.logsumexp(dim=-1)
 
 
+Uniforms = Callable[[], torch.Tensor]  # one uniform in [0, 1) per row of the logits, per call
+
+
+def _draw(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """One index per row of non-negative ``weights`` ``[b, V]`` (unnormalised; zeros are never
+    drawn), by inverse CDF of ``uniform`` ``[b]``: one cumulative sum, no sort."""
+    cdf = weights.cumsum(dim=-1)
+    # uniform < 1, so draw < cdf[-1] and the first cdf entry above it has positive weight.
+    draw = uniform[:, None] * cdf[:, -1:]
+    return torch.searchsorted(cdf, draw, right=True).clamp_(max=cdf.shape[-1] - 1)[:, 0]
+
+
+def _sample_nucleus(probs: torch.Tensor, top_p: float, uniforms: Uniforms) -> torch.Tensor:
+    """One token per row of ``probs`` ``[b, V]`` from its top-p nucleus, renormalised, without
+    sorting the vocabulary (a sort of 150k logits per row per step costs more than the model's
+    last layers at small batch).
+
+    Draw from the candidates (at first all tokens); a token is in the nucleus iff the mass of
+    the tokens more likely than it is ``< top_p``. If it is not, neither is any token at most as
+    likely, so those leave the candidates and the row draws again. Conditioned on acceptance the
+    draw is the candidates' distribution restricted to the nucleus, i.e. the nucleus
+    distribution; each round accepts with probability ``mass(nucleus) / mass(candidates) >=
+    top_p``, so the rounds are few (at most ``1 / top_p`` per row in expectation), each one pass
+    over the vocabulary. This is FlashInfer's pivot rejection sampling.
+    """
+    tokens = _draw(probs, uniforms())
+    pending = torch.arange(probs.shape[0], device=probs.device)  # rows whose draw is unchecked
+    candidates = probs
+    while True:
+        row_probs = probs[pending]
+        chosen = row_probs.gather(-1, tokens[pending, None])  # [r, 1]
+        rejected = row_probs.masked_fill(row_probs <= chosen, 0.0).sum(dim=-1) >= top_p
+        pending = pending[rejected]
+        if not pending.numel():
+            return tokens
+        at_most_as_likely = row_probs[rejected] <= chosen[rejected]
+        candidates = candidates.index_put((pending,),
+                                          candidates[pending].masked_fill(at_most_as_likely, 0.0))
+        tokens = tokens.index_put((pending,), _draw(candidates[pending], uniforms()[pending]))
+
+
 def sample_next_tokens(logits: torch.Tensor, params: SamplingParams,
-                       generator: Optional[torch.Generator] = None
+                       generator: Optional[torch.Generator] = None,
+                       rows: Optional[torch.Tensor] = None, num_rows: Optional[int] = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row of ``logits`` ``[b, V]`` and its log-probability (see the module doc).
 
-    With top-p the nucleus is sampled by inverse CDF over the ascending sort the filter needs
-    anyway (one uniform draw per row), instead of a multinomial over the whole vocabulary.
-    Returns ``tokens`` ``[b]`` int64 and ``log_probs`` ``[b]`` float32. Suppressed tokens are
-    removed before anything else, so log-probs are those of the distribution actually sampled.
+    Sampling is by inverse CDF (``_draw``), with top-p by rejection (``_sample_nucleus``): no
+    multinomial, no sort of the vocabulary. Returns ``tokens`` ``[b]`` int64 and ``log_probs``
+    ``[b]`` float32. Suppressed tokens are removed before anything else, so log-probs are those
+    of the distribution actually sampled.
+
+    ``rows`` ``[b]`` / ``num_rows``: the logits are those rows of a batch of ``num_rows``; every
+    uniform is then drawn for all ``num_rows`` rows and the ``rows`` kept, so with the generator
+    seeded alike, a row's token does not depend on which other rows are being sampled.
     """
     logits = logits.float()
     if params.suppress_token_ids:
@@ -110,16 +153,18 @@ def sample_next_tokens(logits: torch.Tensor, params: SamplingParams,
     if params.greedy:
         tokens = logits.argmax(dim=-1)
         return tokens, token_log_probs(logits, tokens)
+
+    def uniforms() -> torch.Tensor:
+        u = torch.rand(logits.shape[0] if rows is None else num_rows, generator=generator,
+                       device=logits.device)
+        return u if rows is None else u[rows]
+
     scaled = logits / params.temperature
+    probs = scaled.softmax(dim=-1)
     if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(scaled, dim=-1, descending=False)
-        removed = _nucleus_removed_sorted(sorted_logits, params.top_p)
-        cdf = sorted_logits.masked_fill(removed, float("-inf")).softmax(dim=-1).cumsum(dim=-1)
-        draw = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
-        index = torch.searchsorted(cdf, draw, right=True).clamp_(max=cdf.shape[-1] - 1)
-        tokens = order.gather(-1, index)[:, 0]
+        tokens = _sample_nucleus(probs, params.top_p, uniforms)
     else:
-        tokens = torch.multinomial(scaled.softmax(dim=-1), 1, generator=generator)[:, 0]
+        tokens = _draw(probs, uniforms())
     return tokens, token_log_probs(scaled, tokens)
 
 

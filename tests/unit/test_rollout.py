@@ -1,6 +1,8 @@
 """Rollout engine: KV-cache greedy = full recompute = HF generate; sampling reproducible and equal
-on TP ranks; log-probs = a teacher-forced forward; PP=2 = PP=1; EOS / stop strings; Qwen-VL
-prompts with images (vision once per prompt, greedy = HF generate)."""
+on TP ranks; log-probs = a teacher-forced forward; PP=2 = PP=1; EOS / stop strings, finished
+rollouts leaving the decode batch without changing the others; the sort-free top-p sampler;
+Qwen-VL prompts with images (vision once per prompt, greedy = HF generate), Qwen3-VL at PP=2 with
+DeepStack levels crossing the stage boundary."""
 
 from __future__ import annotations
 
@@ -88,7 +90,10 @@ def _greedy_worker(max_new_tokens: int):
     prompts = _prompts()
     out = _engine(model).generate(prompts, SamplingParams(max_new_tokens=max_new_tokens,
                                                           temperature=0))
-    sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, n=2, seed=1)
+    # Stop tokens (1 in 12 ids) end rollouts at different steps: both paths drop finished rows
+    # from their KV cache layout (batch-first for SDPA, megatron-core's sequence-first).
+    sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, n=2, seed=1,
+                              stop_token_ids=tuple(range(5, VOCAB, 12)))
     paths = {}
     for name, options in {"rollout": {},
                           "megatron": dict(cache_rotated_keys=False, attention_backend="model")
@@ -122,7 +127,8 @@ def _greedy_worker(max_new_tokens: int):
 
 def _sampling_worker(seed: int, temperature: float, top_p: float, n: int):
     """Sampled rollouts (twice with one seed, once with another), their teacher-forced log-probs,
-    and the same rollouts with an EOS and with a stop string taken from the first run."""
+    and the same rollouts with EOS tokens and with a stop string taken from the first run (with
+    the decode batch size of every step of the EOS run)."""
     model = _gpt()
     engine = _engine(model, detokenize=_detokenize)
     prompts = _prompts()
@@ -133,14 +139,20 @@ def _sampling_worker(seed: int, temperature: float, top_p: float, n: int):
     other = engine.generate(prompts, SamplingParams(**{**params.__dict__, "seed": seed + 1}))
     forced = _teacher_forced_log_probs(lambda i, v: _full_forward_logits(model, i, v),
                                        PromptBatch.left_padded(prompts, PAD), out, n, temperature)
-    eos = int(out.tokens[0, 2])
+    # Every other rollout's third token is an EOS: half the batch ends within three steps.
+    eos = tuple(sorted(set(out.tokens[::2, 2].tolist())))
     stop_string = _detokenize(out.tokens[1, 4:6].tolist())
+    decode_rows = []
+    decode = engine.adapter.decode
+    engine.adapter.decode = lambda tokens: decode_rows.append(len(tokens)) or decode(tokens)
     with_eos = engine.generate(prompts, SamplingParams(**{**params.__dict__,
-                                                          "stop_token_ids": (eos,)}))
+                                                          "stop_token_ids": eos}))
+    engine.adapter.decode = decode
     with_stop = engine.generate(prompts, SamplingParams(**{**params.__dict__,
                                                            "stop_strings": (stop_string,)}))
     return {"out": out, "again": again, "other": other, "forced": forced, "eos": eos,
-            "with_eos": with_eos, "stop_string": stop_string, "with_stop": with_stop}
+            "with_eos": with_eos, "decode_rows": decode_rows, "stop_string": stop_string,
+            "with_stop": with_stop}
 
 
 def _detokenize(ids):
@@ -207,7 +219,7 @@ def test_suppressed_tokens_are_never_sampled_and_leave_the_softmax():
     assert not (greedy == 2).any()
 
 
-@pytest.mark.parametrize("top_p", [1.0, 0.8])
+@pytest.mark.parametrize("top_p", [1.0, 0.8, 0.5])
 def test_sampler_draws_from_the_tempered_nucleus(top_p):
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]]).expand(40000, -1)
     tokens, _ = sample_next_tokens(logits, SamplingParams(temperature=1.5, top_p=top_p),
@@ -216,6 +228,25 @@ def test_sampler_draws_from_the_tempered_nucleus(top_p):
                                          float("-inf")).softmax(-1)
     freq = torch.bincount(tokens, minlength=6).double() / tokens.numel()
     torch.testing.assert_close(freq, want.double(), atol=0.01, rtol=0)
+
+
+@pytest.mark.parametrize("top_p", [0.1, 0.5, 0.9, 0.99])
+def test_nucleus_sampler_draws_only_inside_top_p_from_flat_to_peaked_rows(top_p):
+    gen = torch.Generator().manual_seed(3)
+    sharpness = torch.linspace(0.1, 6.0, 400)[:, None]  # near-uniform rows ... near one-hot rows
+    logits = torch.randn(400, 300, generator=gen) * sharpness
+    tokens, _ = sample_next_tokens(logits, SamplingParams(temperature=1.0, top_p=top_p), gen)
+    assert not top_p_removed(logits, top_p).gather(-1, tokens[:, None]).any()
+
+
+def test_nucleus_sampler_keeps_tokens_tied_at_the_boundary_together():
+    # Mass 0.5 + five tokens of 0.1: the boundary of top-p 0.7 falls inside the tie, so all five
+    # stay (a sort-based filter keeps two of them, chosen by its sort order).
+    logits = torch.log(torch.tensor([[0.5, 0.1, 0.1, 0.1, 0.1, 0.1]])).expand(50000, -1)
+    tokens, _ = sample_next_tokens(logits, SamplingParams(temperature=1.0, top_p=0.7),
+                                   torch.Generator().manual_seed(0))
+    freq = torch.bincount(tokens, minlength=6).double() / tokens.numel()
+    torch.testing.assert_close(freq, logits[0].exp().double(), atol=0.01, rtol=0)
 
 
 # -- GPT engine ------------------------------------------------------------------------------------
@@ -253,7 +284,9 @@ def test_greedy_with_kv_cache_equals_full_recompute_and_hf_generate():
     # The rollout attention path (rotated-key cache, SDPA) = megatron-core's static path, and the
     # model gets its own modules back; with the model's attention, padding needs the local one.
     paths = res["paths"]
+    assert paths["rollout"].finished.sum() >= 2, "some rollouts end early"
     assert torch.equal(paths["rollout"].tokens, paths["megatron"].tokens)
+    assert torch.equal(paths["rollout"].lengths, paths["megatron"].lengths)
     torch.testing.assert_close(paths["rollout"].log_probs, paths["megatron"].log_probs,
                                atol=1e-5, rtol=0)
     assert res["restored"]
@@ -287,18 +320,25 @@ def test_sampled_rollouts_reproducible_equal_on_tp_ranks_and_log_probs_match_for
     mask = out.response_mask
     torch.testing.assert_close(out.log_probs[mask], res["forced"][mask], atol=1e-5, rtol=0)
 
-    # EOS: each rollout ends at its first EOS (included), padded after; the prefix is unchanged.
-    eos, stopped = res["eos"], res["with_eos"]
+    # EOS: each rollout ends at its first EOS (included), padded after; the prefix is unchanged,
+    # also for the rollouts decoded on after the finished ones left the batch.
+    eos, stopped = torch.tensor(res["eos"]), res["with_eos"]
     for row in range(out.tokens.shape[0]):
-        hits = (out.tokens[row] == eos).nonzero()
+        hits = torch.isin(out.tokens[row], eos).nonzero()
         length = int(hits[0]) + 1 if len(hits) else out.tokens.shape[1]
         assert int(stopped.lengths[row]) == length
         assert bool(stopped.finished[row]) == bool(len(hits))
         assert torch.equal(stopped.tokens[row, :length], out.tokens[row, :length])
-        assert torch.equal(stopped.log_probs[row, :length], out.log_probs[row, :length])
+        torch.testing.assert_close(stopped.log_probs[row, :length], out.log_probs[row, :length],
+                                   atol=1e-6, rtol=0)
         assert (stopped.tokens[row, length:] == PAD).all()
         assert (stopped.log_probs[row, length:] == 0).all()
-    assert int(stopped.lengths[0]) <= 3
+    assert int(stopped.lengths[::2].max()) <= 3
+    # Decode step k feeds token k: the rollouts longer than k + 1 must be in its batch, and the
+    # finished half leaves it.
+    rows, decode_rows = out.tokens.shape[0], res["decode_rows"]
+    assert decode_rows[0] == rows and min(decode_rows) <= rows // 2
+    assert all(int((stopped.lengths > k + 1).sum()) <= size for k, size in enumerate(decode_rows))
 
     # Stop string: ends with the token that completes the string.
     text_stop = res["with_stop"]
@@ -325,12 +365,12 @@ def test_pipeline_parallel_2_generates_what_a_single_stage_generates():
 
 # -- Qwen-VL ---------------------------------------------------------------------------------------
 
-def _vl_prompts():
+def _vl_prompts(patch_size: int = 14):
     """The fixture batch's two samples as prompts: [text, image, text, image, text], [text, image,
-    text], unpadded, each with its own images' patches."""
+    text], unpadded, each with its own images' patches (patch 14: Qwen2.5-VL, 16: Qwen3-VL)."""
     from tests.qwen_fixtures import tiny_batch
 
-    batch = tiny_batch()
+    batch = tiny_batch(patch_size=patch_size)
     patches = [int(t * h * w) for t, h, w in batch["image_grid_thw"].tolist()]
     pixels = batch["pixel_values"].split(patches)
     grids = batch["image_grid_thw"]
@@ -339,20 +379,22 @@ def _vl_prompts():
             Prompt(batch["input_ids"][1][valid[1]], pixels[2], grids[2:])]
 
 
-def _qwen_vl_worker(hf_dir: str, temperature: float, n: int, max_new_tokens: int):
+def _qwen_vl_worker(hf_dir: str, temperature: float, n: int, max_new_tokens: int,
+                    patch_size: int = 14, first_stage_layers: int = 2):
     """Rollouts of the VL prompts, the tower's calls (patches per call) and, at PP=1, the
-    teacher-forced log-probs of the rollouts."""
+    teacher-forced log-probs of the rollouts (``first_stage_layers``: decoder layers of stage 0
+    at PP > 1)."""
     from megatron.core import parallel_state as ps
 
     from tests.unit.test_qwen25vl_model import _build
 
-    model = _build(hf_dir, first_stage_layers=2 if ps.get_pipeline_model_parallel_world_size() > 1
-                   else None)
+    model = _build(hf_dir, first_stage_layers=first_stage_layers
+                   if ps.get_pipeline_model_parallel_world_size() > 1 else None)
     tower_calls = []
     if model.vision_model is not None:
         model.vision_model.register_forward_hook(
             lambda module, args, output: tower_calls.append(int(args[0].shape[0])))
-    prompts = _vl_prompts()
+    prompts = _vl_prompts(patch_size)
     out = _engine(model).generate(prompts, SamplingParams(
         max_new_tokens=max_new_tokens, temperature=temperature, n=n, seed=5))
     calls = list(tower_calls)
@@ -420,3 +462,48 @@ def test_qwen_vl_encodes_images_once_per_prompt_for_a_group(tiny_vl):
     assert not torch.equal(groups[:, 0], groups[:, 1])
     mask = out.response_mask
     torch.testing.assert_close(out.log_probs[mask], res["forced"][mask], atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen3vl(tmp_path_factory):
+    from tests.qwen_fixtures import save_tiny_hf, tiny_qwen3vl_config
+
+    path = tmp_path_factory.mktemp("rollout_qwen3vl")
+    return str(path), save_tiny_hf(path, tiny_qwen3vl_config())
+
+
+def test_qwen3vl_pipeline_parallel_2_with_deepstack_across_stages_matches_hf_generate(tiny_qwen3vl):
+    """Stage 0 holds decoder layer 0 only, so the prefill sends the hidden states with DeepStack
+    levels 1 and 2 packed after them (3h wide) to the layers that add them on stage 1; decode
+    steps send plain hidden states (h). Greedy = one stage = HF generate; sampled groups too."""
+    from tests.qwen_fixtures import IMAGE
+
+    hf_dir, hf = tiny_qwen3vl
+    steps, n = 8, 2
+    runs = {}
+    for pp in (1, 2):
+        runs[pp] = [run_distributed(_qwen_vl_worker, hf_dir, temperature, samples, steps, 16, 1,
+                                    pipeline_model_parallel_size=pp)
+                    for temperature, samples in ((0.0, 1), (1.0, n))]
+    (greedy, sampled), (greedy_pp, sampled_pp) = ([r[-1]["out"] for r in runs[pp]]
+                                                  for pp in (1, 2))
+    for stage in (0, 1):
+        assert torch.equal(runs[2][0][stage]["out"].tokens, greedy.tokens)
+        assert torch.equal(runs[2][1][stage]["out"].tokens, sampled.tokens)
+    torch.testing.assert_close(greedy_pp.log_probs, greedy.log_probs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(sampled_pp.log_probs, sampled.log_probs, atol=1e-5, rtol=0)
+    assert sampled.tokens.shape[0] == 2 * n
+
+    prompts = _vl_prompts(patch_size=16)
+    batch = PromptBatch.left_padded(prompts, PAD)
+    with torch.no_grad():
+        want = hf.generate(
+            batch.input_ids, attention_mask=batch.attention_mask.long(),
+            pixel_values=torch.cat([p.pixel_values for p in prompts]),
+            image_grid_thw=torch.cat([p.image_grid_thw for p in prompts]),
+            mm_token_type_ids=(batch.input_ids == IMAGE).int(),
+            max_new_tokens=steps, do_sample=False, pad_token_id=PAD, eos_token_id=None)
+    assert torch.equal(greedy.tokens, want[:, batch.input_ids.shape[1]:])
+    mask = sampled.response_mask
+    torch.testing.assert_close(sampled.log_probs[mask], runs[1][1][-1]["forced"][mask],
+                               atol=1e-5, rtol=0)

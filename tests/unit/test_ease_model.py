@@ -166,13 +166,13 @@ def _reference_step(batch):
 # Tensor parallel: one forward/backward with autograd, EASE term injected by the layers.
 
 
-def _tp_step():
+def _tp_step(core_attention=None):
     from megatron.core import parallel_state
 
     from megatron_ease.ease.context import ease_context
 
     batch = _batch()
-    model = _tiny_gpt()
+    model = _tiny_gpt(core_attention=core_attention)
     qk = _capture_qk(model, EASE_LAYERS)
     context = _context(batch, normalizer=batch["weight"].sum(), gradient_scale=LAMBDA,
                        keep_mass=True)
@@ -181,7 +181,8 @@ def _tp_step():
     loss_mask = batch["response_mask"].float()
     ((token_losses * loss_mask).sum() / loss_mask.sum()).backward()
     tp = parallel_state.get_tensor_model_parallel_world_size()
-    out = {"tp": tp, "grads": gathered_grads(model),
+    core = type(_core_attention(model, EASE_LAYERS[0])).__bases__[-1].__name__
+    out = {"tp": tp, "core": core, "grads": gathered_grads(model),
            "layers": {k: r.loss for k, r in context.records.items()},
            "mass": {k: r.mass for k, r in context.records.items()},
            "evidence": {k: r.evidence_attention_sum / r.evidence_samples
@@ -422,26 +423,9 @@ class FusedStandIn(torch.nn.Module):
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 
 
-def _core_attention_step(fused):
-    from megatron_ease.ease.context import ease_context
-
-    batch = _batch()
-    model = _tiny_gpt(core_attention=FusedStandIn if fused else None)
-    context = _context(batch, normalizer=batch["weight"].sum(), gradient_scale=LAMBDA,
-                       keep_mass=True)
-    with ease_context(model, context):
-        token_losses = _token_losses(model, batch)
-    loss_mask = batch["response_mask"].float()
-    ((token_losses * loss_mask).sum() / loss_mask.sum()).backward()
-    core = type(_core_attention(model, EASE_LAYERS[0]))
-    return {"core": core.__bases__[-1].__name__, "grads": gathered_grads(model),
-            "layers": {k: r.loss for k, r in context.records.items()},
-            "mass": {k: r.mass for k, r in context.records.items()}}
-
-
 def test_ease_beside_a_fused_core_attention_matches_the_local_one_at_tp2():
-    local = run_distributed(_core_attention_step, False, tensor_model_parallel_size=2)[0]
-    fused = run_distributed(_core_attention_step, True, tensor_model_parallel_size=2)[0]
+    local = run_distributed(_tp_step, tensor_model_parallel_size=2)[0]
+    fused = run_distributed(_tp_step, FusedStandIn, tensor_model_parallel_size=2)[0]
     assert (local["core"], fused["core"]) == ("DotProductAttention", "FusedStandIn")
     for layer in EASE_LAYERS:
         torch.testing.assert_close(fused["mass"][layer], local["mass"][layer],

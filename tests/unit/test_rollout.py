@@ -424,9 +424,23 @@ def tiny_vl(tmp_path_factory):
     return str(path), save_tiny_hf(path)
 
 
+def _hf_greedy(hf, prompts, steps):
+    """HF ``generate``'s greedy continuation of left-padded prompts with images, [n, steps]."""
+    from tests.qwen_fixtures import IMAGE
+
+    batch = PromptBatch.left_padded(prompts, PAD)
+    with torch.no_grad():
+        want = hf.generate(
+            batch.input_ids, attention_mask=batch.attention_mask.long(),
+            pixel_values=torch.cat([p.pixel_values for p in prompts]),
+            image_grid_thw=torch.cat([p.image_grid_thw for p in prompts]),
+            mm_token_type_ids=(batch.input_ids == IMAGE).int(),
+            max_new_tokens=steps, do_sample=False, pad_token_id=PAD, eos_token_id=None)
+    return want[:, batch.input_ids.shape[1]:]
+
+
 @pytest.mark.parametrize("tp, pp", [(1, 1), (2, 1), (1, 2)], ids=["tp1_pp1", "tp2", "pp2"])
 def test_qwen_vl_greedy_with_images_matches_hf_generate(tiny_vl, tp, pp):
-    from tests.qwen_fixtures import IMAGE
 
     hf_dir, hf = tiny_vl
     steps = 8
@@ -436,16 +450,7 @@ def test_qwen_vl_greedy_with_images_matches_hf_generate(tiny_vl, tp, pp):
         assert torch.equal(other["out"].tokens, ranks[0]["out"].tokens)
     res = ranks[-1]
     out = res["out"]
-    prompts = _vl_prompts()
-    batch = PromptBatch.left_padded(prompts, PAD)
-    with torch.no_grad():
-        want = hf.generate(
-            batch.input_ids, attention_mask=batch.attention_mask.long(),
-            pixel_values=torch.cat([p.pixel_values for p in prompts]),
-            image_grid_thw=torch.cat([p.image_grid_thw for p in prompts]),
-            mm_token_type_ids=(batch.input_ids == IMAGE).int(),
-            max_new_tokens=steps, do_sample=False, pad_token_id=PAD, eos_token_id=None)
-    assert torch.equal(out.tokens, want[:, batch.input_ids.shape[1]:])
+    assert torch.equal(out.tokens, _hf_greedy(hf, _vl_prompts(), steps))
     if res["forced"] is not None:
         mask = out.response_mask
         torch.testing.assert_close(out.log_probs[mask], res["forced"][mask], atol=1e-5, rtol=0)
@@ -476,7 +481,6 @@ def test_qwen3vl_pipeline_parallel_2_with_deepstack_across_stages_matches_hf_gen
     """Stage 0 holds decoder layer 0 only, so the prefill sends the hidden states with DeepStack
     levels 1 and 2 packed after them (3h wide) to the layers that add them on stage 1; decode
     steps send plain hidden states (h). Greedy = one stage = HF generate; sampled groups too."""
-    from tests.qwen_fixtures import IMAGE
 
     hf_dir, hf = tiny_qwen3vl
     steps, n = 8, 2
@@ -494,16 +498,7 @@ def test_qwen3vl_pipeline_parallel_2_with_deepstack_across_stages_matches_hf_gen
     torch.testing.assert_close(sampled_pp.log_probs, sampled.log_probs, atol=1e-5, rtol=0)
     assert sampled.tokens.shape[0] == 2 * n
 
-    prompts = _vl_prompts(patch_size=16)
-    batch = PromptBatch.left_padded(prompts, PAD)
-    with torch.no_grad():
-        want = hf.generate(
-            batch.input_ids, attention_mask=batch.attention_mask.long(),
-            pixel_values=torch.cat([p.pixel_values for p in prompts]),
-            image_grid_thw=torch.cat([p.image_grid_thw for p in prompts]),
-            mm_token_type_ids=(batch.input_ids == IMAGE).int(),
-            max_new_tokens=steps, do_sample=False, pad_token_id=PAD, eos_token_id=None)
-    assert torch.equal(greedy.tokens, want[:, batch.input_ids.shape[1]:])
+    assert torch.equal(greedy.tokens, _hf_greedy(hf, _vl_prompts(patch_size=16), steps))
     mask = sampled.response_mask
     torch.testing.assert_close(sampled.log_probs[mask], runs[1][1][-1]["forced"][mask],
                                atol=1e-5, rtol=0)

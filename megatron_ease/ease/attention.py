@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["image_attention_mass"]
+__all__ = ["image_attention_mass", "response_row_index"]
 
 
 def image_attention_mass(
@@ -39,6 +39,7 @@ def image_attention_mass(
     softmax_scale: Optional[float] = None,
     key_valid_mask: Optional[torch.Tensor] = None,
     chunk_size: Optional[int] = None,
+    response_rows: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> torch.Tensor:
     """Attention mass that response rows put on each image column, summed over the given heads.
 
@@ -54,6 +55,8 @@ def image_attention_mass(
         chunk_size: response rows processed at once; None = all of them in one chunk. It bounds
             the working memory (2–3 tensors of b·h·chunk_size·s floats) and changes no value or
             gradient beyond floating-point summation order.
+        response_rows: ``response_row_index(response_mask)``, when the caller shares it between
+            layers (building it sorts the mask and waits for the device); None = built here.
 
     Returns:
         ``[b, s]`` float32 (float64 for float64 inputs) mass, 0 at non-image columns. Gradients
@@ -64,8 +67,11 @@ def image_attention_mass(
         key_valid_mask = torch.ones_like(image_mask)
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(query.shape[-1])
+    rows, row_valid = (response_row_index(response_mask) if response_rows is None
+                       else response_rows)
     return _ImageAttentionMass.apply(
-        query, key, image_mask, response_mask, key_valid_mask, float(softmax_scale), chunk_size
+        query, key, image_mask, response_mask, key_valid_mask, float(softmax_scale), chunk_size,
+        rows, row_valid
     )
 
 
@@ -73,19 +79,20 @@ class _ImageAttentionMass(torch.autograd.Function):
     """Chunked forward, recompute-in-backward; see the module docstring for the gradient."""
 
     @staticmethod
-    def forward(ctx, query, key, image_mask, response_mask, key_valid_mask, scale, chunk_size):
+    def forward(ctx, query, key, image_mask, response_mask, key_valid_mask, scale, chunk_size,
+                rows, row_valid):
         with _matmul_precision(query):
             return _ImageAttentionMass._forward(ctx, query, key, image_mask, response_mask,
-                                                key_valid_mask, scale, chunk_size)
+                                                key_valid_mask, scale, chunk_size, rows,
+                                                row_valid)
 
     @staticmethod
-    def _forward(ctx, query, key, image_mask, response_mask, key_valid_mask, scale, chunk_size):
+    def _forward(ctx, query, key, image_mask, response_mask, key_valid_mask, scale, chunk_size,
+                 rows, row_valid):
         compute_dtype = torch.promote_types(query.dtype, torch.float32)
         b, _, s, _ = query.shape
         query_groups = _group_query_heads(query, key.shape[1])  # [b, g, n, s, d]
         key_c = key.to(compute_dtype)  # [b, g, s, d]
-        rows, row_valid = _response_rows(response_mask)  # [b, R], [b, R]
-
         mass = query.new_zeros((b, s), dtype=compute_dtype)  # [b, s]
         lse_chunks = []
         for start, stop in _chunks(rows.shape[1], chunk_size):
@@ -99,7 +106,9 @@ class _ImageAttentionMass(torch.autograd.Function):
             lse_chunks.append(lse)
 
         lse = torch.cat(lse_chunks, dim=-1) if lse_chunks else mass.new_zeros((b, 0))
-        ctx.save_for_backward(query, key, image_mask, response_mask, key_valid_mask, lse)
+        # The row index ([b, R] int64, small) is kept rather than rebuilt in backward.
+        ctx.save_for_backward(query, key, image_mask, response_mask, key_valid_mask, lse, rows,
+                              row_valid)
         ctx.scale = scale
         ctx.chunk_size = chunk_size
         return torch.where(image_mask, mass, 0.0)
@@ -112,7 +121,8 @@ class _ImageAttentionMass(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_mass):
-        query, key, image_mask, response_mask, key_valid_mask, lse = ctx.saved_tensors
+        (query, key, image_mask, response_mask, key_valid_mask, lse, rows,
+         row_valid) = ctx.saved_tensors
         need_dq, need_dk = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         compute_dtype = torch.promote_types(query.dtype, torch.float32)
         scale = ctx.scale
@@ -120,7 +130,6 @@ class _ImageAttentionMass(torch.autograd.Function):
         query_groups = _group_query_heads(query, g)  # [b, g, n, s, d]
         b, _, n, s, d = query_groups.shape
         key_c = key.to(compute_dtype)  # [b, g, s, d]
-        rows, row_valid = _response_rows(response_mask)  # [b, R], [b, R]
         # where, not multiply: an upstream inf/NaN at a non-image column must not leak in.
         upstream = torch.where(image_mask, grad_mass.to(compute_dtype), 0.0)  # [b, s]
 
@@ -154,7 +163,7 @@ class _ImageAttentionMass(torch.autograd.Function):
             grad_query = grad_query.flatten(1, 2).to(query.dtype)  # [b, h, s, d]
         if need_dk:
             grad_key = grad_key.to(key.dtype)
-        return grad_query, grad_key, None, None, None, None, None
+        return grad_query, grad_key, None, None, None, None, None, None, None
 
 
 @contextlib.contextmanager
@@ -182,7 +191,7 @@ def _group_query_heads(query: torch.Tensor, num_key_heads: int) -> torch.Tensor:
     return query.unflatten(1, (num_key_heads, query.shape[1] // num_key_heads))
 
 
-def _response_rows(response_mask: torch.Tensor):
+def response_row_index(response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions of response rows, left-aligned and padded to the batch maximum R.
 
     Returns ``rows [b, R]`` (int64 positions, ascending) and ``row_valid [b, R]``. Padding slots

@@ -47,6 +47,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 
 from megatron_ease.distributed import all_reduce_
+from megatron_ease.ease.attention import response_row_index
 from megatron_ease.ease.layer import EaseCoreAttentionMixin
 from megatron_ease.ease.loss import DIVERGENCES
 
@@ -109,6 +110,7 @@ class EaseContext:
     chunk_size: Optional[int] = None
     keep_mass: bool = False
     records: dict[int, EaseLayerRecord] = dataclasses.field(default_factory=dict, init=False)
+    _response_rows: Optional[tuple] = dataclasses.field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         b, s = self.image_mask.shape
@@ -132,6 +134,13 @@ class EaseContext:
         if self.divergence == "mass" and self.evidence_mask is None:
             raise ValueError('EaseContext: divergence "mass" needs evidence_mask')
         self.gradient_scale = float(self.gradient_scale)
+
+    @property
+    def response_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``response_row_index(response_mask)``, built once and shared by the layers."""
+        if self._response_rows is None:
+            self._response_rows = response_row_index(self.response_mask)
+        return self._response_rows
 
     def record(self, layer_index: int, loss, evidence_attention_sum, evidence_samples, mass):
         """Called by the layer; a recomputation overwrites its own (identical) record."""

@@ -134,6 +134,7 @@ class EaseCoreAttentionMixin:
                 softmax_scale=self.ease_softmax_scale,
                 key_valid_mask=context.key_valid_mask,
                 chunk_size=context.chunk_size,
+                response_rows=context.response_rows,
             )  # [b, s] fp32, this rank's heads
             mass = reduce_from_tensor_model_parallel_region(mass, group=self.ease_tp_group)
             loss = ease_alignment_loss(

@@ -194,3 +194,51 @@ def hf_logits(model, batch) -> torch.Tensor:
             image_grid_thw=batch["image_grid_thw"],
             mm_token_type_ids=(batch["input_ids"] == IMAGE).int(),
         ).logits
+
+
+def converted_checkpoint_logits(hf_dir, ckpt, batch, first_stage_layers=None):
+    """Gloo-rank worker: the model of ``hf_dir`` at this process group's TP/PP layout, weights
+    from the megatron checkpoint ``ckpt``, logits of ``batch`` (gathered over TP) on the last
+    stage, None on the others."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    from megatron_ease.config import ParallelConfig
+    from megatron_ease.models.qwen_vl import (
+        build_qwen_vl_model,
+        load_model_checkpoint,
+        model_config_from_hf,
+    )
+
+    parallel = ParallelConfig(
+        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
+        first_pipeline_stage_layers=first_stage_layers)
+    model = build_qwen_vl_model(model_config_from_hf(hf_dir), parallel, params_dtype=torch.float32,
+                                perform_initialization=False)
+    load_model_checkpoint(model, ckpt)
+    model.eval()
+
+    def forward_step(data_iterator, model):
+        b = next(data_iterator)
+        out = model(b["input_ids"], attention_mask=b["attention_mask"],
+                    pixel_values=b["pixel_values"], image_grid_thw=b["image_grid_thw"])
+        return out, lambda x: (x.sum() * 0, {"logits": gather_from_tensor_model_parallel_region(x)})
+
+    with torch.no_grad():
+        out = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter([batch]), model=[model],
+            num_microbatches=1, seq_length=batch["input_ids"].shape[1],
+            micro_batch_size=batch["input_ids"].shape[0], forward_only=True)
+    return out[0]["logits"] if out else None
+
+
+def assert_layout_logits_match(converted: dict, results: list) -> None:
+    """The last stage's logits (``converted_checkpoint_logits`` on every rank) equal the
+    single-process logits of the conversion fixture at the valid positions."""
+    valid = converted["batch"]["attention_mask"]
+    outputs = [r for r in results if r is not None]
+    assert outputs
+    for logits in outputs:
+        torch.testing.assert_close(logits[valid], converted["logits"][valid], atol=1e-4, rtol=0)

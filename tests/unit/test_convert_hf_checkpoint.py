@@ -18,7 +18,13 @@ from safetensors.torch import load_file, save_file
 from megatron_ease.config import ParallelConfig
 from megatron_ease.models.qwen_vl import QWEN2_5_VL, model_config_from_hf
 from tests.harness import run_distributed
-from tests.qwen_fixtures import hf_logits, save_tiny_hf, tiny_batch
+from tests.qwen_fixtures import (
+    assert_layout_logits_match,
+    converted_checkpoint_logits,
+    hf_logits,
+    save_tiny_hf,
+    tiny_batch,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "convert_hf_checkpoint.py"
@@ -145,46 +151,13 @@ def test_weight_table_detects_and_writes_the_nested_naming():
 
 # -- converted checkpoints in other layouts (gloo ranks) ------------------------------------------
 
-def _checkpoint_logits_worker(hf_dir, ckpt, batch):
-    from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
-    from megatron_ease.models.qwen_vl import build_qwen_vl_model, load_model_checkpoint
-
-    parallel = ParallelConfig(
-        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
-        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size())
-    model = build_qwen_vl_model(model_config_from_hf(hf_dir), parallel, params_dtype=torch.float32,
-                                perform_initialization=False)
-    load_model_checkpoint(model, ckpt)
-    model.eval()
-
-    def forward_step(data_iterator, model):
-        b = next(data_iterator)
-        out = model(b["input_ids"], attention_mask=b["attention_mask"],
-                    pixel_values=b["pixel_values"], image_grid_thw=b["image_grid_thw"])
-        return out, lambda x: (x.sum() * 0, {"logits": gather_from_tensor_model_parallel_region(x)})
-
-    with torch.no_grad():
-        out = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter([batch]), model=[model],
-            num_microbatches=1, seq_length=batch["input_ids"].shape[1], micro_batch_size=2,
-            forward_only=True)
-    return out[0]["logits"] if out else None
-
-
 @pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
 def test_converted_checkpoint_loads_at_other_parallel_layouts(converted, tp, pp):
     assert converted["result"].returncode == 0
-    results = run_distributed(_checkpoint_logits_worker, converted["hf_dir"], converted["ckpt"],
-                              converted["batch"], tensor_model_parallel_size=tp,
-                              pipeline_model_parallel_size=pp)
-    valid = converted["batch"]["attention_mask"]
-    outputs = [r for r in results if r is not None]
-    assert outputs
-    for logits in outputs:
-        torch.testing.assert_close(logits[valid], converted["logits"][valid], atol=1e-4, rtol=0)
+    results = run_distributed(converted_checkpoint_logits, converted["hf_dir"],
+                              converted["ckpt"], converted["batch"],
+                              tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    assert_layout_logits_match(converted, results)
 
 
 def _resave_worker(hf_dir, src, dst, drop_key):

@@ -17,7 +17,14 @@ from safetensors.torch import load_file, save_file
 from megatron_ease.config import ParallelConfig
 from megatron_ease.models.qwen_vl import QWEN3_VL, model_config_from_hf
 from tests.harness import run_distributed
-from tests.qwen_fixtures import hf_logits, save_tiny_hf, tiny_batch, tiny_qwen3vl_config
+from tests.qwen_fixtures import (
+    assert_layout_logits_match,
+    converted_checkpoint_logits,
+    hf_logits,
+    save_tiny_hf,
+    tiny_batch,
+    tiny_qwen3vl_config,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "convert_hf_checkpoint.py"
@@ -79,49 +86,15 @@ def test_round_trip_is_bit_exact_and_loads_with_from_pretrained(converted):
                                converted["logits"], atol=0, rtol=0)
 
 
-def _checkpoint_logits_worker(hf_dir, ckpt, batch, first_stage_layers):
-    from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
-    from megatron_ease.models.qwen_vl import build_qwen_vl_model, load_model_checkpoint
-
-    parallel = ParallelConfig(
-        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
-        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
-        first_pipeline_stage_layers=first_stage_layers)
-    model = build_qwen_vl_model(model_config_from_hf(hf_dir), parallel, params_dtype=torch.float32,
-                                perform_initialization=False)
-    load_model_checkpoint(model, ckpt)
-    model.eval()
-
-    def forward_step(data_iterator, model):
-        b = next(data_iterator)
-        out = model(b["input_ids"], attention_mask=b["attention_mask"],
-                    pixel_values=b["pixel_values"], image_grid_thw=b["image_grid_thw"])
-        return out, lambda x: (x.sum() * 0, {"logits": gather_from_tensor_model_parallel_region(x)})
-
-    with torch.no_grad():
-        out = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter([batch]), model=[model],
-            num_microbatches=1, seq_length=batch["input_ids"].shape[1], micro_batch_size=2,
-            forward_only=True)
-    return out[0]["logits"] if out else None
-
-
 @pytest.mark.parametrize("tp, pp, first_stage_layers", [(2, 1, None), (1, 2, 1)],
                          ids=["tp2", "pp2_deepstack_on_stage_1"])
 def test_converted_checkpoint_loads_at_other_parallel_layouts(converted, tp, pp,
                                                               first_stage_layers):
     assert converted["result"].returncode == 0
-    results = run_distributed(_checkpoint_logits_worker, converted["hf_dir"], converted["ckpt"],
-                              converted["batch"], first_stage_layers,
+    results = run_distributed(converted_checkpoint_logits, converted["hf_dir"],
+                              converted["ckpt"], converted["batch"], first_stage_layers,
                               tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    valid = converted["batch"]["attention_mask"]
-    outputs = [r for r in results if r is not None]
-    assert outputs
-    for logits in outputs:
-        torch.testing.assert_close(logits[valid], converted["logits"][valid], atol=1e-4, rtol=0)
+    assert_layout_logits_match(converted, results)
 
 
 def _tied_round_trip_worker(hf_dir):

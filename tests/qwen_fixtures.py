@@ -196,41 +196,54 @@ def hf_logits(model, batch) -> torch.Tensor:
         ).logits
 
 
+def current_layout(first_stage_layers=None):
+    """``ParallelConfig`` of this gloo rank's megatron process groups (worker side)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_ease.config import ParallelConfig
+
+    return ParallelConfig(
+        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
+        first_pipeline_stage_layers=first_stage_layers)
+
+
+def run_schedule(model, batch, loss_fn, forward_only):
+    """One micro-batch of a ``tiny_batch``-style dict through megatron-core's schedule (pipelined
+    when PP > 1); returns the last stage's loss-function outputs."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    def forward_step(data_iterator, model):
+        b = next(data_iterator)
+        out = model(b["input_ids"], attention_mask=b["attention_mask"],
+                    pixel_values=b.get("pixel_values"), image_grid_thw=b.get("image_grid_thw"))
+        return out, loss_fn
+
+    return get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter([batch]), model=[model],
+        num_microbatches=1, seq_length=batch["input_ids"].shape[1],
+        micro_batch_size=batch["input_ids"].shape[0], forward_only=forward_only)
+
+
 def converted_checkpoint_logits(hf_dir, ckpt, batch, first_stage_layers=None):
     """Gloo-rank worker: the model of ``hf_dir`` at this process group's TP/PP layout, weights
     from the megatron checkpoint ``ckpt``, logits of ``batch`` (gathered over TP) on the last
     stage, None on the others."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    from megatron_ease.config import ParallelConfig
     from megatron_ease.models.qwen_vl import (
         build_qwen_vl_model,
         load_model_checkpoint,
         model_config_from_hf,
     )
 
-    parallel = ParallelConfig(
-        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
-        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
-        first_pipeline_stage_layers=first_stage_layers)
-    model = build_qwen_vl_model(model_config_from_hf(hf_dir), parallel, params_dtype=torch.float32,
-                                perform_initialization=False)
+    model = build_qwen_vl_model(model_config_from_hf(hf_dir), current_layout(first_stage_layers),
+                                params_dtype=torch.float32, perform_initialization=False)
     load_model_checkpoint(model, ckpt)
     model.eval()
-
-    def forward_step(data_iterator, model):
-        b = next(data_iterator)
-        out = model(b["input_ids"], attention_mask=b["attention_mask"],
-                    pixel_values=b["pixel_values"], image_grid_thw=b["image_grid_thw"])
-        return out, lambda x: (x.sum() * 0, {"logits": gather_from_tensor_model_parallel_region(x)})
-
     with torch.no_grad():
-        out = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter([batch]), model=[model],
-            num_microbatches=1, seq_length=batch["input_ids"].shape[1],
-            micro_batch_size=batch["input_ids"].shape[0], forward_only=True)
+        out = run_schedule(model, batch, lambda x: (
+            x.sum() * 0, {"logits": gather_from_tensor_model_parallel_region(x)}), True)
     return out[0]["logits"] if out else None
 
 

@@ -13,7 +13,9 @@ from tests.megatron_utils import assert_close_dicts, gathered_grads
 from tests.qwen_fixtures import (
     IMAGE,
     QWEN25VL_7B_CONFIG,
+    current_layout,
     hf_logits,
+    run_schedule,
     save_tiny_hf,
     tiny_batch,
     tiny_hf_config,
@@ -33,34 +35,12 @@ def tiny(tmp_path_factory):
 # -- workers (run on every gloo rank) -------------------------------------------------------------
 
 def _build(hf_dir, first_stage_layers=None, **kwargs):
-    from megatron.core import parallel_state as ps
-
     from megatron_ease.models.qwen_vl import HFCheckpoint, build_qwen_vl_model, load_hf_weights
 
-    parallel = ParallelConfig(
-        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
-        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
-        first_pipeline_stage_layers=first_stage_layers)
+    parallel = current_layout(first_stage_layers)
     model = build_qwen_vl_model(model_config_from_hf(hf_dir), parallel, **kwargs)
     load_hf_weights(model, HFCheckpoint(hf_dir))
     return model
-
-
-def _run_schedule(model, batch, loss_fn, forward_only):
-    """One micro-batch through megatron-core's schedule (pipelined when PP > 1)."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    def forward_step(data_iterator, model):
-        b = next(data_iterator)
-        out = model(b["input_ids"], attention_mask=b["attention_mask"],
-                    pixel_values=b["pixel_values"], image_grid_thw=b["image_grid_thw"])
-        return out, loss_fn
-
-    seq = batch["input_ids"].shape[1]
-    return get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter([batch]), model=[model],
-        num_microbatches=1, seq_length=seq, micro_batch_size=batch["input_ids"].shape[0],
-        forward_only=forward_only)
 
 
 def _logits_worker(hf_dir, batch, first_stage_layers=None):
@@ -73,7 +53,7 @@ def _logits_worker(hf_dir, batch, first_stage_layers=None):
         return logits.sum() * 0, {"logits": gather_from_tensor_model_parallel_region(logits)}
 
     with torch.no_grad():
-        out = _run_schedule(model, batch, loss_fn, forward_only=True)
+        out = run_schedule(model, batch, loss_fn, forward_only=True)
     return out[0]["logits"] if out else None
 
 
@@ -125,7 +105,7 @@ def _train_step_worker(hf_dir, batch):
         loss = -(logp * mask).sum() / mask.sum()
         return loss, {"loss": loss.detach()}
 
-    out = _run_schedule(model, batch, loss_fn, forward_only=False)
+    out = run_schedule(model, batch, loss_fn, forward_only=False)
     return {"loss": out[0]["loss"], "grads": gathered_grads(model)}
 
 

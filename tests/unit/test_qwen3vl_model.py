@@ -26,7 +26,9 @@ from tests.qwen_fixtures import (
     IMAGE,
     QWEN3VL_4B_CONFIG,
     QWEN3VL_8B_CONFIG,
+    current_layout,
     hf_logits,
+    run_schedule,
     save_tiny_hf,
     tiny_batch,
     tiny_qwen3vl_config,
@@ -55,35 +57,14 @@ def tiny(tmp_path_factory):
 # -- workers (run on every gloo rank) -------------------------------------------------------------
 
 def _build(hf_dir, first_stage_layers=None, recompute_layers=False):
-    from megatron.core import parallel_state as ps
-
     from megatron_ease.config import ModelConfig
     from megatron_ease.models.qwen_vl import HFCheckpoint, build_qwen_vl_model, load_hf_weights
 
-    parallel = ParallelConfig(
-        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
-        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
-        first_pipeline_stage_layers=first_stage_layers)
+    parallel = current_layout(first_stage_layers)
     model_cfg = model_config_from_hf(hf_dir, base=ModelConfig(recompute_layers=recompute_layers))
     model = build_qwen_vl_model(model_cfg, parallel)
     load_hf_weights(model, HFCheckpoint(hf_dir))
     return model
-
-
-def _run_schedule(model, batch, loss_fn, forward_only):
-    """One micro-batch through megatron-core's schedule (pipelined when PP > 1)."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    def forward_step(data_iterator, model):
-        b = next(data_iterator)
-        out = model(b["input_ids"], attention_mask=b["attention_mask"],
-                    pixel_values=b.get("pixel_values"), image_grid_thw=b.get("image_grid_thw"))
-        return out, loss_fn
-
-    return get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter([batch]), model=[model],
-        num_microbatches=1, seq_length=batch["input_ids"].shape[1],
-        micro_batch_size=batch["input_ids"].shape[0], forward_only=forward_only)
 
 
 def _logits_worker(hf_dir, batches, first_stage_layers=None):
@@ -105,7 +86,7 @@ def _logits_worker(hf_dir, batches, first_stage_layers=None):
     logits = []
     with torch.no_grad():
         for batch in batches:
-            out = _run_schedule(model, batch, loss_fn, forward_only=True)
+            out = run_schedule(model, batch, loss_fn, forward_only=True)
             logits.append(out[0]["logits"] if out else None)
     return logits, received
 
@@ -124,7 +105,7 @@ def _train_step_worker(hf_dir, batch, first_stage_layers=None, recompute_layers=
         loss = -(logp * mask).sum() / mask.sum()
         return loss, {"loss": loss.detach()}
 
-    out = _run_schedule(model, batch, loss_fn, forward_only=False)
+    out = run_schedule(model, batch, loss_fn, forward_only=False)
     return {"loss": out[0]["loss"] if out else None, "grads": gathered_grads(model)}
 
 

@@ -9,7 +9,11 @@ processor's layout (``[num_patches, C * T * P * P]``), so no tokenizer or image 
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import torch
 
@@ -255,3 +259,23 @@ def assert_layout_logits_match(converted: dict, results: list) -> None:
     assert outputs
     for logits in outputs:
         torch.testing.assert_close(logits[valid], converted["logits"][valid], atol=1e-4, rtol=0)
+
+
+CONVERTER = Path(__file__).resolve().parents[1] / "tools" / "convert_hf_checkpoint.py"
+
+
+def convert(*args: str) -> subprocess.CompletedProcess:
+    """``tools/convert_hf_checkpoint.py ARGS`` in a subprocess from the repo root."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(CONVERTER), *args], capture_output=True,
+                          text=True, env=env, cwd=CONVERTER.parents[1], timeout=300)
+
+
+def read_safetensors(path) -> dict[str, torch.Tensor]:
+    """Every tensor of the ``*.safetensors`` files in directory ``path``."""
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors

@@ -7,8 +7,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,27 +18,13 @@ from megatron_ease.models.qwen_vl import QWEN2_5_VL, model_config_from_hf
 from tests.harness import run_distributed
 from tests.qwen_fixtures import (
     assert_layout_logits_match,
+    convert,
     converted_checkpoint_logits,
     hf_logits,
+    read_safetensors,
     save_tiny_hf,
     tiny_batch,
 )
-
-REPO = Path(__file__).resolve().parents[2]
-TOOL = REPO / "tools" / "convert_hf_checkpoint.py"
-
-
-def convert(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True,
-                          env=env, cwd=REPO, timeout=300)
-
-
-def read_safetensors(path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for file in sorted(Path(path).glob("*.safetensors")):
-        tensors.update(load_file(file))
-    return tensors
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,7 @@ checkpoints that also store ``lm_head.weight``."""
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,28 +15,14 @@ from megatron_ease.models.qwen_vl import QWEN3_VL, model_config_from_hf
 from tests.harness import run_distributed
 from tests.qwen_fixtures import (
     assert_layout_logits_match,
+    convert,
     converted_checkpoint_logits,
     hf_logits,
+    read_safetensors,
     save_tiny_hf,
     tiny_batch,
     tiny_qwen3vl_config,
 )
-
-REPO = Path(__file__).resolve().parents[2]
-TOOL = REPO / "tools" / "convert_hf_checkpoint.py"
-
-
-def convert(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True,
-                          env=env, cwd=REPO, timeout=300)
-
-
-def read_safetensors(path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for file in sorted(Path(path).glob("*.safetensors")):
-        tensors.update(load_file(file))
-    return tensors
 
 
 def _from_pretrained_fp32(path):

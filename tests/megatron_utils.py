@@ -96,3 +96,41 @@ def assert_close_dicts(a: dict, b: dict, atol: float, rtol: float = 0.0):
     assert a.keys() == b.keys(), f"different keys: {sorted(a.keys() ^ b.keys())}"
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=atol, rtol=rtol, msg=lambda m: f"{k}: {m}")
+
+
+def tiny_gpt_config(**overrides):
+    """The TransformerConfig of the tests' tiny megatron GPT (Qwen2 layout: RMSNorm, GQA 4/2,
+    qkv bias, SwiGLU) at this process group's TP/PP sizes; ``overrides`` replace fields."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer import TransformerConfig
+
+    fields = dict(
+        num_layers=4, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+        ffn_hidden_size=64, normalization="RMSNorm", add_bias_linear=False, add_qkv_bias=True,
+        gated_linear_unit=True, activation_func=torch.nn.functional.silu,
+        hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True,
+        params_dtype=torch.float32, pipeline_dtype=torch.float32,
+        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size())
+    fields.update(overrides)
+    return TransformerConfig(**fields)
+
+
+def tiny_gpt(vocab_size: int, max_sequence_length: int, pre_process=None, post_process=None,
+             config=None, spec=None, init_scale: float = 0.05):
+    """This rank's stage of the tiny GPT (``tiny_gpt_config`` unless ``config``; local layer spec
+    unless ``spec``; rope), deterministically initialised so every layout holds the same
+    weights. ``pre_process`` / ``post_process``: None = this rank's pipeline stage."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    model = GPTModel(
+        config or tiny_gpt_config(), spec or get_gpt_layer_local_spec(normalization="RMSNorm"),
+        vocab_size, max_sequence_length,
+        pre_process=ps.is_pipeline_first_stage() if pre_process is None else pre_process,
+        post_process=ps.is_pipeline_last_stage() if post_process is None else post_process,
+        position_embedding_type="rope")
+    deterministic_init_(model, ps.get_tensor_model_parallel_rank(),
+                        ps.get_tensor_model_parallel_world_size(), scale=init_scale)
+    return model

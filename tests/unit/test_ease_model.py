@@ -13,7 +13,7 @@ import torch
 from megatron_ease.ease.attention import image_attention_mass
 from megatron_ease.ease.loss import ease_alignment_loss
 from tests.harness import run_distributed
-from tests.megatron_utils import assert_close_dicts, deterministic_init_, gathered_grads
+from tests.megatron_utils import assert_close_dicts, gathered_grads, tiny_gpt, tiny_gpt_config
 from tests.unit.test_ease_attention import naive_image_attention_mass
 
 VOCAB, SEQ, BATCH, NUM_LAYERS = 64, 16, 4, 4
@@ -22,24 +22,12 @@ LAMBDA = 0.5  # large, so that a wrong EASE gradient shows above float noise
 
 
 def _config(recompute=False, bf16=False):
-    from megatron.core import parallel_state
-    from megatron.core.transformer import TransformerConfig
-
     dtype = torch.bfloat16 if bf16 else torch.float32
     extra = dict(recompute_granularity="full", recompute_method="uniform",
                  recompute_num_layers=1) if recompute else {}
-    return TransformerConfig(
-        num_layers=NUM_LAYERS, hidden_size=32, num_attention_heads=4, num_query_groups=2,
-        ffn_hidden_size=64, normalization="RMSNorm", add_bias_linear=False, add_qkv_bias=True,
-        gated_linear_unit=True, activation_func=torch.nn.functional.silu,
-        hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True,
-        params_dtype=dtype, pipeline_dtype=dtype, bf16=bf16,
-        # As on GPU: stage outputs are freed after the send, so nothing may alias them.
-        deallocate_pipeline_outputs=True,
-        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
-        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
-        **extra,
-    )
+    # As on GPU: stage outputs are freed after the send, so nothing may alias them.
+    return tiny_gpt_config(num_layers=NUM_LAYERS, params_dtype=dtype, pipeline_dtype=dtype,
+                           bf16=bf16, deallocate_pipeline_outputs=True, **extra)
 
 
 def _tiny_gpt(ease_layers=EASE_LAYERS, recompute=False, bf16=False, plain_spec=False,
@@ -49,8 +37,6 @@ def _tiny_gpt(ease_layers=EASE_LAYERS, recompute=False, bf16=False, plain_spec=F
     ``plain_spec`` builds it the ordinary way (one layer ModuleSpec), to check that the spec route
     changes nothing; ``core_attention`` replaces the local core attention class in every layer.
     """
-    from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     from megatron_ease.ease.specs import ease_block_spec, ease_layer_specs
@@ -65,13 +51,7 @@ def _tiny_gpt(ease_layers=EASE_LAYERS, recompute=False, bf16=False, plain_spec=F
                     attention.submodules, core_attention=core_attention))))
     spec = layer_spec if plain_spec else ease_block_spec(
         config, ease_layer_specs(layer_spec, NUM_LAYERS, ease_layers))
-    model = GPTModel(config, spec, VOCAB, SEQ,
-                     pre_process=parallel_state.is_pipeline_first_stage(),
-                     post_process=parallel_state.is_pipeline_last_stage(),
-                     position_embedding_type="rope")
-    deterministic_init_(model, parallel_state.get_tensor_model_parallel_rank(),
-                        parallel_state.get_tensor_model_parallel_world_size())
-    return model
+    return tiny_gpt(VOCAB, SEQ, config=config, spec=spec)
 
 
 def _batch():

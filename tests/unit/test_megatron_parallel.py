@@ -8,32 +8,13 @@ import pytest
 import torch
 
 from tests.harness import run_distributed
-from tests.megatron_utils import assert_close_dicts, deterministic_init_, gathered_grads
+from tests.megatron_utils import assert_close_dicts, gathered_grads, tiny_gpt
 
 VOCAB, SEQ, BATCH = 64, 16, 4
 
 
 def _tiny_gpt(pre_process=True, post_process=True):
-    from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer import TransformerConfig
-
-    config = TransformerConfig(
-        num_layers=4, hidden_size=32, num_attention_heads=4, num_query_groups=2,
-        ffn_hidden_size=64, normalization="RMSNorm", add_bias_linear=False, add_qkv_bias=True,
-        gated_linear_unit=True, activation_func=torch.nn.functional.silu,
-        hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True,
-        params_dtype=torch.float32, pipeline_dtype=torch.float32,
-        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
-        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
-    )
-    model = GPTModel(config, get_gpt_layer_local_spec(normalization="RMSNorm"), VOCAB, SEQ,
-                     pre_process=pre_process, post_process=post_process,
-                     position_embedding_type="rope")
-    deterministic_init_(model, parallel_state.get_tensor_model_parallel_rank(),
-                        parallel_state.get_tensor_model_parallel_world_size())
-    return model
+    return tiny_gpt(VOCAB, SEQ, pre_process, post_process)
 
 
 def _batch():

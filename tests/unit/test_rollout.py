@@ -12,7 +12,7 @@ import torch
 from megatron_ease.rl.rollout import Prompt, PromptBatch, RolloutOutput
 from megatron_ease.rl.sampling import SamplingParams, sample_next_tokens, top_p_removed
 from tests.harness import run_distributed
-from tests.megatron_utils import deterministic_init_
+from tests.megatron_utils import tiny_gpt
 
 VOCAB, PAD = 96, 0
 PROMPT_LENGTHS = (3, 7, 5, 7)
@@ -20,25 +20,7 @@ PROMPT_LENGTHS = (3, 7, 5, 7)
 
 def _gpt(pre_process=True, post_process=True):
     """A tiny Qwen2-like megatron GPTModel (RMSNorm, GQA, qkv bias, SwiGLU, rope), peaked logits."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer import TransformerConfig
-
-    config = TransformerConfig(
-        num_layers=4, hidden_size=32, num_attention_heads=4, num_query_groups=2,
-        ffn_hidden_size=64, normalization="RMSNorm", add_bias_linear=False, add_qkv_bias=True,
-        gated_linear_unit=True, activation_func=torch.nn.functional.silu,
-        hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True,
-        params_dtype=torch.float32, pipeline_dtype=torch.float32,
-        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
-        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size())
-    model = GPTModel(config, get_gpt_layer_local_spec(normalization="RMSNorm"), VOCAB, 64,
-                     pre_process=pre_process, post_process=post_process,
-                     position_embedding_type="rope")
-    deterministic_init_(model, ps.get_tensor_model_parallel_rank(),
-                        ps.get_tensor_model_parallel_world_size(), scale=0.2)
-    return model
+    return tiny_gpt(VOCAB, 64, pre_process, post_process, init_scale=0.2)
 
 
 def _prompts():

@@ -129,16 +129,22 @@ def test_train_8b_script_launches_two_cpu_ranks_through_srun(local_slurm, tmp_pa
     assert "world=2 allreduce_ok" in log, log
 
 
-def test_preempted_job_is_requeued_and_resumes(local_slurm, tmp_path):
-    # USR1 to the tasks, as `--signal=USR1@300` sends it before the time limit: every rank
-    # "saves" and exits 75, the script requeues, the second run finds the checkpoint.
+def _submit_fake_preempt_job(tmp_path):
+    """Submit train_8b.sh running tests.slurm.fake_preempt on 2 CPU tasks; return its state dir,
+    the ``sbatch --wait`` process and the job id once both ranks are up."""
     state = tmp_path / "state"
     state.mkdir()
     env = _job_env(ENTRY="tests.slurm.fake_preempt", FAKE_PREEMPT_DIR=str(state))
     proc = _sbatch("slurm/train_8b.sh", tmp_path, env, CPU_SHRINK)
     ready = [state / "ready.0", state / "ready.1"]
     _wait_for(ready, timeout=60)
-    job_id = ready[0].read_text()
+    return state, proc, ready[0].read_text()
+
+
+def test_preempted_job_is_requeued_and_resumes(local_slurm, tmp_path):
+    # USR1 to the tasks, as `--signal=USR1@300` sends it before the time limit: every rank
+    # "saves" and exits 75, the script requeues, the second run finds the checkpoint.
+    state, proc, job_id = _submit_fake_preempt_job(tmp_path)
     subprocess.run(["scancel", "--signal=USR1", job_id], check=True)
     rc, out = _finish(proc)
     log = _job_log(tmp_path)
@@ -155,13 +161,8 @@ def test_preempted_job_is_requeued_and_resumes(local_slurm, tmp_path):
 def test_cancelled_job_is_not_requeued(local_slurm, tmp_path):
     # scancel sends SIGTERM to the tasks (which save and exit 75, like preemption) and to the
     # batch shell, so the script must not turn a cancel into a requeue.
-    state = tmp_path / "state"
-    state.mkdir()
-    env = _job_env(ENTRY="tests.slurm.fake_preempt", FAKE_PREEMPT_DIR=str(state))
-    proc = _sbatch("slurm/train_8b.sh", tmp_path, env, CPU_SHRINK)
-    ready = [state / "ready.0", state / "ready.1"]
-    _wait_for(ready, timeout=60)
-    subprocess.run(["scancel", ready[0].read_text()], check=True)
+    state, proc, job_id = _submit_fake_preempt_job(tmp_path)
+    subprocess.run(["scancel", job_id], check=True)
     rc, out = _finish(proc)
     log = _job_log(tmp_path)
     assert rc != 0, f"a cancelled job reported success: {out}\n{log}"

@@ -145,8 +145,14 @@ class SdpaCoreAttention(torch.nn.Module):
                                                                    scale=self.scale)
             return out.reshape(1, b, h * d)  # [sq, b, h*d]
         q = query.permute(1, 2, 0, 3)  # [b, h, sq, d]
+        if g != h and q.is_cuda:
+            # On CUDA, SDPA with enable_gqa fell back to the math kernel, which builds
+            # [b, h, sq, sk] scores (benchmarks/ease_overhead.py ran out of memory at 7B sizes on
+            # an H100, torch 2.11); with the keys and values repeated the fused kernels take it.
+            # Not yet measured for rollouts on a GPU.
+            k, v = (t.repeat_interleave(h // g, dim=1) for t in (k, v))
         out = torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, scale=self.scale, enable_gqa=g != h)
+            q, k, v, attn_mask=bias, scale=self.scale, enable_gqa=k.shape[1] != h)
         return out.permute(2, 0, 1, 3).reshape(sq, b, h * d)  # [sq, b, h*d]
 
 

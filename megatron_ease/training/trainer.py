@@ -32,8 +32,8 @@ from megatron_ease.training.preemption import PreemptionHandler
 from megatron_ease.training.rollouts import (
     RolloutCollector,
     generate,
-    progress_bar,
     image_values,
+    progress_bar,
     split_prompts,
     vision_token_ids,
 )

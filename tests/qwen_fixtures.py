@@ -279,3 +279,59 @@ def read_safetensors(path) -> dict[str, torch.Tensor]:
     for file in sorted(Path(path).glob("*.safetensors")):
         tensors.update(load_file(file))
     return tensors
+
+
+def assert_rope_index_matches_hf(hf_model, batch) -> torch.Tensor:
+    """Our ``get_rope_index`` equals the HF model's (positions and deltas) on ``batch``; returns
+    our ``[3, b, s]`` positions."""
+    from megatron_ease.models.qwen_vl import get_rope_index
+
+    want_pos, want_delta = hf_model.model.get_rope_index(
+        batch["input_ids"], mm_token_type_ids=(batch["input_ids"] == IMAGE).int(),
+        image_grid_thw=batch["image_grid_thw"], attention_mask=batch["attention_mask"].long())
+    pos, delta = get_rope_index(batch["input_ids"], batch["image_grid_thw"],
+                                batch["attention_mask"], spatial_merge_size=2,
+                                image_token_id=IMAGE)
+    assert torch.equal(pos, want_pos)
+    assert torch.equal(delta, want_delta)
+    return pos
+
+
+def hf_round_trip(hf_dir, table, params_dtype, keep_checkpoint_dtypes=False):
+    """Gloo-rank worker (TP = PP = 1): load the HF checkpoint ``hf_dir`` into our model, write it
+    back out through ``table``; returns the load record and ``{hf name: tensor}``.
+    ``keep_checkpoint_dtypes`` also restores the checkpoint's dtypes and tied copies."""
+    from megatron_ease.config import ParallelConfig
+    from megatron_ease.models.qwen_vl import (
+        HFCheckpoint,
+        attention_layout,
+        build_qwen_vl_model,
+        canonical_parameters,
+        hf_tensors,
+        load_hf_weights,
+        model_config_from_hf,
+    )
+
+    model_cfg = model_config_from_hf(hf_dir)
+    model = build_qwen_vl_model(model_cfg, ParallelConfig(), params_dtype=params_dtype,
+                                perform_initialization=False)
+    record = load_hf_weights(model, HFCheckpoint(hf_dir))
+    extra = dict(dtypes=record["dtypes"], tied_copies=record["tied_copies"]) \
+        if keep_checkpoint_dtypes else {}
+    return record, dict(hf_tensors(canonical_parameters(model).items(), table,
+                                   attention_layout(model_cfg), record["naming"], **extra))
+
+
+def assert_megatron_to_hf_is_bit_exact(converted: dict):
+    """``megatron-to-hf`` of the conversion fixture's checkpoint writes back every tensor of the
+    original HF checkpoint, same names, dtypes and bits; returns (written tensors, out dir)."""
+    out = converted["root"] / "hf_back"
+    result = convert("megatron-to-hf", "--ckpt", converted["ckpt"], "--hf-config",
+                     converted["hf_dir"], "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    original, back = read_safetensors(converted["hf_dir"]), read_safetensors(out)
+    assert original.keys() == back.keys()
+    for name, tensor in original.items():
+        assert back[name].dtype == tensor.dtype, name
+        assert torch.equal(back[name], tensor), name
+    return back, out

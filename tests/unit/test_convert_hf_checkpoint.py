@@ -18,9 +18,11 @@ from megatron_ease.models.qwen_vl import QWEN2_5_VL, model_config_from_hf
 from tests.harness import run_distributed
 from tests.qwen_fixtures import (
     assert_layout_logits_match,
+    assert_megatron_to_hf_is_bit_exact,
     convert,
     converted_checkpoint_logits,
     hf_logits,
+    hf_round_trip,
     read_safetensors,
     save_tiny_hf,
     tiny_batch,
@@ -55,15 +57,7 @@ def test_hf_to_megatron_verify_prints_logit_diff_last_on_stdout(converted):
 
 
 def test_round_trip_is_bit_exact_and_loads_with_from_pretrained(converted):
-    out = converted["root"] / "hf_back"
-    result = convert("megatron-to-hf", "--ckpt", converted["ckpt"], "--hf-config",
-                     converted["hf_dir"], "--out", str(out))
-    assert result.returncode == 0, result.stderr[-3000:]
-    original, back = read_safetensors(converted["hf_dir"]), read_safetensors(out)
-    assert original.keys() == back.keys()
-    for name, tensor in original.items():
-        assert back[name].dtype == tensor.dtype, name
-        assert torch.equal(back[name], tensor), name
+    _, out = assert_megatron_to_hf_is_bit_exact(converted)
     torch.testing.assert_close(hf_logits(_from_pretrained_fp32(out), converted["batch"]),
                                converted["logits"],
                                atol=0, rtol=0)
@@ -218,24 +212,6 @@ def test_megatron_to_hf_refuses_a_checkpoint_that_does_not_fit_naming_the_tensor
         reader.check_fits(expected)
 
 
-def _nested_round_trip_worker(hf_dir):
-    from megatron_ease.models.qwen_vl import (
-        HFCheckpoint,
-        attention_layout,
-        build_qwen_vl_model,
-        canonical_parameters,
-        hf_tensors,
-        load_hf_weights,
-    )
-
-    model_cfg = model_config_from_hf(hf_dir)
-    model = build_qwen_vl_model(model_cfg, ParallelConfig(), params_dtype=torch.bfloat16,
-                                perform_initialization=False)
-    record = load_hf_weights(model, HFCheckpoint(hf_dir))
-    return record["naming"], dict(hf_tensors(canonical_parameters(model).items(), QWEN2_5_VL,
-                                             attention_layout(model_cfg), record["naming"]))
-
-
 def test_nested_hf_names_are_read_and_written_back(converted, tmp_path):
     """transformers also loads (and Qwen3-VL ships) ``model.language_model.*`` names."""
     nested_dir = tmp_path / "nested"
@@ -245,6 +221,8 @@ def test_nested_hf_names_are_read_and_written_back(converted, tmp_path):
     nested = {next((new + k[len(old):] for old, new in rename.items() if k.startswith(old)), k): v
               for k, v in original.items()}
     save_file(nested, nested_dir / "model.safetensors", metadata={"format": "pt"})
-    naming, back = run_distributed(_nested_round_trip_worker, str(nested_dir))[0]
+    record, back = run_distributed(hf_round_trip, str(nested_dir), QWEN2_5_VL,
+                                   torch.bfloat16)[0]
+    naming = record["naming"]
     assert naming == "nested" and back.keys() == nested.keys()
     assert all(torch.equal(back[k], v) for k, v in nested.items())

@@ -13,6 +13,7 @@ from tests.megatron_utils import assert_close_dicts, gathered_grads
 from tests.qwen_fixtures import (
     IMAGE,
     QWEN25VL_7B_CONFIG,
+    assert_rope_index_matches_hf,
     current_layout,
     hf_logits,
     run_schedule,
@@ -113,15 +114,7 @@ def _train_step_worker(hf_dir, batch):
 
 def test_get_rope_index_matches_hf_with_padding_and_several_images(tiny):
     batch = tiny["batch"]
-    hf = tiny_hf_model()
-    want_pos, want_delta = hf.model.get_rope_index(
-        batch["input_ids"], mm_token_type_ids=(batch["input_ids"] == IMAGE).int(),
-        image_grid_thw=batch["image_grid_thw"], attention_mask=batch["attention_mask"].long())
-    pos, delta = get_rope_index(batch["input_ids"], batch["image_grid_thw"],
-                                batch["attention_mask"], spatial_merge_size=2,
-                                image_token_id=IMAGE)
-    assert torch.equal(pos, want_pos)
-    assert torch.equal(delta, want_delta)
+    pos = assert_rope_index_matches_hf(tiny_hf_model(), batch)
     # Padding does not change a sample's positions: sample 1 alone, unpadded.
     valid = batch["attention_mask"][1]
     alone, _ = get_rope_index(batch["input_ids"][1:, valid], batch["image_grid_thw"][2:],

@@ -10,15 +10,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from megatron_ease.config import ParallelConfig
-from megatron_ease.models.qwen_vl import QWEN3_VL, model_config_from_hf
+from megatron_ease.models.qwen_vl import QWEN3_VL
 from tests.harness import run_distributed
 from tests.qwen_fixtures import (
     assert_layout_logits_match,
+    assert_megatron_to_hf_is_bit_exact,
     convert,
     converted_checkpoint_logits,
     hf_logits,
-    read_safetensors,
+    hf_round_trip,
     save_tiny_hf,
     tiny_batch,
     tiny_qwen3vl_config,
@@ -53,17 +53,9 @@ def test_hf_to_megatron_verify_passes_for_qwen3vl(converted):
 
 
 def test_round_trip_is_bit_exact_and_loads_with_from_pretrained(converted):
-    out = converted["root"] / "hf_back"
-    result = convert("megatron-to-hf", "--ckpt", converted["ckpt"], "--hf-config",
-                     converted["hf_dir"], "--out", str(out))
-    assert result.returncode == 0, result.stderr[-3000:]
-    original, back = read_safetensors(converted["hf_dir"]), read_safetensors(out)
-    assert original.keys() == back.keys()
+    back, out = assert_megatron_to_hf_is_bit_exact(converted)
     assert any(".deepstack_merger_list." in k for k in back)
     assert any(k.endswith("self_attn.q_norm.weight") for k in back)
-    for name, tensor in original.items():
-        assert back[name].dtype == tensor.dtype, name
-        assert torch.equal(back[name], tensor), name
     torch.testing.assert_close(hf_logits(_from_pretrained_fp32(out), converted["batch"]),
                                converted["logits"], atol=0, rtol=0)
 
@@ -79,26 +71,6 @@ def test_converted_checkpoint_loads_at_other_parallel_layouts(converted, tp, pp,
     assert_layout_logits_match(converted, results)
 
 
-def _tied_round_trip_worker(hf_dir):
-    from megatron_ease.models.qwen_vl import (
-        HFCheckpoint,
-        attention_layout,
-        build_qwen_vl_model,
-        canonical_parameters,
-        hf_tensors,
-        load_hf_weights,
-    )
-
-    model_cfg = model_config_from_hf(hf_dir)
-    model = build_qwen_vl_model(model_cfg, ParallelConfig(), params_dtype=torch.float32,
-                                perform_initialization=False)
-    record = load_hf_weights(model, HFCheckpoint(hf_dir))
-    return record, dict(hf_tensors(canonical_parameters(model).items(), QWEN3_VL,
-                                   attention_layout(model_cfg), record["naming"],
-                                   dtypes=record["dtypes"],
-                                   tied_copies=record["tied_copies"]))
-
-
 def test_tied_checkpoint_storing_lm_head_loads_and_writes_it_back(tmp_path):
     """transformers drops a tied lm_head when saving; other writers keep a copy. Both load."""
     save_tiny_hf(tmp_path, tiny_qwen3vl_config(tie_word_embeddings=True))
@@ -107,7 +79,8 @@ def test_tied_checkpoint_storing_lm_head_loads_and_writes_it_back(tmp_path):
     embedding = "model.language_model.embed_tokens.weight"
     tensors["lm_head.weight"] = tensors[embedding].clone()
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    record, back = run_distributed(_tied_round_trip_worker, str(tmp_path))[0]
+    record, back = run_distributed(hf_round_trip, str(tmp_path), QWEN3_VL, torch.float32,
+                                   True)[0]
     assert record["tied_copies"] == {"lm_head.weight": embedding}
     assert back.keys() == tensors.keys()
     assert all(torch.equal(back[k], v) for k, v in tensors.items())

@@ -26,6 +26,7 @@ from tests.qwen_fixtures import (
     IMAGE,
     QWEN3VL_4B_CONFIG,
     QWEN3VL_8B_CONFIG,
+    assert_rope_index_matches_hf,
     current_layout,
     hf_logits,
     run_schedule,
@@ -146,15 +147,7 @@ def test_interleaved_mrope_frequencies_equal_hf_rotary(tiny):
 
 
 def test_get_rope_index_matches_hf_qwen3vl_with_padding_and_several_images(tiny):
-    batch = tiny["batch"]
-    want_pos, want_delta = tiny["model"].model.get_rope_index(
-        batch["input_ids"], mm_token_type_ids=(batch["input_ids"] == IMAGE).int(),
-        image_grid_thw=batch["image_grid_thw"], attention_mask=batch["attention_mask"].long())
-    pos, delta = get_rope_index(batch["input_ids"], batch["image_grid_thw"],
-                                batch["attention_mask"], spatial_merge_size=2,
-                                image_token_id=IMAGE)
-    assert torch.equal(pos, want_pos)
-    assert torch.equal(delta, want_delta)
+    assert_rope_index_matches_hf(tiny["model"], tiny["batch"])
 
 
 @pytest.mark.parametrize("tp, pp, first_stage_layers", [(1, 1, None), (2, 1, None), (1, 2, 1)],

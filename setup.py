@@ -29,6 +29,6 @@ setup(
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]>=2.0"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "triton>=3.0"],
     },
 )

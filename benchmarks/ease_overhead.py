@@ -136,7 +136,7 @@ def make_batch(batch_size, seq_len, device):
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def train_step(model, optimizer, batch, num_ease_layers, chunk_size):
+def train_step(model, optimizer, batch, num_ease_layers, chunk_size, slice_impl="torch"):
     from megatron_ease.ease.context import EaseContext, ease_context
 
     context = None
@@ -144,7 +144,7 @@ def train_step(model, optimizer, batch, num_ease_layers, chunk_size):
         context = EaseContext(batch["image_mask"], batch["response_mask"], batch["target"],
                               batch["weight"], normalizer=float(batch["weight"].sum()),
                               num_layers=num_ease_layers, gradient_scale=0.1,
-                              chunk_size=chunk_size)
+                              chunk_size=chunk_size, slice_impl=slice_impl)
     optimizer.zero_grad(set_to_none=False)
     with ease_context(model, context):
         token_losses = model(batch["tokens"], batch["position_ids"], batch["attention_mask"],
@@ -202,7 +202,7 @@ def run_cuda(args, variants, seq_len, batch):
         optimizer = (SGD(model.parameters()) if args.optimizer == "sgd"
                      else torch.optim.Adam(model.parameters(), lr=1e-5))
         step = functools.partial(train_step, model, optimizer, batch, len(ease_layers),
-                                 chunk_size)
+                                 chunk_size, args.slice_impl)
         for _ in range(2):  # warm-up: gradients, optimizer state, kernels, allocator
             step()
         times = []
@@ -232,6 +232,8 @@ def main():
     parser.add_argument("--groups", type=int, default=2)
     parser.add_argument("--ease-layers", type=int, nargs="+", default=[2, 3, 4, 5])
     parser.add_argument("--chunk-size", type=int, default=64)
+    parser.add_argument("--slice-impl", choices=["torch", "triton", "auto"], default="torch",
+                        help="image_attention_mass impl (ease.slice_impl); triton: CUDA only")
     parser.add_argument("--recompute", action="store_true", help="full recompute, every layer")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -279,7 +281,7 @@ def main():
             optimizer = (SGD(model.parameters()) if args.optimizer == "sgd"
                          else torch.optim.Adam(model.parameters(), lr=1e-5))
             steps[name] = functools.partial(train_step, model, optimizer, batch,
-                                            len(ease_layers), chunk_size)
+                                            len(ease_layers), chunk_size, args.slice_impl)
             steps[name]()  # warm-up: allocates gradients and optimizer state
         # Rounds interleave the variants, so that load drift on a shared machine hits all alike.
         cpu = {name: [] for name in steps}

@@ -5,13 +5,19 @@ Compared, on one attention layer with b=1, h=8, g=2, d=64, ~25% image tokens, 12
 - ``naive_full``: full [b, h, s, s] softmax with autograd, then slice (what the tests use as the
   reference, here in the benchmark dtype);
 - ``eager_rows``: gather the response rows first, [b, h, R, s] softmax with autograd;
-- ``ease``: ``image_attention_mass`` (chunked, recompute in backward), one chunk and 32-row chunks.
+- ``ease``: ``image_attention_mass(impl="torch")`` (chunked, recompute in backward), one chunk and
+  32-row chunks;
+- ``ease triton``: the fused Triton kernels (``triton_attention``; CUDA only).
+
+``--impl`` picks the EASE variants: ``torch`` (the default on CPU), ``triton`` or ``both`` (the
+default on CUDA); ``--triton-blocks`` / ``--triton-num-warps`` set the kernels' tiles.
 
 Reported per method: median fwd+bwd wall time, peak extra memory during fwd+bwd (CPU: the
 profiler's allocation timeline; CUDA: ``max_memory_allocated``), and bytes saved for backward
 (``saved_tensors_hooks``), all excluding the inputs themselves.
 
     OMP_NUM_THREADS=2 python -m benchmarks.ease_slice [--seq-lens 256 1024 2048 4096] [--device cpu]
+    python -m benchmarks.ease_slice --device cuda --dtype bfloat16 [--impl both]
 """
 
 import argparse
@@ -22,7 +28,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from megatron_ease.ease.attention import image_attention_mass
+from megatron_ease.ease.attention import image_attention_mass, response_row_index
 
 
 def naive_full(query, key, image_mask, response_mask):
@@ -46,17 +52,33 @@ def eager_rows(query, key, image_mask, response_mask):
 
 def ease(chunk_size):
     def run(query, key, image_mask, response_mask):
-        return image_attention_mass(query, key, image_mask, response_mask, chunk_size=chunk_size)
+        return image_attention_mass(query, key, image_mask, response_mask, chunk_size=chunk_size,
+                                    impl="torch")
 
     return run
 
 
-METHODS = {
-    "naive_full": naive_full,
-    "eager_rows": eager_rows,
-    "ease (1 chunk)": ease(None),
-    "ease (chunk 32)": ease(32),
-}
+def ease_triton(block_m, block_n, num_warps):
+    from megatron_ease.ease.triton_attention import triton_image_attention_mass
+
+    def run(query, key, image_mask, response_mask):
+        return triton_image_attention_mass(
+            query, key, image_mask, torch.ones_like(image_mask), query.shape[-1] ** -0.5,
+            response_row_index(response_mask), block_m=block_m, block_n=block_n,
+            num_warps=num_warps,
+        )
+
+    return run
+
+
+def methods(impl, triton_blocks, triton_num_warps):
+    chosen = {"naive_full": naive_full, "eager_rows": eager_rows}
+    if impl in ("torch", "both"):
+        chosen["ease (1 chunk)"] = ease(None)
+        chosen["ease (chunk 32)"] = ease(32)
+    if impl in ("triton", "both"):
+        chosen["ease triton"] = ease_triton(*triton_blocks, triton_num_warps)
+    return chosen
 
 
 def make_inputs(seq_len, heads, key_heads, head_dim, response_rows, dtype, device):
@@ -141,8 +163,18 @@ def main():
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--impl", choices=["torch", "triton", "both"], default=None,
+                        help="EASE variants to run (default: torch on CPU, both on CUDA)")
+    parser.add_argument("--triton-blocks", type=int, nargs=2, default=[64, 64],
+                        metavar=("BLOCK_M", "BLOCK_N"), help="response rows and keys per tile")
+    parser.add_argument("--triton-num-warps", type=int, default=4)
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
+    on_cuda = torch.device(args.device).type == "cuda"
+    impl = args.impl or ("both" if on_cuda else "torch")
+    if impl != "torch" and not on_cuda:
+        parser.error(f"--impl {impl}: the Triton kernels run on CUDA devices only")
+    chosen = methods(impl, args.triton_blocks, args.triton_num_warps)
 
     print(
         f"b=1 h={args.heads} g={args.key_heads} d={args.head_dim} R={args.response_rows} "
@@ -154,7 +186,7 @@ def main():
         inputs = make_inputs(seq_len, args.heads, args.key_heads, args.head_dim,
                              args.response_rows, dtype, args.device)
         reference = naive_full(*inputs).float()
-        for name, method in METHODS.items():
+        for name, method in chosen.items():
             error = (method(*inputs).float() - reference).abs().max().item()
             ms = time_ms(method, inputs, args.repeats)
             peak = peak_bytes(method, *inputs) / 2**20

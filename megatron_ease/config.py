@@ -104,6 +104,10 @@ class EaseConfig:
     # Also feed EASE the correct rollouts of groups filtered out as all-correct.
     use_filtered_correct: bool = False
     chunk_size: Optional[int] = None
+    # image_attention_mass's implementation: torch (chunked PyTorch), triton (fused kernels;
+    # verified in Triton's CPU interpreter, not yet run compiled on a GPU) or auto (triton on
+    # CUDA when installed).
+    slice_impl: str = "torch"
 
 
 @dataclass
@@ -390,6 +394,8 @@ def validate_config(cfg: Config, world_size: int = 1) -> None:
         check(e.loss_coeff >= 0, f"ease.loss_coeff must be >= 0, got {e.loss_coeff}")
         check(e.sigma >= 0, f"ease.sigma must be >= 0, got {e.sigma}")
         check(0 <= e.alpha <= 1, f"ease.alpha must be in [0, 1], got {e.alpha}")
+        check(e.slice_impl in ("torch", "triton", "auto"),
+              f"ease.slice_impl must be torch, triton or auto, got {e.slice_impl!r}")
         check(e.divergence in ("kl", "ce", "reverse_kl", "mass"),
               f"ease.divergence must be kl, ce, reverse_kl or mass, got {e.divergence!r}")
     check(cfg.checkpoint.interval >= 0,

@@ -16,12 +16,14 @@ Backward, with u_j = ∂L/∂M_j at image columns (0 elsewhere) and c_r = Σ_j a
     ∂L/∂k_j      = scale · Σ_r a_rj (u_j − c_r) q_r
 
 The −c_r · Σ_j a_rj k_j part is the normaliser's gradient: attention with V = K over all allowed
-keys. A fused GPU kernel would split it off (image columns only + one flash-attention call with
-V = K); on a dense chunk the single matmul against ``a · (u − c)`` is the same arithmetic with
-fewer passes.
+keys. The fused GPU kernels of ``triton_attention`` (``impl="triton"`` / ``"auto"``) split it off:
+image columns only + one flash-attention-like pass with V = K; on a dense chunk the single matmul
+against ``a · (u − c)`` is the same arithmetic with fewer passes.
 """
 
 import contextlib
+import functools
+import importlib.util
 import math
 from typing import Optional
 
@@ -40,6 +42,7 @@ def image_attention_mass(
     key_valid_mask: Optional[torch.Tensor] = None,
     chunk_size: Optional[int] = None,
     response_rows: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    impl: str = "torch",
 ) -> torch.Tensor:
     """Attention mass that response rows put on each image column, summed over the given heads.
 
@@ -57,6 +60,13 @@ def image_attention_mass(
             gradient beyond floating-point summation order.
         response_rows: ``response_row_index(response_mask)``, when the caller shares it between
             layers (building it sorts the mask and waits for the device); None = built here.
+        impl: ``"torch"`` (this module's chunked path), ``"triton"`` (the fused kernels of
+            ``triton_attention``: bf16/fp16/fp32 inputs of one dtype; ``chunk_size`` is ignored,
+            tiles are the kernels' business) or ``"auto"``: Triton for CUDA tensors of those
+            dtypes when triton is installed, else torch. Both give the same values and gradients
+            up to floating-point summation order. The default stays ``"torch"`` (config
+            ``ease.slice_impl``) until the kernels, verified in Triton's CPU interpreter, have
+            been run compiled on a GPU.
 
     Returns:
         ``[b, s]`` float32 (float64 for float64 inputs) mass, 0 at non-image columns. Gradients
@@ -69,10 +79,44 @@ def image_attention_mass(
         softmax_scale = 1.0 / math.sqrt(query.shape[-1])
     rows, row_valid = (response_row_index(response_mask) if response_rows is None
                        else response_rows)
+    if _use_triton(impl, query, key):
+        return _triton_attention().triton_image_attention_mass(
+            query, key, image_mask, key_valid_mask, softmax_scale, (rows, row_valid)
+        )
     return _ImageAttentionMass.apply(
         query, key, image_mask, response_mask, key_valid_mask, float(softmax_scale), chunk_size,
         rows, row_valid
     )
+
+
+_TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _use_triton(impl: str, query: torch.Tensor, key: torch.Tensor) -> bool:
+    if impl == "torch":
+        return False
+    if impl == "auto":
+        return (query.is_cuda and query.dtype in _TRITON_DTYPES and key.dtype == query.dtype
+                and _triton_attention() is not None)
+    if impl == "triton":
+        if _triton_attention() is None:
+            raise ImportError(
+                "image_attention_mass(impl='triton') needs the triton package (pip install "
+                "triton, or the 'dev' extra); use impl='torch' or 'auto' without it")
+        return True
+    raise ValueError(
+        f"image_attention_mass: impl must be 'auto', 'torch' or 'triton', got {impl!r}")
+
+
+@functools.cache
+def _triton_attention():
+    """The Triton module, or None without triton: imported on first use, so that triton stays
+    optional and CPU-only callers never import it."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    from megatron_ease.ease import triton_attention
+
+    return triton_attention
 
 
 class _ImageAttentionMass(torch.autograd.Function):

@@ -14,7 +14,7 @@ The trainer builds one ``EaseContext`` per micro-batch and runs that micro-batch
                               normalizer=normalizer, num_layers=len(cfg.ease.layers),
                               gradient_scale=scale, key_valid_mask=mb.attention_mask,
                               evidence_mask=mb.evidence_mask, divergence=cfg.ease.divergence,
-                              chunk_size=cfg.ease.chunk_size)
+                              chunk_size=cfg.ease.chunk_size, slice_impl=cfg.ease.slice_impl)
         contexts.append(context)
         with ease_context(model, context):
             output = model(...)
@@ -92,7 +92,8 @@ class EaseContext:
         key_valid_mask: ``[b, s]`` bool, False at padding keys (None: all valid).
         evidence_mask: ``[b, s]`` bool, True at visual tokens with E > 0; enables the
             attention-in-evidence metric (and is required by divergence ``"mass"``).
-        divergence, chunk_size: ``ease.divergence`` and ``ease.chunk_size``.
+        divergence, chunk_size, slice_impl: ``ease.divergence``, ``ease.chunk_size`` and
+            ``ease.slice_impl`` (``image_attention_mass``'s ``impl``).
         keep_mass: also keep each layer's TP-reduced mass ``[b, s]`` in the records (eval
             diagnostics and tests).
     """
@@ -108,6 +109,7 @@ class EaseContext:
     evidence_mask: Optional[torch.Tensor] = None
     divergence: str = "kl"
     chunk_size: Optional[int] = None
+    slice_impl: str = "torch"
     keep_mass: bool = False
     records: dict[int, EaseLayerRecord] = dataclasses.field(default_factory=dict, init=False)
     _response_rows: Optional[tuple] = dataclasses.field(default=None, init=False, repr=False)

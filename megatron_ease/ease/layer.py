@@ -135,6 +135,7 @@ class EaseCoreAttentionMixin:
                 key_valid_mask=context.key_valid_mask,
                 chunk_size=context.chunk_size,
                 response_rows=context.response_rows,
+                impl=context.slice_impl,
             )  # [b, s] fp32, this rank's heads
             mass = reduce_from_tensor_model_parallel_region(mass, group=self.ease_tp_group)
             loss = ease_alignment_loss(

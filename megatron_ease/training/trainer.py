@@ -330,7 +330,8 @@ class Trainer:
             ctx = EaseContext(m.image_mask, m.response_mask, m.ease_target, m.ease_weight,
                               normalizer=1.0, num_layers=len(self.cfg.ease.layers),
                               gradient_scale=0.0, key_valid_mask=m.attention_mask,
-                              evidence_mask=m.evidence_mask, keep_mass=keep_mass)
+                              evidence_mask=m.evidence_mask, keep_mass=keep_mass,
+                              slice_impl=self.cfg.ease.slice_impl)
             contexts.append(ctx)
             return ctx
 

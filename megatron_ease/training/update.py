@@ -142,7 +142,8 @@ def train_mini_batch(cfg: Config, model_chunks, optimizer, micro_batches: list[M
                 mb.image_mask, mb.response_mask, mb.ease_target, mb.ease_weight,
                 normalizer=normalizer, num_layers=len(cfg.ease.layers), gradient_scale=scale,
                 key_valid_mask=mb.attention_mask, evidence_mask=mb.evidence_mask,
-                divergence=cfg.ease.divergence, chunk_size=cfg.ease.chunk_size)
+                divergence=cfg.ease.divergence, chunk_size=cfg.ease.chunk_size,
+                slice_impl=cfg.ease.slice_impl)
             contexts.append(context)
             return context
     else:

@@ -73,6 +73,7 @@ def test_missing_config_file():
     (["dapo.group_size=1"], 1, r"dapo.group_size must be >= 2"),
     (["parallel.context_parallel_size=2"], 2, r"context_parallel_size > 1 is not supported"),
     (["ease.divergence=js"], 1, r"ease.divergence"),
+    (["ease.slice_impl=cuda"], 1, r"ease.slice_impl must be torch, triton or auto"),
 ])
 def test_invalid_configs_fail_naming_the_field(overrides, world, match):
     with pytest.raises(ConfigError, match=match):

@@ -452,6 +452,74 @@ def test_ease_in_bf16_computes_mass_in_fp32():
         assert (grad - fp32["grads"][name]).abs().max() <= 0.05 * scale, name
 
 
+def _slice_impl_step():
+    """The EASE layers with ``slice_impl`` torch and triton (Triton's CPU interpreter)."""
+    from megatron_ease.ease import triton_attention
+    from megatron_ease.ease.context import ease_context
+
+    batch = _batch()
+    out = {}
+    for impl in ("torch", "triton"):
+        torch.manual_seed(0)
+        model = _tiny_gpt()
+        context = _context(batch, normalizer=3.0, gradient_scale=LAMBDA, keep_mass=True,
+                           slice_impl=impl)
+        calls = []
+        launcher = triton_attention.triton_image_attention_mass
+        triton_attention.triton_image_attention_mass = (
+            lambda *a, **k: calls.append(1) or launcher(*a, **k))
+        try:
+            with ease_context(model, context):
+                token_losses = _token_losses(model, batch)
+        finally:
+            triton_attention.triton_image_attention_mass = launcher
+        token_losses.sum().backward()
+        out[impl] = {"calls": len(calls), "grads": gathered_grads(model),
+                     "mass": {k: r.mass for k, r in context.records.items()}}
+    return out
+
+
+_SLICE_IMPL_WORKER = """
+import sys
+
+import torch
+
+from megatron_ease.distributed import (LaunchEnv, find_free_port, init_process_group,
+                                       initialize_model_parallel)
+from tests.unit.test_ease_model import _slice_impl_step
+
+init_process_group(LaunchEnv(0, 1, 0, "127.0.0.1", find_free_port(), "test"), "gloo")
+initialize_model_parallel(seed=1234)
+torch.save(_slice_impl_step(), sys.argv[1])
+"""
+
+
+def test_ease_layers_run_the_configured_slice_impl(tmp_path):
+    pytest.importorskip("triton")
+    # Triton's interpreter runs the kernels on CPU tensors only if TRITON_INTERPRET is set before
+    # triton is first imported (megatron-core imports it at start-up): a fresh process.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
+    out_file = tmp_path / "out.pt"
+    proc = subprocess.run([sys.executable, "-c", _SLICE_IMPL_WORKER, str(out_file)], cwd=repo,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = torch.load(out_file)
+    assert result["torch"]["calls"] == 0 and result["triton"]["calls"] == len(EASE_LAYERS)
+    for layer in EASE_LAYERS:
+        torch.testing.assert_close(result["triton"]["mass"][layer], result["torch"]["mass"][layer],
+                                   rtol=1e-5, atol=1e-6)
+    for name, grad in result["torch"]["grads"].items():
+        torch.testing.assert_close(result["triton"]["grads"][name], grad, rtol=1e-4, atol=1e-6,
+                                   msg=name)
+
+
 # ---------------------------------------------------------------------------------------------
 # Specs and refusals (no process group needed).
 

@@ -8,7 +8,12 @@ language prior makes the data answerable above chance *without* looking:
   takes with probability ``prior_bias``;
 - count: the answer is 1 with probability ``prior_bias``;
 - exists ("Is there a red triangle?"): the answer is "yes" for the shape's prior colour and
-  "no" otherwise, with probability ``prior_bias``.
+  "no" otherwise, with probability ``prior_bias``;
+- object colour ("What color is the object?", one object in the image; off by default): red with
+  probability ``prior_bias``, else one of the other colours. The choices are always the five
+  colours in one order, so the answer letter names the colour; ``prior_bias = 0.2`` makes the
+  colours uniform (a blind policy is right 1 time in 5). The demo's task (README): the tiny
+  model has to find and read one visual token, which it learns with EASE and not without.
 
 Each record stores ``prior_answer`` (what a blind model exploiting the prior says) and
 ``answer_is_prior``, so evaluation can report accuracy on the anti-prior subset, where only a
@@ -18,6 +23,7 @@ held-out shards in the real format plus a tiny tokenizer, all offline.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -46,7 +52,8 @@ COLOURS = {
 }
 PRIOR_COLOUR = {"circle": "blue", "square": "green", "triangle": "red"}
 PRIOR_COUNT = 1
-TASKS = ("colour", "count", "exists")
+PRIOR_OBJECT_COLOUR = "red"
+TASKS = ("colour", "count", "exists", "object_colour")
 _MANIFEST = "manifest.json"
 _FORMAT_VERSION = 1
 
@@ -65,7 +72,7 @@ class SyntheticConfig:
     max_objects: int = 4
     min_object_size: int = 14
     prior_bias: float = 0.6
-    task_weights: tuple[float, float, float] = (0.4, 0.3, 0.3)  # colour, count, exists
+    task_weights: tuple[float, ...] = (0.4, 0.3, 0.3, 0.0)  # colour, count, exists, object_colour
     num_choices: int = 4
     max_count: int = 3
 
@@ -79,6 +86,8 @@ class SyntheticConfig:
             raise ValueError("max_count must not exceed max_objects")
         if not 0.0 <= self.prior_bias <= 1.0:
             raise ValueError(f"prior_bias must be in [0, 1], got {self.prior_bias}")
+        if len(self.task_weights) != len(TASKS) or min(self.task_weights) < 0 or sum(self.task_weights) <= 0:
+            raise ValueError(f"task_weights must be {len(TASKS)} non-negative weights for {TASKS}, not all 0; got {self.task_weights}")
         if not 2 <= self.num_choices <= len(COLOURS):
             raise ValueError(f"num_choices must be in [2, {len(COLOURS)}]")
 
@@ -160,6 +169,19 @@ def make_synthetic_sample(rng: np.random.Generator, cfg: SyntheticConfig) -> tup
             question=f"How many {shape}s are there?", answer_type="number", answer=str(count), prior_answer=str(PRIOR_COUNT)
         )
         targets = [o for o in scene if o["shape"] == shape]
+    elif task == "object_colour":
+        colour = PRIOR_OBJECT_COLOUR if follows_prior else _other(rng, COLOURS, {PRIOR_OBJECT_COLOUR})
+        one = dataclasses.replace(cfg, min_objects=1, max_objects=1, max_count=1)
+        scene = _scene(rng, one, [(shape, colour)], forbid=lambda s, c: True)
+        choices = list(COLOURS)
+        record.update(
+            question="What color is the object?",
+            answer_type="choice",
+            choices=choices,
+            answer=choice_letter(choices.index(colour)),
+            prior_answer=choice_letter(choices.index(PRIOR_OBJECT_COLOUR)),
+        )
+        targets = scene
     else:
         asks_prior_pair = bool(rng.random() < 0.5)
         colour = PRIOR_COLOUR[shape] if asks_prior_pair else _other(rng, COLOURS, {PRIOR_COLOUR[shape]})
@@ -239,7 +261,12 @@ def write_synthetic_dataset(
     if os.path.isfile(manifest_path):
         with open(manifest_path) as f:
             manifest = json.load(f)
-        if manifest.get("params") != params:
+        stored = manifest.get("params") or {}
+        weights = stored.get("config", {}).get("task_weights")
+        if weights is not None and len(weights) == len(TASKS) - 1:
+            # Written before the object_colour task existed: the same data as its weight 0.
+            stored["config"]["task_weights"] = [*weights, 0.0]
+        if stored != params:
             raise ValueError(
                 f"{out_dir} holds a synthetic dataset with other parameters ({manifest.get('params')}); "
                 f"remove it or choose another directory for {params}"

@@ -19,6 +19,11 @@ from megatron_ease.rl.dapo import mixed_groups
 Payload = Union[torch.Tensor, list]
 
 
+
+class DynamicSamplingError(RuntimeError):
+    """``dapo.max_gen_batches`` chunks were generated without collecting enough mixed groups:
+    the policy solves all or none of the rollouts of (nearly) every prompt."""
+
 def _cat_padded(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Concatenate on dim 0, right-padding trailing dims with zeros (chunks differ in length)."""
     ndims = {t.dim() for t in tensors}
@@ -239,7 +244,7 @@ def dynamic_sample(
         if kept_groups >= num_groups:
             break
         if max_gen_batches and gen_batches >= max_gen_batches:
-            raise RuntimeError(
+            raise DynamicSamplingError(
                 f"dynamic sampling kept {kept_groups} of the {num_groups} groups needed after "
                 f"{gen_batches} generation batches (dapo.max_gen_batches={max_gen_batches}): "
                 f"{generated} groups generated, {num_correct} all correct, {num_wrong} all wrong. "

@@ -92,6 +92,30 @@ def test_language_prior_follows_prior_bias():
     assert Counter(r["task"] for r in records).keys() == {"colour", "count", "exists"}
 
 
+def test_object_colour_task_one_object_its_box_and_a_letter_that_names_its_colour():
+    rng = np.random.default_rng(3)
+    config = SyntheticConfig(task_weights=(0, 0, 0, 1), prior_bias=0.2)
+    samples = [make_synthetic_sample(rng, config) for _ in range(500)]
+    for image, r in samples:
+        assert r["task"] == "object_colour" and r["question"] == "What color is the object?"
+        assert len(r["objects"]) == 1 and r["choices"] == list(COLOURS)
+        (obj,) = r["objects"]
+        assert r["choices"][ord(r["answer"]) - ord("A")] == obj["colour"]
+        assert r["prior_answer"] == "A" and r["answer_is_prior"] == (obj["colour"] == "red")
+        assert [e["box"] for e in r["evidence"]] == [obj["box"]]
+        x0, y0, x1, y1 = obj["box"]
+        assert (np.asarray(image)[y0:y1, x0:x1] == COLOURS[obj["colour"]]).all(-1).mean() > 0.4
+    # prior_bias 0.2 over five colours: uniform.
+    counts = Counter(r["answer"] for _, r in samples)
+    assert set(counts) == set("ABCDE") and all(abs(n / 500 - 0.2) < 0.06 for n in counts.values())
+
+
+@pytest.mark.parametrize("weights", [(1, 1, 1), (0, 0, 0, 0), (1, -1, 1, 1)])
+def test_task_weights_are_checked(weights):
+    with pytest.raises(ValueError, match="task_weights must be 4 non-negative weights"):
+        SyntheticConfig(task_weights=weights)
+
+
 def test_tokenizer_loads_offline_with_qwen_special_tokens(dataset_dir):
     tokenizer, samples = read_all(dataset_dir, "eval")
     ids = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"])
@@ -119,3 +143,23 @@ def test_write_is_idempotent_and_refuses_other_parameters(dataset_dir, tmp_path)
     for split, name in (("train", "train-000001.tar"), ("eval", "eval-000000.tar")):
         with open(os.path.join(dataset_dir, split, name), "rb") as a, open(os.path.join(other, split, name), "rb") as b:
             assert a.read() == b.read()
+
+
+def test_datasets_written_before_the_object_colour_task_are_still_recognised(dataset_dir, tmp_path):
+    """Their manifests list three task weights; the data is what weight 0 for it gives now."""
+    import shutil
+
+    old = str(tmp_path / "old")
+    shutil.copytree(dataset_dir, old)
+    path = os.path.join(old, "manifest.json")
+    manifest = json.load(open(path))
+    assert manifest["params"]["config"]["task_weights"] == [0.4, 0.3, 0.3, 0.0]
+    manifest["params"]["config"]["task_weights"] = [0.4, 0.3, 0.3]
+    json.dump(manifest, open(path, "w"))
+    shard = os.path.join(old, "train", "train-000000.tar")
+    before = os.stat(shard).st_mtime_ns
+    write_synthetic_dataset(old, NUM_TRAIN, NUM_EVAL, seed=0, samples_per_shard=100)
+    assert os.stat(shard).st_mtime_ns == before
+    with pytest.raises(ValueError, match="other parameters"):
+        write_synthetic_dataset(old, NUM_TRAIN, NUM_EVAL, seed=0, samples_per_shard=100,
+                                config=SyntheticConfig(task_weights=(0, 0, 0, 1)))

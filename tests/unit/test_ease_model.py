@@ -510,7 +510,7 @@ def test_ease_layers_run_the_configured_slice_impl(tmp_path):
     proc = subprocess.run([sys.executable, "-c", _SLICE_IMPL_WORKER, str(out_file)], cwd=repo,
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = torch.load(out_file)
+    result = torch.load(out_file, weights_only=True)
     assert result["torch"]["calls"] == 0 and result["triton"]["calls"] == len(EASE_LAYERS)
     for layer in EASE_LAYERS:
         torch.testing.assert_close(result["triton"]["mass"][layer], result["torch"]["mass"][layer],

@@ -69,7 +69,7 @@ interpreter.InterpreterBuilder.create_dot = create_dot
 interpreter.InterpreterBuilder.cast_impl = cast_impl
 
 results = {}
-for name, case in torch.load(sys.argv[1]).items():
+for name, case in torch.load(sys.argv[1], weights_only=True).items():
     runs = []
     for _ in range(case["repeats"]):
         query = case["query"].detach().requires_grad_()
@@ -172,7 +172,7 @@ def interpreted(tmp_path_factory):
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, f"interpreter worker failed:\n{result.stderr[-4000:]}"
-    return torch.load(tmp / "results.pt")
+    return torch.load(tmp / "results.pt", weights_only=True)
 
 
 def _reference(case):

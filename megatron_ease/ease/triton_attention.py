@@ -95,6 +95,11 @@ def triton_image_attention_mass(
         raise ValueError(
             f"the Triton image-column slice takes bf16, fp16 or fp32 query and key of one dtype, "
             f"got {query.dtype} and {key.dtype}; use impl='torch' for other dtypes")
+    if not query.is_cuda and type(_slice_fwd_kernel).__name__ != "InterpretedFunction":
+        raise ValueError(
+            "the Triton image-column slice runs on CUDA tensors (CPU tensors only under Triton's "
+            "interpreter: TRITON_INTERPRET=1 set before triton is first imported); got "
+            f"{query.device}: use impl='torch' or 'auto'")
     for name, size in (("block_m", block_m), ("block_n", block_n)):
         if size < 16 or size & (size - 1):
             raise ValueError(f"{name} must be a power of two >= 16 (tl.dot tiles), got {size}")

@@ -242,6 +242,15 @@ def test_forcing_triton_without_triton_says_what_to_do(triton_missing):
     assert attention._use_triton("auto", query, key) is False
 
 
+def test_forcing_triton_on_cpu_tensors_outside_the_interpreter_says_what_to_do():
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("this process runs Triton's interpreter")
+    query, key, image, response, valid = make_case(dtype=torch.float32)
+    with pytest.raises(ValueError, match="runs on CUDA tensors.*TRITON_INTERPRET=1.*impl='torch'"):
+        image_attention_mass(query, key, image, response, key_valid_mask=valid, impl="triton")
+
+
 def test_rejects_unknown_impl_and_unsupported_dtypes():
     query, key, image, response, valid = make_case()
     with pytest.raises(ValueError, match="impl must be 'auto', 'torch' or 'triton'"):

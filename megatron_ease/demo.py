@@ -78,20 +78,20 @@ def run_arm(args, data_dir: str, name: str, ease: bool, init_from: str) -> dict:
     cfg = load_config(CONFIG, arm_overrides(args, data_dir, name, ease, init_from))
     _seed(args.seed)
     trainer = Trainer(cfg)
-    stopped = None
+    stopped_at = None
     try:
         status = trainer.train()
     except DynamicSamplingError as e:
         # An arm whose policy collapsed (every rollout of every prompt wrong, or right) cannot
         # go on; the comparison still stands at the step it reached, and the summary says so.
-        stopped = {"step": trainer.step, "reason": str(e)}
+        stopped_at = trainer.step
         print(f"[demo] RL arm {name} stopped at step {trainer.step}: {e}", file=sys.stderr)
         status = 0
     if status != 0:
         raise SystemExit(status)
     result = trainer.evaluate(max_samples=args.eval_samples)
-    if stopped is not None:
-        result["stopped_early_at_step"] = stopped["step"]
+    if stopped_at is not None:
+        result["stopped_early_at_step"] = stopped_at
     trainer.metrics.log(trainer.step, result, prefix="eval")
     overlays = attention_maps(trainer, args.overlay_samples)
     trainer.metrics.close()

@@ -19,10 +19,10 @@ from megatron_ease.rl.dapo import mixed_groups
 Payload = Union[torch.Tensor, list]
 
 
-
 class DynamicSamplingError(RuntimeError):
     """``dapo.max_gen_batches`` chunks were generated without collecting enough mixed groups:
     the policy solves all or none of the rollouts of (nearly) every prompt."""
+
 
 def _cat_padded(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Concatenate on dim 0, right-padding trailing dims with zeros (chunks differ in length)."""

@@ -53,8 +53,6 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from megatron_ease.ease.attention import response_row_index
-
 __all__ = ["triton_image_attention_mass"]
 
 _LOG2E = math.log2(math.e)
@@ -75,8 +73,9 @@ def triton_image_attention_mass(
 ) -> torch.Tensor:
     """``image_attention_mass`` with fused Triton kernels; arguments already resolved by it.
 
-    CUDA tensors (CPU tensors only under Triton's interpreter, ``TRITON_INTERPRET=1``). Building
-    the image-column index waits for the device once, as ``response_row_index`` does.
+    CUDA tensors (CPU tensors only under Triton's interpreter, ``TRITON_INTERPRET=1``). Nothing
+    here waits for the device: the image-column index has a fixed size (s slots), and the row
+    index (which does wait, for R) comes in built, shared by the layers of a micro-batch.
 
     Args:
         query: ``[b, h, s, d]`` bf16, fp16 or fp32, any strides (e.g. a permuted ``[s, b, h, d]``).
@@ -206,11 +205,12 @@ def _block_d(head_dim: int) -> int:
 class _SliceIndex(NamedTuple):
     """Gathered positions and per-block loop bounds, built once in forward, saved for backward.
 
-    R and J are at least 1 (padding slots), so every launch has a grid and every pointer a buffer.
+    R is at least 1 (a padding slot) and J = s, so every launch has a grid and every pointer a
+    buffer; building it never waits for the device.
     """
 
     row_pos: torch.Tensor  # [b, R] int32: each response-row slot's position, −1 for padding
-    image_pos: torch.Tensor  # [b, J] int32: image ∧ valid columns, ascending, s for padding
+    image_pos: torch.Tensor  # [b, J = s] int32: image ∧ valid columns, ascending, s after
     image_slot: torch.Tensor  # [b, s] int64: each column's slot in image_pos, J (a 0) if none
     image_columns: torch.Tensor  # [b, s] bool: image ∧ valid
     key_valid: torch.Tensor  # [b, s] int8
@@ -240,12 +240,15 @@ class _SliceIndex(NamedTuple):
         key_block_starts = torch.arange(0, seq_len, block_n, **int32).expand(b, -1).contiguous()
         row_start = torch.searchsorted(ascending_rows, key_block_starts, out_int32=True)
 
+        # Image slots without a host sync: J = s slots (an upper bound), each image column
+        # scattered to its rank among the sample's image columns; the other slots keep the
+        # padding position s and are never visited (loops stop at image_end).
         image_columns = image_mask & key_valid_mask
-        positions, valid = response_row_index(image_columns)  # [b, J] ascending
-        num_images = max(positions.shape[1], 1)
-        image_pos = torch.full((b, num_images), seq_len, **int32)
-        image_pos[:, : positions.shape[1]] = torch.where(valid, positions, seq_len)
+        num_images = seq_len
         image_slot = torch.where(image_columns, image_columns.cumsum(dim=1) - 1, num_images)
+        image_pos = torch.full((b, num_images + 1), seq_len, **int32)  # + a discard slot
+        positions = torch.arange(seq_len, **int32).expand(b, -1)
+        image_pos = image_pos.scatter_(1, image_slot, positions)[:, :num_images].contiguous()
         return cls(
             row_pos=row_pos,
             image_pos=image_pos,

@@ -309,3 +309,27 @@ def test_compiled_kernels_on_cuda_are_what_auto_picks(monkeypatch):
     mass = image_attention_mass(query.cuda(), key.cuda(), image.cuda(), response.cuda(),
                                 key_valid_mask=valid.cuda(), impl="auto")
     assert calls and mass.is_cuda and mass.dtype == torch.float32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run where one is)")
+def test_compiled_kernels_on_cuda_never_wait_for_the_device():
+    """Given the shared row index (built once per micro-batch), an EASE layer's slice forward and
+    backward queue their work without a host synchronisation (CUDA's sync debug mode raises on
+    one), so the CPU keeps ahead of the GPU through the layer stack."""
+    pytest.importorskip("triton")
+    from megatron_ease.ease.triton_attention import triton_image_attention_mass
+
+    query, key, image, response, valid = make_case(b=2, h=4, g=2, s=200, d=64,
+                                                   dtype=torch.bfloat16)
+    q, k = leaf(query.cuda()), leaf(key.cuda())
+    rows = response_row_index(response.cuda())
+    image, valid = image.cuda(), valid.cuda()
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        mass = triton_image_attention_mass(q, k, image, valid, 0.125, rows)
+        mass.sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    assert q.grad is not None and k.grad is not None

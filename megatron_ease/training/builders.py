@@ -34,12 +34,27 @@ def build_model(cfg: Config) -> torch.nn.Module:
 
 
 def wrap_ddp(cfg: Config, model: torch.nn.Module) -> torch.nn.Module:
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    """DDP around ``model``, with megatron-core's gradient finalisation wired into its config.
+
+    The pipeline schedules reduce gradients only through ``config.finalize_model_grads_func``,
+    called after a step's last micro-batch (DDP's hooks just accumulate into ``main_grad`` when
+    ``overlap_grad_reduce`` is off). It averages gradients over DP (reduce-scatter with the
+    distributed optimizer), sums the q/k-norm gradients over TP (Qwen3-VL: each TP rank sees its
+    own heads only), averages the TP-replicated vision tower's and all-reduces tied embeddings
+    across pipeline stages. Without it every replica would step on its own gradient."""
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
 
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=False,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
-    return DistributedDataParallel(model.config, ddp_config, model)
+    ddp = DistributedDataParallel(model.config, ddp_config, model)
+    model.config.finalize_model_grads_func = finalize_model_grads
+    model.config.no_sync_func = ddp.no_sync
+    return ddp
 
 
 def build_optimizer(cfg: Config, model_chunks: list, lr: Optional[float] = None):

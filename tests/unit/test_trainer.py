@@ -1,5 +1,7 @@
 """The DAPO + EASE trainer end to end on the tiny config: TP=2 / PP=2 steps on gloo, exact resume
-after kill -9, and SIGTERM -> checkpoint + exit 75 -> resume."""
+after kill -9, and SIGTERM -> checkpoint + exit 75 -> resume; and one update of the trainer's
+model, DDP and optimizer against the parallel invariants (DP = 2 equals one process on the global
+batch; replicated and tied parameters stay identical at TP = 2 and PP = 2)."""
 
 from __future__ import annotations
 
@@ -92,6 +94,156 @@ def test_training_steps_run_at_tp2_and_pp2(dataset, tmp_path, layout):
         assert 0.0 <= record["accuracy"] <= 1.0 and 0.0 <= record["attn_in_evidence"] <= 1.0
     assert os.path.isfile(os.path.join(run_dir, "ckpt", "latest"))
     assert 4.5 < _first_sft_loss(run_dir) < 6.5
+
+
+QWEN3_VL = ["model.family=qwen3_vl", "model.mrope_section=[6,5,5]", "model.mrope_interleaved=true",
+            "model.add_qkv_bias=false", "model.qk_layernorm=true",
+            "model.tie_word_embeddings=true", "model.vision.patch_size=16",
+            "model.vision.num_position_embeddings=64",
+            "model.vision.deepstack_visual_indexes=[0,1]", "model.vision.fullatt_block_indexes=[]",
+            "data.min_pixels=4096", "data.max_pixels=65536"]  # tests/functional's tiny Qwen3-VL
+
+
+def _update_batch(cfg, n: int = 4):
+    """``n`` warm-start-style sequences (prompt + answer, images, EASE targets) of the shards,
+    as ``MicroBatch(i, j)`` factories with fixed advantages and 3 of 4 rows gated for EASE."""
+    import torch
+
+    from megatron_ease.training import builders
+    from megatron_ease.training.update import MicroBatch
+
+    tokenizer = builders.load_tokenizer(cfg.data.tokenizer)
+    batch = next(iter(builders.build_reader(cfg, tokenizer, cfg.data.train_shards, n, 0, 1,
+                                            append_answer=True)))
+    labels = torch.full_like(batch["input_ids"], tokenizer.pad_token_id)
+    labels[:, :-1] = batch["input_ids"][:, 1:]
+    rows = torch.zeros_like(batch["response_mask"])
+    rows[:, :-1] = batch["response_mask"][:, 1:]
+    first_patch = [0, *batch["image_grid_thw"].prod(-1).cumsum(0).tolist()]
+    advantages = torch.tensor([1.5, -0.5, -1.0, 0.7])
+    weight = torch.tensor([1.0, 0.0, 1.0, 1.0]) * batch["has_target"].float()
+
+    def micro_batch(i: int, j: int) -> MicroBatch:
+        return MicroBatch(
+            batch["input_ids"][i:j], batch["attention_mask"][i:j], labels[i:j], rows[i:j],
+            batch["image_mask"][i:j], batch["pixel_values"][first_patch[i]:first_patch[j]],
+            batch["image_grid_thw"][i:j], advantages[i:j], batch["evidence_target"][i:j],
+            weight[i:j], batch["evidence_mask"][i:j])
+
+    return micro_batch
+
+
+def _one_update(cfg, micro, dp_group, dp_size: int) -> dict:
+    """One DAPO + EASE mini-batch update with the trainer's builders (model, DDP, optimizer)
+    from a fixed init; the update of every parameter and the step's metrics."""
+    import torch
+
+    from megatron_ease.training import builders
+    from megatron_ease.training.update import compute_old_log_probs, train_mini_batch
+
+    torch.manual_seed(0)
+    model = builders.build_model(cfg)
+    ddp = builders.wrap_ddp(cfg, model)
+    optimizer = builders.build_optimizer(cfg, [ddp])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    compute_old_log_probs(cfg, [ddp], micro)
+    metrics = train_mini_batch(cfg, [ddp], optimizer, micro, dp_group, dp_size, ease_active=True)
+    return {"grad_norm": metrics["grad_norm"], "ease_loss": metrics["ease/loss"],
+            "delta": {n: p.detach() - before[n] for n, p in model.named_parameters()},
+            "tensor_parallel": {n for n, p in model.named_parameters()
+                                if getattr(p, "tensor_model_parallel", False)}}
+
+
+def _dp_invariance_update(dataset: str, use_distributed_optimizer: bool):
+    """The update at DP = 2 with one micro-batch per rank, and, on every rank, on the whole
+    mini-batch as one process runs it (both micro-batches, a DP group of this rank alone)."""
+    import torch
+    from megatron.core import parallel_state as ps
+
+    cfg = load_config(CONFIG, _overrides(dataset, "unused", 1) + [
+        f"parallel.use_distributed_optimizer={str(use_distributed_optimizer).lower()}"])
+    micro_batch = _update_batch(cfg)
+    rank, world = ps.get_data_parallel_rank(), torch.distributed.get_world_size()
+    # new_group is collective: every rank makes every rank's own group.
+    alone = [torch.distributed.new_group([r]) for r in range(world)][rank]
+    return {"dp1": _one_update(cfg, [micro_batch(0, 2), micro_batch(2, 4)], alone, 1),
+            "dp2": _one_update(cfg, [micro_batch(2 * rank, 2 * rank + 2)],
+                               ps.get_data_parallel_group(), ps.get_data_parallel_world_size())}
+
+
+@pytest.mark.parametrize("use_distributed_optimizer", [False, True],
+                         ids=["optimizer", "distributed_optimizer"])
+def test_data_parallel_update_equals_one_process_on_the_global_batch(dataset,
+                                                                     use_distributed_optimizer):
+    """DESIGN §4 scaling invariant through the trainer's own builders: DP = 2 (one micro-batch
+    per rank) applies the update one process applies to both micro-batches. Gradients reach
+    the other replica only through megatron-core's ``finalize_model_grads`` (wired by
+    ``builders.wrap_ddp``); without it each rank stepped on its own half of the batch."""
+    import torch
+
+    results = run_distributed(_dp_invariance_update, dataset, use_distributed_optimizer,
+                              timeout_s=600)
+    for result in results:
+        dp1, dp2 = result["dp1"], result["dp2"]
+        assert dp2["ease_loss"] > 0, "no gated EASE row: the test would not cover EASE"
+        assert dp2["grad_norm"] == pytest.approx(dp1["grad_norm"], rel=1e-5)
+        moved = sum(int(d.abs().max() > 0) for d in dp1["delta"].values())
+        assert moved > len(dp1["delta"]) // 2, "the update moved almost nothing"
+        for name, delta in dp1["delta"].items():
+            torch.testing.assert_close(dp2["delta"][name], delta, atol=1e-7, rtol=1e-4,
+                                       msg=lambda m, name=name: f"{name}: {m}")
+    for name, delta in results[0]["dp2"]["delta"].items():  # the replicas stay identical
+        assert torch.equal(delta, results[1]["dp2"]["delta"][name]), name
+
+
+def _qwen3_tp2_update(dataset: str):
+    from megatron_ease.config import load_config as load
+
+    cfg = load(CONFIG, _overrides(dataset, "unused", 1) + QWEN3_VL +
+               ["parallel.tensor_model_parallel_size=2"])
+    micro_batch = _update_batch(cfg)
+    return _one_update(cfg, [micro_batch(0, 2), micro_batch(2, 4)], None, 1)
+
+
+def test_tp2_update_keeps_replicated_parameters_identical_qwen3_vl(dataset):
+    """At TP = 2 every parameter that is not split over TP must stay one value on both ranks:
+    the q/k RMSNorm weights (each rank computes their gradient from its own heads only, so it
+    is summed over TP), the TP-replicated vision tower and DeepStack mergers (averaged), the
+    norms. This is ``finalize_model_grads``' TP part, wired by ``builders.wrap_ddp``."""
+    import torch
+
+    ranks = run_distributed(_qwen3_tp2_update, dataset, tensor_model_parallel_size=2,
+                            timeout_s=600)
+    assert ranks[0]["ease_loss"] > 0
+    replicated = sorted(set(ranks[0]["delta"]) - ranks[0]["tensor_parallel"])
+    assert any("q_layernorm" in n for n in replicated) and any("deepstack" in n or "merger" in n
+                                                              for n in replicated), replicated
+    for name in replicated:
+        assert float(ranks[0]["delta"][name].abs().max()) > 0, f"{name} did not move"
+        assert torch.equal(ranks[0]["delta"][name], ranks[1]["delta"][name]), name
+
+
+def _qwen3_pp2_update(dataset: str):
+    cfg = load_config(CONFIG, _overrides(dataset, "unused", 1) + QWEN3_VL +
+                      ["parallel.pipeline_model_parallel_size=2"])
+    micro_batch = _update_batch(cfg)
+    out = _one_update(cfg, [micro_batch(0, 2), micro_batch(2, 4)], None, 1)
+    return {n: d for n, d in out["delta"].items()
+            if n.endswith(("word_embeddings.weight", "output_layer.weight"))}
+
+
+def test_pp2_update_keeps_tied_embeddings_tied_qwen3_vl(dataset):
+    """Tied embeddings at PP = 2 (Qwen3-VL 4B's layout): stage 0's word embedding and the last
+    stage's output-layer copy get one update, from the sum of both stages' gradients
+    (``finalize_model_grads``' embedding-group all-reduce)."""
+    import torch
+
+    stages = run_distributed(_qwen3_pp2_update, dataset, pipeline_model_parallel_size=2,
+                             timeout_s=600)
+    embedding = stages[0]["language_model.embedding.word_embeddings.weight"]
+    output = stages[1]["language_model.output_layer.weight"]
+    assert float(embedding.abs().max()) > 0
+    assert torch.equal(embedding, output)
 
 
 def _launch(overrides, **kwargs) -> subprocess.Popen:

@@ -117,7 +117,7 @@ class DapoConfig:
     clip_high: float = 0.28
     clip_c: float = 10.0
     max_response_length: int = 64
-    overlong_buffer_length: int = 16
+    overlong_buffer_length: int = 16  # soft overlong punishment ramp (DESIGN §5); 0 = off
     overlong_penalty_factor: float = 1.0
     max_gen_batches: int = 4  # dynamic-sampling chunks before giving up; 0 = no limit
     temperature: float = 1.0

@@ -51,13 +51,16 @@ def overlong_reward(
 ) -> torch.Tensor:
     """Soft overlong punishment, [n] lengths (response tokens incl. EOS) -> [n] float32 shaping.
 
-    0 up to L_max − L_buf, then linear down to −factor at L_max.
+    0 up to L_max − L_buf, then linear down to −factor at L_max. ``buffer_length = 0`` turns
+    shaping off (all zeros): the expected length is then L_max itself, which no rollout exceeds.
     """
-    if not 0 < buffer_length <= max_response_length:
+    if not 0 <= buffer_length <= max_response_length:
         raise ValueError(
-            f"overlong buffer_length must be in (0, max_response_length={max_response_length}], "
+            f"overlong buffer_length must be in [0, max_response_length={max_response_length}], "
             f"got {buffer_length}"
         )
+    if buffer_length == 0:
+        return torch.zeros(lengths.shape, dtype=torch.float32, device=lengths.device)
     expected = max_response_length - buffer_length
     exceed = lengths.to(torch.float32) - expected
     penalty = -exceed / buffer_length * penalty_factor

@@ -123,7 +123,13 @@ def test_overlong_reward_matches_formula(factor):
     assert got[3].item() == 0.0 and got[7].item() == -factor
 
 
-@pytest.mark.parametrize("buffer", [0, -1, 17])
+def test_overlong_reward_with_no_buffer_is_no_shaping():
+    """``dapo.overlong_buffer_length=0`` (valid config) turns shaping off instead of crashing."""
+    got = overlong_reward(torch.tensor([0, 5, 16]), max_response_length=16, buffer_length=0)
+    assert got.dtype == torch.float32 and got.tolist() == [0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("buffer", [-1, 17])
 def test_overlong_reward_rejects_bad_buffer(buffer):
     with pytest.raises(ValueError, match="buffer_length"):
         overlong_reward(torch.tensor([3]), max_response_length=16, buffer_length=buffer)

@@ -41,6 +41,7 @@ class MetricsLogger:
         self.enabled = enabled
         self.stream = stream or sys.stdout
         self._wandb = None
+        self._wandb_prefixes: set[str] = set()
         self._tb = None
         if not enabled:
             return
@@ -67,8 +68,7 @@ class MetricsLogger:
         self._jsonl.write(json.dumps(record, allow_nan=True) + "\n")
         self._jsonl.flush()
         if self._wandb is not None:
-            self._wandb.log({f"{prefix}/{k}": v for k, v in clean.items()
-                             if isinstance(v, (int, float))}, step=step)
+            self._wandb_log(prefix, step, clean)
         if self._tb is not None:
             for k, v in clean.items():
                 if isinstance(v, (int, float)) and math.isfinite(v):
@@ -76,6 +76,17 @@ class MetricsLogger:
         head = f"[{prefix}] step {step}" + (f"/{total_steps}" if total_steps else "")
         parts = [f"{short} {_fmt(clean[key])}" for key, short in CONSOLE_FIELDS if key in clean]
         print(" | ".join([head] + parts), file=self.stream, flush=True)
+
+    def _wandb_log(self, prefix: str, step: int, values: dict) -> None:
+        """Each prefix on its own x-axis (``<prefix>/step``): the warm start's steps 1..W and
+        the RL steps 1..N overlap, and wandb drops any ``log(step=s)`` with s below its current
+        step, so a shared step would lose the first W RL steps."""
+        if prefix not in self._wandb_prefixes:
+            self._wandb.define_metric(f"{prefix}/step")
+            self._wandb.define_metric(f"{prefix}/*", step_metric=f"{prefix}/step")
+            self._wandb_prefixes.add(prefix)
+        self._wandb.log({f"{prefix}/step": step, **{
+            f"{prefix}/{k}": v for k, v in values.items() if isinstance(v, (int, float))}})
 
     def close(self) -> None:
         if not self.enabled:

@@ -131,3 +131,37 @@ def test_metrics_logger_writes_jsonl_and_console(tmp_path, capsys):
     assert "[train] step 3/10 | reward 0.5000 | kept 4 | ease 0.2500" in out
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
     assert record["step"] == 3 and record["ease_loss"] == 0.25 and record["kept_groups"] == 4
+
+
+def test_wandb_gives_each_metric_prefix_its_own_step_axis(tmp_path, monkeypatch):
+    """The warm start logs steps 1..W, then RL logs steps 1..N: with one shared wandb step, wandb
+    drops every log below its current step (the first W RL steps). Each prefix gets its own
+    x-axis instead (``define_metric``), on a real offline wandb run."""
+    from megatron_ease.training import metrics
+
+    calls = []
+    start = metrics._start_wandb
+
+    def spied_start(*args, **kwargs):
+        run = start(*args, **kwargs)
+        for name in ("log", "define_metric"):
+            real = getattr(run, name)
+            monkeypatch.setattr(run, name, lambda *a, _n=name, _r=real, **k:
+                                calls.append((_n, a, k)) or _r(*a, **k))
+        return run
+
+    monkeypatch.setattr(metrics, "_start_wandb", spied_start)
+    log = MetricsLogger(str(tmp_path), use_wandb=True, wandb_mode="offline")
+    for step in (1, 2, 3):
+        log.log(step, {"sft_loss": 1.0 / step}, prefix="warm_start")
+    for step in (1, 2):
+        log.log(step, {"reward": 0.5 * step, "grad_norm": 1.0})
+    log.close()
+    defined = {(a[0], k.get("step_metric")) for n, a, k in calls if n == "define_metric"}
+    assert defined == {("warm_start/step", None), ("warm_start/*", "warm_start/step"),
+                       ("train/step", None), ("train/*", "train/step")}
+    logged = [(a[0], k) for n, a, k in calls if n == "log"]
+    assert all("step" not in k for _, k in logged)  # wandb's own step only ever increases
+    assert [payload for payload, _ in logged][3:] == [
+        {"train/step": 1, "train/reward": 0.5, "train/grad_norm": 1.0},
+        {"train/step": 2, "train/reward": 1.0, "train/grad_norm": 1.0}]

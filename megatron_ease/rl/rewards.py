@@ -4,11 +4,11 @@ Model output is arbitrary text, so nothing here raises on it: an answer that can
 parsed is judged wrong and reported with `parse_ok=False` so the trainer can count it. Bad
 *configuration* (unknown answer type or format) raises, naming the allowed values.
 
-Extraction order, on the text after the last `</think>`: the last complete `\\boxed{...}` (inside
-`<answer>...</answer>` when tags are present), else the tag content, else the text after the last
-"Answer:" / "The answer is", else the last non-empty line. The span is then parsed for the
-sample's `answer_type`; a reference answer that does not parse for its type is compared as
-normalised text instead.
+Extraction order, on the text after the last `</think>`: the last complete `\\boxed{...}`, else
+the text after the last "Answer:" / "The answer is", else the last non-empty line. When
+`<answer>...</answer>` tags are present the same search runs on the tag content alone, falling
+back to that content as a whole. The span is then parsed for the sample's `answer_type`; a
+reference answer that does not parse for its type is compared as normalised text instead.
 """
 
 import math
@@ -117,23 +117,39 @@ def _after_answer_marker(text: str) -> Optional[str]:
     return _SENTENCE_END.split(line, 1)[0] or None
 
 
-def extract_answer(text) -> Optional[str]:
-    """The final-answer span of a response (see module docstring), stripped; None if empty."""
+def _marked_span(text: str) -> tuple[Optional[str], bool]:
+    """(the last boxed content, else the text after the last answer cue; whether it was cued)."""
+    span = _last_boxed(text)
+    if span is not None:
+        return span, False
+    span = _after_answer_marker(text)
+    return span, span is not None
+
+
+def _locate_answer(text) -> tuple[Optional[str], bool]:
+    """`extract_answer`'s span, and whether an explicit "Answer:" / "the answer is" cue led to it
+    (the parsers may then trust the span's first token over the prose after it)."""
     text = _response_tail(text)
     tagged = _answer_tag(text)
-    region = text if tagged is None else tagged
-    span = _last_boxed(region)
+    if tagged is not None:
+        # The tag holds the answer but may still phrase it ("<answer>Answer: red</answer>").
+        span, cued = _marked_span(tagged)
+        if span is None:
+            span = tagged
+    else:
+        span, cued = _marked_span(text)
+        if span is None:
+            lines = [line for line in text.splitlines() if line.strip()]
+            span = lines[-1] if lines else None
     if span is None:
-        span = tagged
-    if span is None:
-        span = _after_answer_marker(text)
-    if span is None:
-        lines = [line for line in text.splitlines() if line.strip()]
-        span = lines[-1] if lines else None
-    if span is None:
-        return None
+        return None, False
     span = span.strip().strip("*").strip()
-    return span or None
+    return (span, cued) if span else (None, False)
+
+
+def extract_answer(text) -> Optional[str]:
+    """The final-answer span of a response (see module docstring), stripped; None if empty."""
+    return _locate_answer(text)[0]
 
 
 def has_answer_format(text, answer_format: str = "boxed_or_answer") -> bool:
@@ -152,7 +168,9 @@ _LATEX_WRAPPERS = re.compile(
     r"\\(?:text|textbf|textit|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}"
 )
 _LATEX_SPACING = re.compile(r"\\left\b|\\right\b|\\[!,;:]|\\quad\b|\\qquad\b|~")
-_MATH_DELIMITERS = re.compile(r"\$|\\\(|\\\)|\\\[|\\\]")
+# An escaped \$ is a currency sign rather than a delimiter, but it goes too, backslash and all
+# (dropping only the "$" turned \$18.90 into \18.90).
+_MATH_DELIMITERS = re.compile(r"\\?\$|\\\(|\\\)|\\\[|\\\]")
 
 
 def _unwrap_latex(span: str) -> str:
@@ -180,6 +198,24 @@ _CHOICE_PARENTHESISED = re.compile(r"\(([A-Z])\)")
 # "A" and "I" followed by a lowercase word ("A cat", "I think") are the English article and
 # pronoun, not options; "A or B", "A is correct" still name options.
 _CAPITAL_WORD = re.compile(r"\b(?![AI]\s+(?!(?:or|and|is|was)\b)[a-z])([A-Z])\b")
+# Right after an answer cue, a capital letter standing alone names the option even when prose
+# follows ("B because A is too small") -- unless it is the article or pronoun ("A dog",
+# "I think B"), or one of several options ("A or B", "A, C").
+_CHOICE_CUED = re.compile(r"[(\[]?([A-Z])[)\]]?(?![\w'])")
+_CHOICE_ARTICLE = re.compile(r"\s+(?!(?:because|since|as|is|was|seems|fits|matches)\b)[a-z]")
+_CHOICE_ANOTHER = re.compile(
+    r"\s*(?:,|/|&|\bor\b|\band\b)\s*(?:[(\[][A-Za-z][)\]]|(?![AI]\s+[a-z])[A-Z](?![\w']))"
+)
+
+
+def _cued_choice(span: str, valid: Optional[set]) -> Optional[str]:
+    m = _CHOICE_CUED.match(span)
+    if m is None or (valid is not None and m.group(1) not in valid):
+        return None
+    rest = span[m.end() :]
+    if m.group(1) in "AI" and m.group(0) == m.group(1) and _CHOICE_ARTICLE.match(rest):
+        return None
+    return None if _CHOICE_ANOTHER.match(rest) else m.group(1)
 
 
 def parse_choice(span: Optional[str], choices: Optional[Sequence[str]] = None) -> Optional[str]:
@@ -190,6 +226,14 @@ def parse_choice(span: Optional[str], choices: Optional[Sequence[str]] = None) -
     and finally a unique capital letter standing alone, restricted to the choices' letters when
     `choices` is given (so "I think B" parses, while "A or B" does not parse at all).
     """
+    return _parse_choice(span, choices, cued=False)
+
+
+def _parse_choice(
+    span: Optional[str], choices: Optional[Sequence[str]], cued: bool
+) -> Optional[str]:
+    """`parse_choice`; with `cued` (the span followed an explicit answer cue) a capital letter
+    that opens the span wins over letters in the prose after it ("B because A is too small")."""
     if not span:
         return None
     span = _unwrap_latex(span)
@@ -197,6 +241,9 @@ def parse_choice(span: Optional[str], choices: Optional[Sequence[str]] = None) -
         return m.group(1).upper()
     if m := _CHOICE_LEADING.match(span):
         return next(g for g in m.groups() if g).upper()
+    valid = {chr(ord("A") + i) for i in range(min(len(choices), 26))} if choices else None
+    if cued and (letter := _cued_choice(span, valid)):
+        return letter
     keyword = _CHOICE_KEYWORD.findall(span)
     if keyword:
         return keyword[-1].upper()
@@ -208,18 +255,19 @@ def parse_choice(span: Optional[str], choices: Optional[Sequence[str]] = None) -
         matches = [i for i, c in enumerate(choices) if normalize_text(str(c)) == normalized]
         if len(matches) == 1 and matches[0] < 26:
             return chr(ord("A") + matches[0])
-    valid = {chr(ord("A") + i) for i in range(min(len(choices), 26))} if choices else None
     letters = {l for l in _CAPITAL_WORD.findall(span) if valid is None or l in valid}
     return letters.pop() if len(letters) == 1 else None
 
 
 # --- yes / no ---------------------------------------------------------------------------------
 
-_YES_WORDS = {
-    "yes", "yeah", "yep", "true", "correct", "affirmative", "indeed", "certainly", "definitely",
-    "absolutely", "sure",
-}
+# Answer words: a leading one decides ("Yes, there is none" -> yes).
+_YES_WORDS = {"yes", "yeah", "yep", "yup", "true", "correct", "affirmative"}
 _NO_WORDS = {"no", "nope", "false", "incorrect", "negative", "not", "never"}
+# Intensifiers and discourse markers: they affirm on their own ("Sure.", "Absolutely!") but yield
+# to what follows them ("Absolutely no." -> no, "Sure, there is no cat." -> no).
+_YES_ADVERBS = {"indeed", "certainly", "definitely", "absolutely", "sure", "surely"}
+_YES_ADVERB_PHRASES = (("no", "doubt"), ("of", "course"))
 _NEGATIONS = {"not", "no", "never", "none", "nothing", "neither", "nor", "nobody", "nowhere"}
 # A statement about the speaker ("I don't know", "We can't tell") answers nothing.
 _SPEAKERS = {"i", "we", "you"}
@@ -228,6 +276,12 @@ _AUXILIARIES = {
     "will", "would", "should", "am", "may", "might", "must",
 }
 _BOTH_POLARITIES = re.compile(r"\b(?:yes\s*(?:or|and|/)\s*no|no\s*(?:or|and|/)\s*yes)\b")
+# Hedges commit to neither answer, whatever else the span says ("Not sure." is not "no").
+_HEDGE = re.compile(
+    r"\b(?:not (?:sure|certain)|unsure|uncertain|unclear|no idea|(?:do|did) not know"
+    r"|(?:can|could) not (?:tell|say|determine|know|be (?:sure|certain|determined|told))"
+    r"|(?:impossible|not possible|hard|difficult) to (?:tell|say|determine|know))\b"
+)
 
 
 def _yesno_words(span: str) -> list[str]:
@@ -241,22 +295,53 @@ def _yesno_words(span: str) -> list[str]:
     return re.findall(r"[a-z]+", span)
 
 
+def _leading_adverbs(words: list[str]) -> int:
+    """How many of the leading words are affirming adverbs ("absolutely", "of course", ...)."""
+    i = 0
+    while i < len(words):
+        if words[i] in _YES_ADVERBS:
+            i += 1
+            continue
+        phrase = next((p for p in _YES_ADVERB_PHRASES if tuple(words[i : i + len(p)]) == p), None)
+        if phrase is None:
+            break
+        i += len(phrase)
+    return i
+
+
 def parse_yesno(span: Optional[str]) -> Optional[str]:
     """"yes" / "no" from a span, or None when it commits to neither.
 
-    In order: "yes or no" / "yes and no" -> None; a leading polarity word decides ("Yes, there
-    is" -> yes, "No." / "Not at all" / "Certainly not" -> no); an explicit yes or no inside
-    ("I'd say yes"; both -> None); a short statement, an auxiliary verb among its first four
-    words ("It is not", "There are two", "The shirt isn't red"), is yes unless negated. Statements
-    about the speaker ("I don't know") and anything else -> None.
+    In order: "yes or no" / "yes and no" and hedges ("Not sure", "I don't know", "It cannot be
+    determined") -> None; a leading answer word decides ("Yes, there is" -> yes, "No." /
+    "Not at all" -> no); leading adverbs ("Certainly", "Sure,", "No doubt") affirm unless what
+    follows answers ("Certainly not", "Absolutely no", "Sure, there is no cat" -> no); an explicit
+    yes or no inside ("I'd say yes"; both -> None); a short statement, an auxiliary verb among its
+    first four words ("It is not", "There are two", "The shirt isn't red"), is yes unless negated.
+    Statements about the speaker ("I don't know") and anything else -> None.
     """
     if not span:
         return None
     words = _yesno_words(span)
-    if not words or _BOTH_POLARITIES.search(" ".join(words)):
+    joined = " ".join(words)
+    if not words or _BOTH_POLARITIES.search(joined) or _HEDGE.search(joined):
+        return None
+    return _yesno_from_words(words)
+
+
+def _yesno_from_words(words: list[str]) -> Optional[str]:
+    if not words:
         return None
     if words[0] in _YES_WORDS:
         return "no" if words[1:2] == ["not"] else "yes"
+    adverbs = _leading_adverbs(words)
+    if adverbs:
+        rest = words[adverbs:]
+        decided = _yesno_from_words(rest)
+        if decided is not None:
+            return decided
+        # "Definitely, I think so" affirms; "Sure, nothing" is no clear answer.
+        return None if _NEGATIONS.intersection(rest) else "yes"
     if words[0] in _NO_WORDS:
         return "no"
     has_yes, has_no = "yes" in words, "no" in words
@@ -290,7 +375,18 @@ _NUMBER_WORDS = {
         "fifteen sixteen seventeen eighteen nineteen twenty".split()
     )
 }
-_NUMBER_WORD = re.compile(r"\b(" + "|".join(_NUMBER_WORDS) + r")\b", re.IGNORECASE)
+_NUMBER_WORD = re.compile(
+    r"\b(no\s+one|nobody|none|" + "|".join(_NUMBER_WORDS) + r")\b", re.IGNORECASE
+)
+# "one" is also a pronoun ("any one", "the one on the left", "one another"): no count then.
+# "one of them" stays a count ("Only one of them is red" -> 1).
+# "no one" / "nobody" / "none" do count, as zero.
+_PRONOUN_ONE = re.compile(
+    r"\b(?:any|every|each|some|the|this|that|which|whichever|another|other)\s+one\b"
+    r"|\bone\s+another\b",
+    re.IGNORECASE,
+)
+_ZERO_WORDS = re.compile(r"no\s+one|nobody|none", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -334,9 +430,10 @@ def parse_number(span: Optional[str], strict: bool = False) -> Optional[Number]:
     """The number a span states ("1,234", "-0.5", "3/4", "\\dfrac{1}{2}", "50%", "12 cm", "two").
 
     After an "=" only the right-hand side counts ("x = 5", "2 + 3 = 5"); then the first number
-    is taken, so units and trailing words are ignored; number words (zero..twenty) only count
-    when no numeral is present. `strict` requires the whole span to be one number (used for
-    `math`, where "2x" or "\\sqrt{2}" must not read as 2).
+    is taken, so units and trailing words are ignored; number words (zero..twenty, and "no one" /
+    "nobody" / "none" as zero) only count when no numeral is present, and "one" not when it is a
+    pronoun ("anyone", "every one", "the one on the left", "one another"). `strict` requires the
+    whole span to be one number (used for `math`, where "2x" or "\\sqrt{2}" must not read as 2).
     """
     if not span:
         return None
@@ -350,8 +447,13 @@ def parse_number(span: Optional[str], strict: bool = False) -> Optional[Number]:
     m = _NUMBER.search(text)
     if m:
         return _to_number(m)
-    word = _NUMBER_WORD.search(text)
-    return Number(_NUMBER_WORDS[word.group(1).lower()]) if word else None
+    pronouns = [p.span() for p in _PRONOUN_ONE.finditer(text)]
+    for word in _NUMBER_WORD.finditer(text):
+        if _ZERO_WORDS.fullmatch(word.group(1)):
+            return Number(0.0)
+        if not any(start <= word.start() < end for start, end in pronouns):
+            return Number(_NUMBER_WORDS[word.group(1).lower()])
+    return None
 
 
 def numbers_equal(response: Number, reference: Number) -> bool:
@@ -405,11 +507,16 @@ def _math_equal(response: str, reference: str) -> bool:
 
 
 def _judge(
-    span: Optional[str], answer: str, answer_type: str, choices: Optional[Sequence[str]]
+    span: Optional[str],
+    answer: str,
+    answer_type: str,
+    choices: Optional[Sequence[str]],
+    cued: bool = False,
 ) -> tuple[Optional[str], bool]:
-    """(canonical parsed answer or None, correct) for one extracted span."""
+    """(canonical parsed answer or None, correct) for one extracted span; `cued` as returned by
+    `_locate_answer`."""
     if answer_type == "choice":
-        parsed = parse_choice(span, choices)
+        parsed = _parse_choice(span, choices, cued)
         reference = parse_choice(answer, choices)
     elif answer_type == "yesno":
         parsed, reference = parse_yesno(span), parse_yesno(answer)
@@ -444,8 +551,9 @@ def compute_reward(
     """Verify one response against its reference answer and turn the verdict into a reward."""
     if answer_type not in ANSWER_TYPES:
         raise ValueError(f"answer_type must be one of {ANSWER_TYPES}, got {answer_type!r}")
-    span = extract_answer(response_text)
-    parsed, correct = _judge(span, "" if answer is None else str(answer), answer_type, choices)
+    span, cued = _locate_answer(response_text)
+    answer = "" if answer is None else str(answer)
+    parsed, correct = _judge(span, answer, answer_type, choices, cued)
     format_ok = has_answer_format(response_text, spec.answer_format)
     reward = spec.correct_reward if correct else spec.wrong_reward
     if format_ok:

@@ -46,6 +46,14 @@ CASES = [
     ("\\boxed{B: green}", "B", "choice", COLORS, True, "B"),
     ("", "A", "choice", COLORS, False, None),
     ("The answer is (B) since it is green", "green", "choice", COLORS, True, "B"),
+    # after an answer cue the first option letter wins over letters in the prose that follows
+    ("The answer is B because A is too small.", "B", "choice", COLORS, True, "B"),
+    ("The answer is A because B is too small", "A", "choice", None, True, "A"),
+    ("Answer: C, since A and B are too small", "C", "choice", COLORS, True, "C"),
+    ("<answer>The answer is B because A is too small</answer>", "B", "choice", COLORS, True, "B"),
+    ("The answer is A or B because both fit", "A", "choice", COLORS, False, None),
+    ("The answer is A dog", "A", "choice", None, False, None),
+    ("B because A is too small.", "B", "choice", COLORS, False, None),
     # yes / no
     ("Yes.", "yes", "yesno", None, True, "yes"),
     ("no", "yes", "yesno", None, False, "no"),
@@ -71,6 +79,21 @@ CASES = [
     ("It does not appear so.", "no", "yesno", None, True, "no"),
     ("Is there a dog? Yes", "yes", "yesno", None, True, "yes"),
     ("Answer: NO", "No.", "yesno", None, True, "no"),
+    # hedges commit to nothing, whatever else they say
+    ("Not sure.", "no", "yesno", None, False, None),
+    ("Unsure.", "yes", "yesno", None, False, None),
+    ("No idea.", "no", "yesno", None, False, None),
+    ("I can't tell.", "no", "yesno", None, False, None),
+    ("It cannot be determined from the image.", "no", "yesno", None, False, None),
+    ("I'm not sure, but I think yes.", "yes", "yesno", None, False, None),
+    # affirming adverbs yield to the answer that follows them; a leading "Yes" does not
+    ("Sure, there is no cat.", "no", "yesno", None, True, "no"),
+    ("Absolutely no.", "no", "yesno", None, True, "no"),
+    ("Of course not.", "no", "yesno", None, True, "no"),
+    ("Sure, there is a cat.", "yes", "yesno", None, True, "yes"),
+    ("Absolutely!", "yes", "yesno", None, True, "yes"),
+    ("No doubt about it.", "yes", "yesno", None, True, "yes"),
+    ("Yes, there is no cat.", "yes", "yesno", None, True, "yes"),
     # number
     ("\\boxed{1,234}", "1234", "number", None, True, "1234"),
     ("The answer is 3/4.", "0.75", "number", None, True, "0.75"),
@@ -104,6 +127,18 @@ CASES = [
     ("The angle is $30^\\circ$.", "30", "number", None, True, "30"),
     ("first \\boxed{2} then \\boxed{3", "2", "number", None, True, "2"),
     ("no idea", "4", "number", None, False, None),
+    ("It costs \\$18.90.", "18.9", "number", None, True, "18.9"),
+    # "one" as a pronoun is no count; "no one" / "nobody" / "none" count zero
+    ("There is no one in the picture.", "0", "number", None, True, "0"),
+    ("There is no one in the picture.", "1", "number", None, False, "0"),
+    ("Nobody is there.", "0", "number", None, True, "0"),
+    ("None.", "0", "number", None, True, "0"),
+    ("Someone is standing there.", "1", "number", None, False, None),
+    ("Everyone is smiling.", "1", "number", None, False, None),
+    ("One of them is red.", "1", "number", None, True, "1"),
+    ("The one on the left.", "1", "number", None, False, None),
+    ("Only one dog.", "1", "number", None, True, "1"),
+    ("Only one of them is red.", "1", "number", None, True, "1"),
     # math
     ("\\boxed{\\frac{\\sqrt{3}}{2}}", "\\frac{\\sqrt3}{2}", "math", None, True, ANY),
     ("\\boxed{0.75}", "\\frac{3}{4}", "math", None, True, ANY),
@@ -121,6 +156,10 @@ CASES = [
     ("\\boxed{\\left( 1, 2 \\right)}", "(1,2)", "math", None, True, "(1,2)"),
     ("\\boxed{\\text{east}}", "east", "math", None, True, "east"),
     ("", "1", "math", None, False, None),
+    ("\\boxed{\\$18.90}", "18.90", "math", None, True, "18.90"),
+    ("\\boxed{18.90}", "\\$18.90", "math", None, True, "18.90"),
+    ("\\boxed{\\$18.90}", "18.91", "math", None, False, "18.90"),
+    ("<answer>The answer is 42</answer>", "42", "math", None, True, "42"),
     # text
     ("\\boxed{The Eiffel Tower}", "eiffel tower", "text", None, True, "eiffel tower"),
     ("Answer: red.", "Red", "text", None, True, "red"),
@@ -130,6 +169,8 @@ CASES = [
     ("Answer: A dog", "dog", "text", None, True, "dog"),
     ("...", "x", "text", None, False, None),
     ("Café", "café", "text", None, True, "café"),
+    ("<answer>Answer: red</answer>", "red", "text", None, True, "red"),
+    ("<answer>The answer is dark blue.</answer>", "dark blue", "text", None, True, "dark blue"),
     # where the answer is taken from
     ("<think>maybe \\boxed{3}</think>The answer is \\boxed{4}", "4", "number", None, True, "4"),
     ("<think>it is \\boxed{3}</think>\n4", "4", "number", None, True, "4"),
@@ -138,6 +179,7 @@ CASES = [
     ("Final Answer: The final answer is $5$. I hope it is correct.", "5", "number", None,
      True, "5"),
     ("<answer>x is \\boxed{9}</answer> \\boxed{8}", "9", "number", None, True, "9"),
+    ("<answer>about 7</answer>\nAnswer: 8", "7", "number", None, True, "7"),
 ]
 
 
@@ -168,6 +210,9 @@ def test_table_is_large_and_covers_every_answer_type():
         ("\\fbox{7}", "7"),
         ("The answer is: 42", "42"),
         ("**Answer**: 42", "42"),
+        ("<answer>Answer: red</answer>", "red"),
+        ("<answer>The answer is 42</answer>", "42"),
+        ("<answer>\n  red car \n</answer>", "red car"),
         ("line one\n\nlast line  \n\n", "last line"),
         ("   ", None),
         (None, None),

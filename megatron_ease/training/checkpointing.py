@@ -234,18 +234,36 @@ class CheckpointManager:
             _write_atomic(os.path.join(tmp, "trainer_state.json"), json.dumps(meta, indent=1))
         _barrier()
         if _rank() == 0:
+            replaced = None
             if os.path.isdir(final):  # a re-save of the same step (e.g. after a resume)
-                shutil.rmtree(final)
+                # Moved aside, not deleted first: ``latest`` may name it, and the new one takes
+                # its place with the next rename (a crash in between leaves the old one under a
+                # name the next save clears).
+                replaced = os.path.join(self.directory, ".tmp_iter_replaced_" + str(os.getpid()))
+                os.rename(final, replaced)
             os.rename(tmp, final)
             _write_atomic(os.path.join(self.directory, LATEST), step_dir_name(step) + "\n")
-            self._prune()
+            if replaced is not None:
+                shutil.rmtree(replaced, ignore_errors=True)
+            self._prune(step)
             logger.info("saved checkpoint %s", final)
         _barrier()
         return final
 
-    def _prune(self) -> None:
-        steps = sorted(name for name in os.listdir(self.directory) if _STEP_DIR.match(name))
-        for name in steps[:-self.keep_last]:
+    def _prune(self, saved_step: int) -> None:
+        """Keep the ``keep_last`` newest checkpoints up to the one just saved (which ``latest``
+        names). Checkpoints of later steps were left by another run in this directory (e.g. one
+        with ``checkpoint.resume=false``): they are not this run's to delete, and deleting by
+        name order would delete the new one instead."""
+        steps = sorted((int(m.group(1)), name) for name in os.listdir(self.directory)
+                       if (m := _STEP_DIR.match(name)))
+        later = [name for step, name in steps if step > saved_step]
+        if later:
+            logger.warning("%s holds checkpoints of later steps than this run's %d (%s): left "
+                           "in place; 'latest' names this run's", self.directory, saved_step,
+                           ", ".join(later))
+        mine = [name for step, name in steps if step <= saved_step]
+        for name in mine[:-self.keep_last]:
             shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
     def load(self, path: str, model_chunks: Sequence[torch.nn.Module], optimizer=None,
@@ -275,7 +293,15 @@ class CheckpointManager:
             scheduler.load_state_dict(meta["scheduler"])
         rank_file = os.path.join(path, "rank_state", f"rank_{_rank():05d}.json")
         rank_state: dict[str, Any] = {}
-        if os.path.isfile(rank_file):
+        world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() \
+            else 1
+        if meta.get("world_size", world_size) != world_size:
+            # Per-rank state (RNG streams, data position) belongs to a layout that is gone: every
+            # rank starts it afresh, the same way, instead of some ranks restoring theirs.
+            if _rank() == 0:
+                logger.warning("%s was saved by %s ranks, resumed on %d: RNG streams and data "
+                               "positions start afresh", path, meta.get("world_size"), world_size)
+        elif os.path.isfile(rank_file):
             with open(rank_file) as f:
                 rank_state = json.load(f)
             if restore_rng:

@@ -16,6 +16,9 @@ import torch
 logger = logging.getLogger(__name__)
 
 EXIT_REQUEUE = 75
+# Preempted with nowhere to save (no checkpoint.dir): what a shell reports for a SIGTERM'd
+# process, so that slurm/common.sh (which requeues 75 only) does not restart the run from zero.
+EXIT_STOPPED_UNSAVED = 143
 
 
 class PreemptionHandler:

@@ -385,12 +385,15 @@ class Trainer:
             trainer_state={"config": config_to_dict(self.cfg)},
             rank_state={"reader": self.train_reader.state_dict()})
 
-    def train(self) -> int:
-        """Run to ``train.steps``; returns the process exit status (75 = preempted, requeue)."""
-        from megatron_ease.training.preemption import EXIT_REQUEUE
-
+    def train(self, preemption: Optional[PreemptionHandler] = None) -> int:
+        """Run to ``train.steps``; returns the process exit status: 0 when done, 75 when
+        preempted and saved (slurm/common.sh requeues), ``EXIT_STOPPED_UNSAVED`` when preempted
+        with no ``checkpoint.dir`` (a requeue would start from scratch). ``preemption``: a
+        handler installed by the caller before the trainer was built (``run``), else one is
+        installed here."""
         cfg = self.cfg
-        preemption = PreemptionHandler()
+        own_handler = preemption is None
+        preemption = preemption or PreemptionHandler()
         try:
             if self.step == 0 and cfg.train.warm_start_steps > 0 and not cfg.model.init_from:
                 self.warm_start()
@@ -401,26 +404,46 @@ class Trainer:
                 if cfg.eval.interval and self.step % cfg.eval.interval == 0:
                     self.metrics.log(self.step, self.evaluate(), cfg.train.steps, prefix="eval")
                 stop = preemption.should_stop()
+                if stop and self.step >= cfg.train.steps:
+                    break  # the run is complete: finish as usual, nothing to requeue
                 if stop or (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0):
                     self.save()
                 if stop:
-                    if self.is_logging_rank:
-                        print(f"preempted: saved step {self.step}, exiting {EXIT_REQUEUE}",
-                              flush=True)
-                    return EXIT_REQUEUE
+                    return self._preempted()
             if self.checkpoints is not None and (
                     self.checkpoints.latest() is None
                     or not self.checkpoints.latest().endswith(f"{self.step:07d}")):
                 self.save()
             return 0
         finally:
-            preemption.restore()
+            if own_handler:
+                preemption.restore()
+
+    def _preempted(self) -> int:
+        from megatron_ease.training.preemption import EXIT_REQUEUE, EXIT_STOPPED_UNSAVED
+
+        if self.checkpoints is None:
+            message = (f"preempted at step {self.step}: checkpoint.dir is not set, nothing "
+                       f"saved; exiting {EXIT_STOPPED_UNSAVED} (not requeued)")
+            status = EXIT_STOPPED_UNSAVED
+        else:
+            message = f"preempted: saved step {self.step}, exiting {EXIT_REQUEUE}"
+            status = EXIT_REQUEUE
+        if self.is_logging_rank:
+            print(message, flush=True)
+        return status
 
 
 def run(cfg: Config) -> int:
-    os.makedirs(cfg.logging.run_dir, exist_ok=True)
-    trainer = Trainer(cfg)
+    # Installed before the trainer is built: a signal while the model and checkpoint load is
+    # kept for the first step boundary instead of killing the job before it can save.
+    preemption = PreemptionHandler()
     try:
-        return trainer.train()
+        os.makedirs(cfg.logging.run_dir, exist_ok=True)
+        trainer = Trainer(cfg)
+        try:
+            return trainer.train(preemption)
+        finally:
+            trainer.metrics.close()
     finally:
-        trainer.metrics.close()
+        preemption.restore()

@@ -106,6 +106,52 @@ def test_interrupted_save_is_never_latest_and_old_ones_are_pruned(tmp_path):
     assert resolve_checkpoint_dir(directory).endswith("iter_0000003")
 
 
+def _save_steps(directory: str, steps, keep_last: int):
+    ddp, opt, sched = _train_objects()
+    manager = CheckpointManager(directory, keep_last=keep_last)
+    for step in steps:
+        manager.save(step, [ddp], opt, sched)
+    return sorted(os.listdir(directory)), manager.latest()
+
+
+def test_save_below_older_runs_checkpoints_keeps_the_new_one(tmp_path):
+    """A run that starts afresh (``checkpoint.resume=false``) in a directory holding a previous
+    run's later steps: pruning by name order used to delete the checkpoint just saved, leaving
+    ``latest`` naming nothing. The new one stays; the later ones are not this run's to delete."""
+    directory = str(tmp_path / "ckpt")
+    run_distributed(_save_steps, directory, (40, 50), 2)
+    listing, latest = run_distributed(_save_steps, directory, (10, 20, 30), 2)[0]
+    assert latest.endswith("iter_0000030")
+    assert listing == ["iter_0000020", "iter_0000030", "iter_0000040", "iter_0000050", "latest"]
+
+
+def test_saving_the_same_step_again_keeps_latest_valid(tmp_path):
+    directory = str(tmp_path / "ckpt")
+    listing, latest = run_distributed(_save_steps, directory, (1, 2, 2), 1)[0]
+    assert listing == ["iter_0000002", "latest"] and latest.endswith("iter_0000002")
+
+
+def _resume_from(path: str):
+    ddp, opt, sched = _train_objects()
+    step, _, rank_state = CheckpointManager(os.path.dirname(path)).load(path, [ddp], opt, sched)
+    return step, sorted(rank_state)
+
+
+def test_resume_at_another_world_size_starts_rank_state_afresh_on_every_rank(tmp_path):
+    """Per-rank state (RNG, data position) saved by another number of ranks is skipped by all
+    ranks alike; before, ranks with a file restored theirs (and the reader refused its foreign
+    layout) while the others went on, and the job hung in its next collective."""
+    directory = str(tmp_path / "ckpt")
+    run_distributed(_save_steps, directory, (3,), 1)
+    path = latest_checkpoint(directory)
+    assert [r[1] for r in run_distributed(_resume_from, path)] == [["rng"], ["rng"]]
+    meta_path = os.path.join(path, "trainer_state.json")
+    meta = json.loads(open(meta_path).read())
+    meta["world_size"] = 4  # as if written by a 4-rank job of the same parallel layout
+    open(meta_path, "w").write(json.dumps(meta))
+    assert run_distributed(_resume_from, path) == [(3, []), (3, [])]
+
+
 def test_latest_pointing_nowhere_is_a_clear_error(tmp_path):
     (tmp_path / "latest").write_text("iter_0000009\n")
     with pytest.raises(RuntimeError, match="iter_0000009"):

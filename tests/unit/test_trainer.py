@@ -309,6 +309,33 @@ def test_sigterm_saves_exits_75_and_the_next_run_resumes(dataset, tmp_path):
     assert sorted(_metrics(run_dir))[-1] == step + 1
 
 
+def test_sigterm_without_checkpoint_dir_says_nothing_was_saved_and_is_not_requeued(dataset,
+                                                                                   tmp_path):
+    run_dir = str(tmp_path / "run")
+    proc = _launch(_overrides(dataset, run_dir, 50, "checkpoint.dir=null"))
+    _wait_for(lambda: os.path.isfile(os.path.join(run_dir, "metrics.jsonl"))
+              and os.path.getsize(os.path.join(run_dir, "metrics.jsonl")) > 0, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 143, out  # slurm/common.sh requeues 75 only
+    assert "checkpoint.dir is not set, nothing saved" in out and "saved step" not in out
+
+
+def test_signal_while_the_model_loads_is_kept_and_a_run_at_its_last_step_ends_normally(
+        dataset, tmp_path):
+    """SIGTERM before the first step (the handler is installed before the model is built, so it
+    is not fatal) with ``train.steps=1``: the one step runs, the run is complete, so it saves and
+    exits 0 instead of asking for a requeue that would only load and exit."""
+    run_dir = str(tmp_path / "run")
+    proc = _launch(_overrides(dataset, run_dir, 1))
+    _wait_for(lambda: os.path.isdir(run_dir), proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "preempted" not in out and _latest(run_dir) == "iter_0000001"
+    assert sorted(_metrics(run_dir)) == [1]
+
+
 def _bf16_run(overrides):
     import torch
 

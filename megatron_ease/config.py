@@ -72,6 +72,9 @@ class ModelConfig:
     vision_start_token_id: int = 249
     vision_end_token_id: int = 250
     eos_token_id: int = 248
+    # More ids that end a rollout (HF generation_config's other eos ids: Qwen-VL Instruct also
+    # stops at <|endoftext|>, 151643, which is its pad token too).
+    stop_token_ids: list[int] = field(default_factory=list)
     pad_token_id: int = 0
     vision: VisionConfig = field(default_factory=VisionConfig)
     freeze_vision: bool = False
@@ -369,6 +372,10 @@ def validate_config(cfg: Config, world_size: int = 1) -> None:
           f"dapo.overlong_buffer_length ({d.overlong_buffer_length}) must be in "
           f"[0, dapo.max_response_length ({d.max_response_length}))")
     check(d.max_gen_batches >= 0, f"dapo.max_gen_batches must be >= 0, got {d.max_gen_batches}")
+    # Greedy rollouts (T = 0) make all G samples of a prompt equal: no group is ever mixed.
+    check(d.temperature > 0, f"dapo.temperature must be > 0 (DAPO samples G different "
+                             f"rollouts per prompt), got {d.temperature}")
+    check(0 < d.top_p <= 1, f"dapo.top_p must be in (0, 1], got {d.top_p}")
     check(t.prompts_per_step % dp == 0,
           f"train.prompts_per_step ({t.prompts_per_step}) must be divisible by the data-parallel "
           f"size ({dp}): a prompt group never straddles ranks")

@@ -63,7 +63,7 @@ class Trainer:
         if self.pad_id is None:
             raise ValueError(f"data.tokenizer {cfg.data.tokenizer} has no pad token")
         self.image_token_id = cfg.model.image_token_id
-        self.stop_ids = [cfg.model.eos_token_id]
+        self.stop_ids = [cfg.model.eos_token_id, *cfg.model.stop_token_ids]
 
         self.model = builders.build_model(cfg)
         self.ddp = builders.wrap_ddp(cfg, self.model)

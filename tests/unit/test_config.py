@@ -74,6 +74,9 @@ def test_missing_config_file():
     (["parallel.context_parallel_size=2"], 2, r"context_parallel_size > 1 is not supported"),
     (["ease.divergence=js"], 1, r"ease.divergence"),
     (["ease.slice_impl=cuda"], 1, r"ease.slice_impl must be torch, triton or auto"),
+    (["dapo.temperature=0"], 1, r"dapo.temperature must be > 0"),
+    (["dapo.top_p=0"], 1, r"dapo.top_p must be in \(0, 1\]"),
+    (["dapo.top_p=1.5"], 1, r"dapo.top_p must be in \(0, 1\]"),
 ])
 def test_invalid_configs_fail_naming_the_field(overrides, world, match):
     with pytest.raises(ConfigError, match=match):

@@ -356,9 +356,11 @@ def validate_config(cfg: Config, world_size: int = 1) -> None:
               f"parallel.first_pipeline_stage_layers ({p.first_pipeline_stage_layers}) must leave "
               f"model.num_layers - it ({rest}) divisible by the other "
               f"{pp - 1} pipeline stages")
-    if p.virtual_pipeline_model_parallel_size is not None:
-        check(pp > 1, "parallel.virtual_pipeline_model_parallel_size needs "
-                      "parallel.pipeline_model_parallel_size > 1")
+    # The trainer builds, updates, generates with and checkpoints one model chunk per stage;
+    # megatron-core's interleaved schedule would expect one per virtual stage.
+    check(p.virtual_pipeline_model_parallel_size is None,
+          "parallel.virtual_pipeline_model_parallel_size (interleaved pipeline) is not supported "
+          "by the trainer yet: leave it unset (null)")
     check(world_size % (tp * pp * cp) == 0,
           f"world size {world_size} is not divisible by parallel.tensor_model_parallel_size ({tp})"
           f" x parallel.pipeline_model_parallel_size ({pp}) x parallel.context_parallel_size ({cp})")

@@ -75,6 +75,9 @@ def test_missing_config_file():
     (["ease.divergence=js"], 1, r"ease.divergence"),
     (["ease.slice_impl=cuda"], 1, r"ease.slice_impl must be torch, triton or auto"),
     (["dapo.temperature=0"], 1, r"dapo.temperature must be > 0"),
+    (["parallel.pipeline_model_parallel_size=2",
+      "parallel.virtual_pipeline_model_parallel_size=2"], 2,
+     r"parallel.virtual_pipeline_model_parallel_size .* not supported"),
     (["dapo.top_p=0"], 1, r"dapo.top_p must be in \(0, 1\]"),
     (["dapo.top_p=1.5"], 1, r"dapo.top_p must be in \(0, 1\]"),
 ])

@@ -37,7 +37,8 @@ def _fmt(value) -> str:
 class MetricsLogger:
     def __init__(self, run_dir: str, config: Optional[dict] = None, use_wandb: bool = False,
                  wandb_project: str = "megatron_ease", wandb_mode: Optional[str] = None,
-                 tensorboard: bool = False, enabled: bool = True, stream=None):
+                 tensorboard: bool = False, enabled: bool = True, stream=None,
+                 resumed_at: Optional[int] = None):
         self.enabled = enabled
         self.stream = stream or sys.stdout
         self._wandb = None
@@ -47,6 +48,8 @@ class MetricsLogger:
             return
         os.makedirs(run_dir, exist_ok=True)
         self.jsonl_path = os.path.join(run_dir, "metrics.jsonl")
+        if resumed_at is not None:
+            _drop_records_after(self.jsonl_path, resumed_at)
         self._jsonl = open(self.jsonl_path, "a")
         if use_wandb:
             self._wandb = _start_wandb(run_dir, config, wandb_project, wandb_mode)
@@ -96,6 +99,32 @@ class MetricsLogger:
             self._wandb.finish()
         if self._tb is not None:
             self._tb.close()
+
+
+def _drop_records_after(path: str, step: int) -> None:
+    """A run resumed at ``step``: the RL records (train, eval) of later steps came from work
+    the checkpoint does not hold (a crash after it), and the resumed run logs those steps again.
+    Dropped so that every step has one record; the warm start's records stay."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by the crash
+            continue
+        if record.get("split") == "warm_start" or record.get("step", 0) <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if len(kept) == len(lines):
+        return
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+    logger.info("%s: dropped %d records of steps after %d (resumed there)", path,
+                len(lines) - len(kept), step)
 
 
 def _start_wandb(run_dir: str, config: Optional[dict], project: str, mode: Optional[str]):

@@ -86,7 +86,8 @@ class Trainer:
         self.metrics = MetricsLogger(
             cfg.logging.run_dir, config_to_dict(cfg), use_wandb=cfg.logging.wandb,
             wandb_project=cfg.logging.wandb_project, wandb_mode=cfg.logging.wandb_mode,
-            tensorboard=cfg.logging.tensorboard, enabled=self.is_logging_rank)
+            tensorboard=cfg.logging.tensorboard, enabled=self.is_logging_rank,
+            resumed_at=self.step if self.step > 0 else None)
 
     # -- start-up ------------------------------------------------------------------------------
 

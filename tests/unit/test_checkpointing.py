@@ -179,6 +179,23 @@ def test_metrics_logger_writes_jsonl_and_console(tmp_path, capsys):
     assert record["step"] == 3 and record["ease_loss"] == 0.25 and record["kept_groups"] == 4
 
 
+def test_resumed_metrics_log_drops_records_of_steps_after_the_checkpoint(tmp_path):
+    """Killed after logging steps 3-4 with the checkpoint at 2: the resumed run logs 3-4 again,
+    so the old ones (and a line cut by the kill) go; the warm start's records stay."""
+    path = tmp_path / "metrics.jsonl"
+    records = [{"step": s, "split": "warm_start"} for s in (1, 2, 3)]
+    records += [{"step": s, "split": "train", "reward": s} for s in (1, 2, 3, 4)]
+    records += [{"step": s, "split": "eval"} for s in (2, 4)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 5, "spl')
+    MetricsLogger(str(tmp_path), resumed_at=2, use_wandb=False).close()
+    kept = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["split"], r["step"]) for r in kept] == [
+        ("warm_start", 1), ("warm_start", 2), ("warm_start", 3), ("train", 1), ("train", 2),
+        ("eval", 2)]
+    MetricsLogger(str(tmp_path), use_wandb=False).close()  # a fresh start keeps everything
+    assert len(path.read_text().splitlines()) == 6
+
+
 def test_wandb_gives_each_metric_prefix_its_own_step_axis(tmp_path, monkeypatch):
     """The warm start logs steps 1..W, then RL logs steps 1..N: with one shared wandb step, wandb
     drops every log below its current step (the first W RL steps). Each prefix gets its own

@@ -286,6 +286,9 @@ def test_kill_9_then_resume_reproduces_an_uninterrupted_run(dataset, tmp_path):
     assert "resumed from" in out and "at step 2" in out, out
     a, b = _metrics(full_dir), _metrics(cut_dir)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    with open(os.path.join(cut_dir, "metrics.jsonl")) as f:  # once each, though logged twice
+        train_steps = [r["step"] for r in map(json.loads, f) if r["split"] == "train"]
+    assert train_steps == [1, 2, 3, 4]
     for step in (3, 4):
         for name in COMPARED:
             assert a[step][name] == b[step][name], (step, name, a[step][name], b[step][name])

@@ -92,8 +92,11 @@ def expand_hostlist(hostlist: str) -> list[str]:
     return hosts
 
 
-def port_from_job_id(job_id: str | int, base: int = 20000, span: int = 20000) -> int:
-    """A master port every task of a Slurm job derives alike, different for concurrent jobs."""
+def port_from_job_id(job_id: str | int, base: int = 12000, span: int = 20000) -> int:
+    """A master port every task of a Slurm job derives alike, different for concurrent jobs.
+
+    12000-31999: below Linux's default ephemeral range (32768-60999), where outgoing
+    connections of any process on the master node could already hold the port."""
     return base + int(job_id) % span
 
 

@@ -83,7 +83,7 @@ launch_training() {
   # Rendezvous: the first host of the allocation and a port every task derives alike from the
   # job id (the formula of megatron_ease.distributed.port_from_job_id, which reads these first).
   MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-  MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
+  MASTER_PORT=$((12000 + SLURM_JOB_ID % 20000))
   export MASTER_ADDR MASTER_PORT
   export PYTHONUNBUFFERED=1
   # torchrun's default: ranks share the node's cores; data loader workers are processes anyway.

@@ -43,6 +43,8 @@ def test_slurm_env_mapping_first_host_is_master_and_port_from_job_id():
     assert launch.launcher == "slurm"
     # Every task of the job derives the same port; another job gets another.
     assert port_from_job_id("123456") == port_from_job_id(123456) != port_from_job_id("123457")
+    # never in Linux's default ephemeral range (32768-60999), whatever the job id
+    assert all(1024 < port_from_job_id(j) < 32768 for j in (0, 19999, 20000, 12345678))
     assert 1024 < launch.master_port < 65536
 
 

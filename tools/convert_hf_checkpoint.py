@@ -29,13 +29,18 @@ config, tokenizer) is copied to the output.
 
 Memory, measured on a 1.4B-parameter model (2.9 GB bf16): hf-to-megatron peaks at the model
 + 1.0 GB of anonymous memory (plus reclaimable page cache of the mapped safetensors),
-megatron-to-hf at 4.4 GB. For Qwen2.5-VL-7B that extrapolates to ~19 GB and ~14 GB, for
-Qwen3-VL-8B (8.8B parameters, 17.5 GB bf16) to ~20 GB and ~14 GB: inside a 24 GiB node.
+megatron-to-hf at 4.4 GB. On top of that, megatron-core's checkpoint writer clones every
+non-contiguous view before it writes, and each layer's FC1 is saved as two views (gate, up):
+a copy of all FC1 weights is alive during the save (measured on tiny models: exactly their
+size). For Qwen2.5-VL-7B that gives ~25 GB for hf-to-megatron and ~14 GB for megatron-to-hf,
+for Qwen3-VL-8B (8.8B parameters, 17.5 GB bf16) ~25 GB and ~14 GB: use a node with 32 GiB.
 
 ``--verify`` runs HF and the converted checkpoint in fp32 on a probe (text + one image, built
 from the config's special token ids; no tokenizer needed) and prints ``max_abs_logit_diff=<x>``
 as the last line of stdout; the exit status is 1 above 1e-4. It needs memory for the fp32 model,
-one at a time (4 bytes x parameters). Progress bars and logs go to stderr.
+one at a time (4 bytes x parameters), plus an fp32 copy of the FC1 weights while the converted
+checkpoint loads (~1.45x the fp32 model: ~48 GB for 7B, ~50 GB for 8B). Progress bars and logs
+go to stderr.
 
 The model family comes from ``config.json``'s ``model_type``; an unsupported one is refused.
 Runs on CPU in one process (GPUs are hidden: the work is I/O, and it keeps one code path).
@@ -108,8 +113,10 @@ def _build(model_cfg, dtype):
     from megatron_ease.config import ParallelConfig
     from megatron_ease.models.qwen_vl import build_qwen_vl_model
 
+    # Local layer spec whatever is installed: TransformerEngine's layers need CUDA, which this
+    # tool hides; the checkpoint names are the same for both specs.
     return build_qwen_vl_model(model_cfg, ParallelConfig(), params_dtype=dtype,
-                               perform_initialization=False)
+                               perform_initialization=False, use_te=False)
 
 
 def _require_empty(path: str, what: str) -> None:
@@ -153,9 +160,10 @@ def _conversion_record(ckpt_dir: str, ckpt_arg: str) -> dict:
 
 def _copy_config_files(hf_config_dir: str, out: str) -> None:
     for entry in sorted(os.listdir(hf_config_dir)):
-        src = os.path.join(hf_config_dir, entry)
-        if os.path.isfile(src) and not entry.endswith(_WEIGHT_SUFFIXES):
-            shutil.copy2(src, os.path.join(out, entry))
+        src, dst = os.path.join(hf_config_dir, entry), os.path.join(out, entry)
+        if os.path.isfile(src) and not entry.endswith(_WEIGHT_SUFFIXES) and not (
+                os.path.exists(dst) and os.path.samefile(src, dst)):  # --out = --hf-config
+            shutil.copy2(src, dst)
 
 
 def megatron_to_hf(ckpt: str, hf_config_dir: str, out: str) -> None:
@@ -186,7 +194,9 @@ def megatron_to_hf(ckpt: str, hf_config_dir: str, out: str) -> None:
                     canonical_parameters(_build(model_cfg, torch.float32)).items()}
     reader.check_fits(expected)
     names = reader.ordered(expected)
-    config_dtype = getattr(hf_config, "dtype", None)
+    # Qwen3-VL's published configs give the dtype in text_config only.
+    config_dtype = getattr(hf_config, "dtype", None) or getattr(
+        getattr(hf_config, "text_config", None), "dtype", None)
     export = dict(table=table, layout=attention_layout(model_cfg),
                   naming=record.get("naming", table.default_naming), dtypes=record.get("dtypes"),
                   default_dtype=config_dtype if isinstance(config_dtype, torch.dtype) else None,

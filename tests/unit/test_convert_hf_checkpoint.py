@@ -84,6 +84,56 @@ def test_megatron_to_hf_reads_trainer_layout_with_config_only_dir(converted):
         (config_only / "config.json").read_text())
 
 
+def test_megatron_to_hf_into_the_hf_config_dir_itself(converted):
+    """--out = --hf-config (config and tokenizer files already there): weights are added, the
+    config files stay (copying them onto themselves used to raise SameFileError)."""
+    both = converted["root"] / "config_and_out"
+    both.mkdir()
+    shutil.copy(Path(converted["hf_dir"]) / "config.json", both)
+    result = convert("megatron-to-hf", "--ckpt", converted["ckpt"], "--hf-config", str(both),
+                     "--out", str(both))
+    assert result.returncode == 0, result.stderr[-3000:]
+    original, back = read_safetensors(converted["hf_dir"]), read_safetensors(both)
+    assert all(torch.equal(back[k], v) for k, v in original.items())
+
+
+def test_checkpoint_dir_that_is_also_a_run_directory_is_ambiguous(converted, tmp_path):
+    """A converted checkpoint later used as a run's checkpoint.dir holds both its own weights
+    and 'latest': exporting it must not silently pick the untrained top level."""
+    from megatron_ease.models.qwen_vl.checkpoint import resolve_checkpoint_dir
+
+    both = tmp_path / "both"
+    shutil.copytree(converted["ckpt"], both)
+    (both / "latest").write_text("iter_0000003\n")
+    with pytest.raises(ValueError, match="also has latest"):
+        resolve_checkpoint_dir(str(both))
+
+
+def test_hf_tensors_drops_each_input_before_asking_for_the_next():
+    """Streamed export: an input (a view into a loaded batch of stacked layers) must be released
+    before the next one is produced, or two batches are alive at once."""
+    import gc
+    import weakref
+
+    from megatron_ease.models.qwen_vl import hf_tensors
+    from megatron_ease.models.qwen_vl.param_mapping import AttentionLayout
+
+    name = "language_model.decoder.layers.0.mlp.linear_fc1.weight"
+    previous = []
+
+    def source():
+        for _ in range(3):
+            gc.collect()
+            assert all(ref() is None for ref in previous), "the previous input is still alive"
+            batch = torch.randn(2, 8, 4)  # a stacked batch; the input is a view into it
+            previous.append(weakref.ref(batch))
+            yield name, batch[0]
+            del batch
+
+    out = list(hf_tensors(source(), QWEN2_5_VL, AttentionLayout(2, 1, 2)))
+    assert len(out) == 6 and all(t.shape == (4, 4) for _, t in out)
+
+
 def _corrupt(src: str, dst: Path, how: str) -> str:
     shutil.copytree(src, dst)
     path = dst / "model.safetensors"

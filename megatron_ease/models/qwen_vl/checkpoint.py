@@ -38,6 +38,12 @@ def is_dist_checkpoint(path: str) -> bool:
 def resolve_checkpoint_dir(path: str) -> str:
     """The distributed-checkpoint directory that ``path`` is or points to (see module doc)."""
     if is_dist_checkpoint(path):
+        markers = [name for name in LATEST_FILES if os.path.isfile(os.path.join(path, name))]
+        if markers:
+            # E.g. a converted checkpoint also used as a run's checkpoint.dir: which one is
+            # meant cannot be guessed, and taking the top level would export the untrained one.
+            raise ValueError(f"{path} is a distributed checkpoint and also has {markers[0]} "
+                             f"pointing to a step directory; pass one of them explicitly")
         return path
     for name in LATEST_FILES:
         marker = os.path.join(path, name)

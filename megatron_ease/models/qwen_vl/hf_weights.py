@@ -233,12 +233,17 @@ def hf_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]], table: HFWeigh
 
     for name, tensor in named_tensors:
         mapping, hf_names = table.resolve(name, naming)
+        outputs, part = [], None
         for role, part in mapping.to_hf(tensor.detach(), layout).items():
             hf_name = hf_names[role]
-            yield hf_name, cast(hf_name, part)
-            for copy, source in (tied_copies or {}).items():
-                if source == hf_name:
-                    yield copy, cast(copy, part)
+            outputs.append((hf_name, cast(hf_name, part)))
+            outputs += [(copy, cast(copy, part)) for copy, source in (tied_copies or {}).items()
+                        if source == hf_name]
+        # The input (and its parts) may be views into a streamed batch of stacked layers: drop
+        # them before the source loads its next batch, so that two batches are never alive.
+        del tensor, part
+        yield from outputs
+        del outputs
 
 
 def save_hf_weights(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str,

@@ -22,8 +22,11 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from megatron_ease.distributed import destroy_distributed, initialize_distributed, \
-        read_launch_env
+    from megatron_ease.distributed import (
+        destroy_distributed,
+        initialize_distributed,
+        read_launch_env,
+    )
 
     try:
         cfg = load_config(args.config, args.overrides)

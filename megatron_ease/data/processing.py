@@ -9,6 +9,7 @@ import torch
 
 from megatron_ease.data.image import ImageProcessingConfig, preprocess_image
 from megatron_ease.data.prompt import (
+    IMAGE_PAD,
     PromptConfig,
     QwenSpecialTokens,
     chat_prompt,
@@ -89,7 +90,16 @@ class SampleProcessor:
             raise SampleError("prompt_too_long", f"{len(prompt_ids)} tokens > max_prompt_tokens={self.max_prompt_tokens}", sample.shard, sample.key)
         input_ids = torch.from_numpy(prompt_ids)
         if self.append_answer:
-            answer_ids = self.tokenizer(sample.answer, add_special_tokens=False)["input_ids"] + [self.special.im_end]
+            answer_ids = self.tokenizer(sample.answer, add_special_tokens=False)["input_ids"]
+            # Special tokens are live here as in the prompt: an <|image_pad|> in the answer would
+            # be one more image position than the sample has image tokens (collate and the
+            # model's image scatter both depend on the count), so it gets the question's rule.
+            placeholders = answer_ids.count(self.special.image_pad)
+            if placeholders:
+                raise SampleError("special_token_in_text",
+                                  f"answer has {placeholders} {IMAGE_PAD} token(s); an appended "
+                                  "answer must hold no image placeholder", sample.shard, sample.key)
+            answer_ids = answer_ids + [self.special.im_end]
             input_ids = torch.cat([input_ids, torch.tensor(answer_ids, dtype=torch.int64)])
 
         images = [(size, rsize, cfg.cell, boxes, mask)

@@ -29,7 +29,6 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 import braceexpand
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from megatron_ease.data.collate import collate_evidence_batch
@@ -151,6 +150,12 @@ class EvidenceShardDataset(IterableDataset):
             if strict:
                 raise ValueError(f"unreadable shard: {error}")
             logger.error("unreadable shard (samples after the damage are lost): %s", error)
+        # Skips found while indexing: one per unreadable shard (how many samples the damage cost
+        # cannot be known). Every rank indexes every shard, so only rank 0 counts them: summed
+        # over ranks, each shard counts once. The loader starts its ``skipped`` from these.
+        self.index_skipped: Counter = Counter()
+        if self.index.errors and rank == 0:
+            self.index_skipped["unreadable_shard"] = len(self.index.errors)
         num_samples = len(self.index.entries)
         self.epoch_length = num_samples // world_size if even_ranks else len(range(rank, num_samples, world_size))
         if self.epoch_length == 0:
@@ -219,12 +224,23 @@ class EvidenceShardDataset(IterableDataset):
                 entry = self.index.entries[self.entry_index(position)]
                 shard = self.index.shards[entry.shard]
                 try:
-                    sample = self.processor(decode_sample(self.read_files(entry, handles), entry.key, shard))
+                    files = self.read_files(entry, handles)
+                    sample = self.processor(decode_sample(files, entry.key, shard))
                 except SampleError as error:
                     if not self.strict:
                         logger.warning("skipping %s", error)
                     yield position, None, error
                     continue
+                except Exception as e:
+                    # Validation turns every data problem into a SampleError; anything else is
+                    # a bug (or an I/O failure) and is raised, never skipped, naming the sample
+                    # so it can be reproduced from that one sample.
+                    where = f"{shard}: sample {entry.key!r} (stream position {position})"
+                    logger.error("error that is not a data error while reading %s: %s: %s",
+                                 where, type(e).__name__, e)
+                    if hasattr(e, "add_note"):  # Python >= 3.11
+                        e.add_note(f"while reading {where}")
+                    raise
                 yield position, sample, None
         finally:
             for handle in handles.values():
@@ -239,7 +255,7 @@ class EvidenceShardDataset(IterableDataset):
         special = self.processor.special
         batch: list[ProcessedSample] = []
         skipped: Counter = Counter()
-        position = -1
+        position = reported = -1  # last position read; last one reported to the loader
         consecutive_errors = 0  # an infinite stream over data with no valid sample must not spin
 
         def emit() -> dict[str, Any]:
@@ -266,9 +282,15 @@ class EvidenceShardDataset(IterableDataset):
             batch.append(sample)
             if len(batch) == self.batch_size:
                 yield emit()
-                batch, skipped = [], Counter()
+                batch, skipped, reported = [], Counter(), position
+        # The end of a finite pass. Its tail (a partial batch under drop_last, or samples that
+        # were all skipped) must still reach the loader as delivered, with its skip counts:
+        # otherwise the pass never counts as finished and the next iter() resumes in the tail.
         if batch and not self.drop_last:
             yield emit()
+        elif position > reported:
+            tail = {"worker": worker, "last_position": position, "skipped": dict(skipped)}
+            yield {"_stream": {**tail, "end_of_pass": True}}
 
 
 def _ignore_preemption_signals(worker_id: int) -> None:
@@ -285,7 +307,10 @@ class EvidenceDataLoader:
 
     state_dict() describes the batches this iterator has *returned*; prefetched batches are
     not counted, so loading it into a fresh loader continues exactly after the last batch the
-    trainer saw. Samples skipped as invalid are counted in ``skipped`` (also part of the state).
+    trainer saw. Samples skipped as invalid are counted in ``skipped`` (also part of the state),
+    each time they are read; unreadable shards once, on rank 0 (``dataset.index_skipped``).
+    A finite pass (``num_epochs``) that was iterated to its end is iterated again from the top
+    by the next iter(), with the same batches (under ``drop_last`` too).
     """
 
     def __init__(self, dataset: EvidenceShardDataset, num_workers: int = 0, prefetch_factor: Optional[int] = None, pin_memory: bool = False):
@@ -293,7 +318,7 @@ class EvidenceDataLoader:
         self.num_workers = num_workers
         self.prefetch_factor = prefetch_factor
         self.pin_memory = pin_memory
-        self.skipped: Counter = Counter()
+        self.skipped: Counter = Counter(dataset.index_skipped)
         self._start = StreamStart()
         self._delivered: dict[int, int] = {}  # logical worker -> first position not yet delivered
         self._last_worker: Optional[int] = None
@@ -321,10 +346,19 @@ class EvidenceDataLoader:
                 self._delivered[stream["worker"]] = stream["last_position"] + 1
                 self._last_worker = stream["worker"]
                 self.skipped.update(stream["skipped"])
+                if stream.get("end_of_pass"):
+                    continue  # a worker's tail was consumed without a batch to hand out
                 yield batch
         finally:
             # Stop the workers now, not whenever the iterator is garbage collected: an error or
-            # an early break otherwise leaves them (and their prefetched batches) alive.
+            # an early break otherwise leaves them (and their prefetched batches) alive. An
+            # exception raised through the iterator keeps it referenced from its traceback, so
+            # dropping our reference is not enough; and the workers ignore SIGTERM (preemption),
+            # so multiprocessing's exit handler could not terminate them either: the process
+            # would hang at exit instead of dying with the error.
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
             del batches
 
     def _current_start(self) -> StreamStart:

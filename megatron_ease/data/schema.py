@@ -32,7 +32,9 @@ MAX_ASPECT_RATIO = 200
 
 # Every reason a sample can be skipped for, as counted in reader and writer summaries.
 SKIP_REASONS = (
-    "bad_json",  # no json member, not UTF-8 JSON, or not an object
+    # no json member; not UTF-8 JSON (including JSON nested too deeply and integers over Python's
+    # 4300-digit limit); not an object; question/answer/choices text with lone surrogates
+    "bad_json",
     "missing_field",  # question or answer missing/empty/not a string or number
     "unknown_answer_type",
     "bad_choices",  # choice sample whose choices or answer letter do not fit together
@@ -43,12 +45,14 @@ SKIP_REASONS = (
     "malformed_evidence",  # evidence not a list of {"image": int, "box": [...]} objects
     "malformed_box",  # box not four finite numbers (NaN, inf, wrong length, strings)
     "evidence_image_missing",  # evidence or mask for an image index the sample lacks
-    "undecodable_mask",
+    "undecodable_mask",  # also a mask that is not 8- or 16-bit (a 32-bit integer 'I' image)
     "mask_size_mismatch",
     "prompt_too_long",  # reader only: over the configured token budget
-    "special_token_in_text",  # reader only: question text tokenises to an image placeholder
+    "special_token_in_text",  # reader only: question or appended answer holds an image placeholder
     "duplicate_member",  # reader only: the same extension twice under one key in a tar
-    "unreadable_shard",  # reader only: a tar that cannot be indexed to its end (counted per shard)
+    # reader only: a tar that cannot be indexed to its end; counted once per unreadable shard, by
+    # the rank-0 loader (the samples lost after the damage cannot be known)
+    "unreadable_shard",
 )
 
 _KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext
@@ -75,7 +79,9 @@ class EvidenceSample:
     answer_type: str
     choices: Optional[list[str]]
     boxes: list[list[list[float]]]  # per image: list of [x0, y0, x1, y1]
-    masks: list[Optional[np.ndarray]]  # per image: [H, W] integer array (value/255) or None
+    # per image, [H, W] or None: uint8 (value/255) for 8-bit masks, float32 weights in [0, 1] for
+    # 16-bit ones (value/65535); see _mask_array
+    masks: list[Optional[np.ndarray]]
     record: dict[str, Any] = field(default_factory=dict)  # the full JSON object (source, extras)
 
     @property
@@ -128,16 +134,16 @@ def decode_sample(files: Mapping[str, bytes], key: str, shard: str) -> EvidenceS
     for ext in files:
         if ext != MASK_EXTENSION and not ext.endswith("." + MASK_EXTENSION):
             continue
-        prefix = ext[: -len(MASK_EXTENSION) - 1]
-        if prefix and not prefix.isdigit():
+        index = _member_index(ext[: -len(MASK_EXTENSION) - 1])
+        if index is None:
             continue
-        index = int(prefix) if prefix else 0
         if index >= len(images):
-            raise fail("evidence_image_missing", f"mask member {ext!r} for image {index}, sample has {len(images)}")
+            detail = f"for image {_brief(index)}, sample has {len(images)}"
+            raise fail("evidence_image_missing", f"mask member {_brief(ext)} {detail}")
         mask_image = _open_image(files[ext], fail, "undecodable_mask", ext)
         if mask_image.size != images[index].size:
             raise fail("mask_size_mismatch", f"{ext} is {mask_image.size}, image {index} is {images[index].size}")
-        masks[index] = _mask_array(mask_image)
+        masks[index] = _mask_array(mask_image, fail, ext)
 
     return EvidenceSample(key, shard, images, question, answer, answer_type, choices, boxes, masks, record)
 
@@ -147,8 +153,10 @@ def _parse_json(raw: Optional[bytes], fail) -> dict:
         raise fail("bad_json", "no json member")
     try:
         record = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise fail("bad_json", str(e)) from None
+    except RecursionError:
+        raise fail("bad_json", "json member nests arrays/objects too deeply to parse") from None
+    except ValueError as e:  # UnicodeDecodeError, JSONDecodeError, ints over the 4300-digit limit
+        raise fail("bad_json", f"json member: {e}") from None
     if not isinstance(record, dict):
         raise fail("bad_json", f"top level is {type(record).__name__}, expected an object")
     return record
@@ -158,6 +166,7 @@ def _parse_qa(record: dict, fail) -> tuple[str, str, str, Optional[list[str]]]:
     question = record.get("question")
     if not isinstance(question, str) or not question.strip():
         raise fail("missing_field", "question missing or empty")
+    _check_text(question, "question", fail)
     answer = record.get("answer")
     if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
         raise fail("missing_field", f"answer missing or not a string/number: {answer!r}")
@@ -166,6 +175,7 @@ def _parse_qa(record: dict, fail) -> tuple[str, str, str, Optional[list[str]]]:
     answer = str(answer).strip()
     if not answer:
         raise fail("missing_field", "answer is empty")
+    _check_text(answer, "answer", fail)
     answer_type = record.get("answer_type")
     if answer_type not in ANSWER_TYPES:
         raise fail("unknown_answer_type", f"{answer_type!r} not in {ANSWER_TYPES}")
@@ -175,6 +185,8 @@ def _parse_qa(record: dict, fail) -> tuple[str, str, str, Optional[list[str]]]:
             raise fail("bad_choices", f"choices must be a list of non-empty strings, got {choices!r}")
         if len(choices) > 26:
             raise fail("bad_choices", f"{len(choices)} choices; at most 26 (letters A-Z)")
+        for i, choice in enumerate(choices):
+            _check_text(choice, f"choices[{i}]", fail)
     if answer_type == "choice":
         if not choices or len(choices) < 2:
             raise fail("bad_choices", "a choice sample needs at least two choices")
@@ -192,18 +204,48 @@ def _indexed_members(files: Mapping[str, bytes], extensions, fail) -> list[str]:
         prefix, _, suffix = ext.rpartition(".")
         if suffix not in extensions or prefix == "mask" or prefix.endswith(".mask"):
             continue
-        if prefix == "":
-            index = 0
-        elif prefix.isdigit():
-            index = int(prefix)
-        else:
+        index = _member_index(prefix)
+        if index is None:
             continue
         if index in indexed:
-            raise fail("bad_image_names", f"image {index} given twice: {indexed[index]!r} and {ext!r}")
+            names = f"{_brief(indexed[index])} and {_brief(ext)}"
+            raise fail("bad_image_names", f"image {_brief(index)} given twice: {names}")
         indexed[index] = ext
     if sorted(indexed) != list(range(len(indexed))):
-        raise fail("bad_image_names", f"image indices {sorted(indexed)} are not 0..{len(indexed) - 1}")
+        indices = ", ".join(_brief(i) for i in sorted(indexed))
+        raise fail("bad_image_names", f"image indices [{indices}] are not 0..{len(indexed) - 1}")
     return [indexed[i] for i in range(len(indexed))]
+
+
+def _member_index(prefix: str) -> Optional[int]:
+    """Image index of a member extension's prefix: '' -> 0, '12' -> 12; None when the prefix is
+    not ASCII digits (not an indexed member: str.isdigit also accepts '²', which int() refuses).
+
+    A digit string too long for int() (Python's 4300-digit limit) is an index past any image,
+    which the callers reject like every other out-of-range index.
+    """
+    if prefix == "":
+        return 0
+    if not (prefix.isascii() and prefix.isdigit()):
+        return None
+    prefix = prefix.lstrip("0") or "0"
+    return int(prefix) if len(prefix) <= 100 else 10**100
+
+
+def _brief(value: Any) -> str:
+    """repr cut to a readable length for error messages (indices, names from corrupt data)."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}...({len(text)} characters)"
+
+
+def _check_text(text: str, name: str, fail) -> None:
+    """Text that gets tokenised must be valid Unicode: JSON's \\ud800-style escapes can decode
+    to lone surrogates, which the tokenizer cannot encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        detail = f"{name} is not valid Unicode text: {e.reason} at character {e.start}"
+        raise fail("bad_json", detail) from None
 
 
 def _open_image(raw: bytes, fail, reason: str, name: str) -> Image.Image:
@@ -220,20 +262,49 @@ def _open_image(raw: bytes, fail, reason: str, name: str) -> Image.Image:
     return image
 
 
-def _mask_array(mask: Image.Image) -> np.ndarray:
-    """Grayscale mask as an integer [H, W] array (value/255 is the weight, DESIGN §3)."""
-    if mask.mode in ("I", "I;16", "L"):
-        return np.asarray(mask).astype(np.int32 if mask.mode != "L" else np.uint8)
-    return np.asarray(mask.convert("L"))
+_MASK_16BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _mask_array(mask: Image.Image, fail, name: str) -> np.ndarray:
+    """A decoded mask as the [H, W] array the targets take (DESIGN §3), scaled by its bit depth.
+
+    8-bit (mode L, and every mode PIL converts to L: 1, P, LA, RGB, ...): the uint8 values,
+    weight = value/255 (the targets' integer rule), exactly as stored. 16-bit grayscale
+    (the I;16 modes, and mode I from a PNG: older Pillow versions open 16-bit PNGs as I):
+    float32 weights value/65535, so full scale is weight 1 as in 8 bits. A 32-bit integer image
+    (mode I from any other format) has no agreed full scale and is rejected (undecodable_mask),
+    as is a mode PIL cannot convert to grayscale.
+    """
+    if mask.mode == "L":
+        return np.asarray(mask).astype(np.uint8)
+    if mask.mode in _MASK_16BIT_MODES or (mask.mode == "I" and mask.format == "PNG"):
+        values = np.asarray(mask)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise fail("undecodable_mask", f"{name}: 16-bit mask with values outside [0, 65535]")
+        return values.astype(np.float32) / np.float32(65535)
+    if mask.mode == "I":
+        raise fail("undecodable_mask", f"{name}: 32-bit integer mask (mode I) has no defined full "
+                   "scale; store masks as 8-bit (value/255) or 16-bit (value/65535) grayscale PNG")
+    try:
+        return np.asarray(mask.convert("L"))
+    except (ValueError, OSError) as e:  # modes PIL cannot convert (e.g. LAB)
+        detail = f"{name}: mode {mask.mode} cannot be read as grayscale: {e}"
+        raise fail("undecodable_mask", detail) from None
 
 
 def check_box(box: Any) -> Optional[str]:
     """Why ``box`` is not four finite numbers, or None when it is (same rule as the targets)."""
     if not isinstance(box, (list, tuple)) or len(box) != 4:
-        return f"box {box!r} is not a list of four numbers"
+        return f"box {_brief(box)} is not a list of four numbers"
     for v in box:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            return f"box {box!r} is not four finite numbers"
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return f"box {_brief(box)} is not four finite numbers"
+        try:
+            finite = math.isfinite(v)
+        except OverflowError:  # an int beyond float range (JSON allows any number of digits)
+            finite = False
+        if not finite:
+            return f"box {_brief(box)} is not four finite numbers"
     return None
 
 

@@ -35,7 +35,13 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from megatron_ease.data.prompt import DEFAULT_INSTRUCTIONS, DEFAULT_SYSTEM_PROMPT, PromptConfig, chat_prompt, user_text
+from megatron_ease.data.prompt import (
+    DEFAULT_INSTRUCTIONS,
+    DEFAULT_SYSTEM_PROMPT,
+    PromptConfig,
+    chat_prompt,
+    user_text,
+)
 from megatron_ease.data.schema import choice_letter
 from megatron_ease.data.tokenizer import build_tiny_qwen_tokenizer
 from megatron_ease.data.writer import EvidenceShardWriter, sample_members

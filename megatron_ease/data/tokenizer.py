@@ -19,7 +19,14 @@ from typing import Iterable
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from megatron_ease.data.prompt import END_OF_TEXT, IM_END, IM_START, IMAGE_PAD, VISION_END, VISION_START
+from megatron_ease.data.prompt import (
+    END_OF_TEXT,
+    IM_END,
+    IM_START,
+    IMAGE_PAD,
+    VISION_END,
+    VISION_START,
+)
 
 # Qwen2's pre-tokenizer split (tokenizer.json of Qwen2/2.5/3-VL).
 QWEN_SPLIT_PATTERN = (

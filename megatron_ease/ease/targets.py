@@ -37,7 +37,9 @@ def evidence_token_target(
     image_size, resized_size: (W, H) and (W', H') in pixels; W', H' multiples of ``cell``.
     cell: patch_size · merge_size (28 for Qwen2.5-VL, 32 for Qwen3-VL).
     boxes: [x0, y0, x1, y1] in original pixels. mask: [H, W] or [H', W']; integer dtype means
-    value/255, float dtype (or bool) is a weight in [0, 1].
+    value/255, float dtype (or bool) is a weight in [0, 1]. Masks of more than 8 bits must come
+    as float weights (the shard reader turns 16-bit masks into value/65535): integer values
+    above 255 are clipped to weight 1 like any weight above 1.
     Returns float32 [h·w] (row-major) summing to 1, or None when the evidence covers nothing.
     """
     return evidence_token_targets([(image_size, resized_size, cell, boxes, mask)], sigma, alpha)
@@ -107,6 +109,9 @@ def _scaled_boxes(boxes: Optional[Sequence[Sequence[float]]], scale: tuple[float
             raise ValueError(f"box {box!r} is not four numbers [x0, y0, x1, y1]")
         try:
             values = [float(v) for v in box]
+        except OverflowError:  # an int beyond float range: not finite, same rule as inf
+            raise ValueError("box with an integer beyond float range is not four finite numbers "
+                             "[x0, y0, x1, y1]") from None
         except (TypeError, ValueError):
             raise ValueError(f"box {box!r} is not four numbers [x0, y0, x1, y1]") from None
         if any(isinstance(v, (bool, np.bool_)) for v in box) or not all(math.isfinite(v) for v in values):

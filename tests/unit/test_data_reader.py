@@ -13,13 +13,15 @@ import pytest
 import torch
 from PIL import Image
 
+from megatron_ease.data import reader
 from megatron_ease.data.image import ImageProcessingConfig
 from megatron_ease.data.processing import SampleProcessor
 from megatron_ease.data.reader import EvidenceDataLoader, EvidenceShardDataset, build_shard_index
-from megatron_ease.data.schema import SampleError
+from megatron_ease.data.schema import SampleError, _mask_array, decode_sample
 from megatron_ease.data.synthetic import SyntheticConfig, synthetic_corpus
 from megatron_ease.data.tokenizer import build_tiny_qwen_tokenizer
 from megatron_ease.data.writer import EvidenceShardWriter
+from megatron_ease.ease.targets import evidence_token_targets
 
 IMAGE_CONFIG = ImageProcessingConfig.for_family("qwen2_5_vl", min_pixels=56 * 56, max_pixels=28 * 28 * 16)
 
@@ -51,6 +53,23 @@ def members(rec, images=((".png", PNG),), masks=None):
     files.update({ext.lstrip("."): data for ext, data in images})
     files.update(masks or {})
     return files
+
+
+def deep_json():
+    nested = b"[" * 100_000 + b"]" * 100_000
+    return b'{"question": ' + nested + b', "answer": "yes", "answer_type": "yesno"}'
+
+
+def json_with_huge_int():  # more digits than Python's int() accepts (4300 by default)
+    return json.dumps(record(answer_type="number", answer="X")).replace('"X"', "1" * 5000).encode()
+
+
+# [56, 56] 16-bit mask: full scale on the left half, 1000/65535 on the right
+MASK_16BIT = np.where(np.arange(56)[None, :] < 28, 65535, 1000).repeat(56, 0).astype(np.uint16)
+
+
+def mask_member(image, fmt="PNG", name="mask.png"):
+    return {name: encode(image, fmt)}
 
 
 def write_tar(path, samples):
@@ -85,6 +104,22 @@ BAD = {  # key -> (members, expected skip reason)
     "image-gap": (members(record(), [("0.png", PNG), ("2.png", PNG)]), "bad_image_names"),
     "duplicate-member": ([("json", json.dumps(record()).encode()), ("png", PNG), ("png", PNG)], "duplicate_member"),
     "special-token": (members(record(question="What is <|image_pad|> here?")), "special_token_in_text"),
+    # Corrupt values that used to escape validation as other exception types and crash the reader.
+    "huge-int-box": (members(record(evidence=[{"image": 0, "box": [10**400, 0, 5, 5]}])),
+                     "malformed_box"),
+    "deep-json": (members(deep_json()), "bad_json"),
+    "int-over-digit-limit": (members(json_with_huge_int()), "bad_json"),
+    "lone-surrogate": (members(record(question="Is there a \ud800 square?")), "bad_json"),
+    "unicode-digit-index": (members(record(), [("\u00b2.png", PNG)]), "no_image"),  # '²'.isdigit()
+    "huge-image-index": (members(record(), [("0.png", PNG), ("9" * 5000 + ".png", PNG)]),
+                         "bad_image_names"),
+    "huge-mask-index": (members(record(), masks=mask_member(Image.new("L", (56, 56)),
+                                                            name="9" * 5000 + ".mask.png")),
+                        "evidence_image_missing"),
+    "int32-mask": (members(record(), masks=mask_member(Image.new("I", (56, 56), 7), "TIFF")),
+                   "undecodable_mask"),
+    "lab-mask": (members(record(), masks=mask_member(Image.new("LAB", (56, 56)), "TIFF")),
+                 "undecodable_mask"),
 }
 
 VALID_WITHOUT_TARGET = {
@@ -101,6 +136,7 @@ VALID_WITH_TARGET = {
     ),
     "choice-lowercase": members(record(answer_type="choice", choices=["red", "blue"], answer="b")),
     "number-answer": members(record(answer_type="number", answer=3)),
+    "mask-16bit": members(record(evidence=[]), masks=mask_member(Image.fromarray(MASK_16BIT))),
 }
 
 
@@ -187,6 +223,71 @@ def test_truncated_shard_keeps_the_samples_before_the_damage(tmp_path, tokenizer
     assert keys == [f"good-{i:03d}" for i in range(len(index.entries))]
     with pytest.raises(ValueError, match="unreadable shard"):
         make_dataset(str(tmp_path / "a.tar"), tokenizer, strict=True)
+
+
+def test_unreadable_shard_is_counted_once_by_rank_0(tmp_path, tokenizer):
+    write_tar(tmp_path / "a.tar", good_samples(6, "a"))
+    write_tar(tmp_path / "b.tar", good_samples(10, "b"))
+    data = (tmp_path / "b.tar").read_bytes()
+    (tmp_path / "b.tar").write_bytes(data[: len(data) // 2])
+    spec = str(tmp_path / "*.tar")
+    kwargs = dict(world_size=2, shuffle=False, num_epochs=1, even_ranks=False)
+    loaders = [EvidenceDataLoader(make_dataset(spec, tokenizer, rank=r, **kwargs))
+               for r in range(2)]
+    for loader in loaders:
+        collect(loader)
+        collect(loader)  # a second pass reads the same index: the shard is not counted again
+    assert loaders[0].skipped == Counter(unreadable_shard=1)  # summed over ranks: once per shard
+    assert loaders[1].skipped == Counter()
+    resumed = EvidenceDataLoader(make_dataset(spec, tokenizer, rank=0, **kwargs))
+    resumed.load_state_dict(json.loads(json.dumps(loaders[0].state_dict())))
+    assert resumed.skipped == Counter(unreadable_shard=1)  # kept by the checkpoint, not doubled
+
+
+def test_image_placeholder_in_appended_answer_is_skipped_and_counted(tmp_path, tokenizer):
+    samples = good_samples(3)
+    pad_answer = members(record(answer="a <|image_pad|> b", answer_type="text"))
+    samples.insert(1, ("pad-answer", pad_answer))
+    write_tar(tmp_path / "a.tar", samples)
+    shards = str(tmp_path / "a.tar")
+    kwargs = dict(batch_size=4, shuffle=False, num_epochs=1, append_answer=True)
+    loader = EvidenceDataLoader(make_dataset(shards, tokenizer, **kwargs))
+    keys, batches = collect(loader)
+    assert keys == [k for k, _ in good_samples(3)]
+    assert loader.skipped == Counter(special_token_in_text=1)
+    assert batches[0]["image_mask"].sum(1).tolist() == batches[0]["num_image_tokens"].tolist()
+    error = r"a\.tar: sample 'pad-answer': special_token_in_text: answer"
+    with pytest.raises(SampleError, match=error):
+        collect(EvidenceDataLoader(make_dataset(shards, tokenizer, strict=True, **kwargs)))
+    # Without an appended answer the text is never tokenised into the sequence: a valid sample.
+    kwargs["append_answer"] = False
+    keys, _ = collect(EvidenceDataLoader(make_dataset(shards, tokenizer, **kwargs)))
+    assert "pad-answer" in keys
+
+
+def test_16bit_mask_is_scaled_by_its_full_scale_and_8bit_mask_is_unchanged(tokenizer):
+    processor = SampleProcessor(tokenizer, IMAGE_CONFIG, sigma=0.0, alpha=0.0)
+    png16 = encode(Image.fromarray(MASK_16BIT))
+    sample = decode_sample(members(record(evidence=[]), masks={"mask.png": png16}), "m16", "s")
+    target = processor(sample).evidence_target.view(2, 2)  # 56x56: 2x2 tokens
+    left, right = target.sum(0).tolist()
+    assert left == pytest.approx(1 / (1 + 1000 / 65535), rel=1e-6)  # ~0.985, was 0.5
+    assert right == pytest.approx(1 - left, abs=1e-6)
+    weights = sample.masks[0]
+    assert weights.dtype == np.float32 and weights.shape == (56, 56)
+    np.testing.assert_array_equal(weights, MASK_16BIT.astype(np.float32) / np.float32(65535))
+    # Older Pillow opens 16-bit PNGs as mode I: the same scale.
+    as_i = Image.fromarray(MASK_16BIT.astype(np.int32))
+    as_i.format = "PNG"
+    np.testing.assert_array_equal(_mask_array(as_i, None, "mask.png"), weights)
+
+    raw8 = (MASK_16BIT // 257).astype(np.uint8)  # 255 left, 3 right
+    files8 = members(record(evidence=[]), masks=mask_member(Image.fromarray(raw8)))
+    sample8 = decode_sample(files8, "m8", "s")
+    assert sample8.masks[0].dtype == np.uint8
+    np.testing.assert_array_equal(sample8.masks[0], raw8)  # 8-bit: the stored values, value/255
+    want = evidence_token_targets([((56, 56), (56, 56), 28, [], raw8)], sigma=0.0, alpha=0.0)
+    assert torch.equal(processor(sample8).evidence_target, want)
 
 
 def test_writer_validates_with_the_reader_code(tmp_path):
@@ -334,3 +435,57 @@ def test_infinite_stream_over_only_bad_samples_raises_instead_of_spinning(tmp_pa
     write_tar(tmp_path / "bad.tar", [(f"b{i}", BAD["nan-box"][0]) for i in range(4)])
     with pytest.raises(ValueError, match="no valid sample in a whole epoch"):
         collect(EvidenceDataLoader(make_dataset(str(tmp_path / "bad.tar"), tokenizer)), max_batches=1)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_finite_pass_with_drop_last_repeats_the_same_full_batches(clean_shards, tokenizer,
+                                                                  num_workers):
+    shards, valid = clean_shards
+    dataset = make_dataset(shards, tokenizer, batch_size=4, shuffle=False, num_epochs=1,
+                           even_ranks=False, drop_last=True)
+    loader = EvidenceDataLoader(dataset, num_workers=num_workers)
+    passes = [collect(loader) for _ in range(3)]
+    keys = [k for k, _ in passes]
+    assert keys[0] == keys[1] == keys[2] and set(keys[0]) <= valid
+    assert all(len(b["keys"]) == 4 for _, batches in passes for b in batches)
+    assert 0 <= len(valid) - len(keys[0]) < 4 * max(num_workers, 1)  # a partial batch per worker
+    # both bad samples, counted in each of the three passes
+    assert loader.skipped == Counter(malformed_box=3, undecodable_image=3)
+
+
+def test_finite_pass_ending_in_skipped_samples_finishes_and_counts_them(tmp_path, tokenizer):
+    bad_tail = [("bad-x", BAD["nan-box"][0]), ("bad-y", BAD["bad-image"][0])]
+    write_tar(tmp_path / "a.tar", good_samples(4) + bad_tail)  # last full batch ends at good-003
+    dataset = make_dataset(str(tmp_path / "a.tar"), tokenizer, batch_size=2, shuffle=False,
+                           num_epochs=1)
+    loader = EvidenceDataLoader(dataset)
+    first, _ = collect(loader)
+    second, _ = collect(loader)
+    assert first == second == [k for k, _ in good_samples(4)]
+    assert loader.skipped == Counter(malformed_box=2, undecodable_image=2)
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_an_error_that_is_not_a_data_error_is_raised_naming_the_sample(
+        clean_shards, tokenizer, monkeypatch, caplog, num_workers):
+    shards, _ = clean_shards
+    real = reader.decode_sample
+
+    def buggy(files, key, shard):  # stands for a bug in our code, not in the data
+        if key == "good-003":
+            raise ZeroDivisionError("a bug")
+        return real(files, key, shard)
+
+    monkeypatch.setattr(reader, "decode_sample", buggy)
+    dataset = make_dataset(shards, tokenizer, shuffle=False, num_epochs=1)
+    loader = EvidenceDataLoader(dataset, num_workers=num_workers)
+    with caplog.at_level("ERROR", logger="megatron_ease.data.reader"):
+        with pytest.raises(ZeroDivisionError) as info:
+            collect(loader)
+    assert loader.skipped == Counter()  # never skipped as if it were bad data
+    text = "".join(getattr(info.value, "__notes__", [])) + str(info.value)
+    if num_workers == 0:
+        messages = [r.getMessage() for r in caplog.records]
+        assert any("'good-003'" in m and "s-000000.tar" in m for m in messages)
+    if hasattr(info.value, "add_note"):  # Python >= 3.11 (a worker's copy carries the note too)
+        assert "'good-003'" in text and "s-000000.tar" in text

@@ -8,7 +8,6 @@ import torch
 
 from megatron_ease.ease.targets import evidence_token_target, evidence_token_targets
 
-
 # ---------------------------------------------------------------- naive reference (float64)
 
 
@@ -223,6 +222,7 @@ def test_no_evidence_on_any_image_gives_none():
         "0 0 10 10",
         None,
         [0, 0, None, 10],
+        [10**400, 0, 10, 10],  # an int beyond float range (JSON allows it): not finite
     ],
 )
 def test_malformed_box_raises(box):

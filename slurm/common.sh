@@ -21,9 +21,12 @@
 #   MAX_REQUEUES       restarts after which a preempted job is not requeued again     (100)
 #   MEGATRON_EASE_ROOT the repo, when sbatch is not run from its root
 #
-# Preemption and resume. `#SBATCH --signal=USR1@300` has Slurm send USR1 to every task five
+# Preemption and resume. `#SBATCH --signal=USR1@900` has Slurm send USR1 to every task 15
 # minutes before the time limit; on USR1 or SIGTERM the trainer saves a checkpoint on all ranks
-# and exits 75 (EX_TEMPFAIL). srun returns the highest exit status of its tasks (128 + n for a
+# and exits 75 (EX_TEMPFAIL). It stops at the next step boundary, so the margin must hold the rest
+# of one RL step (rollouts included), an eval and the save at the model's size: raise it with
+# `sbatch --signal=USR1@<s>` if a step takes longer (a job that hits its limit first is not
+# requeued and loses the steps since its last periodic checkpoint). srun returns the highest exit status of its tasks (128 + n for a
 # task killed by signal n), so 75 means the ranks stopped to be resumed and none was killed by a
 # signal; the script then runs `scontrol requeue` (Slurm does not requeue a job that ended by
 # itself) and the next run resumes from checkpoint.dir's `latest`, the trainer's default.

@@ -18,7 +18,7 @@
 #SBATCH --time=24:00:00
 #SBATCH --output=slurm-%j.out
 #SBATCH --open-mode=append
-#SBATCH --signal=USR1@300
+#SBATCH --signal=USR1@900
 #SBATCH --requeue
 set -euo pipefail
 

@@ -142,7 +142,7 @@ def _submit_fake_preempt_job(tmp_path):
 
 
 def test_preempted_job_is_requeued_and_resumes(local_slurm, tmp_path):
-    # USR1 to the tasks, as `--signal=USR1@300` sends it before the time limit: every rank
+    # USR1 to the tasks, as `--signal=USR1@900` sends it before the time limit: every rank
     # "saves" and exits 75, the script requeues, the second run finds the checkpoint.
     state, proc, job_id = _submit_fake_preempt_job(tmp_path)
     subprocess.run(["scancel", "--signal=USR1", job_id], check=True)

@@ -1,6 +1,6 @@
 """A stand-in for the trainer's preemption contract, run by slurm/common.sh as ``ENTRY``.
 
-First run of the job: each rank marks itself ready, waits for USR1 (what ``--signal=USR1@300``
+First run of the job: each rank marks itself ready, waits for USR1 (what ``--signal=USR1@900``
 delivers before the time limit) or SIGTERM, "saves a checkpoint" and exits 75 (EX_TEMPFAIL), as
 the trainer does. A requeued run finds its checkpoint and exits 0. State lives in
 ``$FAKE_PREEMPT_DIR``; every run prints ``fake_preempt rank=<r> restart=<SLURM_RESTART_COUNT>``.

@@ -196,11 +196,9 @@ def test_data_parallel_update_equals_one_process_on_the_global_batch(dataset,
         assert torch.equal(delta, results[1]["dp2"]["delta"][name]), name
 
 
-def _qwen3_tp2_update(dataset: str):
-    from megatron_ease.config import load_config as load
-
-    cfg = load(CONFIG, _overrides(dataset, "unused", 1) + QWEN3_VL +
-               ["parallel.tensor_model_parallel_size=2"])
+def _qwen3_update(dataset: str, layout: str):
+    """The tiny Qwen3-VL's update on the whole mini-batch at the ``layout`` override's TP or PP."""
+    cfg = load_config(CONFIG, _overrides(dataset, "unused", 1) + QWEN3_VL + [layout])
     micro_batch = _update_batch(cfg)
     return _one_update(cfg, [micro_batch(0, 2), micro_batch(2, 4)], None, 1)
 
@@ -212,8 +210,8 @@ def test_tp2_update_keeps_replicated_parameters_identical_qwen3_vl(dataset):
     norms. This is ``finalize_model_grads``' TP part, wired by ``builders.wrap_ddp``."""
     import torch
 
-    ranks = run_distributed(_qwen3_tp2_update, dataset, tensor_model_parallel_size=2,
-                            timeout_s=600)
+    ranks = run_distributed(_qwen3_update, dataset, "parallel.tensor_model_parallel_size=2",
+                            tensor_model_parallel_size=2, timeout_s=600)
     assert ranks[0]["ease_loss"] > 0
     replicated = sorted(set(ranks[0]["delta"]) - ranks[0]["tensor_parallel"])
     assert any("q_layernorm" in n for n in replicated) and any("deepstack" in n or "merger" in n
@@ -223,25 +221,16 @@ def test_tp2_update_keeps_replicated_parameters_identical_qwen3_vl(dataset):
         assert torch.equal(ranks[0]["delta"][name], ranks[1]["delta"][name]), name
 
 
-def _qwen3_pp2_update(dataset: str):
-    cfg = load_config(CONFIG, _overrides(dataset, "unused", 1) + QWEN3_VL +
-                      ["parallel.pipeline_model_parallel_size=2"])
-    micro_batch = _update_batch(cfg)
-    out = _one_update(cfg, [micro_batch(0, 2), micro_batch(2, 4)], None, 1)
-    return {n: d for n, d in out["delta"].items()
-            if n.endswith(("word_embeddings.weight", "output_layer.weight"))}
-
-
 def test_pp2_update_keeps_tied_embeddings_tied_qwen3_vl(dataset):
     """Tied embeddings at PP = 2 (Qwen3-VL 4B's layout): stage 0's word embedding and the last
     stage's output-layer copy get one update, from the sum of both stages' gradients
     (``finalize_model_grads``' embedding-group all-reduce)."""
     import torch
 
-    stages = run_distributed(_qwen3_pp2_update, dataset, pipeline_model_parallel_size=2,
-                             timeout_s=600)
-    embedding = stages[0]["language_model.embedding.word_embeddings.weight"]
-    output = stages[1]["language_model.output_layer.weight"]
+    stages = run_distributed(_qwen3_update, dataset, "parallel.pipeline_model_parallel_size=2",
+                             pipeline_model_parallel_size=2, timeout_s=600)
+    embedding = stages[0]["delta"]["language_model.embedding.word_embeddings.weight"]
+    output = stages[1]["delta"]["language_model.output_layer.weight"]
     assert float(embedding.abs().max()) > 0
     assert torch.equal(embedding, output)
 

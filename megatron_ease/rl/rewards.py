@@ -375,8 +375,9 @@ _NUMBER_WORDS = {
         "fifteen sixteen seventeen eighteen nineteen twenty".split()
     )
 }
+_ZERO_PHRASES = r"no\s+one|nobody|none"
 _NUMBER_WORD = re.compile(
-    r"\b(no\s+one|nobody|none|" + "|".join(_NUMBER_WORDS) + r")\b", re.IGNORECASE
+    r"\b(" + _ZERO_PHRASES + "|" + "|".join(_NUMBER_WORDS) + r")\b", re.IGNORECASE
 )
 # "one" is also a pronoun ("any one", "the one on the left", "one another"): no count then.
 # "one of them" stays a count ("Only one of them is red" -> 1).
@@ -386,7 +387,7 @@ _PRONOUN_ONE = re.compile(
     r"|\bone\s+another\b",
     re.IGNORECASE,
 )
-_ZERO_WORDS = re.compile(r"no\s+one|nobody|none", re.IGNORECASE)
+_ZERO_WORDS = re.compile(_ZERO_PHRASES, re.IGNORECASE)
 
 
 @dataclass(frozen=True)

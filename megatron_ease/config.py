@@ -151,6 +151,9 @@ class TrainConfig:
     micro_batch_size: int = 4  # rollouts per micro-batch
     ppo_epochs: int = 1
     ppo_mini_batches: int = 1
+    # π_old by a separate forward pass for every mini-batch. Off: the first mini-batch takes its
+    # own first forward's log-probs (same weights), saving that pass (all of it when on-policy).
+    recompute_old_log_probs: bool = False
     lr: float = 1e-6
     min_lr: float = 0.0
     lr_warmup_steps: int = 0

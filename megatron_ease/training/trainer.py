@@ -1,7 +1,7 @@
 """The DAPO + EASE training loop. Read ``Trainer.train_step`` top to bottom for one RL step:
 
     rollouts (G per prompt) -> rewards + overlong shaping -> dynamic sampling (B mixed groups)
-    -> group advantages -> sequences + EASE targets -> π_old forward -> mini-batch updates
+    -> group advantages -> sequences + EASE targets -> π_old log-probs -> mini-batch updates
     (loss = DAPO + λ·EASE, global normalisers) -> metrics
 
 Everything around it (building, resume, checkpoints, preemption, validation) is in this file's
@@ -40,9 +40,8 @@ from megatron_ease.training.rollouts import (
 from megatron_ease.training.update import (
     MicroBatch,
     _forward_backward,
-    compute_old_log_probs,
+    policy_update,
     supervised_step,
-    train_mini_batch,
 )
 
 logger = logging.getLogger(__name__)
@@ -151,13 +150,8 @@ class Trainer:
         # all-correct feed the EASE term too (never the DAPO loss, where their advantage is 0).
         extra = sampled.filtered_correct if ease_active and cfg.ease.layers else None
         mini_batches = self.micro_batches(kept, extra)
-        compute_old_log_probs(cfg, self.model_chunks, [mb for mini in mini_batches for mb in mini])
-        update_metrics = []
-        for _ in range(cfg.train.ppo_epochs):
-            for mini in mini_batches:
-                update_metrics.append(train_mini_batch(
-                    cfg, self.model_chunks, self.optimizer, mini, self.dp_group, self.dp_size,
-                    ease_active=ease_active))
+        update_metrics = policy_update(cfg, self.model_chunks, self.optimizer, mini_batches,
+                                       self.dp_group, self.dp_size, ease_active=ease_active)
         self.scheduler.step(1)
         self.step += 1
         metrics = self.step_metrics(kept, sampled.stats, update_metrics,

@@ -113,9 +113,33 @@ def compute_old_log_probs(cfg: Config, model_chunks, micro_batches: list[MicroBa
         mb.old_log_probs = out["log_probs"]
 
 
+def policy_update(cfg: Config, model_chunks, optimizer, mini_batches: list[list[MicroBatch]],
+                  dp_group, dp_size: int, ease_active: bool) -> list[dict]:
+    """π_old, then ``train.ppo_epochs`` passes over the mini-batches, one optimizer step each.
+
+    π_old is the policy before the first step, and the first mini-batch's first forward runs on
+    exactly those weights: its detached log-probs are π_old's (the ratio is 1 there, as the
+    separate pass would make it). So only the other mini-batches get a π_old forward pass; with
+    one mini-batch and one epoch (the on-policy case) there is none, a quarter of the update's
+    compute saved. ``train.recompute_old_log_probs`` runs the pass for all of them (π_old in eval
+    mode, the update in train mode: they differ only if the model has dropout)."""
+    from_forward = not cfg.train.recompute_old_log_probs
+    separate = [mb for mini in (mini_batches[1:] if from_forward else mini_batches) for mb in mini]
+    if separate:
+        compute_old_log_probs(cfg, model_chunks, separate)
+    return [train_mini_batch(cfg, model_chunks, optimizer, mini, dp_group, dp_size, ease_active,
+                             old_from_forward=from_forward and epoch == 0 and k == 0)
+            for epoch in range(cfg.train.ppo_epochs) for k, mini in enumerate(mini_batches)]
+
+
 def train_mini_batch(cfg: Config, model_chunks, optimizer, micro_batches: list[MicroBatch],
-                     dp_group, dp_size: int, ease_active: bool) -> dict:
-    """One optimizer step on a mini-batch; returns metric sums (reduce them with the DP group)."""
+                     dp_group, dp_size: int, ease_active: bool,
+                     old_from_forward: bool = False) -> dict:
+    """One optimizer step on a mini-batch; returns metric sums (reduce them with the DP group).
+
+    ``old_from_forward``: the weights are π_old's (nothing stepped since the rollouts), so this
+    forward's detached log-probs are taken, and kept, as ``old_log_probs``; otherwise
+    ``compute_old_log_probs`` must have set them."""
     d = cfg.dapo
     local_tokens = torch.tensor([float(sum(mb.num_response_tokens for mb in micro_batches))],
                                 dtype=torch.float64)
@@ -126,6 +150,11 @@ def train_mini_batch(cfg: Config, model_chunks, optimizer, micro_batches: list[M
 
     def loss_fn(mb, output):
         log_probs = vocab_parallel_log_probs(output, mb.labels, d.temperature)
+        if old_from_forward:
+            mb.old_log_probs = log_probs.detach()  # later epochs reuse it
+        elif mb.old_log_probs is None:
+            raise RuntimeError("train_mini_batch: micro-batch without old_log_probs; run "
+                               "compute_old_log_probs first or pass old_from_forward=True")
         loss, sums = dapo_policy_loss_and_metrics(
             log_probs, mb.old_log_probs, mb.advantages, mb.policy_mask, d.clip_low,
             d.clip_high, d.clip_c, num_tokens=global_tokens)

@@ -235,6 +235,64 @@ def test_pp2_update_keeps_tied_embeddings_tied_qwen3_vl(dataset):
     assert torch.equal(embedding, output)
 
 
+def _policy_update_both_ways(dataset: str):
+    """``policy_update`` (2 mini-batches x 2 epochs, PP = 2) from one init, with π_old of the
+    first mini-batch taken from its first forward and with a separate π_old pass for every
+    mini-batch (``train.recompute_old_log_probs``)."""
+    import torch
+
+    from megatron_ease.training import builders, update
+
+    results = {}
+    original = update.compute_old_log_probs
+    for recompute in (False, True):
+        cfg = load_config(CONFIG, _overrides(dataset, "unused", 1) + [
+            "parallel.pipeline_model_parallel_size=2", "train.ppo_epochs=2",
+            "train.ppo_mini_batches=2", f"train.recompute_old_log_probs={str(recompute).lower()}"])
+        micro_batch = _update_batch(cfg)
+        torch.manual_seed(0)
+        model = builders.build_model(cfg)
+        ddp = builders.wrap_ddp(cfg, model)
+        optimizer = builders.build_optimizer(cfg, [ddp])
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        passes = []
+
+        def counting(cfg_, chunks, micro_batches):
+            passes.append(len(micro_batches))
+            original(cfg_, chunks, micro_batches)
+
+        update.compute_old_log_probs = counting
+        try:
+            updates = update.policy_update(cfg, [ddp], optimizer,
+                                           [[micro_batch(0, 2)], [micro_batch(2, 4)]], None, 1,
+                                           ease_active=True)
+        finally:
+            update.compute_old_log_probs = original
+        results[recompute] = {
+            "passes": passes, "kl": [u["_policy_sums"]["approx_kl"] for u in updates],
+            "delta": {n: p.detach() - before[n] for n, p in model.named_parameters()}}
+    return results
+
+
+def test_first_mini_batch_takes_old_log_probs_from_its_own_forward(dataset):
+    """π_old of the first mini-batch is its first forward's (detached) log-probs: the weights
+    have not stepped yet. The separate π_old pass then covers only the other mini-batches (none
+    when on-policy), and the update (both epochs, the second reusing the kept log-probs) is the
+    one every-mini-batch recomputation gives."""
+    import torch
+
+    stages = run_distributed(_policy_update_both_ways, dataset, pipeline_model_parallel_size=2,
+                             timeout_s=600)
+    for stage in stages:
+        assert stage[False]["passes"] == [1] and stage[True]["passes"] == [2]
+        for name, delta in stage[True]["delta"].items():
+            torch.testing.assert_close(stage[False]["delta"][name], delta, atol=1e-8, rtol=1e-6,
+                                       msg=lambda m, name=name: f"{name}: {m}")
+    kl = stages[1][True]["kl"]  # the last stage computes the loss
+    assert kl[0] == 0.0 and kl[2] > 1e-9, kl  # epoch 2 of mini-batch 0 is off-policy
+    assert stages[1][False]["kl"] == pytest.approx(kl, rel=1e-6, abs=1e-12)
+
+
 def _launch(overrides, **kwargs) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     # Its own session, so "kill -9" takes the whole job (checkpoint writer processes too).

@@ -6,6 +6,7 @@ checkpoints.
         --out ckpt/qwen25vl_7b [--verify]
     python tools/convert_hf_checkpoint.py megatron-to-hf --ckpt runs/x/checkpoints \\
         --hf-config Qwen2.5-VL-7B-Instruct --out hf_out
+    python tools/convert_hf_checkpoint.py verify --hf-dir Qwen2.5-VL-7B-Instruct --ckpt ckpt/qwen25vl_7b
 
 Qwen2.5-VL (``model_type: qwen2_5_vl``) and Qwen3-VL (``qwen3_vl``: 4B, 8B, ...) take the same
 commands; the family comes from ``config.json``.
@@ -35,9 +36,12 @@ a copy of all FC1 weights is alive during the save (measured on tiny models: exa
 size). For Qwen2.5-VL-7B that gives ~25 GB for hf-to-megatron and ~14 GB for megatron-to-hf,
 for Qwen3-VL-8B (8.8B parameters, 17.5 GB bf16) ~25 GB and ~14 GB: use a node with 32 GiB.
 
-``--verify`` runs HF and the converted checkpoint in fp32 on a probe (text + one image, built
+``--verify`` (or the ``verify`` command, for any megatron checkpoint against an HF dir) runs HF
+and the converted checkpoint in fp32 on a probe (text + one image, built
 from the config's special token ids; no tokenizer needed) and prints ``max_abs_logit_diff=<x>``
-as the last line of stdout; the exit status is 1 above 1e-4. It needs memory for the fp32 model,
+as the last line of stdout; the exit status is 1 above 1e-4 x the probe's largest |logit| (at
+least 1): fp32 rounding grows with the logits' scale (a trained 7B's reach tens), a wrong mapping
+moves logits by their own order of magnitude. It needs memory for the fp32 model,
 one at a time (4 bytes x parameters), plus an fp32 copy of the FC1 weights while the converted
 checkpoint loads (~1.45x the fp32 model: ~48 GB for 7B, ~50 GB for 8B). Progress bars and logs
 go to stderr.
@@ -61,7 +65,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 logger = logging.getLogger("convert_hf_checkpoint")
 
 CONVERSION_RECORD = "hf_conversion.json"
-VERIFY_TOLERANCE = 1e-4
+VERIFY_TOLERANCE = 1e-4  # relative to max(1, the largest |HF logit|); see verify_passes
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
 
 
@@ -78,6 +82,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     to_hf.add_argument("--ckpt", required=True, help="megatron checkpoint (dir or its parent)")
     to_hf.add_argument("--hf-config", required=True, help="dir holding the HF config.json")
     to_hf.add_argument("--out", required=True, help="output HF model directory")
+    check = sub.add_parser("verify", help="compare an HF model's and a megatron checkpoint's "
+                                          "logits in fp32")
+    check.add_argument("--hf-dir", required=True, help="HF model dir (config + safetensors)")
+    check.add_argument("--ckpt", required=True, help="megatron checkpoint (dir or its parent)")
     return parser.parse_args(argv)
 
 
@@ -239,8 +247,13 @@ def verification_probe(model_cfg, seed: int = 0) -> dict:
             "image_grid_thw": torch.tensor([grid])}
 
 
-def verify(hf_dir: str, ckpt: str) -> float:
-    """Max |logit difference| between HF and the converted checkpoint, both fp32."""
+def verify_passes(diff: float, logit_scale: float) -> bool:
+    return diff <= VERIFY_TOLERANCE * max(1.0, logit_scale)
+
+
+def verify(hf_dir: str, ckpt: str) -> tuple[float, float]:
+    """(max |logit difference| between HF and the converted checkpoint, both fp32, and the
+    largest |HF logit|) on the probe."""
     import gc
 
     import torch
@@ -270,7 +283,16 @@ def verify(hf_dir: str, ckpt: str) -> float:
     with torch.no_grad():
         got = ours(probe["input_ids"], attention_mask=probe["attention_mask"],
                    pixel_values=probe["pixel_values"], image_grid_thw=probe["image_grid_thw"])
-    return float((got.float() - want.float()).abs().max())
+    return float((got.float() - want.float()).abs().max()), float(want.float().abs().max())
+
+
+def _report_verify(hf_dir: str, ckpt: str) -> int:
+    diff, scale = verify(hf_dir, ckpt)
+    ok = verify_passes(diff, scale)
+    logger.info("verify: %s (max |logit| %.3g, tolerance %.3g)", "ok" if ok else "FAILED", scale,
+                VERIFY_TOLERANCE * max(1.0, scale))
+    print(f"max_abs_logit_diff={diff:.3e}", flush=True)
+    return 0 if ok else 1
 
 
 def main(argv=None) -> int:
@@ -286,14 +308,10 @@ def main(argv=None) -> int:
     try:
         if args.command == "hf-to-megatron":
             hf_to_megatron(args.hf_dir, args.out)
-            if args.verify:
-                diff = verify(args.hf_dir, args.out)
-                ok = diff <= VERIFY_TOLERANCE
-                logger.info("verify: %s (tolerance %g)", "ok" if ok else "FAILED", VERIFY_TOLERANCE)
-                print(f"max_abs_logit_diff={diff:.3e}", flush=True)
-                return 0 if ok else 1
-        else:
-            megatron_to_hf(args.ckpt, args.hf_config, args.out)
+            return _report_verify(args.hf_dir, args.out) if args.verify else 0
+        if args.command == "verify":
+            return _report_verify(args.hf_dir, args.ckpt)
+        megatron_to_hf(args.ckpt, args.hf_config, args.out)
         return 0
     except (UnsupportedModelError, WeightMismatchError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)

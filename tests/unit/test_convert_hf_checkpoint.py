@@ -56,6 +56,26 @@ def test_hf_to_megatron_verify_prints_logit_diff_last_on_stdout(converted):
     assert "hf -> megatron" in result.stderr  # progress goes to stderr
 
 
+def test_verify_fails_when_one_weight_differs_from_the_hf_model(converted, tmp_path):
+    """``verify`` of the converted checkpoint against its HF model passes; against a copy of the
+    HF model with one MLP weight scaled by 1.01 (a far smaller error than any mapping mistake)
+    it reports FAILED with exit status 1."""
+    ok = convert("verify", "--hf-dir", converted["hf_dir"], "--ckpt", converted["ckpt"])
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert float(ok.stdout.strip().splitlines()[-1].split("=")[1]) <= 1e-4
+    changed = tmp_path / "hf_changed"
+    shutil.copytree(converted["hf_dir"], changed)
+    [file] = changed.glob("*.safetensors")
+    tensors = load_file(file)
+    [name] = [n for n in tensors if n.endswith("layers.1.mlp.down_proj.weight")]
+    tensors[name] = tensors[name] * 1.01
+    save_file(tensors, file, metadata={"format": "pt"})
+    bad = convert("verify", "--hf-dir", str(changed), "--ckpt", converted["ckpt"])
+    assert bad.returncode == 1, bad.stderr[-3000:]
+    assert "verify: FAILED" in bad.stderr
+    assert float(bad.stdout.strip().splitlines()[-1].split("=")[1]) > 1e-4
+
+
 def test_round_trip_is_bit_exact_and_loads_with_from_pretrained(converted):
     _, out = assert_megatron_to_hf_is_bit_exact(converted)
     torch.testing.assert_close(hf_logits(_from_pretrained_fp32(out), converted["batch"]),

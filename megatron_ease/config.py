@@ -123,6 +123,9 @@ class DapoConfig:
     overlong_buffer_length: int = 16  # soft overlong punishment ramp (DESIGN §5); 0 = off
     overlong_penalty_factor: float = 1.0
     max_gen_batches: int = 4  # dynamic-sampling chunks before giving up; 0 = no limit
+    # Rollouts (prompts x group_size) a rank decodes together; the KV cache holds this many rows
+    # of (longest prompt + max_response_length) per layer. 0 = a whole chunk at once.
+    max_rollouts_per_batch: int = 0
     temperature: float = 1.0
     top_p: float = 1.0
     format_reward: float = 0.0
@@ -377,6 +380,9 @@ def validate_config(cfg: Config, world_size: int = 1) -> None:
           f"dapo.overlong_buffer_length ({d.overlong_buffer_length}) must be in "
           f"[0, dapo.max_response_length ({d.max_response_length}))")
     check(d.max_gen_batches >= 0, f"dapo.max_gen_batches must be >= 0, got {d.max_gen_batches}")
+    check(d.max_rollouts_per_batch == 0 or d.max_rollouts_per_batch >= d.group_size,
+          f"dapo.max_rollouts_per_batch ({d.max_rollouts_per_batch}) must be 0 (no bound) or at "
+          f"least dapo.group_size ({d.group_size}): a prompt's group decodes together")
     # Greedy rollouts (T = 0) make all G samples of a prompt equal: no group is ever mixed.
     check(d.temperature > 0, f"dapo.temperature must be > 0 (DAPO samples G different "
                              f"rollouts per prompt), got {d.temperature}")

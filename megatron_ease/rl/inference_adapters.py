@@ -157,11 +157,12 @@ class RolloutModelAdapter(AbstractModelInferenceWrapper, abc.ABC):
         per prompt (rows ``b*G .. b*G+G-1`` belong to prompt ``b``) and return the logits that
         predict each rollout's first token, ``[B*G, vocab]`` (last stage; None elsewhere)."""
         b, p = batch.input_ids.shape
-        rows = b * num_samples
         if self.attention_backend == "model" and bool((~batch.attention_mask).any()):
             self._check_padding_supported()
         self._was_training = self.model.training
-        self.inference_context = StaticInferenceContext(rows, p + max_new_tokens)
+        # B rows: ``select_rows`` makes the B·G-row cache after the prefill (allocating B·G here
+        # would hold a second, mostly empty cache of the decode's size through the prefill).
+        self.inference_context = StaticInferenceContext(b, p + max_new_tokens)
         self.prep_model_for_inference()  # eval mode, fresh context
         self._attention.install()
 
@@ -273,9 +274,12 @@ class QwenVLRolloutAdapter(RolloutModelAdapter):
     (``QwenVLModel.embed``: the tower runs once per prompt image); decode steps embed text tokens
     only. mrope positions ``[3, b, s]`` come from ``QwenVLModel.position_ids`` (HF
     ``get_rope_index``, padding-independent); generated token ``k`` of a prompt sits at
-    ``max(prompt positions) + 1 + k`` in all three rows. megatron-core's static path slices the
-    rotary table by cache index (queries ``[start, end)``, keys ``[0, end)``), so every step
-    passes the positions of the whole prefix. Under pipeline parallelism a Qwen3-VL prefill with
+    ``max(prompt positions) + 1 + k`` in all three rows. With rotated keys cached a step rotates
+    only its own queries and keys, so it passes only its own positions (a decode step one: the
+    mrope table is rebuilt from the positions at every step, and over the whole prefix that cost
+    as much as the step at real sizes); megatron-core's own static path slices the table by
+    cache index (queries ``[start, end)``, keys ``[0, end)``), so there every step passes the
+    positions of the whole prefix. Under pipeline parallelism a Qwen3-VL prefill with
     images sends DeepStack levels across stages ahead of the layers that add them, so the receive
     buffer takes the stage's ``input_hidden_size`` instead of megatron-core's ``hidden_size``.
     """
@@ -304,6 +308,8 @@ class QwenVLRolloutAdapter(RolloutModelAdapter):
         return positions, masked.amax(dim=(0, 2)) + 1
 
     def position_ids_for(self, positions, start, end):
+        if self._attention.cache_rotated_keys:
+            return positions[..., start:end]
         return positions[..., :end]
 
     def prefill_extras(self, batch):

@@ -196,6 +196,7 @@ class MegatronRolloutEngine(RolloutEngine):
         lengths = torch.zeros(rows, dtype=torch.long, device=device)
         finished = torch.zeros(rows, dtype=torch.bool, device=device)
         stop_ids = torch.tensor(params.stop_token_ids, dtype=torch.long, device=device)
+        suppressed = torch.tensor(params.suppress_token_ids, dtype=torch.long, device=device)
         in_batch = torch.arange(rows, device=device)  # rollouts in the decode batch, in row order
         generator = None
         if self._is_sampling_rank:
@@ -208,7 +209,8 @@ class MegatronRolloutEngine(RolloutEngine):
                 if self._is_sampling_rank:
                     generator.manual_seed(_step_seed(params.seed, first_prompt, step))
                     token, log_prob = sample_next_tokens(logits, params, generator,
-                                                         rows=in_batch, num_rows=rows)
+                                                         rows=in_batch, num_rows=rows,
+                                                         suppressed=suppressed)
                     token = torch.where(active, token, self.pad_token_id)
                     log_prob = torch.where(active, log_prob, 0.0)
                     stop = active & torch.isin(token, stop_ids)

@@ -50,7 +50,9 @@ def rotated_key_cache_adjust(self: SelfAttention, inference_context, query, key,
     """``Attention._adjust_key_value_for_inference`` for a static context, caching rotated keys.
 
     Queries and keys ``[s, b, g, d]`` of this step are rotated with rows ``[start, end)`` of the
-    rotary table (rope ``[max_seq, 1, 1, d]`` or mrope ``[end, b, 1, d]``); the returned
+    rotary table (rope ``[max_seq, 1, 1, d]``), or with the whole table when it holds just this
+    step's ``end - start`` positions (mrope ``[end - start, b, 1, d]``, built from the step's own
+    position ids: ``QwenVLRolloutAdapter.position_ids_for``); the returned
     ``rotary_pos_emb`` is None so ``Attention.forward`` does not rotate again. ``batch_first``:
     the buffers are ``[max_batch, g, max_seq, d]`` and the returned keys and values
     ``[end, b, g, d]`` views of them (for ``SdpaCoreAttention``, which permutes them back).
@@ -79,10 +81,12 @@ def rotated_key_cache_adjust(self: SelfAttention, inference_context, query, key,
                          f"[{start}, {end}) of rows [{first}, {last})")
     if rotary_pos_emb is not None:
         q_pos_emb, k_pos_emb = rotary_pos_emb
+        if q_pos_emb.size(0) != end - start:
+            q_pos_emb, k_pos_emb = q_pos_emb[start:end], k_pos_emb[start:end]
         mscale = _yarn_get_concentration_factor_from_config(self.config)
-        query = apply_rotary_pos_emb(query, q_pos_emb[start:end], config=self.config,
-                                     mscale=mscale, cp_group=self.pg_collection.cp)
-        key = apply_rotary_pos_emb(key, k_pos_emb[start:end], config=self.config, mscale=mscale,
+        query = apply_rotary_pos_emb(query, q_pos_emb, config=self.config, mscale=mscale,
+                                     cp_group=self.pg_collection.cp)
+        key = apply_rotary_pos_emb(key, k_pos_emb, config=self.config, mscale=mscale,
                                    cp_group=self.pg_collection.cp)
     # As megatron-core: past the prompt the layer's own mask type is off (the explicit mask holds).
     attn_mask_type = AttnMaskType.no_mask if start > 0 else self.attn_mask_type

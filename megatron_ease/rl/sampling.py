@@ -133,7 +133,8 @@ def _sample_nucleus(probs: torch.Tensor, top_p: float, uniforms: Uniforms) -> to
 
 def sample_next_tokens(logits: torch.Tensor, params: SamplingParams,
                        generator: Optional[torch.Generator] = None,
-                       rows: Optional[torch.Tensor] = None, num_rows: Optional[int] = None
+                       rows: Optional[torch.Tensor] = None, num_rows: Optional[int] = None,
+                       suppressed: Optional[torch.Tensor] = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row of ``logits`` ``[b, V]`` and its log-probability (see the module doc).
 
@@ -145,10 +146,14 @@ def sample_next_tokens(logits: torch.Tensor, params: SamplingParams,
     ``rows`` ``[b]`` / ``num_rows``: the logits are those rows of a batch of ``num_rows``; every
     uniform is then drawn for all ``num_rows`` rows and the ``rows`` kept, so with the generator
     seeded alike, a row's token does not depend on which other rows are being sampled.
+
+    ``suppressed``: ``params.suppress_token_ids`` as a tensor on the logits' device, made once by
+    a caller that samples many steps (making it is a host-to-device copy, which synchronises).
     """
     logits = logits.float()
     if params.suppress_token_ids:
-        suppressed = torch.tensor(params.suppress_token_ids, device=logits.device)
+        if suppressed is None:
+            suppressed = torch.tensor(params.suppress_token_ids, device=logits.device)
         logits = logits.index_fill(-1, suppressed, float("-inf"))
     if params.greedy:
         tokens = logits.argmax(dim=-1)

@@ -69,8 +69,9 @@ class Trainer:
         self.model_chunks = [self.ddp]
         self.optimizer = builders.build_optimizer(cfg, self.model_chunks)
         self.scheduler = builders.build_scheduler(cfg, self.optimizer)
-        self.engine = MegatronRolloutEngine(self.model, pad_token_id=self.pad_id,
-                                            detokenize=self.tokenizer.decode)
+        self.engine = MegatronRolloutEngine(
+            self.model, pad_token_id=self.pad_id, detokenize=self.tokenizer.decode,
+            max_rollouts_per_batch=cfg.dapo.max_rollouts_per_batch or None)
         self.train_reader = builders.build_reader(
             cfg, self.tokenizer, cfg.data.train_shards,
             cfg.train.prompts_per_step // self.dp_size, self.dp_rank, self.dp_size)

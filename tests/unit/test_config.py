@@ -80,6 +80,8 @@ def test_missing_config_file():
      r"parallel.virtual_pipeline_model_parallel_size .* not supported"),
     (["dapo.top_p=0"], 1, r"dapo.top_p must be in \(0, 1\]"),
     (["dapo.top_p=1.5"], 1, r"dapo.top_p must be in \(0, 1\]"),
+    (["dapo.group_size=8", "dapo.max_rollouts_per_batch=4"], 1,
+     r"dapo.max_rollouts_per_batch \(4\) must be 0 \(no bound\) or at least dapo.group_size"),
 ])
 def test_invalid_configs_fail_naming_the_field(overrides, world, match):
     with pytest.raises(ConfigError, match=match):

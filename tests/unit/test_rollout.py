@@ -372,12 +372,24 @@ def _qwen_vl_worker(hf_dir: str, temperature: float, n: int, max_new_tokens: int
 
     model = _build(hf_dir, first_stage_layers=first_stage_layers
                    if ps.get_pipeline_model_parallel_world_size() > 1 else None)
-    tower_calls = []
+    tower_calls, rotary_rows = [], []
     if model.vision_model is not None:
         model.vision_model.register_forward_hook(
             lambda module, args, output: tower_calls.append(int(args[0].shape[0])))
+    model.language_model.rotary_pos_emb.register_forward_hook(
+        lambda module, args, output: rotary_rows.append(int(output.shape[0])))
     prompts = _vl_prompts(patch_size)
-    out = _engine(model).generate(prompts, SamplingParams(
+    engine = _engine(model)
+    cache_rows = []  # (rows of the cache, rows kept) at each select_rows
+    select = engine.adapter._attention.select_cache_rows
+
+    def recording(context, rows):
+        memory = next(iter(context.key_value_memory_dict.values()))[0]
+        cache_rows.append((int(memory.shape[0]), len(rows)))
+        select(context, rows)
+
+    engine.adapter._attention.select_cache_rows = recording
+    out = engine.generate(prompts, SamplingParams(
         max_new_tokens=max_new_tokens, temperature=temperature, n=n, seed=5))
     calls = list(tower_calls)
 
@@ -395,7 +407,8 @@ def _qwen_vl_worker(hf_dir: str, temperature: float, n: int, max_new_tokens: int
     if ps.get_pipeline_model_parallel_world_size() == 1:
         forced = _teacher_forced_log_probs(logits_fn, PromptBatch.left_padded(prompts, PAD), out,
                                            n, temperature)
-    return {"out": out, "forced": forced, "tower_calls": calls}
+    return {"out": out, "forced": forced, "tower_calls": calls, "cache_rows": cache_rows,
+            "rotary_rows": rotary_rows[:max_new_tokens]}
 
 
 @pytest.fixture(scope="module")
@@ -444,6 +457,11 @@ def test_qwen_vl_encodes_images_once_per_prompt_for_a_group(tiny_vl):
     out = res["out"]
     num_patches = sum(p.pixel_values.shape[0] for p in _vl_prompts())
     assert res["tower_calls"] == [num_patches], "one tower call over each prompt's images once"
+    # The mrope table of a decode step covers that step's one position, not the whole prefix.
+    prompt_len = max(len(p.input_ids) for p in _vl_prompts())
+    assert res["rotary_rows"] == [prompt_len] + [1] * 5, res["rotary_rows"]
+    # The prefill's cache holds the prompts' rows; the G copies are made after it.
+    assert res["cache_rows"][0] == (2, 2 * n), res["cache_rows"]
     assert out.tokens.shape[0] == 2 * n
     groups = out.tokens.view(2, n, -1)
     assert not torch.equal(groups[:, 0], groups[:, 1])

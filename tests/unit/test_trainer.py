@@ -293,6 +293,34 @@ def test_first_mini_batch_takes_old_log_probs_from_its_own_forward(dataset):
     assert stages[1][False]["kl"] == pytest.approx(kl, rel=1e-6, abs=1e-12)
 
 
+def _decode_batches(overrides):
+    from megatron_ease.training.trainer import Trainer
+
+    trainer = Trainer(load_config(CONFIG, overrides))
+    rows = []
+    prefill = trainer.engine.adapter.prefill
+
+    def recording(batch, num_samples, max_new_tokens):
+        rows.append(batch.input_ids.shape[0] * num_samples)
+        return prefill(batch, num_samples, max_new_tokens)
+
+    trainer.engine.adapter.prefill = recording
+    status = trainer.train()
+    trainer.metrics.close()
+    return status, rows
+
+
+def test_max_rollouts_per_batch_bounds_the_rollouts_decoded_together(dataset, tmp_path):
+    """``dapo.max_rollouts_per_batch``: a rank's 2 prompts x 4 rollouts per chunk decode as
+    batches of at most 4 rollouts (one prompt's group each), so the KV cache holds 4 rows."""
+    run_dir = str(tmp_path / "run")
+    overrides = _overrides(dataset, run_dir, 1, "dapo.max_rollouts_per_batch=4",
+                           "checkpoint.interval=0", "train.warm_start_steps=0")
+    results = run_distributed(_decode_batches, overrides, timeout_s=600)
+    for status, rows in results:
+        assert status == 0 and rows and set(rows) == {4}, rows
+
+
 def _launch(overrides, **kwargs) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     # Its own session, so "kill -9" takes the whole job (checkpoint writer processes too).

@@ -71,7 +71,7 @@ class MetricsLogger:
         self._jsonl.write(json.dumps(record, allow_nan=True) + "\n")
         self._jsonl.flush()
         if self._wandb is not None:
-            self._wandb_log(prefix, step, clean)
+            self._wandb_call(self._wandb_log, prefix, step, clean)
         if self._tb is not None:
             for k, v in clean.items():
                 if isinstance(v, (int, float)) and math.isfinite(v):
@@ -79,6 +79,24 @@ class MetricsLogger:
         head = f"[{prefix}] step {step}" + (f"/{total_steps}" if total_steps else "")
         parts = [f"{short} {_fmt(clean[key])}" for key, short in CONSOLE_FIELDS if key in clean]
         print(" | ".join([head] + parts), file=self.stream, flush=True)
+
+    def _wandb_call(self, fn, *args) -> None:
+        """wandb is a side channel and never stops a run: Slurm signals every process of a task
+        on preemption, and wandb's service process dies of the SIGTERM, after which every wandb
+        call raises. Rank 0 must still reach the stop decision and the save (the other ranks wait
+        for it in a collective), so the first failure turns wandb off; metrics.jsonl has it all."""
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001 -- whatever wandb raises, the run goes on
+            logger.warning("wandb failed (%s: %s); logging to wandb is off for the rest of this "
+                           "run, metrics.jsonl keeps every record", type(e).__name__, e)
+            self._wandb = None
+            try:  # release wandb's connection now, or its exit hook prints the failure again
+                import wandb
+
+                wandb.teardown()
+            except Exception:  # noqa: BLE001
+                pass
 
     def _wandb_log(self, prefix: str, step: int, values: dict) -> None:
         """Each prefix on its own x-axis (``<prefix>/step``): the warm start's steps 1..W and
@@ -96,7 +114,7 @@ class MetricsLogger:
             return
         self._jsonl.close()
         if self._wandb is not None:
-            self._wandb.finish()
+            self._wandb_call(self._wandb.finish)
         if self._tb is not None:
             self._tb.close()
 

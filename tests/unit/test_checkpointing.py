@@ -228,3 +228,28 @@ def test_wandb_gives_each_metric_prefix_its_own_step_axis(tmp_path, monkeypatch)
     assert [payload for payload, _ in logged][3:] == [
         {"train/step": 1, "train/reward": 0.5, "train/grad_norm": 1.0},
         {"train/step": 2, "train/reward": 1.0, "train/grad_norm": 1.0}]
+
+
+def test_wandb_service_killed_by_sigterm_turns_wandb_off_and_logging_goes_on(tmp_path, caplog):
+    """On preemption Slurm sends SIGTERM to every process of the task, wandb's service process
+    included; every later wandb call raises. Rank 0 must still log, reach the stop decision and
+    save (the other ranks wait for it in a collective): wandb turns off with one warning and
+    metrics.jsonl keeps every record."""
+    import psutil
+
+    log = MetricsLogger(str(tmp_path), use_wandb=True, wandb_mode="offline")
+    log.log(1, {"reward": 0.5})
+    services = [p for p in psutil.Process().children(recursive=True) if "wandb" in " ".join(
+        p.cmdline()).lower()]
+    assert services, "no wandb service process to signal: the test would prove nothing"
+    for p in services:
+        p.send_signal(signal.SIGTERM)
+    psutil.wait_procs(services, timeout=30)
+    with caplog.at_level("WARNING"):
+        log.log(2, {"reward": 0.75})
+        log.log(3, {"reward": 1.0})
+        log.close()
+    assert sum("wandb failed" in r.getMessage() for r in caplog.records) == 1
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text()
+             .splitlines()]
+    assert steps == [1, 2, 3]

@@ -192,9 +192,17 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1,
 
 
 def model_parallel_seed(seed: int) -> None:
-    """Seed the default and per-TP-rank RNG streams the way megatron-core does."""
+    """Seed the default and per-TP-rank RNG streams the way megatron-core does, and Python's,
+    numpy's and torch's CPU generators as Megatron-LM's ``_set_random_seed`` does (the HF vision
+    tower is initialised on the CPU, also on GPU nodes, and its TP replicas must agree)."""
+    import random
+
+    import numpy as np
     from megatron.core import parallel_state, tensor_parallel
 
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
     if torch.cuda.is_available():
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
         return

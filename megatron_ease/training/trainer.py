@@ -92,11 +92,17 @@ class Trainer:
     # -- start-up ------------------------------------------------------------------------------
 
     def _load_initial_state(self) -> None:
+        self.resumed = False
         latest = self.checkpoints.latest() if self.checkpoints and self.cfg.checkpoint.resume \
             else None
         if latest:
-            self.step, _, rank_state = self.checkpoints.load(
+            self.step, meta, rank_state = self.checkpoints.load(
                 latest, self.model_chunks, self.optimizer, self.scheduler)
+            self.resumed = True
+            if not meta.get("has_optimizer", True):
+                # Saved before any RL step (a warm-start-only run): the optimizer's float32 main
+                # copies still hold the init and would overwrite the loaded weights.
+                self.optimizer.reload_model_params()
             if "reader" in rank_state:
                 self.train_reader.load_state_dict(rank_state["reader"])
                 self.train_iter = iter(self.train_reader)
@@ -391,7 +397,8 @@ class Trainer:
         own_handler = preemption is None
         preemption = preemption or PreemptionHandler()
         try:
-            if self.step == 0 and cfg.train.warm_start_steps > 0 and not cfg.model.init_from:
+            if (self.step == 0 and not self.resumed and cfg.train.warm_start_steps > 0
+                    and not cfg.model.init_from):
                 self.warm_start()
                 self.optimizer.reload_model_params()  # the warm start had its own optimizer
             while self.step < cfg.train.steps:

@@ -64,3 +64,26 @@ def test_single_process_env():
     launch = read_launch_env({})
     assert (launch.rank, launch.world_size, launch.launcher) == (0, 1, "single")
     assert launch.master_port > 0
+
+
+def test_model_parallel_seed_seeds_the_cpu_generators_on_gpu_nodes_too(monkeypatch):
+    """On a GPU node megatron-core's seeding touches CUDA generators only; the CPU ones (the HF
+    vision tower's init, Python's and numpy's) follow ``train.seed`` too."""
+    import random
+
+    import numpy as np
+    import torch
+    from megatron.core import tensor_parallel
+
+    from megatron_ease.distributed import model_parallel_seed
+
+    seeded = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(tensor_parallel, "model_parallel_cuda_manual_seed", seeded.append)
+    draws = []
+    for _ in range(2):
+        model_parallel_seed(7)
+        draws.append((torch.rand(3), random.random(), np.random.rand()))
+    assert seeded == [7, 7]
+    assert torch.equal(draws[0][0], torch.rand(3, generator=torch.Generator().manual_seed(7)))
+    assert torch.equal(draws[0][0], draws[1][0]) and draws[0][1:] == draws[1][1:]

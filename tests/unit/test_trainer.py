@@ -461,6 +461,42 @@ def test_bf16_training_keeps_the_warm_start_and_checkpoints(dataset, tmp_path):
         assert resumed_step == 1
 
 
+def _bf16_resume_at_step_0(overrides):
+    import torch
+
+    from megatron_ease.training.trainer import Trainer
+
+    first = Trainer(load_config(CONFIG, overrides + ["train.steps=0"]))
+    assert first.train() == 0
+    first.metrics.close()
+    warm = [p.detach().clone() for p in first.model.parameters()]
+    resumed = Trainer(load_config(CONFIG, overrides + ["train.steps=1"]))
+    warm_starts = []
+    resumed.warm_start = lambda: warm_starts.append(1)
+    loaded = all(torch.equal(a, b) for a, b in zip(warm, resumed.model.parameters()))
+    status = resumed.train()
+    resumed.metrics.close()
+    kept = all(torch.equal(a, b.detach()) for a, b in zip(warm, resumed.model.parameters()))
+    return status, resumed.step, loaded, kept, len(warm_starts)
+
+
+def test_bf16_resume_from_a_checkpoint_without_optimizer_state_keeps_its_weights(dataset,
+                                                                                tmp_path):
+    """A run of warm start only (``train.steps=0``) saves step 0 without optimizer state (none
+    was stepped). Resumed in bf16 with lr = 0, the first RL update must keep the loaded weights:
+    the mixed-precision optimizer's float32 main copies are refreshed from them (they held the
+    random init and overwrote the weights), and the warm start is not run again."""
+    run_dir = str(tmp_path / "run")
+    overrides = _overrides(dataset, run_dir, 1, "model.bf16=true", "train.lr=0.0",
+                           "train.min_lr=0.0", "train.warm_start_steps=3")
+    for status, step, loaded, kept, warm_starts in run_distributed(
+            _bf16_resume_at_step_0, [o for o in overrides if not o.startswith("train.steps")],
+            timeout_s=600):
+        assert status == 0 and step == 1 and loaded
+        assert warm_starts == 0, "the resumed run warm-started again"
+        assert kept, "the first RL update overwrote the loaded weights"
+
+
 def test_ease_enabled_without_layers_trains_as_dapo(dataset, tmp_path):
     """``ease.enabled: true`` with no ``ease.layers`` (EaseConfig's defaults) is plain DAPO: no
     capture layers, no EASE contexts (this combination used to crash the update)."""

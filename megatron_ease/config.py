@@ -78,7 +78,8 @@ class ModelConfig:
     pad_token_id: int = 0
     vision: VisionConfig = field(default_factory=VisionConfig)
     freeze_vision: bool = False
-    recompute_layers: bool = False  # full activation recomputation of the language-model layers
+    # Full activation recomputation of the language-model layers and the vision tower's blocks.
+    recompute_layers: bool = False
     bf16: bool = False
 
 

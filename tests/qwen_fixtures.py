@@ -220,7 +220,8 @@ def run_schedule(model, batch, loss_fn, forward_only):
     def forward_step(data_iterator, model):
         b = next(data_iterator)
         out = model(b["input_ids"], attention_mask=b["attention_mask"],
-                    pixel_values=b.get("pixel_values"), image_grid_thw=b.get("image_grid_thw"))
+                    pixel_values=b.get("pixel_values"), image_grid_thw=b.get("image_grid_thw"),
+                    image_ids=b.get("image_ids"))
         return out, loss_fn
 
     return get_forward_backward_func()(

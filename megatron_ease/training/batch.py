@@ -72,3 +72,34 @@ def place_at_image_tokens(image_mask: torch.Tensor, values: Sequence[Optional[to
             raise ValueError(f"sample {i}: {v.numel()} values for {positions.numel()} image tokens")
         out[i, positions] = v.to(dtype)
     return out
+
+
+def shared_images(pixel_values: Sequence[torch.Tensor], image_grid_thw: Sequence[torch.Tensor]
+                  ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Per-sequence images -> the images to encode once each, and ``image_ids``.
+
+    ``pixel_values[i]`` ``[patches_i, D]`` and ``image_grid_thw[i]`` ``[images_i, 3]`` are sequence
+    i's images. A sequence whose images equal the previous sequence's (the G rollouts of a prompt
+    are consecutive) reuses them: ``image_ids`` ``[image slots]`` says which encoded image fills
+    each slot, in batch order (``QwenVLModel.forward``); None when no sequence shares. Equal
+    means equal values, so sharing is exact whatever the sequences' provenance.
+    """
+    encode_pixels, encode_grids, image_ids = [], [], []
+    previous, count, shared = None, 0, False
+    for pixels, grid in zip(pixel_values, image_grid_thw):
+        if previous is not None and _same(previous[0], pixels) and _same(previous[1], grid):
+            image_ids.extend(previous[2])
+            shared = True
+            continue
+        ids = list(range(count, count + grid.shape[0]))
+        count += grid.shape[0]
+        encode_pixels.append(pixels)
+        encode_grids.append(grid)
+        image_ids.extend(ids)
+        previous = (pixels, grid, ids)
+    return (torch.cat(encode_pixels), torch.cat(encode_grids),
+            torch.tensor(image_ids, dtype=torch.long) if shared else None)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a is b or (a.shape == b.shape and torch.equal(a, b))

@@ -25,7 +25,11 @@ from megatron_ease.rl.dynamic_sampling import RolloutBatch
 from megatron_ease.rl.rollout import MegatronRolloutEngine
 from megatron_ease.rl.sampling import SamplingParams
 from megatron_ease.training import builders
-from megatron_ease.training.batch import assemble_sequences, place_at_image_tokens
+from megatron_ease.training.batch import (
+    assemble_sequences,
+    place_at_image_tokens,
+    shared_images,
+)
 from megatron_ease.training.checkpointing import CheckpointManager
 from megatron_ease.training.metrics import MetricsLogger
 from megatron_ease.training.preemption import PreemptionHandler
@@ -171,11 +175,12 @@ class Trainer:
                       extra: Optional[RolloutBatch] = None) -> list[list[MicroBatch]]:
         """Kept rollout groups -> mini-batches of micro-batches (this DP rank's share).
 
-        ``extra`` rollouts (EASE only: advantage 0, outside the DAPO token count) are assembled
-        with the kept ones, so every micro-batch of the step has one sequence length (pipeline
-        stages exchange fixed shapes), and dealt out as extra micro-batches across the
-        mini-batches. Their number may differ between DP ranks; every count that normalises a
-        loss is global."""
+        ``extra`` rollouts (EASE only: advantage 0, outside the DAPO token count) are dealt out
+        as extra micro-batches across the mini-batches. Their number may differ between DP
+        ranks; every count that normalises a loss is global. Each micro-batch is cut to its own
+        longest sequence (the sequences are right-padded; megatron-core's pipeline exchanges
+        shapes per micro-batch, ``variable_seq_lengths``) and encodes each image once
+        (``shared_images``: a group's rollouts share their prompt's)."""
         cfg, n = self.cfg, len(kept)
         rollouts = kept if extra is None or len(extra) == 0 else RolloutBatch.concat([kept, extra])
         p, total = rollouts.payload, len(rollouts)
@@ -192,16 +197,19 @@ class Trainer:
         policy = torch.arange(total) < n
 
         def micro_batch(start: int, stop: int) -> MicroBatch:
-            rows, idx = slice(start, stop), range(start, stop)
+            rows = slice(start, stop)
+            width = int(seqs.attention_mask[rows].sum(dim=1).max())
+            cols = (rows, slice(0, width))
+            pixel_values, grids, image_ids = shared_images(
+                [p["pixel_values"][j] for j in range(start, stop)],
+                [p["image_grid_thw"][j] for j in range(start, stop)])
             return MicroBatch(
-                input_ids=seqs.input_ids[rows], attention_mask=seqs.attention_mask[rows],
-                labels=seqs.labels[rows], response_mask=seqs.response_mask[rows],
-                image_mask=seqs.image_mask[rows],
-                pixel_values=torch.cat([p["pixel_values"][j] for j in idx]),
-                image_grid_thw=torch.cat([p["image_grid_thw"][j] for j in idx]),
-                advantages=advantages[rows], ease_target=target[rows],
-                ease_weight=weight[rows], evidence_mask=evidence[rows],
-                policy_rows=None if total == n else policy[rows])
+                input_ids=seqs.input_ids[cols], attention_mask=seqs.attention_mask[cols],
+                labels=seqs.labels[cols], response_mask=seqs.response_mask[cols],
+                image_mask=seqs.image_mask[cols], pixel_values=pixel_values,
+                image_grid_thw=grids, advantages=advantages[rows], ease_target=target[cols],
+                ease_weight=weight[rows], evidence_mask=evidence[cols],
+                policy_rows=None if total == n else policy[rows], image_ids=image_ids)
 
         out = [[micro_batch(i, min(i + mbs, start + per_mini))
                 for i in range(start, start + per_mini, mbs)] for start in range(0, n, per_mini)]

@@ -38,7 +38,7 @@ class MicroBatch:
     labels: torch.Tensor  # [b, S]
     response_mask: torch.Tensor  # [b, S] bool, label-shifted
     image_mask: torch.Tensor  # [b, S] bool
-    pixel_values: Optional[torch.Tensor]  # [patches, C·T·P·P]
+    pixel_values: Optional[torch.Tensor]  # [patches, C·T·P·P] of the images to encode
     image_grid_thw: Optional[torch.Tensor]  # [images, 3]
     advantages: torch.Tensor  # [b]
     ease_target: torch.Tensor  # [b, S] p* at image positions
@@ -48,6 +48,9 @@ class MicroBatch:
     # [b] bool, rows in the DAPO loss; None = all. False for rollouts that only feed EASE (the
     # correct rollouts of filtered all-correct groups, ``ease.use_filtered_correct``).
     policy_rows: Optional[torch.Tensor] = None
+    # [image slots] which encoded image fills each image slot (``QwenVLModel.forward``): the
+    # rollouts of one prompt share its image, encoded once. None = one image per slot.
+    image_ids: Optional[torch.Tensor] = None
 
     @property
     def policy_mask(self) -> torch.Tensor:
@@ -85,7 +88,8 @@ def _forward_backward(cfg: Config, model_chunks, micro_batches: list[MicroBatch]
         context = contexts_for(mb)
         with ease_context(model, context) if context is not None else contextlib.nullcontext():
             output = model(mb.input_ids, attention_mask=mb.attention_mask,
-                           pixel_values=mb.pixel_values, image_grid_thw=mb.image_grid_thw)
+                           pixel_values=mb.pixel_values, image_grid_thw=mb.image_grid_thw,
+                           image_ids=mb.image_ids)
         return output, partial(loss_fn, mb)
 
     return get_forward_backward_func()(

@@ -234,3 +234,22 @@ def test_7b_example_config_validates_and_carries_the_published_sizes():
     from_hf = model_config_from_hf(QWEN25VL_7B_CONFIG, base=cfg.model)
     assert from_hf == cfg.model
     assert cfg.parallel.tensor_model_parallel_size == 4 and cfg.model.bf16
+
+
+def test_vision_tower_uses_flash_attention_varlen_on_cuda_nodes_that_have_it(monkeypatch):
+    """HF's towers run window attention as one varlen call only under flash attention (else a
+    Python loop of one SDPA call per window): chosen when CUDA and flash-attn are present."""
+    import transformers.utils
+
+    from megatron_ease.models.qwen_vl import vision
+
+    cfg = model_config_from_hf(tiny_hf_config())
+    assert vision.build_vision_tower(cfg, torch.float32).config._attn_implementation == "sdpa"
+    for cuda, flash, want in ((True, True, "flash_attention_2"), (True, False, "sdpa"),
+                              (False, True, "sdpa")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available",
+                            lambda flash=flash: flash)
+        assert vision.default_attn_implementation() == want
+    monkeypatch.setattr(vision, "default_attn_implementation", lambda: "eager")
+    assert vision.build_vision_tower(cfg, torch.float32).config._attn_implementation == "eager"

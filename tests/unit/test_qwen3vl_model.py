@@ -93,10 +93,19 @@ def _logits_worker(hf_dir, batches, first_stage_layers=None):
 
 
 def _train_step_worker(hf_dir, batch, first_stage_layers=None, recompute_layers=False):
-    """Mean token NLL and every gradient (TP-gathered, global layer names) after one step."""
+    """Mean token NLL and every gradient (TP-gathered, global layer names) after one step, and
+    how often the first vision block's MLP ran (stage 0)."""
+    model = _build(hf_dir, first_stage_layers, recompute_layers)
+    calls = []
+    if model.vision_model is not None:  # forward itself: a recomputation runs no module hooks
+        mlp = model.vision_model.blocks[0].mlp
+        mlp.forward = lambda *args, _forward=mlp.forward: calls.append(1) or _forward(*args)
+    return {**_train_step(model, batch), "tower_block_calls": len(calls)}
+
+
+def _train_step(model, batch):
     from megatron_ease.models.qwen_vl import vocab_parallel_log_probs
 
-    model = _build(hf_dir, first_stage_layers, recompute_layers)
     labels = torch.roll(batch["input_ids"], -1, dims=1)
     mask = batch["attention_mask"] & torch.roll(batch["attention_mask"], -1, dims=1)
     mask[:, -1] = False
@@ -108,6 +117,19 @@ def _train_step_worker(hf_dir, batch, first_stage_layers=None, recompute_layers=
 
     out = run_schedule(model, batch, loss_fn, forward_only=False)
     return {"loss": out[0]["loss"] if out else None, "grads": gathered_grads(model)}
+
+
+def _shared_image_worker(hf_dir, batches):
+    """Loss, gradients and the patches the tower encoded, for each batch."""
+    results = []
+    for batch in batches:
+        torch.manual_seed(0)
+        model = _build(hf_dir)
+        encoded = []
+        model.vision_model.register_forward_hook(
+            lambda module, args, output: encoded.append(int(args[0].shape[0])))
+        results.append({**_train_step(model, batch), "encoded": encoded})
+    return results
 
 
 def _meta_param_counts(hf_configs):
@@ -179,6 +201,8 @@ def test_train_step_pp2_with_deepstack_on_stage_1_matches_single_stage(tiny):
     stages = run_distributed(_train_step_worker, tiny["hf_dir"], batch, 1, True,
                              pipeline_model_parallel_size=2)
     torch.testing.assert_close(stages[1]["loss"], ref["loss"], atol=1e-6, rtol=0)
+    # The tower recomputes too: its first block runs again in backward.
+    assert ref["tower_block_calls"] == 1 and stages[0]["tower_block_calls"] == 2
     grads = {**stages[0]["grads"], **stages[1]["grads"]}
     # Tied embeddings: the last stage's output layer is a copy of the word embeddings; the tied
     # gradient is their sum (finalize_model_grads all-reduces the embedding group).
@@ -188,6 +212,27 @@ def test_train_step_pp2_with_deepstack_on_stage_1_matches_single_stage(tiny):
     for level in range(3):
         name = f"vision_model.deepstack_merger_list.{level}.linear_fc2.weight"
         assert ref["grads"][name].abs().sum() > 0, name
+
+
+def test_an_image_shared_by_several_sequences_is_encoded_once_with_the_same_gradients(tiny):
+    """Rollouts of one prompt share its image: with ``image_ids`` the tower encodes it once and
+    its features (DeepStack levels included) fill every slot; loss and every gradient equal those
+    of encoding each sequence's copy."""
+    batch = tiny["batch"]
+    grids = batch["image_grid_thw"]
+    patches = [int(g.prod()) for g in grids]
+    last = batch["pixel_values"][sum(patches[:2]):]  # sample 1's image
+    rows = [0, 1, 1]  # sample 1 twice
+    copied = {"input_ids": batch["input_ids"][rows], "attention_mask": batch["attention_mask"][rows],
+              "pixel_values": torch.cat([batch["pixel_values"], last]),
+              "image_grid_thw": torch.cat([grids, grids[2:]])}
+    shared = {**copied, "pixel_values": batch["pixel_values"], "image_grid_thw": grids,
+              "image_ids": torch.tensor([0, 1, 2, 2])}
+    one, two = run_distributed(_shared_image_worker, tiny["hf_dir"], [copied, shared])[0]
+    assert one["encoded"] == [sum(patches) + patches[2]] and two["encoded"] == [sum(patches)]
+    torch.testing.assert_close(two["loss"], one["loss"], atol=1e-6, rtol=1e-6)
+    assert_close_dicts(two["grads"], one["grads"], atol=1e-6, rtol=1e-5)
+    assert any("deepstack" in n and float(g.abs().max()) > 0 for n, g in one["grads"].items())
 
 
 def test_packed_hidden_states_of_unexpected_width_are_refused():

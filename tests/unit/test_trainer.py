@@ -154,6 +154,63 @@ def _one_update(cfg, micro, dp_group, dp_size: int) -> dict:
                                 if getattr(p, "tensor_model_parallel", False)}}
 
 
+def _shared_image_update(dataset: str):
+    """One update on two prompts x two rollouts (rows 0, 0, 1, 1), the images given once per
+    rollout, and once per prompt through ``shared_images``."""
+    import torch
+
+    from megatron_ease.training import builders
+    from megatron_ease.training.batch import shared_images
+    from megatron_ease.training.update import MicroBatch
+
+    cfg = load_config(CONFIG, _overrides(dataset, "unused", 1))
+    tokenizer = builders.load_tokenizer(cfg.data.tokenizer)
+    batch = next(iter(builders.build_reader(cfg, tokenizer, cfg.data.train_shards, 2, 0, 1,
+                                            append_answer=True)))
+    labels = torch.full_like(batch["input_ids"], tokenizer.pad_token_id)
+    labels[:, :-1] = batch["input_ids"][:, 1:]
+    response = torch.zeros_like(batch["response_mask"])
+    response[:, :-1] = batch["response_mask"][:, 1:]
+    patches = batch["image_grid_thw"].prod(-1).tolist()
+    pixels = list(batch["pixel_values"].split(patches))
+    grids = list(batch["image_grid_thw"].split(1))
+    rows = [0, 0, 1, 1]
+    fields = dict(input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"][rows],
+                  labels=labels[rows], response_mask=response[rows],
+                  image_mask=batch["image_mask"][rows], advantages=torch.tensor([1.0, -1.0, 0.5, -0.5]),
+                  ease_target=batch["evidence_target"][rows],
+                  ease_weight=torch.tensor([1.0, 0.0, 1.0, 0.0]) * batch["has_target"][rows].float(),
+                  evidence_mask=batch["evidence_mask"][rows])
+    copies = MicroBatch(pixel_values=torch.cat([pixels[r] for r in rows]),
+                        image_grid_thw=torch.cat([grids[r] for r in rows]), **fields)
+    encoded, slot_grids, image_ids = shared_images([pixels[r] for r in rows],
+                                                   [grids[r] for r in rows])
+    shared = MicroBatch(pixel_values=encoded, image_grid_thw=slot_grids, image_ids=image_ids,
+                        **fields)
+    return {"image_ids": image_ids, "copies": _one_update(cfg, [copies], None, 1),
+            "shared": _one_update(cfg, [shared], None, 1)}
+
+
+def test_rollouts_of_one_prompt_encode_its_image_once_with_the_same_update(dataset):
+    """``shared_images`` gives the G rollouts of a prompt one encoding of its image; the DAPO +
+    EASE update is the one of encoding every rollout's copy (the tower's gradient is the sum
+    over the slots either way)."""
+    import torch
+
+    result = run_distributed(_shared_image_update, dataset, timeout_s=600)[0]
+    assert result["image_ids"].tolist() == [0, 0, 1, 1]
+    copies, shared = result["copies"], result["shared"]
+    assert shared["ease_loss"] == pytest.approx(copies["ease_loss"], rel=1e-6)
+    assert shared["grad_norm"] == pytest.approx(copies["grad_norm"], rel=1e-5)
+    moved = [n for n, d in copies["delta"].items() if n.startswith("vision") and d.abs().max() > 0]
+    assert moved, "the vision tower did not move: the test proves nothing"
+    # Adam's first step is ~lr·sign(g) (lr 1e-4): atol 1e-6 admits the summation-order rounding
+    # of near-zero gradients (where g is about Adam's eps), not a wrong feature or gradient.
+    for name, delta in copies["delta"].items():
+        torch.testing.assert_close(shared["delta"][name], delta, atol=1e-6, rtol=1e-4,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
 def _dp_invariance_update(dataset: str, use_distributed_optimizer: bool):
     """The update at DP = 2 with one micro-batch per rank, and, on every rank, on the whole
     mini-batch as one process runs it (both micro-batches, a DP group of this rank alone)."""
@@ -538,7 +595,14 @@ def _filtered_correct_run(overrides):
                             if mb.policy_rows is not None),
             tokens=sum(mb.num_response_tokens for mb in flat),
             kept_tokens=sum(mb.num_response_tokens for mini in kept_only for mb in mini),
-            one_length=len({mb.input_ids.shape[1] for mb in flat}) == 1,
+            # Each micro-batch is cut to its own longest sequence.
+            trimmed=all(int(mb.attention_mask.sum(1).max()) == mb.input_ids.shape[1]
+                        for mb in flat),
+            # Image slots vs images encoded: a micro-batch of one group's rollouts encodes the
+            # prompt's image once.
+            slots=sum(int(mb.image_mask.sum()) for mb in flat),
+            encoded=sum(int(mb.image_grid_thw.prod(-1).sum()) // 4 for mb in flat),
+            shared=all(mb.image_ids is not None for mini in kept_only for mb in mini),
             minis=len(out),
             # Each mini-batch starts with the kept rows' micro-batches, as without extras (the
             # joint assembly may pad them further).
@@ -556,7 +620,8 @@ def _filtered_correct_run(overrides):
 def test_filtered_correct_rollouts_feed_ease_but_not_dapo(dataset, tmp_path):
     """``ease.use_filtered_correct``: the correct rollouts of all-correct groups (which dynamic
     sampling drops) join the step as EASE-only rows: gated in, advantage 0, outside the DAPO
-    token count, assembled to the step's one sequence length."""
+    token count. Every micro-batch is cut to its longest sequence and encodes its group's image
+    once."""
     run_dir = str(tmp_path / "run")
     # Groups of 2 so that all-correct groups are common after the short warm start.
     overrides = _overrides(dataset, run_dir, 2, "ease.use_filtered_correct=true",
@@ -572,7 +637,8 @@ def test_filtered_correct_rollouts_feed_ease_but_not_dapo(dataset, tmp_path):
         assert step["extra_advantage"] == 0.0
         assert step["extra_gated"] == step["extra"]  # all correct, all with a target
         assert step["tokens"] == step["kept_tokens"]  # the DAPO normaliser ignores them
-        assert step["one_length"] and step["minis"] == 2 and step["kept_first"]
+        assert step["trimmed"] and step["minis"] == 2 and step["kept_first"]
+        assert step["shared"] and step["encoded"] * 2 <= step["slots"]
     metrics = _metrics(run_dir)
     assert all("ease_extra_rows" in record for record in metrics.values())
 

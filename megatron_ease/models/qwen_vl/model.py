@@ -143,11 +143,13 @@ class QwenVLModel(MegatronModule):
                               image_token_id=self.model_cfg.image_token_id)[0]
 
     def embed(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor] = None,
-              image_grid_thw: Optional[torch.Tensor] = None) -> torch.Tensor:
+              image_grid_thw: Optional[torch.Tensor] = None,
+              image_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Stage 0: ``[s, b, h]`` token embeddings with image features at image-token positions.
 
         With DeepStack (Qwen3-VL) and images: ``[s, b, (1 + L) h]``, the ``L`` levels packed after
         the embeddings (``deepstack.py``); pass it on as ``decoder_input`` unchanged.
+        ``image_ids``: see ``forward``.
         """
         if not self.pre_process:
             raise RuntimeError("embed() runs on the first pipeline stage only")
@@ -163,6 +165,9 @@ class QwenVLModel(MegatronModule):
             raise ValueError("pixel_values given without image_grid_thw")
         features, deepstack = vision_features(self.vision_model, pixel_values,
                                               image_grid_thw)  # [n, h], L x [n, h]
+        if image_ids is not None:  # each encoded image's features at each of its slots
+            index = self._image_slot_token_index(image_grid_thw, image_ids).to(features.device)
+            features, deepstack = features[index], [level[index] for level in deepstack]
         if features.shape[0] != num_tokens:
             raise ValueError(f"the images give {features.shape[0]} features (image_grid_thw "
                              f"{image_grid_thw.tolist()}) but input_ids hold {num_tokens} image "
@@ -171,6 +176,31 @@ class QwenVLModel(MegatronModule):
         levels = scatter_deepstack_levels(deepstack, seq_idx, batch_idx, embeddings)
         embeddings = embeddings.index_put((seq_idx, batch_idx), features.to(embeddings.dtype))
         return pack_deepstack(embeddings, levels)  # [s, b, (1 + L) h]
+
+    def _image_slot_token_index(self, image_grid_thw: torch.Tensor,
+                                image_ids: torch.Tensor) -> torch.Tensor:
+        """``[tokens of all slots]``: rows of the encoded images' features, slot by slot."""
+        if image_ids.dim() != 1 or (image_ids.numel() and (
+                int(image_ids.min()) < 0 or int(image_ids.max()) >= image_grid_thw.shape[0])):
+            raise ValueError(f"image_ids must index the {image_grid_thw.shape[0]} encoded images "
+                             f"(image_grid_thw rows), got {image_ids.tolist()}")
+        merge = self.model_cfg.vision.spatial_merge_size
+        tokens = (image_grid_thw.prod(dim=-1) // merge**2).tolist()
+        starts = [0]
+        for n in tokens[:-1]:
+            starts.append(starts[-1] + n)
+        ids = image_ids.tolist()
+        if not ids:
+            return torch.zeros(0, dtype=torch.long)
+        return torch.cat([torch.arange(starts[i], starts[i] + tokens[i]) for i in ids])
+
+    @staticmethod
+    def slot_grids(image_grid_thw: Optional[torch.Tensor],
+                   image_ids: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """``[num_slots, 3]``: the grid of each image slot of the batch, in batch order."""
+        if image_grid_thw is None or image_ids is None:
+            return image_grid_thw
+        return image_grid_thw[image_ids.to(image_grid_thw.device)]
 
     # -- forward ----------------------------------------------------------------------------------
 
@@ -185,6 +215,7 @@ class QwenVLModel(MegatronModule):
         decoder_input: Optional[torch.Tensor] = None,
         extra_block_kwargs: Optional[dict] = None,
         runtime_gather_output: Optional[bool] = None,
+        image_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Run this stage.
 
@@ -201,6 +232,10 @@ class QwenVLModel(MegatronModule):
                 DeepStack levels).
             extra_block_kwargs: passed to megatron's ``TransformerBlock.forward``.
             runtime_gather_output: gather the vocab-parallel logits over TP (megatron-core).
+            image_ids: ``[num_slots]`` which image of ``pixel_values`` / ``image_grid_thw`` fills
+                each image slot of the batch (batch order), so an image that several sequences
+                share (the G rollouts of one prompt) is encoded once; None = the images are the
+                slots, in order. Gradients are those of encoding every slot's image separately.
 
         Returns:
             Last stage: ``[b, s, vocab / TP]`` logits (or ``[b, s]`` losses with labels).
@@ -212,9 +247,10 @@ class QwenVLModel(MegatronModule):
             raise ValueError(f"attention_mask must be the [b, s] valid-token mask "
                              f"{list(input_ids.shape)}, got {list(attention_mask.shape)}")
         if position_ids is None:
-            position_ids = self.position_ids(input_ids, image_grid_thw, attention_mask)
+            position_ids = self.position_ids(input_ids, self.slot_grids(image_grid_thw, image_ids),
+                                             attention_mask)
         if self.pre_process and decoder_input is None:
-            decoder_input = self.embed(input_ids, pixel_values, image_grid_thw)
+            decoder_input = self.embed(input_ids, pixel_values, image_grid_thw, image_ids)
         layer_mask = attention_mask_for(attention_mask, batch, seq_len, self.attn_mask_type,
                                         device=input_ids.device)
         return self.language_model(

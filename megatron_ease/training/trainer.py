@@ -97,12 +97,14 @@ class Trainer:
 
     def _load_initial_state(self) -> None:
         self.resumed = False
+        self._saved_step: Optional[int] = None  # the step of this run's checkpoint on disk
         latest = self.checkpoints.latest() if self.checkpoints and self.cfg.checkpoint.resume \
             else None
         if latest:
             self.step, meta, rank_state = self.checkpoints.load(
                 latest, self.model_chunks, self.optimizer, self.scheduler)
             self.resumed = True
+            self._saved_step = self.step
             if not meta.get("has_optimizer", True):
                 # Saved before any RL step (a warm-start-only run): the optimizer's float32 main
                 # copies still hold the init and would overwrite the loaded weights.
@@ -394,6 +396,7 @@ class Trainer:
             self.step, self.model_chunks, self.optimizer, self.scheduler,
             trainer_state={"config": config_to_dict(self.cfg)},
             rank_state={"reader": self.train_reader.state_dict()})
+        self._saved_step = self.step
 
     def train(self, preemption: Optional[PreemptionHandler] = None) -> int:
         """Run to ``train.steps``; returns the process exit status: 0 when done, 75 when
@@ -421,9 +424,9 @@ class Trainer:
                     self.save()
                 if stop:
                     return self._preempted()
-            if self.checkpoints is not None and (
-                    self.checkpoints.latest() is None
-                    or not self.checkpoints.latest().endswith(f"{self.step:07d}")):
+            # Decided from this process's own record, not from ``latest`` on disk: a shared
+            # filesystem may show a rank a stale ``latest``, and a save is collective.
+            if self.checkpoints is not None and self._saved_step != self.step:
                 self.save()
             return 0
         finally:

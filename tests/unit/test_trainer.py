@@ -378,6 +378,31 @@ def test_max_rollouts_per_batch_bounds_the_rollouts_decoded_together(dataset, tm
         assert status == 0 and rows and set(rows) == {4}, rows
 
 
+def _stale_latest_run(overrides):
+    import torch
+
+    from megatron_ease.training.trainer import Trainer
+
+    trainer = Trainer(load_config(CONFIG, overrides))
+    if torch.distributed.get_rank() == 1:  # this rank's view of the shared directory lags
+        trainer.checkpoints.latest = lambda: None
+    saves = []
+    save = trainer.checkpoints.save
+    trainer.checkpoints.save = lambda step, *a, **k: saves.append(step) or save(step, *a, **k)
+    status = trainer.train()
+    trainer.metrics.close()
+    return status, saves
+
+
+def test_end_of_run_save_does_not_depend_on_each_ranks_view_of_latest(dataset, tmp_path):
+    """The last step was saved by the interval save: no rank saves again, even one whose
+    filesystem shows a stale ``latest`` (a save is collective: one rank alone in it hangs)."""
+    run_dir = str(tmp_path / "run")
+    overrides = _overrides(dataset, run_dir, 1, "checkpoint.interval=1")
+    results = run_distributed(_stale_latest_run, overrides, timeout_s=300)
+    assert results == [(0, [1]), (0, [1])]
+
+
 def _launch(overrides, **kwargs) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     # Its own session, so "kill -9" takes the whole job (checkpoint writer processes too).

@@ -131,6 +131,8 @@ def policy_update(cfg: Config, model_chunks, optimizer, mini_batches: list[list[
     separate = [mb for mini in (mini_batches[1:] if from_forward else mini_batches) for mb in mini]
     if separate:
         compute_old_log_probs(cfg, model_chunks, separate)
+    for chunk in model_chunks:  # recomputation (layers, vision tower) runs in train mode only
+        chunk.train()
     return [train_mini_batch(cfg, model_chunks, optimizer, mini, dp_group, dp_size, ease_active,
                              old_from_forward=from_forward and epoch == 0 and k == 0)
             for epoch in range(cfg.train.ppo_epochs) for k, mini in enumerate(mini_batches)]
@@ -154,15 +156,14 @@ def train_mini_batch(cfg: Config, model_chunks, optimizer, micro_batches: list[M
 
     def loss_fn(mb, output):
         log_probs = vocab_parallel_log_probs(output, mb.labels, d.temperature)
-        if old_from_forward:
-            mb.old_log_probs = log_probs.detach()  # later epochs reuse it
-        elif mb.old_log_probs is None:
+        old = log_probs.detach() if old_from_forward else mb.old_log_probs
+        if old is None:
             raise RuntimeError("train_mini_batch: micro-batch without old_log_probs; run "
                                "compute_old_log_probs first or pass old_from_forward=True")
         loss, sums = dapo_policy_loss_and_metrics(
-            log_probs, mb.old_log_probs, mb.advantages, mb.policy_mask, d.clip_low,
-            d.clip_high, d.clip_c, num_tokens=global_tokens)
-        return loss * undo, {"dapo_loss": loss.detach().double(), **sums}
+            log_probs, old, mb.advantages, mb.policy_mask, d.clip_low, d.clip_high, d.clip_c,
+            num_tokens=global_tokens)
+        return loss * undo, {"dapo_loss": loss.detach().double(), "old_log_probs": old, **sums}
 
     contexts = []
     if cfg.ease.layers:
@@ -189,6 +190,9 @@ def train_mini_batch(cfg: Config, model_chunks, optimizer, micro_batches: list[M
     outputs = _forward_backward(cfg, model_chunks, micro_batches, loss_fn, contexts_for,
                                 forward_only=False)
     ok, grad_norm, _ = optimizer.step()
+    if old_from_forward:  # kept for later epochs, on the stored micro-batches (the forward step
+        for mb, out in zip(micro_batches, outputs or []):  # had device copies of them)
+            mb.old_log_probs = out["old_log_probs"]
     sums = {"dapo_loss": 0.0, "clip_low": 0.0, "clip_high": 0.0, "clip_dual": 0.0,
             "approx_kl": 0.0, "ratio": 0.0, "tokens": 0.0}
     for out in outputs or []:

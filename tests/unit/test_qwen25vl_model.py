@@ -238,18 +238,40 @@ def test_7b_example_config_validates_and_carries_the_published_sizes():
 
 def test_vision_tower_uses_flash_attention_varlen_on_cuda_nodes_that_have_it(monkeypatch):
     """HF's towers run window attention as one varlen call only under flash attention (else a
-    Python loop of one SDPA call per window): chosen when CUDA and flash-attn are present."""
+    Python loop of one SDPA call per window): chosen for a bf16/fp16 tower when CUDA and
+    flash-attn are present (flash-attn takes no float32)."""
     import transformers.utils
 
     from megatron_ease.models.qwen_vl import vision
 
     cfg = model_config_from_hf(tiny_hf_config())
     assert vision.build_vision_tower(cfg, torch.float32).config._attn_implementation == "sdpa"
-    for cuda, flash, want in ((True, True, "flash_attention_2"), (True, False, "sdpa"),
-                              (False, True, "sdpa")):
+    bf16, fp32 = torch.bfloat16, torch.float32
+    for cuda, flash, dtype, want in ((True, True, bf16, "flash_attention_2"),
+                                     (True, True, torch.float16, "flash_attention_2"),
+                                     (True, True, fp32, "sdpa"), (True, False, bf16, "sdpa"),
+                                     (False, True, bf16, "sdpa")):
         monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
         monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available",
                             lambda flash=flash: flash)
-        assert vision.default_attn_implementation() == want
-    monkeypatch.setattr(vision, "default_attn_implementation", lambda: "eager")
+        assert vision.default_attn_implementation(dtype) == want, (cuda, flash, dtype)
+    monkeypatch.setattr(vision, "default_attn_implementation", lambda dtype: "eager")
     assert vision.build_vision_tower(cfg, torch.float32).config._attn_implementation == "eager"
+
+
+def test_frozen_vision_tower_is_not_recomputed_and_has_no_graph():
+    """``model.freeze_vision`` with ``model.recompute_layers``: the tower keeps nothing for
+    backward, so it is not checkpointed (HF's checkpointing would make its output require grad
+    and run a backward through every block for no gradient)."""
+    import dataclasses
+
+    from megatron_ease.models.qwen_vl import vision
+
+    base = model_config_from_hf(tiny_hf_config())
+    batch = tiny_batch()
+    for freeze, requires_grad in ((True, False), (False, True)):
+        cfg = dataclasses.replace(base, freeze_vision=freeze, recompute_layers=True)
+        tower = vision.build_vision_tower(cfg, torch.float32)
+        features = vision.vision_features(tower, batch["pixel_values"], batch["image_grid_thw"])
+        assert features.merged.requires_grad == requires_grad, freeze
+        assert tower.blocks[0].gradient_checkpointing == (not freeze)

@@ -296,12 +296,14 @@ def _policy_update_both_ways(dataset: str):
     """``policy_update`` (2 mini-batches x 2 epochs, PP = 2) from one init, with π_old of the
     first mini-batch taken from its first forward and with a separate π_old pass for every
     mini-batch (``train.recompute_old_log_probs``)."""
+    import dataclasses
+
     import torch
 
     from megatron_ease.training import builders, update
 
     results = {}
-    original = update.compute_old_log_probs
+    original, to = update.compute_old_log_probs, update.MicroBatch.to
     for recompute in (False, True):
         cfg = load_config(CONFIG, _overrides(dataset, "unused", 1) + [
             "parallel.pipeline_model_parallel_size=2", "train.ppo_epochs=2",
@@ -319,12 +321,15 @@ def _policy_update_both_ways(dataset: str):
             original(cfg_, chunks, micro_batches)
 
         update.compute_old_log_probs = counting
+        # On a GPU the forward step gets a device copy of each stored micro-batch: the same
+        # here, so nothing set on the copy can stand in for the stored one.
+        update.MicroBatch.to = lambda self, device: dataclasses.replace(self)
         try:
             updates = update.policy_update(cfg, [ddp], optimizer,
                                            [[micro_batch(0, 2)], [micro_batch(2, 4)]], None, 1,
                                            ease_active=True)
         finally:
-            update.compute_old_log_probs = original
+            update.compute_old_log_probs, update.MicroBatch.to = original, to
         results[recompute] = {
             "passes": passes, "kl": [u["_policy_sums"]["approx_kl"] for u in updates],
             "delta": {n: p.detach() - before[n] for n, p in model.named_parameters()}}

@@ -54,8 +54,9 @@ def _tower_class(family: str):
     raise UnsupportedModelError(f"model.family {family!r} has no vision tower")
 
 
-def default_attn_implementation() -> str:
-    """``flash_attention_2`` on a CUDA node with flash-attn installed, else ``sdpa``.
+def default_attn_implementation(dtype: torch.dtype) -> str:
+    """``flash_attention_2`` for a bf16/fp16 tower on a CUDA node with flash-attn installed
+    (flash-attn takes no float32), else ``sdpa``.
 
     HF's towers run their window and per-image attention as one varlen call (``cu_seqlens``)
     only with flash attention; any other implementation loops over the windows in Python, one
@@ -64,7 +65,8 @@ def default_attn_implementation() -> str:
     """
     from transformers.utils import is_flash_attn_2_available
 
-    if torch.cuda.is_available() and is_flash_attn_2_available():
+    if (dtype in (torch.bfloat16, torch.float16) and torch.cuda.is_available()
+            and is_flash_attn_2_available()):
         return "flash_attention_2"
     return "sdpa"
 
@@ -72,7 +74,7 @@ def default_attn_implementation() -> str:
 def build_vision_tower(model_cfg: ModelConfig, dtype: torch.dtype, initialize: bool = True,
                        attn_implementation: Optional[str] = None) -> torch.nn.Module:
     """The tower in ``dtype``; ``initialize=False`` skips HF's random init (weights get loaded);
-    ``attn_implementation``: HF's name, None = ``default_attn_implementation()``.
+    ``attn_implementation``: HF's name, None = ``default_attn_implementation(dtype)``.
 
     With ``model.recompute_layers`` its blocks recompute their activations in backward too (HF
     gradient checkpointing, non-reentrant): a tower keeps ~65 KiB (Qwen2.5-VL) / ~42 KiB
@@ -81,7 +83,7 @@ def build_vision_tower(model_cfg: ModelConfig, dtype: torch.dtype, initialize: b
     from transformers.initialization import no_init_weights
 
     config = hf_vision_config(model_cfg)
-    config._attn_implementation = attn_implementation or default_attn_implementation()
+    config._attn_implementation = attn_implementation or default_attn_implementation(dtype)
     with contextlib.nullcontext() if initialize else no_init_weights():
         tower = _tower_class(model_cfg.family)(config)
     for param in tower.parameters():
@@ -89,7 +91,9 @@ def build_vision_tower(model_cfg: ModelConfig, dtype: torch.dtype, initialize: b
         param.data = param.data.to(dtype)
         param.average_gradients_across_tp_domain = True
         param.requires_grad_(not model_cfg.freeze_vision)
-    if model_cfg.recompute_layers:
+    # A frozen tower keeps no activations for backward: nothing to recompute (and HF's
+    # checkpointing would make its output require grad, a backward through it for nothing).
+    if model_cfg.recompute_layers and not model_cfg.freeze_vision:
         tower.activation_checkpointing_enable({"use_reentrant": False})
     return tower
 

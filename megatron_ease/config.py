@@ -137,8 +137,10 @@ class DataConfig:
     train_shards: str = ""
     eval_shards: str = ""
     tokenizer: str = ""
-    min_pixels: int = 28 * 28 * 4
-    max_pixels: int = 28 * 28 * 1024
+    # Image resize budget; None = the model family's processor default (HF's: Qwen2.5-VL
+    # 3136 .. 12845056, Qwen3-VL 65536 .. 16777216 pixels).
+    min_pixels: Optional[int] = None
+    max_pixels: Optional[int] = None
     num_workers: int = 0
     shuffle_seed: int = 1234
     strict: bool = False
@@ -422,3 +424,6 @@ def validate_config(cfg: Config, world_size: int = 1) -> None:
     check(cfg.checkpoint.keep_last >= 1,
           f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}")
     check(cfg.eval.interval >= 0, f"eval.interval must be >= 0, got {cfg.eval.interval}")
+    check(cfg.eval.samples >= dp, f"eval.samples ({cfg.eval.samples}) must be at least the "
+                                  f"data-parallel size ({dp}): every rank scores a share")
+    check(cfg.eval.batch_size >= 1, f"eval.batch_size must be >= 1, got {cfg.eval.batch_size}")

@@ -40,6 +40,12 @@ class PromptConfig:
     system_prompt: Optional[str] = DEFAULT_SYSTEM_PROMPT
     instructions: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_INSTRUCTIONS))
 
+    @classmethod
+    def for_family(cls, family: str) -> "PromptConfig":
+        """As each model's own chat template renders a user turn without a system message:
+        Qwen2.5-VL's adds "You are a helpful assistant.", Qwen3-VL's adds no system turn."""
+        return cls(system_prompt=None) if family == "qwen3_vl" else cls()
+
 
 @dataclass(frozen=True)
 class QwenSpecialTokens:

@@ -140,6 +140,7 @@ class EvidenceShardDataset(IterableDataset):
         drop_last: bool = False,
         strict: bool = False,
         padding_side: str = "right",
+        max_samples: Optional[int] = None,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, {world_size})")
@@ -157,6 +158,13 @@ class EvidenceShardDataset(IterableDataset):
         if self.index.errors and rank == 0:
             self.index_skipped["unreadable_shard"] = len(self.index.errors)
         num_samples = len(self.index.entries)
+        if max_samples is not None:
+            # The pass covers the first ``max_samples`` samples of the (shuffled) order, split over
+            # the ranks: which samples an evaluation scores depends on nothing else (not on the
+            # loader's workers or batch size, which only order them).
+            if num_epochs is None:
+                raise ValueError("max_samples limits a finite pass (num_epochs)")
+            num_samples = min(num_samples, max_samples)
         self.epoch_length = num_samples // world_size if even_ranks else len(range(rank, num_samples, world_size))
         if self.epoch_length == 0:
             raise ValueError(f"{num_samples} samples in {len(self.index.shards)} shards: too few for {world_size} ranks")

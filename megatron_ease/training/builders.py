@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import Optional
 
 import torch
@@ -82,12 +83,29 @@ def build_scheduler(cfg: Config, optimizer):
         wd_incr_steps=steps, wd_incr_style="constant")
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(name: str):
+    """``data.tokenizer``: a directory, or a Hugging Face model id (``Qwen/Qwen3-VL-8B-Instruct``)
+    resolved as ``from_pretrained`` does (the HF cache; offline with ``HF_HUB_OFFLINE=1``)."""
     from transformers import AutoTokenizer
 
-    if not path or not os.path.isdir(path):
-        raise FileNotFoundError(f"data.tokenizer: no tokenizer directory at {path!r}")
-    return AutoTokenizer.from_pretrained(path)
+    if not name:
+        raise ValueError("data.tokenizer is empty: give a tokenizer directory or a Hugging Face "
+                         "model id")
+    if os.path.isdir(name):
+        return AutoTokenizer.from_pretrained(name)
+    if not _HUB_ID.fullmatch(name):
+        raise FileNotFoundError(f"data.tokenizer: no tokenizer directory at {name!r}")
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(
+            f"data.tokenizer: {name!r} is not a directory and cannot be loaded as a Hugging Face "
+            f"model id here ({type(e).__name__}: {str(e).splitlines()[0]}). On nodes without "
+            f"internet, download it first (`hf download {name}`, then HF_HUB_OFFLINE=1) or give "
+            f"the HF model's directory") from None
+
+
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # org/name, as on huggingface.co
 
 
 def image_config(cfg: Config):
@@ -101,9 +119,12 @@ def image_config(cfg: Config):
 
 
 def build_reader(cfg: Config, tokenizer, shards: str, batch_size: int, dp_rank: int, dp_size: int,
-                 train: bool = True, append_answer: bool = False):
-    """Evidence shards -> collated prompt batches for this data-parallel rank."""
+                 train: bool = True, append_answer: bool = False,
+                 max_samples: Optional[int] = None):
+    """Evidence shards -> collated prompt batches for this data-parallel rank. ``train=False``:
+    one in-order pass, over the first ``max_samples`` samples when given."""
     from megatron_ease.data.processing import SampleProcessor
+    from megatron_ease.data.prompt import PromptConfig
     from megatron_ease.data.reader import EvidenceDataLoader, EvidenceShardDataset, expand_shards
 
     files = expand_shards(shards)
@@ -111,11 +132,13 @@ def build_reader(cfg: Config, tokenizer, shards: str, batch_size: int, dp_rank: 
         field = "data.train_shards" if train else "data.eval_shards"
         raise FileNotFoundError(f"{field}: no shards match {shards!r}")
     processor = SampleProcessor(tokenizer, image_config(cfg), sigma=cfg.ease.sigma,
-                                alpha=cfg.ease.alpha, append_answer=append_answer)
+                                alpha=cfg.ease.alpha, append_answer=append_answer,
+                                prompt_config=PromptConfig.for_family(cfg.model.family))
     dataset = EvidenceShardDataset(
         files, processor, batch_size=batch_size, rank=dp_rank, world_size=dp_size,
         seed=cfg.data.shuffle_seed, shuffle=train, num_epochs=None if train else 1,
-        even_ranks=train, drop_last=False, strict=cfg.data.strict, padding_side="right")
+        even_ranks=train, drop_last=False, strict=cfg.data.strict, padding_side="right",
+        max_samples=max_samples)
     return EvidenceDataLoader(dataset, num_workers=cfg.data.num_workers)
 
 

@@ -67,6 +67,8 @@ class Trainer:
             raise ValueError(f"data.tokenizer {cfg.data.tokenizer} has no pad token")
         self.image_token_id = cfg.model.image_token_id
         self.stop_ids = [cfg.model.eos_token_id, *cfg.model.stop_token_ids]
+        if cfg.eval.interval:  # found now, not at the first validation hours into the run
+            _check_eval_shards(cfg)
 
         self.model = builders.build_model(cfg)
         self.ddp = builders.wrap_ddp(cfg, self.model)
@@ -273,47 +275,46 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, max_samples: Optional[int] = None) -> dict:
-        """Greedy accuracy (all, and anti-prior samples) and attention in evidence on held-out
-        shards, each DP rank on its own part."""
+        """Greedy accuracy (all, and anti-prior samples) and attention in evidence on the first
+        ``max_samples`` (default ``eval.samples``) samples of the held-out shards, in shard
+        order, each DP rank on its own part: the same samples whatever the DP size, loader
+        workers or batch size. Metrics are NaN if no sample could be read."""
         from megatron_ease.rl.rewards import compute_rewards
 
         cfg = self.cfg
+        samples = max_samples or cfg.eval.samples
         reader = builders.build_reader(cfg, self.tokenizer, cfg.data.eval_shards,
                                        cfg.eval.batch_size, self.dp_rank, self.dp_size,
-                                       train=False)
-        limit = (max_samples or cfg.eval.samples) // self.dp_size
+                                       train=False, max_samples=samples)
+        limit = len(range(self.dp_rank, samples, self.dp_size))  # this rank's share at most
         params = SamplingParams(max_new_tokens=cfg.dapo.max_response_length, temperature=0.0,
                                 n=1, stop_token_ids=tuple(self.stop_ids),
                                 suppress_token_ids=vision_token_ids(cfg))
         totals = torch.zeros(6, dtype=torch.float64)  # correct, n, anti correct, anti n, ev, ev n
-        seen = 0
         bar = progress_bar(self.is_logging_rank and cfg.logging.progress, total=limit,
                            desc="validation", unit="sample")
         for batch in reader:
-            if seen >= limit:
-                break
-            prompts = split_prompts(batch)[:limit - seen]
-            seen += len(prompts)
-            bar.update(len(prompts))
+            prompts = split_prompts(batch)
             out = generate(self.engine, prompts, params)
             texts = self.tokenizer.batch_decode(
                 [out.tokens[i, :int(out.lengths[i])].tolist() for i in range(len(prompts))],
                 skip_special_tokens=True)
-            rewards = compute_rewards(texts, batch["answers"][:len(prompts)],
-                                      batch["answer_types"][:len(prompts)],
-                                      batch["choices"][:len(prompts)])
-            anti = torch.tensor([not r.get("answer_is_prior", False)
-                                 for r in batch["records"][:len(prompts)]], dtype=torch.float64)
+            rewards = compute_rewards(texts, batch["answers"], batch["answer_types"],
+                                      batch["choices"])
+            anti = torch.tensor([not r.get("answer_is_prior", False) for r in batch["records"]],
+                                dtype=torch.float64)
             acc = rewards.accuracy.double()
             totals[:4] += torch.tensor([acc.sum(), len(prompts), (acc * anti).sum(), anti.sum()])
             if cfg.ease.layers:
                 ev_sum, ev_n = self._evidence_attention(batch, prompts, out)
                 totals[4:] += torch.tensor([ev_sum, ev_n])
+            bar.update(len(prompts))
         bar.close()
         if self.dp_group is not None:
             all_reduce_(totals, group=self.dp_group)
         c, n, ac, an, ev, evn = totals.tolist()
-        metrics = {"accuracy": c / max(n, 1), "anti_prior_accuracy": ac / max(an, 1),
+        nan = float("nan")
+        metrics = {"accuracy": c / n if n else nan, "anti_prior_accuracy": ac / an if an else nan,
                    "eval_samples": int(n)}
         if evn > 0:
             metrics["evidence_attention_mass"] = ev / evn
@@ -415,15 +416,19 @@ class Trainer:
             while self.step < cfg.train.steps:
                 metrics = self.train_step()
                 self.metrics.log(self.step, metrics, cfg.train.steps)
+                stop = preemption.should_stop()
+                preempted = stop and self.step < cfg.train.steps  # else the run is complete
+                # Saved before validating: a validation that fails (or runs into the time limit)
+                # must not cost the step. A preempted run skips the validation of its last step.
+                if preempted or self.step >= cfg.train.steps or (
+                        cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0):
+                    self.save()
+                if preempted:
+                    return self._preempted()
                 if cfg.eval.interval and self.step % cfg.eval.interval == 0:
                     self.metrics.log(self.step, self.evaluate(), cfg.train.steps, prefix="eval")
-                stop = preemption.should_stop()
-                if stop and self.step >= cfg.train.steps:
-                    break  # the run is complete: finish as usual, nothing to requeue
-                if stop or (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0):
-                    self.save()
                 if stop:
-                    return self._preempted()
+                    break  # signalled at the last step: finish as usual, nothing to requeue
             # Decided from this process's own record, not from ``latest`` on disk: a shared
             # filesystem may show a rank a stale ``latest``, and a save is collective.
             if self.checkpoints is not None and self._saved_step != self.step:
@@ -446,6 +451,20 @@ class Trainer:
         if self.is_logging_rank:
             print(message, flush=True)
         return status
+
+
+def _check_eval_shards(cfg: Config) -> None:
+    from megatron_ease.data.reader import expand_shards
+
+    try:
+        found = expand_shards(cfg.data.eval_shards) if cfg.data.eval_shards else []
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"data.eval_shards: {e} (eval.interval is {cfg.eval.interval}; "
+                                f"fix the path or set eval.interval=0)") from None
+    if not found:
+        raise FileNotFoundError(f"data.eval_shards: no shards match {cfg.data.eval_shards!r} "
+                                f"(eval.interval is {cfg.eval.interval}; fix the path or set "
+                                f"eval.interval=0)")
 
 
 def run(cfg: Config) -> int:

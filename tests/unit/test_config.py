@@ -104,3 +104,15 @@ def test_example_configs_load_and_validate():
         p = cfg.parallel
         validate_config(cfg, world_size=p.tensor_model_parallel_size
                         * p.pipeline_model_parallel_size * p.context_parallel_size)
+
+
+def test_image_budget_defaults_to_the_model_familys_processor():
+    """Without ``data.min_pixels`` / ``data.max_pixels`` a model family gets its HF processor's
+    budget (a Qwen3-VL config used to get Qwen2.5-VL's); given values win."""
+    from megatron_ease.training.builders import image_config
+
+    qwen3 = ["model.family=qwen3_vl", "model.vision.patch_size=16"]
+    got = image_config(load_config(None, qwen3))
+    assert (got.patch_size, got.min_pixels, got.max_pixels) == (16, 65536, 16777216)
+    got = image_config(load_config(None, ["data.min_pixels=4096"]))
+    assert (got.patch_size, got.min_pixels, got.max_pixels) == (14, 4096, 12845056)

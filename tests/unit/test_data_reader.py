@@ -333,6 +333,22 @@ def test_ranks_and_workers_cover_one_pass_disjointly(clean_shards, tokenizer):
     assert per_rank[0] | per_rank[1] == valid
 
 
+def test_max_samples_pass_is_the_first_samples_whatever_the_ranks_workers_and_batch(
+        clean_shards, tokenizer):
+    """Evaluation's pass over ``max_samples``: the first N samples in shard order (bad ones
+    skipped), split over the ranks; the loader's workers and batch size only order them."""
+    shards, _ = clean_shards
+    first_17 = {f"good-{i:03d}" for i in range(17)} - {"good-005"}  # sample 5 is bad
+    for world_size, num_workers, batch_size in ((1, 0, 4), (2, 0, 3), (2, 2, 3), (2, 3, 16)):
+        keys = []
+        for rank in range(world_size):
+            dataset = make_dataset(shards, tokenizer, batch_size=batch_size, rank=rank,
+                                   world_size=world_size, shuffle=False, num_epochs=1,
+                                   even_ranks=False, max_samples=17)
+            keys += collect(EvidenceDataLoader(dataset, num_workers=num_workers))[0]
+        assert len(keys) == len(set(keys)) and set(keys) == first_17, (world_size, num_workers)
+
+
 def test_even_ranks_get_equal_disjoint_epochs_reshuffled_each_epoch(clean_shards, tokenizer):
     shards, _ = clean_shards
     datasets = [make_dataset(shards, tokenizer, rank=r, world_size=2, seed=1) for r in range(2)]

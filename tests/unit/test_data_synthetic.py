@@ -163,3 +163,35 @@ def test_datasets_written_before_the_object_colour_task_are_still_recognised(dat
     with pytest.raises(ValueError, match="other parameters"):
         write_synthetic_dataset(old, NUM_TRAIN, NUM_EVAL, seed=0, samples_per_shard=100,
                                 config=SyntheticConfig(task_weights=(0, 0, 0, 1)))
+
+
+def test_data_tokenizer_takes_a_directory_or_a_cached_hub_id(dataset_dir, tmp_path):
+    """``data.tokenizer: Qwen/Qwen3-VL-8B-Instruct`` (the recipes) loads from the HF cache as
+    ``from_pretrained`` does (here offline, from a cache laid out as huggingface_hub writes it);
+    an id that is not there, or a path that does not exist, is a clear error naming the field."""
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.qwen_fixtures import tiny_hf_config
+
+    snapshot = tmp_path / "hub" / "models--org--tiny-vl" / "snapshots" / "0123abc"
+    shutil.copytree(os.path.join(dataset_dir, "tokenizer"), snapshot)
+    tiny_hf_config().to_json_file(snapshot / "config.json")  # a model repo has its config
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0123abc")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    script = ("import sys\nfrom megatron_ease.training.builders import load_tokenizer\n"
+              "try:\n    print(load_tokenizer(sys.argv[1]).eos_token_id)\n"
+              "except (FileNotFoundError, ValueError) as e:\n    print('error:', e)\n")
+
+    def load(name):
+        return subprocess.run([sys.executable, "-c", script, name], env=env, text=True,
+                              capture_output=True, timeout=120).stdout.strip()
+
+    assert load(os.path.join(dataset_dir, "tokenizer")) == "248"
+    assert load("org/tiny-vl") == "248"
+    missing = load("org/not-downloaded")
+    assert missing.startswith("error: data.tokenizer: 'org/not-downloaded' is not a directory")
+    assert "hf download org/not-downloaded" in missing
+    assert load("no/such/dir") == "error: data.tokenizer: no tokenizer directory at 'no/such/dir'"

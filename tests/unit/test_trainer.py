@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -102,6 +103,21 @@ QWEN3_VL = ["model.family=qwen3_vl", "model.mrope_section=[6,5,5]", "model.mrope
             "model.vision.num_position_embeddings=64",
             "model.vision.deepstack_visual_indexes=[0,1]", "model.vision.fullatt_block_indexes=[]",
             "data.min_pixels=4096", "data.max_pixels=65536"]  # tests/functional's tiny Qwen3-VL
+
+
+@pytest.mark.parametrize("family, system", [("qwen2_5_vl", True), ("qwen3_vl", False)])
+def test_prompts_follow_each_model_familys_chat_template(dataset, family, system):
+    """A user turn without a system message, as each model's chat template renders it:
+    Qwen2.5-VL's adds the default system turn, Qwen3-VL's none."""
+    from megatron_ease.training import builders
+
+    extra = QWEN3_VL if family == "qwen3_vl" else []
+    cfg = load_config(CONFIG, _overrides(dataset, "unused", 1) + extra)
+    tokenizer = builders.load_tokenizer(cfg.data.tokenizer)
+    batch = next(iter(builders.build_reader(cfg, tokenizer, cfg.data.train_shards, 2, 0, 1)))
+    text = tokenizer.decode(batch["input_ids"][0][batch["attention_mask"][0]])
+    want = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+    assert text.startswith(want if system else "<|im_start|>user\n"), text[:80]
 
 
 def _update_batch(cfg, n: int = 4):
@@ -406,6 +422,68 @@ def test_end_of_run_save_does_not_depend_on_each_ranks_view_of_latest(dataset, t
     overrides = _overrides(dataset, run_dir, 1, "checkpoint.interval=1")
     results = run_distributed(_stale_latest_run, overrides, timeout_s=300)
     assert results == [(0, [1]), (0, [1])]
+
+
+def _evaluate_only(overrides, max_samples):
+    from megatron_ease.training.trainer import Trainer
+
+    trainer = Trainer(load_config(CONFIG, overrides))
+    metrics = trainer.evaluate(max_samples=max_samples)
+    trainer.metrics.close()
+    return metrics
+
+
+def test_evaluation_scores_exactly_the_requested_samples_over_data_parallel_ranks(dataset,
+                                                                                tmp_path):
+    """7 samples at DP = 2: ranks score 4 and 3 (the remainder was dropped), with 2 loader
+    workers each; every rank reports the same totals."""
+    overrides = _overrides(dataset, str(tmp_path / "run"), 1, "data.num_workers=2",
+                           "eval.batch_size=2")
+    results = run_distributed(_evaluate_only, overrides, 7, timeout_s=600)
+    assert results[0] == results[1] and results[0]["eval_samples"] == 7
+
+
+def _failing_validation_run(overrides):
+    from megatron_ease.training.trainer import Trainer
+
+    trainer = Trainer(load_config(CONFIG, overrides))
+
+    def evaluate(max_samples=None):
+        raise RuntimeError("validation failed")
+
+    trainer.evaluate = evaluate
+    try:
+        trainer.train()
+    except RuntimeError as e:
+        return str(e), trainer.checkpoints.latest()
+    finally:
+        trainer.metrics.close()
+    return None, None
+
+
+def test_a_step_is_saved_before_its_validation_and_bad_eval_shards_fail_at_start(dataset,
+                                                                                 tmp_path):
+    """A validation that fails (bad data, out of memory) must not cost the step it follows: the
+    checkpoint is written first. A wrong ``data.eval_shards`` is found when the trainer is
+    built, not at the first validation hours later."""
+    run_dir = str(tmp_path / "run")
+    overrides = _overrides(dataset, run_dir, 2, "checkpoint.interval=1", "eval.interval=1")
+    results = run_distributed(_failing_validation_run, overrides, timeout_s=600)
+    for error, latest in results:
+        assert error == "validation failed" and latest.endswith("iter_0000001"), latest
+    bad = overrides + [f"data.eval_shards={dataset}/evl/*.tar"]
+    for error in run_distributed(_trainer_error, bad, timeout_s=300):
+        assert re.match(r"FileNotFoundError: data.eval_shards: .*evl.*eval.interval is 1", error)
+
+
+def _trainer_error(overrides) -> str:
+    from megatron_ease.training.trainer import Trainer
+
+    try:
+        Trainer(load_config(CONFIG, overrides))
+    except Exception as e:  # noqa: BLE001 -- the test reads which
+        return f"{type(e).__name__}: {e}"
+    return "no error"
 
 
 def _launch(overrides, **kwargs) -> subprocess.Popen:

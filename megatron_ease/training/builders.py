@@ -118,6 +118,20 @@ def image_config(cfg: Config):
         max_pixels=cfg.data.max_pixels)
 
 
+def shard_files(spec: str, field: str, hint: str = "") -> list[str]:
+    """The shard files of ``spec`` (globs, brace ranges), or an error naming the config
+    ``field`` (and ``hint``, what to do) when a pattern matches nothing."""
+    from megatron_ease.data.reader import expand_shards
+
+    try:
+        files = expand_shards(spec) if spec else []
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{field}: {e}{hint}") from None
+    if not files:
+        raise FileNotFoundError(f"{field}: no shards match {spec!r}{hint}")
+    return files
+
+
 def build_reader(cfg: Config, tokenizer, shards: str, batch_size: int, dp_rank: int, dp_size: int,
                  train: bool = True, append_answer: bool = False,
                  max_samples: Optional[int] = None):
@@ -125,12 +139,9 @@ def build_reader(cfg: Config, tokenizer, shards: str, batch_size: int, dp_rank: 
     one in-order pass, over the first ``max_samples`` samples when given."""
     from megatron_ease.data.processing import SampleProcessor
     from megatron_ease.data.prompt import PromptConfig
-    from megatron_ease.data.reader import EvidenceDataLoader, EvidenceShardDataset, expand_shards
+    from megatron_ease.data.reader import EvidenceDataLoader, EvidenceShardDataset
 
-    files = expand_shards(shards)
-    if not files:
-        field = "data.train_shards" if train else "data.eval_shards"
-        raise FileNotFoundError(f"{field}: no shards match {shards!r}")
+    files = shard_files(shards, "data.train_shards" if train else "data.eval_shards")
     processor = SampleProcessor(tokenizer, image_config(cfg), sigma=cfg.ease.sigma,
                                 alpha=cfg.ease.alpha, append_answer=append_answer,
                                 prompt_config=PromptConfig.for_family(cfg.model.family))

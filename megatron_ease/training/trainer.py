@@ -68,7 +68,9 @@ class Trainer:
         self.image_token_id = cfg.model.image_token_id
         self.stop_ids = [cfg.model.eos_token_id, *cfg.model.stop_token_ids]
         if cfg.eval.interval:  # found now, not at the first validation hours into the run
-            _check_eval_shards(cfg)
+            builders.shard_files(cfg.data.eval_shards, "data.eval_shards",
+                                 f" (eval.interval is {cfg.eval.interval}; fix the path or set "
+                                 f"eval.interval=0)")
 
         self.model = builders.build_model(cfg)
         self.ddp = builders.wrap_ddp(cfg, self.model)
@@ -451,20 +453,6 @@ class Trainer:
         if self.is_logging_rank:
             print(message, flush=True)
         return status
-
-
-def _check_eval_shards(cfg: Config) -> None:
-    from megatron_ease.data.reader import expand_shards
-
-    try:
-        found = expand_shards(cfg.data.eval_shards) if cfg.data.eval_shards else []
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"data.eval_shards: {e} (eval.interval is {cfg.eval.interval}; "
-                                f"fix the path or set eval.interval=0)") from None
-    if not found:
-        raise FileNotFoundError(f"data.eval_shards: no shards match {cfg.data.eval_shards!r} "
-                                f"(eval.interval is {cfg.eval.interval}; fix the path or set "
-                                f"eval.interval=0)")
 
 
 def run(cfg: Config) -> int:

@@ -324,21 +324,33 @@ class Trainer:
 
     def _eval_contexts(self, batch, prompts, out, keep_mass: bool = False):
         """Forward (no grad, λ = 0) over prompt + response with an EASE context: the EASE layers
-        record attention-in-evidence (and with ``keep_mass`` the mass) of these samples."""
+        record attention-in-evidence (and with ``keep_mass`` the mass) of these samples.
+
+        The samples go through in micro-batches of ``train.micro_batch_size`` rows, each cut to
+        its own longest sequence, as in training: ``eval.batch_size`` rows at once would hold
+        that many rows' logits and activations. Returns one context and one ``[b, S_k]`` image
+        mask per micro-batch, in sample order."""
         from megatron_ease.ease.context import EaseContext
 
         n = len(prompts)
         seqs = assemble_sequences([p.input_ids for p in prompts], out.tokens, out.lengths,
                                   self.pad_id, self.image_token_id)
-        targets = [image_values(batch, "evidence_target", i) for i in range(n)]
+        per_sample = [image_values(batch, "evidence_target", i) for i in range(n)]
+        targets = place_at_image_tokens(seqs.image_mask, per_sample)
         evidence = place_at_image_tokens(seqs.image_mask,
                                          [image_values(batch, "evidence_mask", i)
                                           for i in range(n)], dtype=torch.bool)
-        has = torch.tensor([t is not None for t in targets], dtype=torch.float32)
-        mb = MicroBatch(seqs.input_ids, seqs.attention_mask, seqs.labels, seqs.response_mask,
-                        seqs.image_mask, torch.cat([p.pixel_values for p in prompts]),
-                        torch.cat([p.image_grid_thw for p in prompts]), torch.zeros(n),
-                        place_at_image_tokens(seqs.image_mask, targets), has, evidence)
+        has = torch.tensor([t is not None for t in per_sample], dtype=torch.float32)
+        mbs = []
+        for start in range(0, n, self.cfg.train.micro_batch_size):
+            rows = slice(start, min(n, start + self.cfg.train.micro_batch_size))
+            cols = (rows, slice(0, int(seqs.attention_mask[rows].sum(dim=1).max())))
+            mbs.append(MicroBatch(
+                seqs.input_ids[cols], seqs.attention_mask[cols], seqs.labels[cols],
+                seqs.response_mask[cols], seqs.image_mask[cols],
+                torch.cat([p.pixel_values for p in prompts[rows]]),
+                torch.cat([p.image_grid_thw for p in prompts[rows]]),
+                torch.zeros(rows.stop - start), targets[cols], has[rows], evidence[cols]))
         contexts = []
 
         def contexts_for(m):
@@ -355,11 +367,11 @@ class Trainer:
 
         for chunk in self.model_chunks:
             chunk.eval()
-        _forward_backward(self.cfg, self.model_chunks, [mb], loss_fn, contexts_for,
+        _forward_backward(self.cfg, self.model_chunks, mbs, loss_fn, contexts_for,
                           forward_only=True)
         for chunk in self.model_chunks:
             chunk.train()
-        return contexts, seqs.image_mask
+        return contexts, [m.image_mask for m in mbs]
 
     def _evidence_attention(self, batch, prompts, out) -> tuple[float, float]:
         """Σ over samples of attention-in-evidence (mean over EASE layers), and the count."""
@@ -386,9 +398,12 @@ class Trainer:
                                 temperature=0.0, n=1, stop_token_ids=tuple(self.stop_ids),
                                 suppress_token_ids=vision_token_ids(self.cfg))
         out = generate(self.engine, prompts, params)
-        contexts, image_mask = self._eval_contexts(batch, prompts, out, keep_mass=True)
-        masses = torch.stack([r.mass for r in contexts[0].records.values()]).mean(0).cpu()  # [b, s]
-        return [masses[i][image_mask[i]] for i in range(len(prompts))]
+        contexts, image_masks = self._eval_contexts(batch, prompts, out, keep_mass=True)
+        result = []
+        for context, image_mask in zip(contexts, image_masks):
+            masses = torch.stack([r.mass for r in context.records.values()]).mean(0).cpu()
+            result.extend(masses[i][image_mask[i]] for i in range(len(image_mask)))
+        return result
 
     # -- the loop --------------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from megatron_ease.config import load_config
 from tests.harness import run_distributed
@@ -441,6 +442,54 @@ def test_evaluation_scores_exactly_the_requested_samples_over_data_parallel_rank
                            "eval.batch_size=2")
     results = run_distributed(_evaluate_only, overrides, 7, timeout_s=600)
     assert results[0] == results[1] and results[0]["eval_samples"] == 7
+
+
+def _evaluate_in_micro_batches(overrides):
+    from megatron_ease.training import builders
+    from megatron_ease.training.rollouts import split_prompts
+    from megatron_ease.training.trainer import Trainer
+
+    trainer = Trainer(load_config(CONFIG, overrides))
+    model = trainer.model_chunks[0]
+    rows = []
+    hook = model.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+    try:
+        results = {}
+        for mbs in (8, 3):
+            trainer.cfg.train.micro_batch_size = mbs
+            rows.clear()
+            metrics = trainer.evaluate(max_samples=8)
+            reader = builders.build_reader(trainer.cfg, trainer.tokenizer,
+                                           trainer.cfg.data.eval_shards, 8, 0, 1, train=False)
+            batch = next(iter(reader))
+            masses = trainer.attention_for(batch, split_prompts(batch))
+            results[mbs] = (metrics, masses, max(rows))
+    finally:
+        hook.remove()
+        trainer.metrics.close()
+    return results
+
+
+@pytest.mark.parametrize("layout", [{}, {"pipeline_model_parallel_size": 2}], ids=["dp2", "pp2"])
+def test_evaluation_forward_runs_in_micro_batches_with_the_same_results(dataset, tmp_path,
+                                                                         layout):
+    """The evaluation's EASE forward goes through ``train.micro_batch_size`` rows at a time
+    (``eval.batch_size`` rows at once held all their logits): the same accuracy, attention in
+    evidence and per-sample attention maps as one micro-batch of the whole eval batch."""
+    overrides = _overrides(dataset, str(tmp_path / "run"), 1, "eval.batch_size=8",
+                           "train.warm_start_steps=0",
+                           *(f"parallel.{key}={size}" for key, size in layout.items()))
+    results = run_distributed(_evaluate_in_micro_batches, overrides, timeout_s=600,
+                              **layout)[-1]
+    (whole, masses_whole, rows_whole), (split, masses_split, rows_split) = results[8], results[3]
+    assert rows_whole == 8 and rows_split == 3
+    assert whole["accuracy"] == split["accuracy"] and whole["eval_samples"] == 8
+    assert math.isclose(whole["evidence_attention_mass"], split["evidence_attention_mass"],
+                        rel_tol=1e-5)
+    assert len(masses_whole) == len(masses_split) == 8
+    for a, b in zip(masses_whole, masses_split):
+        assert a.shape == b.shape and a.sum() > 0
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def _failing_validation_run(overrides):

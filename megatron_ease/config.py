@@ -142,6 +142,9 @@ class DataConfig:
     min_pixels: Optional[int] = None
     max_pixels: Optional[int] = None
     num_workers: int = 0
+    # Batches each loader worker keeps ready (torch's DataLoader prefetch_factor); None = its
+    # default, 2. Every rank holds num_workers × this many batches of float32 pixels.
+    prefetch_factor: Optional[int] = None
     shuffle_seed: int = 1234
     strict: bool = False
     synthetic: bool = False  # write the synthetic evidence dataset when the shards are missing
@@ -403,6 +406,9 @@ def validate_config(cfg: Config, world_size: int = 1) -> None:
           f"(train.prompts_per_step x dapo.group_size / DP / train.ppo_mini_batches) is not "
           f"divisible by train.micro_batch_size ({t.micro_batch_size})")
     check(t.steps >= 0, f"train.steps must be >= 0, got {t.steps}")
+    check(cfg.data.num_workers >= 0, f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
+    check(cfg.data.prefetch_factor is None or cfg.data.prefetch_factor >= 1,
+          f"data.prefetch_factor must be >= 1 or null, got {cfg.data.prefetch_factor}")
     check(t.lr_decay_style in ("constant", "linear", "cosine"),
           f"train.lr_decay_style must be constant, linear or cosine, got {t.lr_decay_style!r}")
     if e.enabled:

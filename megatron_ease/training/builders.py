@@ -150,7 +150,8 @@ def build_reader(cfg: Config, tokenizer, shards: str, batch_size: int, dp_rank: 
         seed=cfg.data.shuffle_seed, shuffle=train, num_epochs=None if train else 1,
         even_ranks=train, drop_last=False, strict=cfg.data.strict, padding_side="right",
         max_samples=max_samples)
-    return EvidenceDataLoader(dataset, num_workers=cfg.data.num_workers)
+    return EvidenceDataLoader(dataset, num_workers=cfg.data.num_workers,
+                              prefetch_factor=cfg.data.prefetch_factor)
 
 
 def ensure_synthetic_data(cfg: Config) -> None:

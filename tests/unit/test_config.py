@@ -80,6 +80,8 @@ def test_missing_config_file():
      r"parallel.virtual_pipeline_model_parallel_size .* not supported"),
     (["dapo.top_p=0"], 1, r"dapo.top_p must be in \(0, 1\]"),
     (["dapo.top_p=1.5"], 1, r"dapo.top_p must be in \(0, 1\]"),
+    (["data.num_workers=-1"], 1, r"data.num_workers must be >= 0, got -1"),
+    (["data.prefetch_factor=0"], 1, r"data.prefetch_factor must be >= 1 or null, got 0"),
     (["dapo.group_size=8", "dapo.max_rollouts_per_batch=4"], 1,
      r"dapo.max_rollouts_per_batch \(4\) must be 0 \(no bound\) or at least dapo.group_size"),
 ])

@@ -121,6 +121,25 @@ def test_prompts_follow_each_model_familys_chat_template(dataset, family, system
     assert text.startswith(want if system else "<|im_start|>user\n"), text[:80]
 
 
+def test_reader_takes_the_loader_settings_of_the_config(dataset):
+    """data.num_workers and data.prefetch_factor reach torch's DataLoader (each rank keeps
+    workers × prefetch batches of pixels in host memory)."""
+    from unittest import mock
+
+    from megatron_ease.training import builders
+
+    cfg = load_config(CONFIG, _overrides(dataset, "unused", 1) + ["data.num_workers=2",
+                                                                   "data.prefetch_factor=1"])
+    tokenizer = builders.load_tokenizer(cfg.data.tokenizer)
+    reader = builders.build_reader(cfg, tokenizer, cfg.data.train_shards, 2, 0, 1)
+    with mock.patch("megatron_ease.data.reader.DataLoader",
+                    wraps=torch.utils.data.DataLoader) as loader:
+        batch = next(iter(reader))
+    assert batch["input_ids"].shape[0] == 2
+    assert loader.call_args.kwargs["num_workers"] == 2
+    assert loader.call_args.kwargs["prefetch_factor"] == 1
+
+
 def _update_batch(cfg, n: int = 4):
     """``n`` warm-start-style sequences (prompt + answer, images, EASE targets) of the shards,
     as ``MicroBatch(i, j)`` factories with fixed advantages and 3 of 4 rows gated for EASE."""

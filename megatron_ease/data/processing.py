@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import torch
 
-from megatron_ease.data.image import ImageProcessingConfig, preprocess_image
+from megatron_ease.data.image import ImageProcessingConfig, patchify_image, preprocess_image
 from megatron_ease.data.prompt import (
     IMAGE_PAD,
     PromptConfig,
@@ -26,7 +26,9 @@ class ProcessedSample:
     shard: str
     input_ids: torch.Tensor  # [S] int64: prompt, then the answer when the processor appends it
     prompt_length: int  # tokens before the appended answer (= S without one)
-    pixel_values: torch.Tensor  # [Σ t·h·w, C·tp·p·p] float32
+    # [Σ t·h·w, C·tp·p·p] float32; with ``raw_pixels`` the uint8 [Σ t·h·w, C·p·p] patches
+    # before rescale + normalise (``image.normalise_patches`` turns them into the former).
+    pixel_values: torch.Tensor
     image_grid_thw: torch.Tensor  # [n_img, 3] int64, patch units
     image_token_counts: list[int]  # per image: t·h·w / merge²
     image_sizes: list[tuple[int, int]]  # (W, H) original
@@ -70,11 +72,13 @@ class SampleProcessor:
         self.keep_source = keep_source
         self.special = QwenSpecialTokens.from_tokenizer(tokenizer)
 
-    def __call__(self, sample: EvidenceSample) -> ProcessedSample:
+    def __call__(self, sample: EvidenceSample, raw_pixels: bool = False) -> ProcessedSample:
+        """``raw_pixels``: ``pixel_values`` as uint8 patches (an eighth of the bytes to move
+        between processes; ``EvidenceDataLoader`` normalises them when they arrive)."""
         cfg = self.image_config
         pixel_values, grids, sizes, resized = [], [], [], []
         for image in sample.images:
-            patches, grid = preprocess_image(image, cfg)
+            patches, grid = (patchify_image if raw_pixels else preprocess_image)(image, cfg)
             pixel_values.append(patches)
             grids.append(grid)
             sizes.append(image.size)

@@ -5,7 +5,14 @@ import pytest
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from megatron_ease.data.image import ImageProcessingConfig, preprocess_image
+import torch
+
+from megatron_ease.data.image import (
+    ImageProcessingConfig,
+    normalise_patches,
+    patchify_image,
+    preprocess_image,
+)
 
 
 def hf_processor(cfg: ImageProcessingConfig) -> Qwen2VLImageProcessorPil:
@@ -56,6 +63,11 @@ def test_preprocess_image_equals_hf_pil_processor(family, mode, size, overrides)
     assert pixel_values.dtype.is_floating_point and pixel_values.numpy().dtype == want["pixel_values"].dtype
     assert list(grid) == want["image_grid_thw"][0].tolist()
     np.testing.assert_array_equal(pixel_values.numpy(), want["pixel_values"])
+    # The loader's workers ship the uint8 patches; normalised they are the same pixel_values.
+    raw, raw_grid = patchify_image(image, cfg)
+    assert raw.dtype == torch.uint8 and raw_grid == grid
+    assert raw.shape == (pixel_values.shape[0], 3 * cfg.patch_size ** 2)
+    np.testing.assert_array_equal(normalise_patches(raw, cfg).numpy(), want["pixel_values"])
 
 
 def test_grid_and_token_count_follow_smart_resize():
@@ -71,3 +83,11 @@ def test_grid_and_token_count_follow_smart_resize():
 def test_unknown_family_is_an_error():
     with pytest.raises(ValueError, match="unknown model family"):
         ImageProcessingConfig.for_family("llava")
+
+
+def test_normalise_patches_refuses_what_is_not_raw_patches():
+    cfg = ImageProcessingConfig.for_family("qwen2_5_vl")
+    with pytest.raises(ValueError, match=r"raw patches must be uint8 \[N, 588\], got torch.float32"):
+        normalise_patches(torch.zeros(4, 588), cfg)
+    with pytest.raises(ValueError, match=r"got torch.uint8 \(4, 1176\)"):
+        normalise_patches(torch.zeros(4, 1176, dtype=torch.uint8), cfg)

@@ -505,3 +505,39 @@ def test_an_error_that_is_not_a_data_error_is_raised_naming_the_sample(
         assert any("'good-003'" in m and "s-000000.tar" in m for m in messages)
     if hasattr(info.value, "add_note"):  # Python >= 3.11 (a worker's copy carries the note too)
         assert "'good-003'" in text and "s-000000.tar" in text
+
+
+def test_workers_ship_uint8_patches_and_the_loader_hands_out_the_same_pixel_values(tmp_path,
+                                                                                   tokenizer):
+    """With workers, samples cross to the main process as uint8 patches (an eighth of the
+    float32 bytes that wait in shared memory) and are normalised there: the batches equal the
+    in-process ones bit for bit (HF's pixel_values, tests/unit/test_data_image.py)."""
+    from unittest import mock
+
+    from megatron_ease.data import reader
+
+    write_tar(tmp_path / "a.tar", good_samples(6))
+    kwargs = dict(batch_size=2, shuffle=False, num_epochs=1, even_ranks=False)
+    _, inline = collect(EvidenceDataLoader(make_dataset(str(tmp_path / "a.tar"), tokenizer, **kwargs)))
+    shipped, original = [], reader.normalise_patches
+
+    def normalise(raw, cfg):
+        shipped.append((raw.dtype, raw.shape))
+        return original(raw, cfg)
+
+    with mock.patch.object(reader, "normalise_patches", normalise):
+        _, workers = collect(EvidenceDataLoader(make_dataset(str(tmp_path / "a.tar"), tokenizer, **kwargs),
+                                                num_workers=2))
+    assert len(inline) == 3 and len(workers) == len(shipped) == 4  # 2 + 1 per worker
+
+    def per_sample(batch):
+        return zip(batch["keys"], batch["pixel_values"].split(batch["image_grid_thw"].prod(1).tolist()))
+
+    for (dtype, shape), b in zip(shipped, workers):
+        assert dtype == torch.uint8 and shape == (b["pixel_values"].shape[0], 3 * IMAGE_CONFIG.patch_size ** 2)
+    worker_pixels = {k: p for b in workers for k, p in per_sample(b)}
+    assert len(worker_pixels) == 6
+    for a in inline:
+        for key, pixels in per_sample(a):
+            assert worker_pixels[key].dtype == torch.float32
+            assert torch.equal(worker_pixels[key], pixels), key

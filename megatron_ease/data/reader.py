@@ -36,6 +36,7 @@ from megatron_ease.data.collate import collate_evidence_batch
 from megatron_ease.data.image import normalise_patches
 from megatron_ease.data.processing import ProcessedSample, SampleProcessor
 from megatron_ease.data.schema import SampleError, decode_sample, split_member_name
+from megatron_ease.training.preemption import ignore_preemption_signals
 
 logger = logging.getLogger(__name__)
 
@@ -307,15 +308,6 @@ class EvidenceShardDataset(IterableDataset):
             yield {"_stream": {**tail, "end_of_pass": True}}
 
 
-def _ignore_preemption_signals(worker_id: int) -> None:
-    """Slurm signals every process of a task (``--signal=USR1@300``, SIGTERM on preemption);
-    the trainer saves and exits on them, so its loader workers must not die first."""
-    import signal
-
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
 class EvidenceDataLoader:
     """Iterates an EvidenceShardDataset through torch DataLoader workers, with exact resume.
 
@@ -353,7 +345,7 @@ class EvidenceDataLoader:
             num_workers=self.num_workers,
             prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
             pin_memory=self.pin_memory,
-            worker_init_fn=_ignore_preemption_signals,
+            worker_init_fn=ignore_preemption_signals,  # the trainer saves on them
         )
         batches = iter(loader)
         try:

@@ -32,6 +32,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
+from megatron_ease.training.preemption import protect_checkpoint_writer
+
 logger = logging.getLogger(__name__)
 
 LATEST = "latest"
@@ -59,6 +61,18 @@ def _write_atomic(path: str, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _fsync_dir(path: str) -> None:
+    """Persist a directory's entries (renames in it): a rename is atomic, but only durable
+    once its directory is synced; a node crash could otherwise bring back the old name."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some network filesystems refuse fsync on a directory
+        pass
+    finally:
+        os.close(fd)
 
 
 def latest_checkpoint(directory: Optional[str]) -> Optional[str]:
@@ -201,6 +215,44 @@ class CheckpointManager:
     def latest(self) -> Optional[str]:
         return latest_checkpoint(self.directory)
 
+    def resolve_latest(self) -> Optional[str]:
+        """Collective: the checkpoint ``latest`` names as rank 0 reads it, on every rank.
+
+        Each rank reading the pointer itself could resume different steps (a shared filesystem
+        may show a node a stale ``latest``: diverged replicas, then a hang), or one rank could
+        find none and wait alone in a collective. Raises on every rank when rank 0 cannot read
+        the pointer or some rank does not see the checkpoint it names."""
+        if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+            return self.latest()
+        from megatron_ease.distributed import all_reduce_
+
+        error, step = None, -3.0  # rank 0's answer wins the MAX: -2 error, -1 none, else step
+        if _rank() == 0:
+            try:
+                path = self.latest()
+                step = -1.0 if path is None else float(_STEP_DIR.match(
+                    os.path.basename(path)).group(1))
+            except RuntimeError as e:
+                error, step = e, -2.0
+        agreed = all_reduce_(torch.tensor([step], dtype=torch.float64),
+                             op=torch.distributed.ReduceOp.MAX)
+        if agreed.item() == -2.0:
+            raise error if error is not None else RuntimeError(
+                f"rank 0 could not read {os.path.join(self.directory, LATEST)} (its error is "
+                f"in rank 0's log)")
+        if agreed.item() == -1.0:
+            return None
+        path = os.path.join(self.directory, step_dir_name(int(agreed.item())))
+        seen = os.path.isfile(os.path.join(path, "trainer_state.json"))
+        missing = all_reduce_(torch.tensor([0.0 if seen else 1.0], dtype=torch.float64),
+                              op=torch.distributed.ReduceOp.MAX)
+        if missing.item() > 0:
+            raise RuntimeError(
+                f"{path} (named by rank 0's {LATEST}) is not visible on every rank"
+                f"{'' if seen else f' (rank {_rank()} does not see it)'}: checkpoint.dir must "
+                f"be on a filesystem that all nodes share")
+        return path
+
     def save(self, step: int, model_chunks: Sequence[torch.nn.Module], optimizer=None,
              scheduler=None, trainer_state: Optional[dict] = None,
              rank_state: Optional[dict] = None) -> str:
@@ -215,6 +267,7 @@ class CheckpointManager:
                     shutil.rmtree(os.path.join(self.directory, stale), ignore_errors=True)
             os.makedirs(tmp)
         _barrier()
+        protect_checkpoint_writer()  # megatron-core's writer must outlive Slurm's USR1 / TERM
         # A never-stepped optimizer has nothing to save (and megatron-core cannot describe it).
         if optimizer is not None and not _optimizer_has_state(optimizer):
             optimizer = None
@@ -242,7 +295,9 @@ class CheckpointManager:
                 replaced = os.path.join(self.directory, ".tmp_iter_replaced_" + str(os.getpid()))
                 os.rename(final, replaced)
             os.rename(tmp, final)
+            _fsync_dir(self.directory)  # iter_N is on disk before latest names it
             _write_atomic(os.path.join(self.directory, LATEST), step_dir_name(step) + "\n")
+            _fsync_dir(self.directory)
             if replaced is not None:
                 shutil.rmtree(replaced, ignore_errors=True)
             self._prune(step)

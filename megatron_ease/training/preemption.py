@@ -21,6 +21,47 @@ EXIT_REQUEUE = 75
 EXIT_STOPPED_UNSAVED = 143
 
 
+def ignore_preemption_signals(*_) -> None:
+    """In a helper process (loader worker, checkpoint writer): ignore SIGTERM and SIGUSR1.
+
+    Slurm signals every process of a task (``--signal=USR1@900``, SIGTERM on preemption); the
+    trainer reacts by saving, and needs its helpers alive for that. Takes and ignores any
+    arguments, so it serves as a DataLoader ``worker_init_fn`` or a process initializer."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+_writer_manager = None  # our signal-proof stand-in for megatron-core's results-queue Manager
+
+
+def protect_checkpoint_writer() -> None:
+    """Make megatron-core's checkpoint writer survive the preemption signals.
+
+    Its ``torch_dist`` writer (``dist_checkpointing.strategies.filesystem_async``) collects write
+    results through a ``multiprocessing.Manager().Queue()``: a server process it spawns at the
+    first save and keeps for the life of the process. A spawned process has default signal
+    handling, so the USR1 Slurm sends ahead of the time limit killed it, and the save that
+    signal asked for then failed on the broken pipe (every rank exited 1, no requeue). Here
+    that Manager is started by us, ignoring the signals, before megatron-core makes its own.
+    Idempotent; a no-op on megatron-core versions without that module-level queue."""
+    global _writer_manager
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+    except ImportError:
+        return
+    if not hasattr(filesystem_async, "_results_queue"):
+        return
+    if _writer_manager is not None and _writer_manager["queue"] is filesystem_async._results_queue:
+        return
+    import multiprocessing
+    from multiprocessing.managers import SyncManager
+
+    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+    manager.start(initializer=ignore_preemption_signals)
+    _writer_manager = {"manager": manager, "queue": manager.Queue()}
+    filesystem_async._results_queue = _writer_manager["queue"]
+
+
 class PreemptionHandler:
     def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)):
         self.received: int | None = None

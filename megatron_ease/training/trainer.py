@@ -102,8 +102,9 @@ class Trainer:
     def _load_initial_state(self) -> None:
         self.resumed = False
         self._saved_step: Optional[int] = None  # the step of this run's checkpoint on disk
-        latest = self.checkpoints.latest() if self.checkpoints and self.cfg.checkpoint.resume \
-            else None
+        # Collective: rank 0's reading of ``latest``, checked to be visible on every rank.
+        latest = self.checkpoints.resolve_latest() if self.checkpoints and \
+            self.cfg.checkpoint.resume else None
         if latest:
             self.step, meta, rank_state = self.checkpoints.load(
                 latest, self.model_chunks, self.optimizer, self.scheduler)

@@ -159,6 +159,72 @@ def test_latest_pointing_nowhere_is_a_clear_error(tmp_path):
     assert latest_checkpoint(str(tmp_path / "missing")) is None
 
 
+def _save_signal_helpers_then_save_again(directory: str):
+    import time
+
+    import psutil
+
+    ddp, opt, sched = _train_objects()
+    manager = CheckpointManager(directory, keep_last=2)
+    _step(ddp, opt, sched)
+    manager.save(1, [ddp], opt, sched)  # megatron-core's writer starts its helper process here
+    helpers = psutil.Process().children(recursive=True)
+    for helper in helpers:  # Slurm's --signal=USR1@900 reaches every process of the task
+        helper.send_signal(signal.SIGUSR1)
+    time.sleep(0.5)
+    alive = [h.is_running() and h.status() != psutil.STATUS_ZOMBIE for h in helpers]
+    _step(ddp, opt, sched)
+    manager.save(2, [ddp], opt, sched)  # the save that signal asks for
+    return len(helpers), alive, os.path.basename(manager.latest())
+
+
+def test_checkpoint_writer_helpers_survive_the_preemption_signals(tmp_path):
+    """megatron-core's torch_dist writer keeps a spawned Manager process for its results; USR1
+    killed it and the preemption save then failed on a broken pipe (exit 1, no requeue)."""
+    results = run_distributed(_save_signal_helpers_then_save_again, str(tmp_path / "ckpt"))
+    for helpers, alive, latest in results:
+        assert helpers >= 1 and all(alive) and latest == "iter_0000002"
+
+
+def _resolve_in(directories):
+    directory = directories[torch.distributed.get_rank()]
+    try:
+        return CheckpointManager(directory).resolve_latest()
+    except RuntimeError as e:
+        return f"error: {e}"
+
+
+def _checkpoint_dir(root, latest, steps):
+    os.makedirs(root)
+    for step in steps:
+        os.makedirs(root / f"iter_{step:07d}")
+        (root / f"iter_{step:07d}" / "trainer_state.json").write_text("{}")
+    if latest is not None:
+        (root / "latest").write_text(latest + "\n")
+    return str(root)
+
+
+def test_every_rank_resumes_the_checkpoint_rank_0_reads(tmp_path):
+    """Each rank read ``latest`` itself: a node with a stale view of a shared filesystem resumed
+    an older step (diverged replicas, then a hang). Here each rank gets its own directory, as
+    if it saw the shared one differently."""
+    new, stale = (_checkpoint_dir(tmp_path / "r0", "iter_0000003", (2, 3)),
+                  _checkpoint_dir(tmp_path / "r1", "iter_0000002", (2, 3)))
+    paths = run_distributed(_resolve_in, [new, stale])
+    assert [os.path.basename(p) for p in paths] == ["iter_0000003", "iter_0000003"]
+    # Rank 1 does not see the checkpoint rank 0 names: every rank raises, none waits alone.
+    missing = _checkpoint_dir(tmp_path / "r1b", "iter_0000002", (2,))
+    errors = run_distributed(_resolve_in, [new, missing])
+    assert all(e.startswith("error: ") and "not visible on every rank" in e for e in errors)
+    assert "rank 1 does not see it" in errors[1]
+    # Rank 0's pointer names nothing: every rank raises; no checkpoint anywhere: None on all.
+    broken = _checkpoint_dir(tmp_path / "r0b", "iter_0000009", ())
+    errors = run_distributed(_resolve_in, [broken, stale])
+    assert "iter_0000009" in errors[0] and "rank 0 could not read" in errors[1]
+    empty = str(tmp_path / "none")
+    assert run_distributed(_resolve_in, [empty, stale]) == [None, None]
+
+
 def test_preemption_signal_sets_the_stop_flag():
     handler = PreemptionHandler()
     try:

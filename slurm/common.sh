@@ -26,7 +26,14 @@
 # and exits 75 (EX_TEMPFAIL). It stops at the next step boundary, so the margin must hold the rest
 # of one RL step (rollouts included), an eval and the save at the model's size: raise it with
 # `sbatch --signal=USR1@<s>` if a step takes longer (a job that hits its limit first is not
-# requeued and loses the steps since its last periodic checkpoint). srun returns the highest exit status of its tasks (128 + n for a
+# requeued and loses the steps since its last periodic checkpoint). Preemption by another job
+# is different: Slurm sends SIGTERM and kills KillWait seconds later (30 by default), far less
+# than a step plus a save at 7B, so such a run resumes from its last periodic checkpoint
+# (checkpoint.interval) unless the partition gives preempted jobs time: a GraceTime that holds
+# a step and a save, and PreemptParameters=send_user_signal to have the USR1 sent then.
+# checkpoint.dir must be on a filesystem every node shares (rank 0 names the checkpoint all
+# ranks resume; they fail, together, when one does not see it).
+# srun returns the highest exit status of its tasks (128 + n for a
 # task killed by signal n), so 75 means the ranks stopped to be resumed and none was killed by a
 # signal; the script then runs `scontrol requeue` (Slurm does not requeue a job that ended by
 # itself) and the next run resumes from checkpoint.dir's `latest`, the trainer's default.

@@ -421,6 +421,44 @@ class EvidenceDataLoader:
         self._delivered, self._last_worker = {}, None
         self.skipped = Counter(state["skipped"])
 
+    def state_matches(self, state: dict[str, Any]) -> bool:
+        """Whether ``state`` was saved by a reader of this data, rank and layout."""
+        return all(state.get(k) == v for k, v in self._identity().items())
+
+    def load_resharded_state_dict(self, states: Sequence[dict[str, Any]]) -> bool:
+        """Continue a stream that another data-parallel layout saved: ``states`` are the readers'
+        ``state_dict()`` of all ranks of that run. Returns True when the continuation is exact.
+
+        A state of this very rank and layout (only tensor/pipeline sizes changed) is loaded as
+        it is. Otherwise (another DP size) this rank starts where the old ranks together stopped
+        in the same epoch order: every sample any old rank delivered lies before the new start,
+        so none is read twice; up to about workers × batch per old rank that were prefetched
+        but not delivered are passed over, and the per-rank skip bookkeeping starts afresh."""
+        mine = self._identity()
+        for state in states:
+            if self.state_matches(state):
+                self.load_state_dict(state)
+                return True
+        order = ("num_samples", "seed", "shuffle", "even_ranks")
+        for state in states:
+            for name in order:
+                if state.get(name) != mine[name]:
+                    raise ValueError(
+                        f"data loader state was saved with {name}={state.get(name)!r}, this run "
+                        f"has {mine[name]!r}: the sample order differs, it cannot continue")
+        if not states or not mine["even_ranks"]:
+            raise ValueError("no reader state of this layout to continue from")
+        old_world = states[0]["world_size"]
+        old_length = mine["num_samples"] // old_world
+        # First position past every sample the rank delivered (skip holds delivered ones > base).
+        end = max(max([s["base"] - 1, *s["skip"]]) + 1 for s in states)
+        epoch, slot = divmod(end, old_length)
+        new_slot = min(self.dataset.epoch_length, -(-slot * old_world // self.dataset.world_size))
+        self._start = StreamStart(epoch * self.dataset.epoch_length + new_slot)
+        self._delivered, self._last_worker = {}, None
+        self.skipped = Counter()
+        return False
+
     def _identity(self) -> dict[str, Any]:
         d = self.dataset
         return {

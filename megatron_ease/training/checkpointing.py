@@ -305,6 +305,19 @@ class CheckpointManager:
         _barrier()
         return final
 
+    @staticmethod
+    def saved_rank_states(path: str, key: str) -> list:
+        """``key`` of every rank's saved state in checkpoint ``path``, in rank order (ranks that
+        saved none are left out): what a resume in another layout continues from."""
+        directory = os.path.join(path, "rank_state")
+        out = []
+        for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
+            with open(os.path.join(directory, name)) as f:
+                saved = json.load(f)
+            if key in saved:
+                out.append(saved[key])
+        return out
+
     def _prune(self, saved_step: int) -> None:
         """Keep the ``keep_last`` newest checkpoints up to the one just saved (which ``latest``
         names). Checkpoints of later steps were left by another run in this directory (e.g. one
@@ -354,8 +367,9 @@ class CheckpointManager:
             # Per-rank state (RNG streams, data position) belongs to a layout that is gone: every
             # rank starts it afresh, the same way, instead of some ranks restoring theirs.
             if _rank() == 0:
-                logger.warning("%s was saved by %s ranks, resumed on %d: RNG streams and data "
-                               "positions start afresh", path, meta.get("world_size"), world_size)
+                logger.warning("%s was saved by %s ranks, resumed on %d: RNG streams start "
+                               "afresh", path, meta.get("world_size"), world_size)
+
         elif os.path.isfile(rank_file):
             with open(rank_file) as f:
                 rank_state = json.load(f)

@@ -114,10 +114,17 @@ class Trainer:
                 # Saved before any RL step (a warm-start-only run): the optimizer's float32 main
                 # copies still hold the init and would overwrite the loaded weights.
                 self.optimizer.reload_model_params()
-            if "reader" in rank_state:
-                self.train_reader.load_state_dict(rank_state["reader"])
-                self.train_iter = iter(self.train_reader)
-                self.collector.reader_iter = self.train_iter
+            own = rank_state.get("reader")
+            if own is not None and self.train_reader.state_matches(own):
+                self.train_reader.load_state_dict(own)
+            else:  # saved by another data-parallel layout (or world size): continue its stream
+                readers = self.checkpoints.saved_rank_states(latest, "reader")
+                if readers and not self.train_reader.load_resharded_state_dict(readers) \
+                        and self.is_logging_rank:
+                    print(f"data: continuing the saved stream at data-parallel size "
+                          f"{self.dp_size} (a few prefetched samples are passed over)", flush=True)
+            self.train_iter = iter(self.train_reader)
+            self.collector.reader_iter = self.train_iter
             if self.is_logging_rank:
                 print(f"resumed from {latest} at step {self.step}", flush=True)
         elif self.cfg.model.init_from:

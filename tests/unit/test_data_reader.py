@@ -388,6 +388,39 @@ def test_resume_with_other_worker_count_neither_repeats_nor_skips(clean_shards, 
     assert len(head) + len(tail) == len(valid) and set(head + tail) == valid
 
 
+def test_resume_at_another_data_parallel_size_continues_the_stream(clean_shards, tokenizer):
+    """DP = 1 -> DP = 2 (a job requeued on more nodes): the new ranks read on from where the old
+    one stopped in the same epoch order, nothing it delivered again and little passed over;
+    restarting from sample 0 fed the already-trained prompts again. A state of the same DP
+    rank and size (TP/PP changed) loads exactly."""
+    shards, _ = clean_shards
+    kwargs = dict(seed=7, even_ranks=True)
+    old = EvidenceDataLoader(make_dataset(shards, tokenizer, batch_size=4, **kwargs), num_workers=2)
+    delivered, _ = collect(old, max_batches=3)
+    state = json.loads(json.dumps(old.state_dict()))
+    order = [old.dataset.index.entries[old.dataset.entry_index(k)].key for k in range(old.dataset.epoch_length)]
+    new = [EvidenceDataLoader(make_dataset(shards, tokenizer, batch_size=2, rank=r, world_size=2, **kwargs))
+           for r in range(2)]
+    assert [loader.load_resharded_state_dict([state]) for loader in new] == [False, False]
+    after = [collect(loader, max_batches=2)[0] for loader in new]
+    assert not set(delivered) & set(after[0] + after[1])
+    first_new = min(order.index(k) for k in after[0] + after[1])
+    passed_over = {k for k in order[:first_new] if k.startswith("good")} - set(delivered)
+    assert 0 < len(passed_over) <= 4  # the other worker's prefetched batch, at most
+    # Same DP rank and size: the exact continuation.
+    ranks = [EvidenceDataLoader(make_dataset(shards, tokenizer, batch_size=2, rank=r, world_size=2, **kwargs))
+             for r in range(2)]
+    heads = [collect(loader, max_batches=2)[0] for loader in ranks]
+    states = [json.loads(json.dumps(loader.state_dict())) for loader in ranks]
+    again = EvidenceDataLoader(make_dataset(shards, tokenizer, batch_size=2, rank=1, world_size=2, **kwargs))
+    assert again.load_resharded_state_dict(states) is True
+    reference = EvidenceDataLoader(make_dataset(shards, tokenizer, batch_size=2, rank=1, world_size=2, **kwargs))
+    assert collect(again, max_batches=2)[0] == collect(reference, max_batches=4)[0][len(heads[1]):]
+    other_seed = EvidenceDataLoader(make_dataset(shards, tokenizer, batch_size=2, rank=0, world_size=2, seed=8))
+    with pytest.raises(ValueError, match="seed=7"):
+        other_seed.load_resharded_state_dict([state])
+
+
 def test_state_from_other_data_is_refused(clean_shards, tokenizer):
     shards, _ = clean_shards
     loader = EvidenceDataLoader(make_dataset(shards, tokenizer, seed=1))

@@ -511,6 +511,38 @@ def test_evaluation_forward_runs_in_micro_batches_with_the_same_results(dataset,
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def _train_reporting_reader_start(overrides):
+    from megatron_ease.training.trainer import Trainer
+
+    trainer = Trainer(load_config(CONFIG, overrides))
+    start = trainer.train_reader.state_dict()["base"]  # where this run's stream begins
+    try:
+        status = trainer.train()
+    finally:
+        trainer.metrics.close()
+    return status, start
+
+
+def test_resume_at_another_data_parallel_size_continues_the_data_stream(dataset, tmp_path):
+    """A checkpoint of a DP = 1 run (TP = 2) resumed at DP = 2: the readers continue the saved
+    stream (RNG state starts afresh; the data must not); before, they restarted at sample 0 and
+    trained on the same prompts again."""
+    run_dir = str(tmp_path / "run")
+    first = _overrides(dataset, run_dir, 1, "checkpoint.interval=1",
+                       "parallel.tensor_model_parallel_size=2")
+    assert run_distributed(_train_reporting_reader_start, first, timeout_s=600,
+                           tensor_model_parallel_size=2) == [(0, 0), (0, 0)]
+    with open(os.path.join(run_dir, "ckpt", "iter_0000001", "rank_state",
+                           "rank_00000.json")) as f:
+        saved = json.load(f)["reader"]
+    end = max([saved["base"] - 1, *saved["skip"]]) + 1
+    assert saved["world_size"] == 1 and end >= 4  # a step took at least its 4 prompts
+    second = _overrides(dataset, run_dir, 2, "checkpoint.interval=1")
+    results = run_distributed(_train_reporting_reader_start, second, timeout_s=600)
+    assert results == [(0, -(-end // 2)), (0, -(-end // 2))]
+    assert sorted(_metrics(run_dir)) == [1, 2]
+
+
 def _failing_validation_run(overrides):
     from megatron_ease.training.trainer import Trainer
 

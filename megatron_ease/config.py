@@ -322,7 +322,21 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         cfg = config_from_dict(data)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
-    return apply_overrides(cfg, overrides or [])
+    return resolve_hf_config(apply_overrides(cfg, overrides or []))
+
+
+def resolve_hf_config(cfg: Config) -> Config:
+    """``model.hf_config`` set: its sizes (family, layers, token ids, vision) replace the YAML's
+    in ``cfg.model``, so validation, the image processor, stop tokens and the model all see the
+    same model. Idempotent. Returns ``cfg``."""
+    if cfg.model.hf_config:
+        from megatron_ease.models.qwen_vl.hf_config import model_config_from_hf
+
+        try:
+            cfg.model = model_config_from_hf(cfg.model.hf_config, base=cfg.model)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"model.hf_config {cfg.model.hf_config!r}: {e}") from None
+    return cfg
 
 
 def data_parallel_size(cfg: Config, world_size: int) -> int:

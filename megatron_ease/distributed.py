@@ -108,7 +108,8 @@ def find_free_port() -> int:
 
 
 def read_launch_env(environ: Optional[Mapping[str, str]] = None) -> LaunchEnv:
-    """torchrun's variables win; else Slurm's (``srun`` one task per GPU); else one process."""
+    """torchrun's variables win; else Slurm's (a task of ``srun``, one per GPU); else one process
+    (also a Slurm batch script's shell, e.g. running tools/convert_hf_checkpoint.py)."""
     env = os.environ if environ is None else environ
     if "RANK" in env and "WORLD_SIZE" in env:
         return LaunchEnv(
@@ -119,7 +120,9 @@ def read_launch_env(environ: Optional[Mapping[str, str]] = None) -> LaunchEnv:
             master_port=int(env.get("MASTER_PORT", 29500)),
             launcher="torchrun",
         )
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+    # A task of an srun step only: a batch script's own shell also has SLURM_PROCID=0 and
+    # SLURM_NTASKS (the job's task count), but no step id, and runs as one process (measured).
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env:
         nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
         if not nodelist:
             raise RuntimeError("Slurm task without SLURM_JOB_NODELIST: cannot find the master host")

@@ -118,3 +118,24 @@ def test_image_budget_defaults_to_the_model_familys_processor():
     assert (got.patch_size, got.min_pixels, got.max_pixels) == (16, 65536, 16777216)
     got = image_config(load_config(None, ["data.min_pixels=4096"]))
     assert (got.patch_size, got.min_pixels, got.max_pixels) == (14, 4096, 12845056)
+
+
+def test_hf_config_sizes_reach_every_part_of_the_run(tmp_path):
+    """``model.hf_config`` replaced the sizes only where the model was built: validation, the
+    image processor and the stop tokens still read the YAML's (a Qwen3-VL config with a
+    Qwen2.5-VL YAML got 14-px patches for a 16-px tower)."""
+    from megatron_ease.training.builders import image_config
+    from tests.qwen_fixtures import tiny_qwen3vl_config
+
+    tiny_qwen3vl_config(num_layers=6).save_pretrained(str(tmp_path / "hf"))
+    yaml_cfg = "examples/tiny_cpu_ease.yaml"
+    cfg = load_config(yaml_cfg, [f"model.hf_config={tmp_path / 'hf'}"])
+    assert cfg.model.family == "qwen3_vl" and cfg.model.num_layers == 6
+    assert cfg.model.vision.patch_size == 16 and image_config(cfg).patch_size == 16
+    assert cfg.model.eos_token_id == 248 and cfg.model.hf_config == str(tmp_path / "hf")
+    validate_config(cfg)
+    with pytest.raises(ConfigError, match=r"ease.layers \[7\] out of range: the model has 6"):
+        validate_config(load_config(yaml_cfg, [f"model.hf_config={tmp_path / 'hf'}",
+                                               "ease.layers=[1,7]"]))
+    with pytest.raises(ConfigError, match=r"model.hf_config '.*missing'"):
+        load_config(yaml_cfg, [f"model.hf_config={tmp_path / 'missing'}"])

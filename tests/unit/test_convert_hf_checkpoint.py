@@ -161,6 +161,14 @@ def _corrupt(src: str, dst: Path, how: str) -> str:
     if how == "missing":
         name = "model.layers.1.mlp.up_proj.weight"
         del tensors[name]
+    elif how == "fp8":
+        name = "model.layers.0.self_attn.q_proj.weight"
+        tensors[name] = tensors[name].to(torch.float8_e4m3fn)
+    elif how == "quantized":
+        config = json.loads((dst / "config.json").read_text())
+        config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3"}
+        (dst / "config.json").write_text(json.dumps(config))
+        return "fp8"
     else:
         name = "visual.blocks.0.attn.qkv.weight"
         tensors[name] = tensors[name][:-1].clone()
@@ -168,15 +176,17 @@ def _corrupt(src: str, dst: Path, how: str) -> str:
     return name
 
 
-@pytest.mark.parametrize("how", ["missing", "wrong_shape"])
+@pytest.mark.parametrize("how", ["missing", "wrong_shape", "fp8", "quantized"])
 def test_corrupted_hf_checkpoint_is_refused_naming_the_tensor(converted, how):
+    """Also quantized checkpoints (FP8 tensors, a quantization_config): a KeyError before."""
     bad = converted["root"] / f"hf_{how}"
     name = _corrupt(converted["hf_dir"], bad, how)
     result = convert("hf-to-megatron", "--hf-dir", str(bad), "--out",
                      str(converted["root"] / f"ckpt_{how}"))
     assert result.returncode != 0
     assert f"'{name}'" in result.stderr
-    assert ("missing tensor" if how == "missing" else "has shape") in result.stderr
+    assert {"missing": "missing tensor", "wrong_shape": "has shape", "fp8": "stored as F8_E4M3",
+            "quantized": "quantized model"}[how] in result.stderr
 
 
 def test_weight_table_detects_and_writes_the_nested_naming():

@@ -35,7 +35,7 @@ def test_torchrun_env_mapping():
 
 def test_slurm_env_mapping_first_host_is_master_and_port_from_job_id():
     env = {"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1",
-           "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "123456"}
+           "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "123456", "SLURM_STEP_ID": "0"}
     launch = read_launch_env(env)
     assert (launch.rank, launch.world_size, launch.local_rank) == (9, 16, 1)
     assert launch.master_addr == "gpu07"
@@ -50,14 +50,24 @@ def test_slurm_env_mapping_first_host_is_master_and_port_from_job_id():
 
 def test_slurm_env_explicit_master_wins():
     env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "n[1-2]",
-           "SLURM_JOB_ID": "7", "MASTER_ADDR": "head", "MASTER_PORT": "30000"}
+           "SLURM_JOB_ID": "7", "MASTER_ADDR": "head", "MASTER_PORT": "30000", "SLURM_STEP_ID": "0"}
     launch = read_launch_env(env)
     assert (launch.master_addr, launch.master_port) == ("head", 30000)
 
 
 def test_slurm_env_without_nodelist_is_a_clear_error():
     with pytest.raises(RuntimeError, match="SLURM_JOB_NODELIST"):
-        read_launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "1"})
+        read_launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "1",
+                         "SLURM_STEP_ID": "3"})
+
+
+def test_a_slurm_batch_scripts_own_shell_is_one_process():
+    """sbatch --ntasks=16's batch shell has SLURM_PROCID=0 and SLURM_NTASKS=16 but no step id
+    (measured on Slurm here): a tool run there directly (the converter) was refused as a
+    16-rank launch, a trainer would have waited for 15 ranks that never come."""
+    launch = read_launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "16", "SLURM_LOCALID": "0",
+                              "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "5"})
+    assert (launch.rank, launch.world_size, launch.launcher) == (0, 1, "single")
 
 
 def test_single_process_env():

@@ -85,6 +85,12 @@ def model_config_from_hf(hf_config, base: Optional[ModelConfig] = None) -> Model
     """
     hf = load_hf_config(hf_config)
     family = check_supported_model_type(getattr(hf, "model_type", None))
+    quantization = getattr(hf, "quantization_config", None)
+    if quantization:
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else \
+            getattr(quantization, "quant_method", None)
+        raise UnsupportedModelError(f"a quantized model (quantization_config, quant_method "
+                                    f"{method!r}) is not supported: use the bf16 release")
     text, vision = hf.text_config, hf.vision_config
     rope = dict(text.rope_parameters or {})
     if rope.get("rope_type", "default") != "default":

@@ -68,7 +68,13 @@ class HFCheckpoint:
             for name in handle.keys():
                 piece = handle.get_slice(name)
                 self._file_of[name] = file
-                self._info[name] = (tuple(piece.get_shape()), _DTYPES[piece.get_dtype()])
+                dtype = _DTYPES.get(piece.get_dtype())
+                if dtype is None:
+                    raise WeightMismatchError(
+                        f"{os.path.join(hf_dir, file)}: tensor {name!r} is stored as "
+                        f"{piece.get_dtype()}, which is not supported (quantized checkpoints such "
+                        f"as FP8 ones are not); convert the bf16 release of the model")
+                self._info[name] = (tuple(piece.get_shape()), dtype)
         if weight_map:
             missing = sorted(set(weight_map) - set(self._file_of))
             if missing:

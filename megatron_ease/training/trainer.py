@@ -102,6 +102,7 @@ class Trainer:
     def _load_initial_state(self) -> None:
         self.resumed = False
         self._saved_step: Optional[int] = None  # the step of this run's checkpoint on disk
+        self._validation_due = False  # the resumed step's validation may not have run
         # Collective: rank 0's reading of ``latest``, checked to be visible on every rank.
         latest = self.checkpoints.resolve_latest() if self.checkpoints and \
             self.cfg.checkpoint.resume else None
@@ -110,6 +111,7 @@ class Trainer:
                 latest, self.model_chunks, self.optimizer, self.scheduler)
             self.resumed = True
             self._saved_step = self.step
+            self._validation_due = bool(meta.get("validation_due")) and self._is_validation_step()
             if not meta.get("has_optimizer", True):
                 # Saved before any RL step (a warm-start-only run): the optimizer's float32 main
                 # copies still hold the init and would overwrite the loaded weights.
@@ -420,9 +422,16 @@ class Trainer:
             return
         self.checkpoints.save(
             self.step, self.model_chunks, self.optimizer, self.scheduler,
-            trainer_state={"config": config_to_dict(self.cfg)},
+            # A step is saved before its validation: a run resumed here (preempted, or killed
+            # while validating) validates it first, else that point of the curve is missing.
+            trainer_state={"config": config_to_dict(self.cfg),
+                           "validation_due": self._is_validation_step()},
             rank_state={"reader": self.train_reader.state_dict()})
         self._saved_step = self.step
+
+    def _is_validation_step(self) -> bool:
+        interval = self.cfg.eval.interval
+        return bool(interval and self.step > 0 and self.step % interval == 0)
 
     def train(self, preemption: Optional[PreemptionHandler] = None) -> int:
         """Run to ``train.steps``; returns the process exit status: 0 when done, 75 when
@@ -438,6 +447,9 @@ class Trainer:
                     and not cfg.model.init_from):
                 self.warm_start()
                 self.optimizer.reload_model_params()  # the warm start had its own optimizer
+            if self._validation_due:
+                self._validation_due = False
+                self.metrics.log(self.step, self.evaluate(), cfg.train.steps, prefix="eval")
             while self.step < cfg.train.steps:
                 metrics = self.train_step()
                 self.metrics.log(self.step, metrics, cfg.train.steps)

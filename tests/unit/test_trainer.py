@@ -634,9 +634,17 @@ def test_kill_9_then_resume_reproduces_an_uninterrupted_run(dataset, tmp_path):
             assert a[step][name] == b[step][name], (step, name, a[step][name], b[step][name])
 
 
+def _eval_steps(run_dir: str) -> list[int]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [r["step"] for r in map(json.loads, f) if r["split"] == "eval"]
+
+
 def test_sigterm_saves_exits_75_and_the_next_run_resumes(dataset, tmp_path):
+    """With validation every step: the preempted step skips its validation to save in time, and
+    the resumed run validates it first (that point of the curve was lost)."""
     run_dir = str(tmp_path / "run")
-    proc = _launch(_overrides(dataset, run_dir, 50))
+    validation = ("eval.interval=1", "eval.samples=2", "eval.batch_size=2")
+    proc = _launch(_overrides(dataset, run_dir, 50, *validation))
     _wait_for(lambda: os.path.isfile(os.path.join(run_dir, "metrics.jsonl"))
               and os.path.getsize(os.path.join(run_dir, "metrics.jsonl")) > 0, proc)
     proc.send_signal(signal.SIGTERM)
@@ -645,11 +653,13 @@ def test_sigterm_saves_exits_75_and_the_next_run_resumes(dataset, tmp_path):
     saved = _latest(run_dir)
     step = int(saved.split("_")[1])
     assert 1 <= step < 50 and f"preempted: saved step {step}" in out
-    again = _launch(_overrides(dataset, run_dir, step + 1))
+    assert _eval_steps(run_dir) == list(range(1, step))
+    again = _launch(_overrides(dataset, run_dir, step + 1, *validation))
     out, _ = again.communicate(timeout=300)
     assert again.returncode == 0, out
     assert f"resumed from {os.path.join(run_dir, 'ckpt', saved)} at step {step}" in out
     assert sorted(_metrics(run_dir))[-1] == step + 1
+    assert _eval_steps(run_dir) == list(range(1, step + 2))
 
 
 def test_sigterm_without_checkpoint_dir_says_nothing_was_saved_and_is_not_requeued(dataset,

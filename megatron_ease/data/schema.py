@@ -273,7 +273,9 @@ def _mask_array(mask: Image.Image, fail, name: str) -> np.ndarray:
     (the I;16 modes, and mode I from a PNG: older Pillow versions open 16-bit PNGs as I):
     float32 weights value/65535, so full scale is weight 1 as in 8 bits. A 32-bit integer image
     (mode I from any other format) has no agreed full scale and is rejected (undecodable_mask),
-    as is a mode PIL cannot convert to grayscale.
+    as is a mode PIL cannot convert to grayscale. A float image (mode F, e.g. a float TIFF)
+    holds weights, kept as float32 (the targets clip them to [0, 1]); converting it to 8 bits
+    made every weight below 1 a 0.
     """
     if mask.mode == "L":
         return np.asarray(mask).astype(np.uint8)
@@ -282,6 +284,11 @@ def _mask_array(mask: Image.Image, fail, name: str) -> np.ndarray:
         if values.size and (values.min() < 0 or values.max() > 65535):
             raise fail("undecodable_mask", f"{name}: 16-bit mask with values outside [0, 65535]")
         return values.astype(np.float32) / np.float32(65535)
+    if mask.mode == "F":  # 32-bit float (TIFF): weights as they are (DESIGN §3), not value/255
+        values = np.asarray(mask, dtype=np.float32)
+        if not np.isfinite(values).all():
+            raise fail("undecodable_mask", f"{name}: float mask with NaN or infinite values")
+        return values
     if mask.mode == "I":
         raise fail("undecodable_mask", f"{name}: 32-bit integer mask (mode I) has no defined full "
                    "scale; store masks as 8-bit (value/255) or 16-bit (value/65535) grayscale PNG")

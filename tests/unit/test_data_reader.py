@@ -290,6 +290,28 @@ def test_16bit_mask_is_scaled_by_its_full_scale_and_8bit_mask_is_unchanged(token
     assert torch.equal(processor(sample8).evidence_target, want)
 
 
+def test_float_mask_holds_weights_not_8bit_values(tokenizer):
+    """A float mask (mode F: a float TIFF under mask.png; PIL reads by content) is weights in
+    [0, 1] (DESIGN §3); converting it to 8 bits made 0.75 a 0 and the left half's evidence
+    vanished. NaN weights are an undecodable mask."""
+    weights = np.zeros((56, 56), dtype=np.float32)
+    weights[:, :28] = 0.75
+    weights[:, 28:] = 0.25
+    tiff = io.BytesIO()
+    Image.fromarray(weights, mode="F").save(tiff, format="TIFF")
+    sample = decode_sample(members(record(evidence=[]), masks={"mask.png": tiff.getvalue()}), "f", "s")
+    assert sample.masks[0].dtype == np.float32
+    np.testing.assert_array_equal(sample.masks[0], weights)
+    target = SampleProcessor(tokenizer, IMAGE_CONFIG, sigma=0.0, alpha=0.0)(sample).evidence_target
+    left, right = target.view(2, 2).sum(0).tolist()
+    assert left == pytest.approx(0.75) and right == pytest.approx(0.25)
+    weights[0, 0] = np.nan
+    bad = io.BytesIO()
+    Image.fromarray(weights, mode="F").save(bad, format="TIFF")
+    with pytest.raises(SampleError, match="undecodable_mask.*NaN"):
+        decode_sample(members(record(evidence=[]), masks={"mask.png": bad.getvalue()}), "nan", "s")
+
+
 def test_writer_validates_with_the_reader_code(tmp_path):
     writer = EvidenceShardWriter(str(tmp_path), "w", samples_per_shard=3)
     for key, files in good_samples(4):

@@ -211,6 +211,7 @@ class CheckpointManager:
             raise ValueError("checkpoint.dir is not set")
         self.directory = directory
         self.keep_last = keep_last
+        self._reported_later: set[str] = set()  # another run's later checkpoints, warned once
 
     def latest(self) -> Optional[str]:
         return latest_checkpoint(self.directory)
@@ -326,7 +327,8 @@ class CheckpointManager:
         steps = sorted((int(m.group(1)), name) for name in os.listdir(self.directory)
                        if (m := _STEP_DIR.match(name)))
         later = [name for step, name in steps if step > saved_step]
-        if later:
+        if later and not set(later) <= self._reported_later:
+            self._reported_later.update(later)
             logger.warning("%s holds checkpoints of later steps than this run's %d (%s): left "
                            "in place; 'latest' names this run's", self.directory, saved_step,
                            ", ".join(later))

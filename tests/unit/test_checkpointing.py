@@ -120,9 +120,25 @@ def test_save_below_older_runs_checkpoints_keeps_the_new_one(tmp_path):
     ``latest`` naming nothing. The new one stays; the later ones are not this run's to delete."""
     directory = str(tmp_path / "ckpt")
     run_distributed(_save_steps, directory, (40, 50), 2)
-    listing, latest = run_distributed(_save_steps, directory, (10, 20, 30), 2)[0]
+    (listing, latest), warnings = run_distributed(_save_steps_counting_warnings, directory,
+                                                  (10, 20, 30), 2)[0]
     assert latest.endswith("iter_0000030")
     assert listing == ["iter_0000020", "iter_0000030", "iter_0000040", "iter_0000050", "latest"]
+    assert len(warnings) == 1 and "iter_0000040, iter_0000050" in warnings[0]  # not every save
+
+
+def _save_steps_counting_warnings(directory: str, steps, keep_last: int):
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger = logging.getLogger("megatron_ease.training.checkpointing")
+    logger.addHandler(handler)
+    try:
+        return _save_steps(directory, steps, keep_last), [r for r in records if "later" in r]
+    finally:
+        logger.removeHandler(handler)
 
 
 def test_saving_the_same_step_again_keeps_latest_valid(tmp_path):

@@ -143,7 +143,7 @@ class DataConfig:
     max_pixels: Optional[int] = None
     num_workers: int = 0
     # Batches each loader worker keeps ready (torch's DataLoader prefetch_factor); None = its
-    # default, 2. Every rank holds num_workers × this many batches of float32 pixels.
+    # default, 2. Every rank holds num_workers × this many batches (their pixels as uint8).
     prefetch_factor: Optional[int] = None
     shuffle_seed: int = 1234
     strict: bool = False

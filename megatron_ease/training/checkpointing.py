@@ -54,6 +54,19 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
+def _layout() -> Optional[dict]:
+    """This process's parallel layout (sizes), as checkpoints record it; None without
+    megatron-core's groups."""
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return None
+    return {"tp": ps.get_tensor_model_parallel_world_size(),
+            "pp": ps.get_pipeline_model_parallel_world_size(),
+            "cp": ps.get_context_parallel_world_size(),
+            "dp": ps.get_data_parallel_world_size()}
+
+
 def _write_atomic(path: str, text: str) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w") as f:
@@ -233,7 +246,7 @@ class CheckpointManager:
                 path = self.latest()
                 step = -1.0 if path is None else float(_STEP_DIR.match(
                     os.path.basename(path)).group(1))
-            except RuntimeError as e:
+            except Exception as e:  # OSError (ESTALE, EIO) too: the others wait below
                 error, step = e, -2.0
         agreed = all_reduce_(torch.tensor([step], dtype=torch.float64),
                              op=torch.distributed.ReduceOp.MAX)
@@ -281,7 +294,7 @@ class CheckpointManager:
                       json.dumps(state))
         if _rank() == 0:
             meta = {"step": step, "world_size": torch.distributed.get_world_size()
-                    if torch.distributed.is_initialized() else 1,
+                    if torch.distributed.is_initialized() else 1, "layout": _layout(),
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
                     "has_optimizer": optimizer is not None,
                     **(trainer_state or {})}
@@ -365,12 +378,16 @@ class CheckpointManager:
         rank_state: dict[str, Any] = {}
         world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() \
             else 1
-        if meta.get("world_size", world_size) != world_size:
+        layout = _layout()
+        if meta.get("world_size", world_size) != world_size or \
+                meta.get("layout", layout) != layout:
             # Per-rank state (RNG streams, data position) belongs to a layout that is gone: every
-            # rank starts it afresh, the same way, instead of some ranks restoring theirs.
+            # rank starts it afresh, the same way, instead of some ranks restoring theirs (at the
+            # same world size rank r's file would be another (TP, PP, DP) rank's).
             if _rank() == 0:
-                logger.warning("%s was saved by %s ranks, resumed on %d: RNG streams start "
-                               "afresh", path, meta.get("world_size"), world_size)
+                logger.warning("%s was saved by %s ranks in layout %s, resumed on %d in %s: RNG "
+                               "streams start afresh", path, meta.get("world_size"),
+                               meta.get("layout"), world_size, layout)
 
         elif os.path.isfile(rank_file):
             with open(rank_file) as f:

@@ -119,7 +119,7 @@ class Trainer:
             own = rank_state.get("reader")
             if own is not None and self.train_reader.state_matches(own):
                 self.train_reader.load_state_dict(own)
-            else:  # saved by another data-parallel layout (or world size): continue its stream
+            else:  # saved in another layout (RNG streams not restored): continue its stream
                 readers = self.checkpoints.saved_rank_states(latest, "reader")
                 if readers and not self.train_reader.load_resharded_state_dict(readers) \
                         and self.is_logging_rank:

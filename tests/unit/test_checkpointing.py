@@ -166,6 +166,12 @@ def test_resume_at_another_world_size_starts_rank_state_afresh_on_every_rank(tmp
     meta["world_size"] = 4  # as if written by a 4-rank job of the same parallel layout
     open(meta_path, "w").write(json.dumps(meta))
     assert run_distributed(_resume_from, path) == [(3, []), (3, [])]
+    # The same world size in another layout (TP = 2 instead of DP = 2): rank r's file belongs
+    # to another (TP, PP, DP) rank; it was restored.
+    assert meta["layout"] == {"tp": 1, "pp": 1, "cp": 1, "dp": 2}
+    meta.update(world_size=2, layout={"tp": 2, "pp": 1, "cp": 1, "dp": 1})
+    open(meta_path, "w").write(json.dumps(meta))
+    assert run_distributed(_resume_from, path) == [(3, []), (3, [])]
 
 
 def test_latest_pointing_nowhere_is_a_clear_error(tmp_path):
@@ -206,7 +212,7 @@ def _resolve_in(directories):
     directory = directories[torch.distributed.get_rank()]
     try:
         return CheckpointManager(directory).resolve_latest()
-    except RuntimeError as e:
+    except (RuntimeError, ValueError) as e:
         return f"error: {e}"
 
 
@@ -237,6 +243,11 @@ def test_every_rank_resumes_the_checkpoint_rank_0_reads(tmp_path):
     broken = _checkpoint_dir(tmp_path / "r0b", "iter_0000009", ())
     errors = run_distributed(_resolve_in, [broken, stale])
     assert "iter_0000009" in errors[0] and "rank 0 could not read" in errors[1]
+    garbled = tmp_path / "r0c"  # not a RuntimeError (a UnicodeDecodeError; or ESTALE, EIO)
+    os.makedirs(garbled)
+    (garbled / "latest").write_bytes(b"iter_\xff\xfe\n")
+    errors = run_distributed(_resolve_in, [str(garbled), stale], timeout_s=60)
+    assert "codec can't decode" in errors[0] and "rank 0 could not read" in errors[1]
     empty = str(tmp_path / "none")
     assert run_distributed(_resolve_in, [empty, stale]) == [None, None]
 

@@ -525,7 +525,8 @@ def _train_reporting_reader_start(overrides):
 
 def test_resume_at_another_data_parallel_size_continues_the_data_stream(dataset, tmp_path):
     """A checkpoint of a DP = 1 run (TP = 2) resumed at DP = 2: the readers continue the saved
-    stream (RNG state starts afresh; the data must not); before, they restarted at sample 0 and
+    stream (RNG streams start afresh: rank r's file is another layout's); before, they
+    restarted at sample 0 and
     trained on the same prompts again."""
     run_dir = str(tmp_path / "run")
     first = _overrides(dataset, run_dir, 1, "checkpoint.interval=1",

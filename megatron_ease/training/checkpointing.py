@@ -324,8 +324,15 @@ class CheckpointManager:
         """``key`` of every rank's saved state in checkpoint ``path``, in rank order (ranks that
         saved none are left out): what a resume in another layout continues from."""
         directory = os.path.join(path, "rank_state")
+        names = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+        with open(os.path.join(path, "trainer_state.json")) as f:
+            saved_by = json.load(f).get("world_size", len(names))
+        if len(names) != saved_by:  # a partial view (stale metadata on a shared filesystem)
+            raise RuntimeError(f"{directory}: {len(names)} rank files for the {saved_by} ranks "
+                               f"that saved it; checkpoint.dir must be on a filesystem all "
+                               f"nodes see completely")
         out = []
-        for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
+        for name in names:
             with open(os.path.join(directory, name)) as f:
                 saved = json.load(f)
             if key in saved:

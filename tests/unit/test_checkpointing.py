@@ -346,3 +346,20 @@ def test_wandb_service_killed_by_sigterm_turns_wandb_off_and_logging_goes_on(tmp
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text()
              .splitlines()]
     assert steps == [1, 2, 3]
+
+
+def test_saved_rank_states_are_read_in_rank_order_and_a_partial_view_is_refused(tmp_path):
+    """A resume in another layout continues the data stream from every old rank's reader
+    state; a view missing some rank files (stale shared-filesystem metadata) would compute
+    another position on this node, so it is an error."""
+    path = tmp_path / "iter_0000004"
+    os.makedirs(path / "rank_state")
+    (path / "trainer_state.json").write_text(json.dumps({"step": 4, "world_size": 3}))
+    for rank in range(3):
+        state = {"rng": {}, **({"reader": {"base": 10 + rank}} if rank != 1 else {})}
+        (path / "rank_state" / f"rank_{rank:05d}.json").write_text(json.dumps(state))
+    readers = CheckpointManager.saved_rank_states(str(path), "reader")
+    assert readers == [{"base": 10}, {"base": 12}]
+    os.remove(path / "rank_state" / "rank_00002.json")
+    with pytest.raises(RuntimeError, match="2 rank files for the 3 ranks"):
+        CheckpointManager.saved_rank_states(str(path), "reader")

@@ -4,7 +4,8 @@ Model output is arbitrary text, so nothing here raises on it: an answer that can
 parsed is judged wrong and reported with `parse_ok=False` so the trainer can count it. Bad
 *configuration* (unknown answer type or format) raises, naming the allowed values.
 
-Extraction order, on the text after the last `</think>`: the last complete `\\boxed{...}`, else
+Extraction order, on the text after the last `</think>` (a response still inside `<think>`
+when it was cut off has no answer): the last complete `\\boxed{...}`, else
 the text after the last "Answer:" / "The answer is", else the last non-empty line. When
 `<answer>...</answer>` tags are present the same search runs on the tag content alone, falling
 back to that content as a whole. The span is then parsed for the sample's `answer_type`; a
@@ -63,6 +64,7 @@ _ANSWER_MARKER = re.compile(
     r"(?:\bthe\s+)?(?:\bfinal\s+)?\banswer\b\**\s*(?:\bis\b\s*:?|:)", re.IGNORECASE
 )
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+_WHITESPACE_RUN = re.compile(r"\s{2,}")
 
 
 def _response_tail(text) -> str:
@@ -76,7 +78,12 @@ def _response_tail(text) -> str:
     end_of_thought = text.rfind("</think>")
     if end_of_thought >= 0:
         text = text[end_of_thought + len("</think>") :]
-    return unicodedata.normalize("NFKC", text[-_MAX_SCAN_CHARS:])
+    elif "<think>" in text:
+        return ""  # still thinking when it was cut off: no answer was given
+    text = unicodedata.normalize("NFKC", text[-_MAX_SCAN_CHARS:])
+    # One character per whitespace run (a newline where the run has one): patterns with \s*
+    # would otherwise restart at every character of a long run (quadratic in the tail).
+    return _WHITESPACE_RUN.sub(lambda m: "\n" if "\n" in m.group() else " ", text)
 
 
 def _last_boxed(text: str) -> Optional[str]:
@@ -204,18 +211,40 @@ _CAPITAL_WORD = re.compile(r"\b(?![AI]\s+(?!(?:or|and|is|was)\b)[a-z])([A-Z])\b"
 _CHOICE_CUED = re.compile(r"[(\[]?([A-Z])[)\]]?(?![\w'])")
 _CHOICE_ARTICLE = re.compile(r"\s+(?!(?:because|since|as|is|was|seems|fits|matches)\b)[a-z]")
 _CHOICE_ANOTHER = re.compile(
-    r"\s*(?:,|/|&|\bor\b|\band\b)\s*(?:[(\[][A-Za-z][)\]]|(?![AI]\s+[a-z])[A-Z](?![\w']))"
+    r"(?:\s*(?:,|/|&|;|\||-|\(\s*or\b|\bor\b|\band\b)\s*|\s+|(?=[(\[]))"
+    r"(?:[(\[][A-Za-z][)\]]|(?![AI]\s+[a-z])[A-Z](?![\w']))"
+)
+# Words that reject the option a span names ("B is incorrect", "(D) can be ruled out", an
+# elimination list "(D) yellow - no").
+_CHOICE_REJECTED = re.compile(
+    r"\b(?:not|no|never|incorrect|wrong|false|ruled?\s+out|eliminat\w*|exclud\w*)\b",
+    re.IGNORECASE,
 )
 
 
-def _cued_choice(span: str, valid: Optional[set]) -> Optional[str]:
+def _rejects(rest: str, letter: str, choices: Optional[Sequence[str]]) -> bool:
+    """Whether the words after a named option hedge to another option or reject it; the
+    option's own text ("(B) Not visible" for the option "Not visible") is neither."""
+    if _CHOICE_ANOTHER.match(rest):
+        return True
+    index = ord(letter) - ord("A")
+    if choices and index < len(choices) and normalize_text(rest) == normalize_text(
+            str(choices[index])):
+        return False
+    return _CHOICE_REJECTED.search(rest) is not None
+
+
+def _cued_choice(span: str, valid: Optional[set],
+                 choices: Optional[Sequence[str]] = None) -> Optional[str]:
     m = _CHOICE_CUED.match(span)
     if m is None or (valid is not None and m.group(1) not in valid):
         return None
     rest = span[m.end() :]
     if m.group(1) in "AI" and m.group(0) == m.group(1) and _CHOICE_ARTICLE.match(rest):
         return None
-    return None if _CHOICE_ANOTHER.match(rest) else m.group(1)
+    # Only the clause that names the option: "B. A is too small" still answers B.
+    clause = re.split(r"[.!?;\n]\s", rest + " ", maxsplit=1)[0]
+    return None if _rejects(clause, m.group(1), choices) else m.group(1)
 
 
 def parse_choice(span: Optional[str], choices: Optional[Sequence[str]] = None) -> Optional[str]:
@@ -240,10 +269,15 @@ def _parse_choice(
     if m := _CHOICE_ALONE.fullmatch(span):
         return m.group(1).upper()
     if m := _CHOICE_LEADING.match(span):
-        return next(g for g in m.groups() if g).upper()
+        letter = next(g for g in m.groups() if g).upper()
+        clause = re.split(r"[.!?;\n]\s", span[m.end():] + " ", maxsplit=1)[0]
+        return None if _rejects(clause, letter, choices) else letter
     valid = {chr(ord("A") + i) for i in range(min(len(choices), 26))} if choices else None
-    if cued and (letter := _cued_choice(span, valid)):
+    if cued and (letter := _cued_choice(span, valid, choices)):
         return letter
+    if _CHOICE_REJECTED.search(span) and not (choices and any(
+            normalize_text(str(c)) == normalize_text(span) for c in choices)):
+        return None  # "The answer is not B": naming an option to reject it answers nothing
     keyword = _CHOICE_KEYWORD.findall(span)
     if keyword:
         return keyword[-1].upper()
@@ -279,6 +313,8 @@ _BOTH_POLARITIES = re.compile(r"\b(?:yes\s*(?:or|and|/)\s*no|no\s*(?:or|and|/)\s
 # Hedges commit to neither answer, whatever else the span says ("Not sure." is not "no").
 _HEDGE = re.compile(
     r"\b(?:not (?:sure|certain)|unsure|uncertain|unclear|no idea|(?:do|did) not know"
+    r"|(?:could|might|may) be|maybe|possibly|perhaps|neither|ambiguous"
+    r"|(?:not enough|insufficient) (?:information|evidence|detail)"
     r"|(?:can|could) not (?:tell|say|determine|know|be (?:sure|certain|determined|told))"
     r"|(?:impossible|not possible|hard|difficult) to (?:tell|say|determine|know))\b"
 )
@@ -326,7 +362,24 @@ def parse_yesno(span: Optional[str]) -> Optional[str]:
     joined = " ".join(words)
     if not words or _BOTH_POLARITIES.search(joined) or _HEDGE.search(joined):
         return None
+    if len(_clause_answers(span)) > 1:  # "Yes/No", "Yes. No.", "No, wait, yes."
+        return None
     return _yesno_from_words(words)
+
+
+# Clauses: split at punctuation and "but"; a clause's answer is its leading yes or no word
+# after discourse markers ("but actually no", "wait, yes").
+_CLAUSE_BREAK = re.compile(r"[.,;:!?/|()\n]+|\bbut\b", re.IGNORECASE)
+_CLAUSE_MARKERS = {"actually", "wait", "or", "and", "then", "well", "hmm", "oh", "so", "rather"}
+
+
+def _clause_answers(span: str) -> set:
+    answers = set()
+    for clause in _CLAUSE_BREAK.split(span):
+        words = [w for w in _yesno_words(clause) if w not in _CLAUSE_MARKERS]
+        if words and words[0] in ("yes", "no"):
+            answers.add(words[0])
+    return answers
 
 
 def _yesno_from_words(words: list[str]) -> Optional[str]:
@@ -362,7 +415,7 @@ _NUMBER = re.compile(
     rf"(?P<sign>[-+]?)\s*(?P<num>{_UNSIGNED})(?:\s*/\s*(?P<den_sign>[-+]?)(?P<den>{_UNSIGNED}))?"
     r"(?P<percent>\s*(?:%|\bpercent\b))?"
 )
-_MIXED_FRACTION = re.compile(r"(\d+)\s*\\[dtc]?frac\s*\{\s*(\d+)\s*\}\s*\{\s*(\d+)\s*\}")
+_MIXED_FRACTION = re.compile(r"(?<!\d)(\d+)\s*\\[dtc]?frac\s*\{\s*(\d+)\s*\}\s*\{\s*(\d+)\s*\}")
 _FRACTION = re.compile(r"\\[dtc]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
 _FRACTION_SHORT = re.compile(r"\\[dtc]?frac\s*(\d)\s*(\d)")
 _TIMES_POWER_OF_TEN = re.compile(r"\s*(?:\\times|\\cdot|×|\*)\s*10\s*\^\s*\{?\s*([-+]?\d+)\s*\}?")
@@ -390,6 +443,14 @@ _PRONOUN_ONE = re.compile(
 _ZERO_WORDS = re.compile(_ZERO_PHRASES, re.IGNORECASE)
 
 
+_THOUSANDS_LATEX = re.compile(r"(?<=\d)(?:\\,|\{,\})(?=\d{3}(?!\d))")
+_DASH_MINUS = re.compile(r"(?<![\w)}])[\u2013\u2012](?=\s*\d)")
+# Two numbers as alternatives or a range ("5 or 6", "5-6", "between 5 and 6", "5 to 6 apples"):
+# the span commits to neither.
+_NUMBER_ALTERNATIVE = re.compile(r"\s*(?:or|to|and|-|\u2013|,|/|;)\s*$", re.IGNORECASE)
+_NUMBER_NEGATED = re.compile(r"^\s*(?:not|never|no)\b", re.IGNORECASE)
+
+
 @dataclass(frozen=True)
 class Number:
     value: float
@@ -401,6 +462,9 @@ class Number:
 
 def _plain_number_text(span: str) -> str:
     """LaTeX numerals as text: \\frac{3}{4} -> 3/4, 2\\frac{1}{2} -> 2.5, 3\\times10^{4} -> 3e4."""
+    # Thousands written 1\,000 or 1{,}000 (LaTeX), and an en dash used as a minus sign ("–3").
+    span = _THOUSANDS_LATEX.sub(lambda m: "," if "{" in m.group() else "", span)
+    span = _DASH_MINUS.sub("-", span)
     span = _unwrap_latex(span).replace("\\%", "%").replace("\u2044", "/")
     span = _DEGREES.sub(" ", span)
 
@@ -433,20 +497,36 @@ def parse_number(span: Optional[str], strict: bool = False) -> Optional[Number]:
     After an "=" only the right-hand side counts ("x = 5", "2 + 3 = 5"); then the first number
     is taken, so units and trailing words are ignored; number words (zero..twenty, and "no one" /
     "nobody" / "none" as zero) only count when no numeral is present, and "one" not when it is a
-    pronoun ("anyone", "every one", "the one on the left", "one another"). `strict` requires the
-    whole span to be one number (used for `math`, where "2x" or "\\sqrt{2}" must not read as 2).
+    pronoun ("anyone", "every one", "the one on the left", "one another"). A span that offers
+    two numbers as alternatives or a range ("5 or 6", "5-6", "between 5 and 6") or negates its
+    number ("not 5") states none. `strict` requires the whole span to be one number, after at
+    most one "x =" (used for `math`, where "2x", "\\sqrt{2}" or "x = 2 or x = 3" must not read
+    as a number).
     """
     if not span:
         return None
     text = _plain_number_text(span)
+    if strict:  # only "x = 5": "x = 2 or x = 3" and "2 = 3" are no single number
+        if "=" in text:
+            if text.count("=") != 1 or not _MATH_LHS.match(text.strip()):
+                return None
+            text = text.split("=", 1)[1]
+        m = _NUMBER.fullmatch(text.strip().rstrip("."))
+        return _to_number(m) if m else None
     if "=" in text:
         text = text.rsplit("=", 1)[1]
     text = text.strip().rstrip(".")
-    if strict:
-        m = _NUMBER.fullmatch(text)
-        return _to_number(m) if m else None
+    if _NUMBER_NEGATED.match(text):
+        return None  # "not 5"
     m = _NUMBER.search(text)
     if m:
+        after = _NUMBER.search(text, m.end())
+        if after is not None and (
+                _NUMBER_ALTERNATIVE.fullmatch(text[m.end():after.start()] + " ")
+                or (not text[m.end():after.start()].strip() and after.group("sign") == "-")):
+            return None  # "5 or 6", "5 - 6", "5-6"
+        if re.search(r"\bbetween\s*$", text[:m.start()], re.IGNORECASE) and after is not None:
+            return None  # "between 5 and 6"
         return _to_number(m)
     pronouns = [p.span() for p in _PRONOUN_ONE.finditer(text)]
     for word in _NUMBER_WORD.finditer(text):

@@ -183,6 +183,72 @@ CASES = [
 ]
 
 
+# From a review of rollouts a policy could exploit (2026-12-03): answers that hedge between
+# options, reject the option they name, or never finish, scored correct before; and correct
+# answers in common formats scored wrong. (response, answer, type, choices, correct, parsed).
+HEDGES_AND_FORMATS = [
+    ("The answer is not B.", "B", "choice", COLORS, False, None),
+    ("Answer: B is incorrect", "B", "choice", COLORS, False, None),
+    ("(D) can be ruled out.", "D", "choice", COLORS, False, None),
+    ("(A) red - no\n(B) green - no\n(C) blue - no\n(D) yellow - no", "D", "choice", COLORS, False,
+     None),
+    ("Answer: (A) or (B)", "A", "choice", COLORS, False, None),
+    ("A (or B)", "A", "choice", COLORS, False, None),
+    ("A; B", "A", "choice", COLORS, False, None),
+    ("A|B", "A", "choice", COLORS, False, None),
+    ("(A) (B) (C) (D)", "A", "choice", COLORS, False, None),
+    ("(B) green", "B", "choice", COLORS, True, "B"),
+    ("(B) Not visible", "B", "choice", ["red", "Not visible"], True, "B"),
+    ("Answer: B. A is too small.", "B", "choice", COLORS, True, "B"),
+    ("Yes/No", "yes", "yesno", None, False, None),
+    ("Yes. No.", "yes", "yesno", None, False, None),
+    ("Yes, but actually no.", "yes", "yesno", None, False, None),
+    ("No, wait, yes.", "no", "yesno", None, False, None),
+    ("It could be.", "yes", "yesno", None, False, None),
+    ("It might be.", "yes", "yesno", None, False, None),
+    ("Not enough information", "no", "yesno", None, False, None),
+    ("It is neither.", "no", "yesno", None, False, None),
+    ("Yes, there is no cat.", "yes", "yesno", None, True, "yes"),
+    ("No, there is no cat.", "no", "yesno", None, True, "no"),
+    ("5 or 6", "5", "number", None, False, None),
+    ("5-6", "5", "number", None, False, None),
+    ("between 5 and 6", "5", "number", None, False, None),
+    ("5 to 6 apples", "5", "number", None, False, None),
+    ("not 5", "5", "number", None, False, None),
+    ("\u20133", "3", "number", None, False, "-3"),
+    ("\\boxed{1\\,000}", "1000", "number", None, True, "1000"),
+    ("1{,}000", "1000", "number", None, True, "1000"),
+    ("There are 5 dogs and 3 cats, so the answer is 5.", "5", "number", None, True, "5"),
+    ("\\boxed{x = 2 \\text{ or } x = 3}", "3", "math", None, False, ANY),
+    ("\\boxed{2 = 3}", "3", "math", None, False, ANY),
+    ("\\boxed{x = 3}", "3", "math", None, True, ANY),
+    ("<think>Counting the shapes: maybe the answer is B. Hmm, wait, let me recount the", "B",
+     "choice", COLORS, False, None),
+    ("<think>It is B.</think> The answer is B.", "B", "choice", COLORS, True, "B"),
+]
+
+
+@pytest.mark.parametrize(
+    "response, answer, answer_type, choices, correct, parsed",
+    HEDGES_AND_FORMATS,
+    ids=[f"{c[2]}-{i}" for i, c in enumerate(HEDGES_AND_FORMATS)],
+)
+def test_hedges_rejections_and_unfinished_answers_are_not_credited(response, answer, answer_type,
+                                                                   choices, correct, parsed):
+    test_verifier_table(response, answer, answer_type, choices, correct, parsed)
+
+
+@pytest.mark.parametrize("filler", [" " * 16000, "\u3000" * 16000, " \n" * 8000, "3" * 16000])
+@pytest.mark.parametrize("answer_type", ["choice", "number", "math", "yesno"])
+def test_long_runs_of_whitespace_or_digits_are_verified_quickly(filler, answer_type):
+    """Some patterns restarted at every character of a long whitespace or digit run: seconds
+    per rollout (quadratic within the scanned tail); a degenerate 0.3333... rollout costs that."""
+    start = time.perf_counter()
+    for response in (f"Answer: x{filler}x", f"Answer: 1{filler}\\frac{{1}}{{2}}", filler + "B"):
+        compute_reward(response, "1", answer_type, COLORS if answer_type == "choice" else None)
+    assert time.perf_counter() - start < 0.5
+
+
 @pytest.mark.parametrize(
     "response, answer, answer_type, choices, correct, parsed",
     CASES,

@@ -222,6 +222,10 @@ _CHOICE_REJECTED = re.compile(
 )
 
 
+_CHOICE_REJECTS_OTHER = re.compile(
+    r"\b(?:not|no|never)\s+(?:option\s+|choice\s+)?[(\[]?[A-Z][)\]]?(?![\w'])")
+
+
 def _rejects(rest: str, letter: str, choices: Optional[Sequence[str]]) -> bool:
     """Whether the words after a named option hedge to another option or reject it; the
     option's own text ("(B) Not visible" for the option "Not visible") is neither."""
@@ -231,7 +235,8 @@ def _rejects(rest: str, letter: str, choices: Optional[Sequence[str]]) -> bool:
     if choices and index < len(choices) and normalize_text(rest) == normalize_text(
             str(choices[index])):
         return False
-    return _CHOICE_REJECTED.search(rest) is not None
+    # "B, not A" rejects another option, not this one.
+    return _CHOICE_REJECTED.search(_CHOICE_REJECTS_OTHER.sub(" ", rest)) is not None
 
 
 def _cued_choice(span: str, valid: Optional[set],

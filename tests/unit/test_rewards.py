@@ -200,6 +200,8 @@ HEDGES_AND_FORMATS = [
     ("(B) green", "B", "choice", COLORS, True, "B"),
     ("(B) Not visible", "B", "choice", ["red", "Not visible"], True, "B"),
     ("Answer: B. A is too small.", "B", "choice", COLORS, True, "B"),
+    ("Answer: B, not A", "B", "choice", COLORS, True, "B"),
+    ("(C) blue, not (A) red", "C", "choice", COLORS, True, "C"),
     ("Yes/No", "yes", "yesno", None, False, None),
     ("Yes. No.", "yes", "yesno", None, False, None),
     ("Yes, but actually no.", "yes", "yesno", None, False, None),

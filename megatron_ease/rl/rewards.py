@@ -216,10 +216,13 @@ _CHOICE_ANOTHER = re.compile(
 )
 # Words that reject the option a span names ("B is incorrect", "(D) can be ruled out", an
 # elimination list "(D) yellow - no").
+# Narrow on purpose: option texts often hold negations ("There is no dog", "Not visible").
 _CHOICE_REJECTED = re.compile(
-    r"\b(?:not|no|never|incorrect|wrong|false|ruled?\s+out|eliminat\w*|exclud\w*)\b",
+    r"\b(?:incorrect|wrong|ruled?\s+out|eliminat\w*|exclud\w*)\b|\b(?:is|are)\s+not\b"
+    r"|[-:\u2013]\s*(?:no|false|incorrect|wrong)\W*$",
     re.IGNORECASE,
 )
+_CHOICE_NEGATED = re.compile(r"\s*(?:not|never)\b", re.IGNORECASE)  # "not B", "never (C)"
 
 
 _CHOICE_REJECTS_OTHER = re.compile(
@@ -280,7 +283,7 @@ def _parse_choice(
     valid = {chr(ord("A") + i) for i in range(min(len(choices), 26))} if choices else None
     if cued and (letter := _cued_choice(span, valid, choices)):
         return letter
-    if _CHOICE_REJECTED.search(span) and not (choices and any(
+    if (_CHOICE_NEGATED.match(span) or _CHOICE_REJECTED.search(span)) and not (choices and any(
             normalize_text(str(c)) == normalize_text(span) for c in choices)):
         return None  # "The answer is not B": naming an option to reject it answers nothing
     keyword = _CHOICE_KEYWORD.findall(span)

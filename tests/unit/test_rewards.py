@@ -202,6 +202,8 @@ HEDGES_AND_FORMATS = [
     ("Answer: B. A is too small.", "B", "choice", COLORS, True, "B"),
     ("Answer: B, not A", "B", "choice", COLORS, True, "B"),
     ("(C) blue, not (A) red", "C", "choice", COLORS, True, "C"),
+    ("The answer is (B) green, not red.", "B", "choice", COLORS, True, "B"),
+    ("(A) there is no dog in the image", "A", "choice", ["There is no dog", "A dog"], True, "A"),
     ("Yes/No", "yes", "yesno", None, False, None),
     ("Yes. No.", "yes", "yesno", None, False, None),
     ("Yes, but actually no.", "yes", "yesno", None, False, None),

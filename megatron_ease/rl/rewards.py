@@ -78,7 +78,7 @@ def _response_tail(text) -> str:
     end_of_thought = text.rfind("</think>")
     if end_of_thought >= 0:
         text = text[end_of_thought + len("</think>") :]
-    elif "<think>" in text:
+    elif text.lstrip().startswith("<think>"):
         return ""  # still thinking when it was cut off: no answer was given
     text = unicodedata.normalize("NFKC", text[-_MAX_SCAN_CHARS:])
     # One character per whitespace run (a newline where the run has one): patterns with \s*
@@ -210,36 +210,40 @@ _CAPITAL_WORD = re.compile(r"\b(?![AI]\s+(?!(?:or|and|is|was)\b)[a-z])([A-Z])\b"
 # "I think B"), or one of several options ("A or B", "A, C").
 _CHOICE_CUED = re.compile(r"[(\[]?([A-Z])[)\]]?(?![\w'])")
 _CHOICE_ARTICLE = re.compile(r"\s+(?!(?:because|since|as|is|was|seems|fits|matches)\b)[a-z]")
+# Another option right after the named one: "A or B", "(A) (B)", "A; B", "A|B", "A-D", "A (or B)".
 _CHOICE_ANOTHER = re.compile(
-    r"(?:\s*(?:,|/|&|;|\||-|\(\s*or\b|\bor\b|\band\b)\s*|\s+|(?=[(\[]))"
+    r"(?:\s*(?:,|/|&|;|\||-|\(\s*or\b|\bor\b|\band\b)\s*"
     r"(?:[(\[][A-Za-z][)\]]|(?![AI]\s+[a-z])[A-Z](?![\w']))"
+    r"|\s*[(\[][A-Za-z][)\]])"
 )
-# Words that reject the option a span names ("B is incorrect", "(D) can be ruled out", an
-# elimination list "(D) yellow - no").
-# Narrow on purpose: option texts often hold negations ("There is no dog", "Not visible").
+# The named option rejected by the words right after it: "B is incorrect", "B is not correct",
+# "(D) can be ruled out", an elimination list's "(D) yellow - no". Narrow on purpose: option
+# texts and explanations often hold negations ("There is no dog", "B, as A is wrong").
 _CHOICE_REJECTED = re.compile(
-    r"\b(?:incorrect|wrong|ruled?\s+out|eliminat\w*|exclud\w*)\b|\b(?:is|are)\s+not\b"
-    r"|[-:\u2013]\s*(?:no|false|incorrect|wrong)\W*$",
+    r"^\s*(?:(?:is|are|was|seems)\s+)?(?:not\s+(?:correct|right|true|the\s+answer)\b"
+    r"|incorrect\b|wrong\b|(?:(?:can|could|should|must|is|are)\s+(?:be\s+)?)?"
+    r"(?:ruled\s+out|eliminated|excluded)\b)",
     re.IGNORECASE,
 )
-_CHOICE_NEGATED = re.compile(r"\s*(?:not|never)\b", re.IGNORECASE)  # "not B", "never (C)"
-
-
-_CHOICE_REJECTS_OTHER = re.compile(
-    r"\b(?:not|no|never)\s+(?:option\s+|choice\s+)?[(\[]?[A-Z][)\]]?(?![\w'])")
+_CHOICE_STRUCK = re.compile(r"[-:\u2013]\s*(?:no|false|incorrect|wrong)\W*$", re.IGNORECASE)
+_CHOICE_NEGATED = re.compile(r"\s*(?:not|never)\s+[(\[]?[A-Z][)\]]?(?![\w'])")  # "not B"
+# Where the words about the named option end: punctuation, or an explanation.
+_CHOICE_CLAUSE_END = re.compile(r"[,.!?;\n]|\b(?:because|since|as|but|so)\b", re.IGNORECASE)
 
 
 def _rejects(rest: str, letter: str, choices: Optional[Sequence[str]]) -> bool:
-    """Whether the words after a named option hedge to another option or reject it; the
-    option's own text ("(B) Not visible" for the option "Not visible") is neither."""
+    """Whether the words after a named option hedge to another option or reject it. The
+    option's own text after its letter ("(D) O", "(B) The man is not wearing a hat, as ...")
+    is neither."""
+    index = ord(letter) - ord("A")
+    option = normalize_text(str(choices[index])) if choices and index < len(choices) else ""
+    if _CHOICE_STRUCK.search(rest) and normalize_text(rest) != option:
+        return True  # "(D) yellow - no"
+    if option and (normalize_text(rest) + " ").startswith(option + " "):
+        return False
     if _CHOICE_ANOTHER.match(rest):
         return True
-    index = ord(letter) - ord("A")
-    if choices and index < len(choices) and normalize_text(rest) == normalize_text(
-            str(choices[index])):
-        return False
-    # "B, not A" rejects another option, not this one.
-    return _CHOICE_REJECTED.search(_CHOICE_REJECTS_OTHER.sub(" ", rest)) is not None
+    return _CHOICE_REJECTED.match(_CHOICE_CLAUSE_END.split(rest, maxsplit=1)[0]) is not None
 
 
 def _cued_choice(span: str, valid: Optional[set],
@@ -250,9 +254,7 @@ def _cued_choice(span: str, valid: Optional[set],
     rest = span[m.end() :]
     if m.group(1) in "AI" and m.group(0) == m.group(1) and _CHOICE_ARTICLE.match(rest):
         return None
-    # Only the clause that names the option: "B. A is too small" still answers B.
-    clause = re.split(r"[.!?;\n]\s", rest + " ", maxsplit=1)[0]
-    return None if _rejects(clause, m.group(1), choices) else m.group(1)
+    return "" if _rejects(rest, m.group(1), choices) else m.group(1)  # "": named, rejected
 
 
 def parse_choice(span: Optional[str], choices: Optional[Sequence[str]] = None) -> Optional[str]:
@@ -278,13 +280,11 @@ def _parse_choice(
         return m.group(1).upper()
     if m := _CHOICE_LEADING.match(span):
         letter = next(g for g in m.groups() if g).upper()
-        clause = re.split(r"[.!?;\n]\s", span[m.end():] + " ", maxsplit=1)[0]
-        return None if _rejects(clause, letter, choices) else letter
+        return None if _rejects(span[m.end():], letter, choices) else letter
     valid = {chr(ord("A") + i) for i in range(min(len(choices), 26))} if choices else None
-    if cued and (letter := _cued_choice(span, valid, choices)):
-        return letter
-    if (_CHOICE_NEGATED.match(span) or _CHOICE_REJECTED.search(span)) and not (choices and any(
-            normalize_text(str(c)) == normalize_text(span) for c in choices)):
+    if cued and (letter := _cued_choice(span, valid, choices)) is not None:
+        return letter or None
+    if _CHOICE_NEGATED.match(span):
         return None  # "The answer is not B": naming an option to reject it answers nothing
     keyword = _CHOICE_KEYWORD.findall(span)
     if keyword:
@@ -319,10 +319,12 @@ _AUXILIARIES = {
 }
 _BOTH_POLARITIES = re.compile(r"\b(?:yes\s*(?:or|and|/)\s*no|no\s*(?:or|and|/)\s*yes)\b")
 # Hedges commit to neither answer, whatever else the span says ("Not sure." is not "no").
+# Hedging words that only count when the span does not open with its answer ("It could be"
+# hedges; "Yes, it may be partially hidden" and "No, neither of them" answer).
+_SOFT_HEDGE = re.compile(r"\b(?:(?:could|might|may) be|maybe|possibly|perhaps|neither|ambiguous)\b")
 _HEDGE = re.compile(
     r"\b(?:not (?:sure|certain)|unsure|uncertain|unclear|no idea|(?:do|did) not know"
-    r"|(?:could|might|may) be|maybe|possibly|perhaps|neither|ambiguous"
-    r"|(?:not enough|insufficient) (?:information|evidence|detail)"
+    r"|(?:not enough|insufficient) (?:information|evidence|details?)"
     r"|(?:can|could) not (?:tell|say|determine|know|be (?:sure|certain|determined|told))"
     r"|(?:impossible|not possible|hard|difficult) to (?:tell|say|determine|know))\b"
 )
@@ -372,6 +374,8 @@ def parse_yesno(span: Optional[str]) -> Optional[str]:
         return None
     if len(_clause_answers(span)) > 1:  # "Yes/No", "Yes. No.", "No, wait, yes."
         return None
+    if words[0] not in _YES_WORDS | _NO_WORDS and _SOFT_HEDGE.search(joined):
+        return None
     return _yesno_from_words(words)
 
 
@@ -379,13 +383,17 @@ def parse_yesno(span: Optional[str]) -> Optional[str]:
 # after discourse markers ("but actually no", "wait, yes").
 _CLAUSE_BREAK = re.compile(r"[.,;:!?/|()\n]+|\bbut\b", re.IGNORECASE)
 _CLAUSE_MARKERS = {"actually", "wait", "or", "and", "then", "well", "hmm", "oh", "so", "rather"}
+_CLAUSE_SUBJECTS = {"it", "there", "they", "that", "this", "he", "she", "i", "not"}
 
 
 def _clause_answers(span: str) -> set:
     answers = set()
     for clause in _CLAUSE_BREAK.split(span):
         words = [w for w in _yesno_words(clause) if w not in _CLAUSE_MARKERS]
-        if words and words[0] in ("yes", "no"):
+        # A clause's "no" answers only alone or before a subject ("No, it is not"); "no one",
+        # "no doubt", "no cars are visible" are phrases.
+        if words[:1] == ["yes"] or (words[:1] == ["no"] and (
+                len(words) == 1 or words[1] in _CLAUSE_SUBJECTS)):
             answers.add(words[0])
     return answers
 
@@ -455,8 +463,7 @@ _THOUSANDS_LATEX = re.compile(r"(?<=\d)(?:\\,|\{,\})(?=\d{3}(?!\d))")
 _DASH_MINUS = re.compile(r"(?<![\w)}])[\u2013\u2012](?=\s*\d)")
 # Two numbers as alternatives or a range ("5 or 6", "5-6", "between 5 and 6", "5 to 6 apples"):
 # the span commits to neither.
-_NUMBER_ALTERNATIVE = re.compile(r"\s*(?:or|to|and|-|\u2013|,|/|;)\s*$", re.IGNORECASE)
-_NUMBER_NEGATED = re.compile(r"^\s*(?:not|never|no)\b", re.IGNORECASE)
+_NUMBER_NEGATED = re.compile(r"^\s*(?:not|never)\b", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -514,13 +521,16 @@ def parse_number(span: Optional[str], strict: bool = False) -> Optional[Number]:
     if not span:
         return None
     text = _plain_number_text(span)
-    if strict:  # only "x = 5": "x = 2 or x = 3" and "2 = 3" are no single number
-        if "=" in text:
-            if text.count("=") != 1 or not _MATH_LHS.match(text.strip()):
+    if strict:  # the last side of "x = 5", "\\theta = 30", "3 \\times 4 = 12"; not of "x = 2 or
+        if "=" in text:  # x = 3" (a side lists answers) or "2 = 3" (two different numbers)
+            sides = [side.strip().rstrip(".") for side in text.split("=")]
+            if any(re.search(r"\bor\b|\band\b|[,;]", side) for side in sides[:-1]):
                 return None
-            text = text.split("=", 1)[1]
-        m = _NUMBER.fullmatch(text.strip().rstrip("."))
-        return _to_number(m) if m else None
+            values = {n.value for n in (_strict_number(side) for side in sides) if n}
+            if len(values) > 1:
+                return None
+            text = sides[-1]
+        return _strict_number(text.strip().rstrip("."))
     if "=" in text:
         text = text.rsplit("=", 1)[1]
     text = text.strip().rstrip(".")
@@ -528,13 +538,8 @@ def parse_number(span: Optional[str], strict: bool = False) -> Optional[Number]:
         return None  # "not 5"
     m = _NUMBER.search(text)
     if m:
-        after = _NUMBER.search(text, m.end())
-        if after is not None and (
-                _NUMBER_ALTERNATIVE.fullmatch(text[m.end():after.start()] + " ")
-                or (not text[m.end():after.start()].strip() and after.group("sign") == "-")):
-            return None  # "5 or 6", "5 - 6", "5-6"
-        if re.search(r"\bbetween\s*$", text[:m.start()], re.IGNORECASE) and after is not None:
-            return None  # "between 5 and 6"
+        if _offers_alternatives(text, m):
+            return None
         return _to_number(m)
     pronouns = [p.span() for p in _PRONOUN_ONE.finditer(text)]
     for word in _NUMBER_WORD.finditer(text):
@@ -543,6 +548,32 @@ def parse_number(span: Optional[str], strict: bool = False) -> Optional[Number]:
         if not any(start <= word.start() < end for start, end in pronouns):
             return Number(_NUMBER_WORDS[word.group(1).lower()])
     return None
+
+
+def _strict_number(text: str) -> Optional[Number]:
+    m = _NUMBER.fullmatch(text)
+    return _to_number(m) if m else None
+
+
+def _offers_alternatives(text: str, m: re.Match) -> bool:
+    """Whether the first number ``m`` is one of two offered as alternatives or a range, with
+    nothing but a unit after the second: "5 or 6", "5 to 6 apples", "5-6", "1, 2",
+    "between 5 and 6". Not "4, 2 on each side", "2 - 1 red and 1 blue", "3, and 2 are red"."""
+    after = _NUMBER.search(text, m.end())
+    if after is None:
+        return False
+    separator = text[m.end():after.start()].strip().lower()
+    if not separator and after.group("sign") == "-" and after.start() == m.end():
+        separator = "-"  # "5-6": the range's dash reads as the second number's sign
+    tail = text[after.end():].strip(" .!)")
+    only_unit = len(tail.split()) <= 1
+    if re.search(r"\bbetween\s*$", text[:m.start()], re.IGNORECASE):
+        return separator == "and" and only_unit
+    if separator in ("-", "\u2013") and text[m.end():m.end() + 1] in ("-", "\u2013"):
+        return only_unit  # a dash right after the number: a range ("10 \u2013 3 on the left" is not)
+    if separator in ("or", "to"):
+        return only_unit
+    return separator == "," and not tail
 
 
 def numbers_equal(response: Number, reference: Number) -> bool:
@@ -587,7 +618,10 @@ def _math_equal(response: str, reference: str) -> bool:
     a_norm, b_norm = normalize_math(response), normalize_math(reference)
     if a_norm == b_norm:
         return True
-    # After cleanup ("x = \dfrac{3}{4} \text{ m}" -> "\frac{3}{4}"), try numbers once more.
+    # After cleanup ("x = \dfrac{3}{4} \text{ m}" -> "\frac{3}{4}"), try numbers once more; not
+    # where an "=" is left, which the cleanup may have glued to words ("2orx=3").
+    if "=" in a_norm or "=" in b_norm:
+        return False
     a, b = parse_number(a_norm, strict=True), parse_number(b_norm, strict=True)
     return a is not None and b is not None and numbers_equal(a, b)
 

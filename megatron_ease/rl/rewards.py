@@ -220,12 +220,16 @@ _CHOICE_ANOTHER = re.compile(
 # "(D) can be ruled out", an elimination list's "(D) yellow - no". Narrow on purpose: option
 # texts and explanations often hold negations ("There is no dog", "B, as A is wrong").
 _CHOICE_REJECTED = re.compile(
-    r"^\s*(?:(?:is|are|was|seems)\s+)?(?:not\s+(?:correct|right|true|the\s+answer)\b"
+    r"^\s*(?:(?:is|are|was|seems)\s+)?(?:(?:not|isn't|is\s+not)\s+(?:correct|right|true|"
+    r"the\s+answer)\b"
     r"|incorrect\b|wrong\b|(?:(?:can|could|should|must|is|are)\s+(?:be\s+)?)?"
     r"(?:ruled\s+out|eliminated|excluded)\b)",
     re.IGNORECASE,
 )
-_CHOICE_STRUCK = re.compile(r"[-:\u2013]\s*(?:no|false|incorrect|wrong)\W*$", re.IGNORECASE)
+_CHOICE_STRUCK = re.compile(
+    r"(?:^|[-:\u2013\u2014])\s*(?:no|false|incorrect|wrong)\W*$"  # "(D) yellow - no", "(B) no"
+    r"|\bwait\b\W+(?:[(\[]?[A-Z][)\]]?)(?![\w'])",  # "B, no wait, C"
+    re.IGNORECASE)
 _CHOICE_NEGATED = re.compile(r"\s*(?:not|never)\s+[(\[]?[A-Z][)\]]?(?![\w'])")  # "not B"
 # Where the words about the named option end: punctuation, or an explanation.
 _CHOICE_CLAUSE_END = re.compile(r"[,.!?;\n]|\b(?:because|since|as|but|so)\b", re.IGNORECASE)
@@ -562,17 +566,16 @@ def _offers_alternatives(text: str, m: re.Match) -> bool:
     after = _NUMBER.search(text, m.end())
     if after is None:
         return False
-    separator = text[m.end():after.start()].strip().lower()
-    if not separator and after.group("sign") == "-" and after.start() == m.end():
-        separator = "-"  # "5-6": the range's dash reads as the second number's sign
+    separator = " ".join(text[m.end():after.start()].lower().replace("and/or", "or").split())
+    separator = re.sub(r"^,\s*(?=or$)|\s+(?:maybe|perhaps|possibly)$", "", separator)  # ", or"
+    if not separator and after.group("sign") == "-":
+        separator = "-"  # "5-6", "5 -6": the range's dash reads as the second number's sign
     tail = text[after.end():].strip(" .!)")
     only_unit = len(tail.split()) <= 1
     if re.search(r"\bbetween\s*$", text[:m.start()], re.IGNORECASE):
         return separator == "and" and only_unit
-    if separator in ("-", "\u2013") and text[m.end():m.end() + 1] in ("-", "\u2013"):
-        return only_unit  # a dash right after the number: a range ("10 \u2013 3 on the left" is not)
-    if separator in ("or", "to"):
-        return only_unit
+    if separator in ("-", "\u2013", "\u2014", "~", "or", "to"):
+        return only_unit  # "5-6", "5 \u2014 6", "5~6", "5 or 6"; not "10 \u2013 3 on the left and ..."
     return separator == "," and not tail
 
 

@@ -230,7 +230,7 @@ _CHOICE_STRUCK = re.compile(
     r"(?:^|[-:\u2013\u2014])\s*(?:no|false|incorrect|wrong)\W*$"  # "(D) yellow - no", "(B) no"
     r"|\bwait\b\W+(?:[(\[]?[A-Z][)\]]?)(?![\w'])",  # "B, no wait, C"
     re.IGNORECASE)
-_CHOICE_NEGATED = re.compile(r"\s*(?:not|never)\s+[(\[]?[A-Z][)\]]?(?![\w'])")  # "not B"
+_CHOICE_NEGATED = re.compile(r"\s*(?i:not|never)\s+[(\[]?[A-Z][)\]]?(?![\w'])")  # "Not B"
 # Where the words about the named option end: punctuation, or an explanation.
 _CHOICE_CLAUSE_END = re.compile(r"[,.!?;\n]|\b(?:because|since|as|but|so)\b", re.IGNORECASE)
 
@@ -290,9 +290,10 @@ def _parse_choice(
         return letter or None
     if _CHOICE_NEGATED.match(span):
         return None  # "The answer is not B": naming an option to reject it answers nothing
-    keyword = _CHOICE_KEYWORD.findall(span)
+    keyword = list(_CHOICE_KEYWORD.finditer(span))
     if keyword:
-        return keyword[-1].upper()
+        m = keyword[-1]
+        return None if _rejected_after(span, m.end()) else m.group(1).upper()
     parenthesised = set(_CHOICE_PARENTHESISED.findall(span))
     if len(parenthesised) == 1:
         return parenthesised.pop()
@@ -302,7 +303,16 @@ def _parse_choice(
         if len(matches) == 1 and matches[0] < 26:
             return chr(ord("A") + matches[0])
     letters = {l for l in _CAPITAL_WORD.findall(span) if valid is None or l in valid}
-    return letters.pop() if len(letters) == 1 else None
+    if len(letters) != 1:
+        return None
+    letter = letters.pop()
+    m = re.search(rf"\b{letter}\b[)\]]?", span)
+    return None if m and _rejected_after(span, m.end()) else letter  # "B is incorrect."
+
+
+def _rejected_after(span: str, end: int) -> bool:
+    """Whether the words right after an option named at ``span[:end]`` reject it."""
+    return _CHOICE_REJECTED.match(_CHOICE_CLAUSE_END.split(span[end:], maxsplit=1)[0]) is not None
 
 
 # --- yes / no ---------------------------------------------------------------------------------
@@ -328,7 +338,8 @@ _BOTH_POLARITIES = re.compile(r"\b(?:yes\s*(?:or|and|/)\s*no|no\s*(?:or|and|/)\s
 _SOFT_HEDGE = re.compile(r"\b(?:(?:could|might|may) be|maybe|possibly|perhaps|neither|ambiguous)\b")
 _HEDGE = re.compile(
     r"\b(?:not (?:sure|certain)|unsure|uncertain|unclear|no idea|(?:do|did) not know"
-    r"|(?:not enough|insufficient) (?:information|evidence|details?)"
+    r"|(?:not enough|insufficient) (?:information|evidence|details?)|not clear"
+    r"|no way to (?:tell|know)"
     r"|(?:can|could) not (?:tell|say|determine|know|be (?:sure|certain|determined|told))"
     r"|(?:impossible|not possible|hard|difficult) to (?:tell|say|determine|know))\b"
 )
@@ -484,6 +495,7 @@ def _plain_number_text(span: str) -> str:
     # Thousands written 1\,000 or 1{,}000 (LaTeX), and an en dash used as a minus sign ("–3").
     span = _THOUSANDS_LATEX.sub(lambda m: "," if "{" in m.group() else "", span)
     span = _DASH_MINUS.sub("-", span)
+    span = re.sub(r"(?<=\d)\s*~\s*(?=\d)", " to ", span)  # "5~6" (LaTeX's ~ is a space)
     span = _unwrap_latex(span).replace("\\%", "%").replace("\u2044", "/")
     span = _DEGREES.sub(" ", span)
 
@@ -528,7 +540,10 @@ def parse_number(span: Optional[str], strict: bool = False) -> Optional[Number]:
     if strict:  # the last side of "x = 5", "\\theta = 30", "3 \\times 4 = 12"; not of "x = 2 or
         if "=" in text:  # x = 3" (a side lists answers) or "2 = 3" (two different numbers)
             sides = [side.strip().rstrip(".") for side in text.split("=")]
-            if any(re.search(r"\bor\b|\band\b|[,;]", side) for side in sides[:-1]):
+            # Prose before the first "=" may hold commas ("Thus, x = 4"); a middle side that
+            # lists values does not ("x = 2 or x = 3", "x = 3, y = 4").
+            if re.search(r"\bor\b|\band\b", sides[0]) or any(
+                    re.search(r"\d\W*(?:\bor\b|\band\b|[,;])", side) for side in sides[1:-1]):
                 return None
             values = {n.value for n in (_strict_number(side) for side in sides) if n}
             if len(values) > 1:
@@ -567,7 +582,8 @@ def _offers_alternatives(text: str, m: re.Match) -> bool:
     if after is None:
         return False
     separator = " ".join(text[m.end():after.start()].lower().replace("and/or", "or").split())
-    separator = re.sub(r"^,\s*(?=or$)|\s+(?:maybe|perhaps|possibly)$", "", separator)  # ", or"
+    separator = re.sub(r"\s*\b(?:maybe|perhaps|possibly)$", "", separator.lstrip("("))
+    separator = re.sub(r"^[,(]\s*(?=or$)", "", separator)  # ", or possibly", "(or"
     if not separator and after.group("sign") == "-":
         separator = "-"  # "5-6", "5 -6": the range's dash reads as the second number's sign
     tail = text[after.end():].strip(" .!)")

@@ -591,7 +591,7 @@ def _offers_alternatives(text: str, m: re.Match) -> bool:
     if re.search(r"\bbetween\s*$", text[:m.start()], re.IGNORECASE):
         return separator == "and" and only_unit
     if separator in ("-", "\u2013", "\u2014", "~", "or", "to"):
-        return only_unit  # "5-6", "5 \u2014 6", "5~6", "5 or 6"; not "10 \u2013 3 on the left and ..."
+        return only_unit  # "5-6", "5 \u2014 6", "5 or 6"; not "10 \u2013 3 on the left and 7 ..."
     return separator == "," and not tail
 
 

@@ -212,7 +212,7 @@ _CHOICE_CUED = re.compile(r"[(\[]?([A-Z])[)\]]?(?![\w'])")
 _CHOICE_ARTICLE = re.compile(r"\s+(?!(?:because|since|as|is|was|seems|fits|matches)\b)[a-z]")
 # Another option right after the named one: "A or B", "(A) (B)", "A; B", "A|B", "A-D", "A (or B)".
 _CHOICE_ANOTHER = re.compile(
-    r"(?:\s*(?:,|/|&|;|\||-|\(\s*or\b|\bor\b|\band\b)\s*"
+    r"(?:\s*(?:,|/|&|;|\||-|\(\s*or\b|\bor\b|\band\b)\s*(?:(?:maybe|possibly|perhaps)\s+)?"
     r"(?:[(\[][A-Za-z][)\]]|(?![AI]\s+[a-z])[A-Z](?![\w']))"
     r"|\s*[(\[][A-Za-z][)\]])"
 )
@@ -479,6 +479,10 @@ _DASH_MINUS = re.compile(r"(?<![\w)}])[\u2013\u2012](?=\s*\d)")
 # Two numbers as alternatives or a range ("5 or 6", "5-6", "between 5 and 6", "5 to 6 apples"):
 # the span commits to neither.
 _NUMBER_NEGATED = re.compile(r"^\s*(?:not|never)\b", re.IGNORECASE)
+_NUMBER_BOUND = re.compile(
+    r"\b(?:at\s+(?:least|most)|(?:more|fewer|less|greater)\s+than|no\s+(?:more|fewer|less)"
+    r"\s+than|up\s+to)\s+[-+]?\d|\d\s*(?:\+(?!\s*\d)|\s+or\s+(?:more|fewer|less)\b)",
+    re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -555,6 +559,8 @@ def parse_number(span: Optional[str], strict: bool = False) -> Optional[Number]:
     text = text.strip().rstrip(".")
     if _NUMBER_NEGATED.match(text):
         return None  # "not 5"
+    if _NUMBER_BOUND.search(text):
+        return None  # "at least 5", "5 or more", "5+": a bound, not a count
     m = _NUMBER.search(text)
     if m:
         if _offers_alternatives(text, m):

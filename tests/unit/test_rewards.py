@@ -247,6 +247,13 @@ HEDGES_AND_FORMATS = [
     ("Thus, $x = 4$.", "4", "math", None, True, ANY),
     ("Therefore, $\\angle ABC = 40^\\circ$.", "40", "math", None, True, ANY),
     ("\\boxed{x = 3, y = 4}", "4", "math", None, False, ANY),
+    ("Answer: B or possibly C", "B", "choice", COLORS, False, None),
+    ("at least 5", "5", "number", None, False, None),
+    ("There are more than 5 birds.", "5", "number", None, False, None),
+    ("5 or more", "5", "number", None, False, None),
+    ("Answer: 5+", "5", "number", None, False, None),
+    ("2 + 3 = 5", "5", "number", None, True, "5"),
+    ("The answer is 5, at least from this angle.", "5", "number", None, True, "5"),
     # Committed answers the rules above must not touch (a second review's regression set).
     ("Answer: (D) O", "D", "choice", ["A", "B", "AB", "O"], True, "D"),
     ("(B) T-shirt", "B", "choice", ["Dress", "T-shirt", "Jacket"], True, "B"),

@@ -80,7 +80,9 @@ launch_training() {
     if [ -n "${RUN_DIR:-}" ]; then
       run_dir_overrides=("logging.run_dir=$RUN_DIR" "checkpoint.dir=$RUN_DIR/checkpoints")
     fi
-    args=(--config "$CONFIG" "${run_dir_overrides[@]}" "$@")
+    # ${a[@]+"${a[@]}"}: an empty array under `set -u` is an "unbound variable" in bash < 4.4
+    # (RHEL/CentOS 7 login nodes still ship 4.2).
+    args=(--config "$CONFIG" ${run_dir_overrides[@]+"${run_dir_overrides[@]}"} "$@")
   fi
 
   local nodes=${SLURM_JOB_NUM_NODES:-1}
@@ -120,7 +122,7 @@ launch_training() {
   log "$python -m $entry ${args[*]}"
 
   local rc=0
-  srun --kill-on-bad-exit=0 --cpus-per-task="$cpus_per_task" "$python" -m "$entry" "${args[@]}" || rc=$?
+  srun --kill-on-bad-exit=0 --cpus-per-task="$cpus_per_task" "$python" -m "$entry" ${args[@]+"${args[@]}"} || rc=$?
 
   if ((rc == EX_TEMPFAIL)); then
     local restarts=${SLURM_RESTART_COUNT:-0}

@@ -64,6 +64,10 @@ _ANSWER_MARKER = re.compile(
     r"(?:\bthe\s+)?(?:\bfinal\s+)?\banswer\b\**\s*(?:\bis\b\s*:?|:)", re.IGNORECASE
 )
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+# What follows "the answer is" when the sentence talks about the answer instead of giving it.
+_NOT_AN_ANSWER = re.compile(
+    r"(?:supported|based|derived|determined|found|given|shown|confirmed|justified|consistent"
+    r"|because|that|clear|clearly|obvious|obviously|evident|visible|reached)\b")
 _WHITESPACE_RUN = re.compile(r"\s{2,}")
 
 
@@ -113,15 +117,17 @@ def _answer_tag(text: str) -> Optional[str]:
 
 
 def _after_answer_marker(text: str) -> Optional[str]:
-    markers = list(_ANSWER_MARKER.finditer(text))
-    if not markers:
-        return None
-    last = markers[-1]
-    # "Answer:\n12" puts the answer on the next line.
-    rest = text[last.end() :].lstrip(" \t\r\n*:")
-    line = rest.split("\n", 1)[0]
-    # "The answer is B. Because ..." -> "B."
-    return _SENTENCE_END.split(line, 1)[0] or None
+    # The last cue that states an answer: "the answer is supported by ..." in a closing
+    # explanation does not replace an earlier "Answer: B".
+    for marker in reversed(list(_ANSWER_MARKER.finditer(text))):
+        # "Answer:\n12" puts the answer on the next line.
+        rest = text[marker.end() :].lstrip(" \t\r\n*:")
+        if _NOT_AN_ANSWER.match(rest):
+            continue
+        line = rest.split("\n", 1)[0]
+        # "The answer is B. Because ..." -> "B."
+        return _SENTENCE_END.split(line, 1)[0] or None
+    return None
 
 
 def _marked_span(text: str) -> tuple[Optional[str], bool]:

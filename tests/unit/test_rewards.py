@@ -254,6 +254,11 @@ HEDGES_AND_FORMATS = [
     ("Answer: 5+", "5", "number", None, False, None),
     ("2 + 3 = 5", "5", "number", None, True, "5"),
     ("The answer is 5, at least from this angle.", "5", "number", None, True, "5"),
+    ("Answer: B\n\nThe answer is supported by the red car on the left.", "B", "choice", COLORS,
+     True, "B"),
+    ("Answer: 3\n\nThe answer is clear from the three dogs in the picture.", "3", "number", None,
+     True, "3"),
+    ("I think the answer is that it is red. The answer is A.", "A", "choice", COLORS, True, "A"),
     # Committed answers the rules above must not touch (a second review's regression set).
     ("Answer: (D) O", "D", "choice", ["A", "B", "AB", "O"], True, "D"),
     ("(B) T-shirt", "B", "choice", ["Dress", "T-shirt", "Jacket"], True, "B"),

@@ -6,10 +6,13 @@ parsed is judged wrong and reported with `parse_ok=False` so the trainer can cou
 
 Extraction order, on the text after the last `</think>` (a response still inside `<think>`
 when it was cut off has no answer): the last complete `\\boxed{...}`, else
-the text after the last "Answer:" / "The answer is", else the last non-empty line. When
+the text after the last "Answer:" / "The answer is" that states one (not "the answer is
+supported by ..."), else the last non-empty line. When
 `<answer>...</answer>` tags are present the same search runs on the tag content alone, falling
 back to that content as a whole. The span is then parsed for the sample's `answer_type`; a
 reference answer that does not parse for its type is compared as normalised text instead.
+A span that does not commit to one answer earns no reward: several options, a rejected option,
+yes and no together or a hedge, numbers offered as alternatives, ranges or bounds.
 """
 
 import math

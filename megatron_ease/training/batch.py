@@ -22,6 +22,12 @@ class TrainSequences:
     response_mask: torch.Tensor  # [n, S] bool, label-shifted response rows
     image_mask: torch.Tensor  # [n, S] bool
 
+    def cut(self, start: int, stop: int) -> tuple[slice, tuple[slice, slice]]:
+        """Rows ``start:stop`` and the ``[rows, columns]`` index of those rows cut to their own
+        longest sequence (the sequences are right-padded): one micro-batch's block."""
+        rows = slice(start, stop)
+        return rows, (rows, slice(0, int(self.attention_mask[rows].sum(dim=1).max())))
+
     def per_row(self, values: torch.Tensor) -> torch.Tensor:
         """Place per-response-token values ``[n, T]`` at their response rows ``[n, S]``."""
         out = torch.zeros(self.response_mask.shape, dtype=values.dtype)

@@ -213,9 +213,7 @@ class Trainer:
         policy = torch.arange(total) < n
 
         def micro_batch(start: int, stop: int) -> MicroBatch:
-            rows = slice(start, stop)
-            width = int(seqs.attention_mask[rows].sum(dim=1).max())
-            cols = (rows, slice(0, width))
+            rows, cols = seqs.cut(start, stop)
             pixel_values, grids, image_ids = shared_images(
                 [p["pixel_values"][j] for j in range(start, stop)],
                 [p["image_grid_thw"][j] for j in range(start, stop)])
@@ -353,8 +351,7 @@ class Trainer:
         has = torch.tensor([t is not None for t in per_sample], dtype=torch.float32)
         mbs = []
         for start in range(0, n, self.cfg.train.micro_batch_size):
-            rows = slice(start, min(n, start + self.cfg.train.micro_batch_size))
-            cols = (rows, slice(0, int(seqs.attention_mask[rows].sum(dim=1).max())))
+            rows, cols = seqs.cut(start, min(n, start + self.cfg.train.micro_batch_size))
             mbs.append(MicroBatch(
                 seqs.input_ids[cols], seqs.attention_mask[cols], seqs.labels[cols],
                 seqs.response_mask[cols], seqs.image_mask[cols],

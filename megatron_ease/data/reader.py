@@ -411,12 +411,7 @@ class EvidenceDataLoader:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for name, value in self._identity().items():
-            if state.get(name) != value:
-                raise ValueError(
-                    f"data loader state was saved with {name}={state.get(name)!r}, this run has {value!r}; "
-                    "the sample order would differ, so it cannot resume exactly (keep the shards and data settings)"
-                )
+        self._require_same(state, self._identity())
         self._start = StreamStart(state["base"], frozenset(state["skip"]), state["first_worker"], state["num_workers"])
         self._delivered, self._last_worker = {}, None
         self.skipped = Counter(state["skipped"])
@@ -434,18 +429,14 @@ class EvidenceDataLoader:
         in the same epoch order: every sample any old rank delivered lies before the new start,
         so none is read twice; up to about workers × batch per old rank that were prefetched
         but not delivered are passed over, and the per-rank skip bookkeeping starts afresh."""
-        mine = self._identity()
         for state in states:
             if self.state_matches(state):
                 self.load_state_dict(state)
                 return True
-        order = ("num_samples", "seed", "shuffle", "even_ranks")
-        for state in states:
-            for name in order:
-                if state.get(name) != mine[name]:
-                    raise ValueError(
-                        f"data loader state was saved with {name}={state.get(name)!r}, this run "
-                        f"has {mine[name]!r}: the sample order differs, it cannot continue")
+        mine = self._identity()
+        order = {name: mine[name] for name in ("num_samples", "seed", "shuffle", "even_ranks")}
+        for state in states:  # the epoch order must be the same; rank and world size may not
+            self._require_same(state, order)
         if not states or not mine["even_ranks"]:
             raise ValueError("no reader state of this layout to continue from")
         old_world = states[0]["world_size"]
@@ -458,6 +449,15 @@ class EvidenceDataLoader:
         self._delivered, self._last_worker = {}, None
         self.skipped = Counter()
         return False
+
+    @staticmethod
+    def _require_same(state: dict[str, Any], expected: dict[str, Any]) -> None:
+        for name, value in expected.items():
+            if state.get(name) != value:
+                raise ValueError(
+                    f"data loader state was saved with {name}={state.get(name)!r}, this run has {value!r}; "
+                    "the sample order would differ, so it cannot resume exactly (keep the shards and data settings)"
+                )
 
     def _identity(self) -> dict[str, Any]:
         d = self.dataset

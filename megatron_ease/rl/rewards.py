@@ -250,13 +250,14 @@ def _rejects(rest: str, letter: str, choices: Optional[Sequence[str]]) -> bool:
     is neither."""
     index = ord(letter) - ord("A")
     option = normalize_text(str(choices[index])) if choices and index < len(choices) else ""
-    if _CHOICE_STRUCK.search(rest) and normalize_text(rest) != option:
+    words = normalize_text(rest)
+    if _CHOICE_STRUCK.search(rest) and words != option:
         return True  # "(D) yellow - no"
-    if option and (normalize_text(rest) + " ").startswith(option + " "):
+    if option and (words + " ").startswith(option + " "):
         return False
     if _CHOICE_ANOTHER.match(rest):
         return True
-    return _CHOICE_REJECTED.match(_CHOICE_CLAUSE_END.split(rest, maxsplit=1)[0]) is not None
+    return _rejected_after(rest, 0)
 
 
 def _cued_choice(span: str, valid: Optional[set],
@@ -342,9 +343,6 @@ _AUXILIARIES = {
 }
 _BOTH_POLARITIES = re.compile(r"\b(?:yes\s*(?:or|and|/)\s*no|no\s*(?:or|and|/)\s*yes)\b")
 # Hedges commit to neither answer, whatever else the span says ("Not sure." is not "no").
-# Hedging words that only count when the span does not open with its answer ("It could be"
-# hedges; "Yes, it may be partially hidden" and "No, neither of them" answer).
-_SOFT_HEDGE = re.compile(r"\b(?:(?:could|might|may) be|maybe|possibly|perhaps|neither|ambiguous)\b")
 _HEDGE = re.compile(
     r"\b(?:not (?:sure|certain)|unsure|uncertain|unclear|no idea|(?:do|did) not know"
     r"|(?:not enough|insufficient) (?:information|evidence|details?)|not clear"
@@ -352,6 +350,9 @@ _HEDGE = re.compile(
     r"|(?:can|could) not (?:tell|say|determine|know|be (?:sure|certain|determined|told))"
     r"|(?:impossible|not possible|hard|difficult) to (?:tell|say|determine|know))\b"
 )
+# Hedging words that only count when the span does not open with its answer ("It could be"
+# hedges; "Yes, it may be partially hidden" and "No, neither of them" answer).
+_SOFT_HEDGE = re.compile(r"\b(?:(?:could|might|may) be|maybe|possibly|perhaps|neither|ambiguous)\b")
 
 
 def _yesno_words(span: str) -> list[str]:
@@ -485,8 +486,7 @@ _ZERO_WORDS = re.compile(_ZERO_PHRASES, re.IGNORECASE)
 
 _THOUSANDS_LATEX = re.compile(r"(?<=\d)(?:\\,|\{,\})(?=\d{3}(?!\d))")
 _DASH_MINUS = re.compile(r"(?<![\w)}])[\u2013\u2012](?=\s*\d)")
-# Two numbers as alternatives or a range ("5 or 6", "5-6", "between 5 and 6", "5 to 6 apples"):
-# the span commits to neither.
+# A negated number or a bound commits to no count ("not 5", "at least 5", "5 or more", "5+").
 _NUMBER_NEGATED = re.compile(r"^\s*(?:not|never)\b", re.IGNORECASE)
 _NUMBER_BOUND = re.compile(
     r"\b(?:at\s+(?:least|most)|(?:more|fewer|less|greater)\s+than|no\s+(?:more|fewer|less)"
@@ -605,7 +605,7 @@ def _offers_alternatives(text: str, m: re.Match) -> bool:
     only_unit = len(tail.split()) <= 1
     if re.search(r"\bbetween\s*$", text[:m.start()], re.IGNORECASE):
         return separator == "and" and only_unit
-    if separator in ("-", "\u2013", "\u2014", "~", "or", "to"):
+    if separator in ("-", "\u2013", "\u2014", "or", "to"):  # "~" became " to " already
         return only_unit  # "5-6", "5 \u2014 6", "5 or 6"; not "10 \u2013 3 on the left and 7 ..."
     return separator == "," and not tail
 

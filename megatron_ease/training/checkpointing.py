@@ -395,7 +395,6 @@ class CheckpointManager:
                 logger.warning("%s was saved by %s ranks in layout %s, resumed on %d in %s: RNG "
                                "streams start afresh", path, meta.get("world_size"),
                                meta.get("layout"), world_size, layout)
-
         elif os.path.isfile(rank_file):
             with open(rank_file) as f:
                 rank_state = json.load(f)

@@ -11,8 +11,10 @@ supported by ..."), else the last non-empty line. When
 `<answer>...</answer>` tags are present the same search runs on the tag content alone, falling
 back to that content as a whole. The span is then parsed for the sample's `answer_type`; a
 reference answer that does not parse for its type is compared as normalised text instead.
-A span that does not commit to one answer earns no reward: several options, a rejected option,
-yes and no together or a hedge, numbers offered as alternatives, ranges or bounds.
+A span that does not commit to one answer earns no reward: several options, a rejected or hedged
+option ("B (not sure)", "Probably B"), yes and no together or a hedge ("Probably yes", "Not
+necessarily"), numbers offered as alternatives, ranges or bounds. Decimal commas ("2,5") are not
+read (they cannot be told from a list).
 """
 
 import math
@@ -72,6 +74,29 @@ _NOT_AN_ANSWER = re.compile(
     r"(?:supported|based|derived|determined|found|given|shown|confirmed|justified|consistent"
     r"|because|that|clear|clearly|obvious|obviously|evident|visible|reached)\b")
 _WHITESPACE_RUN = re.compile(r"\s{2,}")
+# NFKC reads "1½" as "11⁄2" (5.5) and "3²" as "32": before it, a vulgar fraction becomes LaTeX
+# ("1\frac{1}{2}", a mixed number after a digit) and superscript digits an exponent ("3^{2}").
+_VULGAR_FRACTIONS = "".join(
+    chr(c) for c in range(0x80, 0x2190) if "VULGAR FRACTION" in unicodedata.name(chr(c), ""))
+_VULGAR_FRACTION = re.compile(f"[{_VULGAR_FRACTIONS}]")
+_SUPERSCRIPTS = {"\u207b": "-", "\u207a": "+", "\u00b9": "1", "\u00b2": "2", "\u00b3": "3",
+                 **{chr(0x2070 + d): str(d) for d in (0, 4, 5, 6, 7, 8, 9)}}
+_SUPERSCRIPT_RUN = re.compile(f"[{''.join(_SUPERSCRIPTS)}]+")
+
+
+def _vulgar_fraction(m: re.Match) -> str:
+    num, den = unicodedata.normalize("NFKC", m.group()).split("\u2044")
+    return f"\\frac{{{num}}}{{{den}}}"
+
+
+def _superscript(m: re.Match) -> str:
+    return "^{" + "".join(_SUPERSCRIPTS[ch] for ch in m.group()) + "}"
+
+
+def _nfkc(text: str) -> str:
+    """NFKC, with vulgar fractions and superscript digits kept apart from the digits before."""
+    text = _VULGAR_FRACTION.sub(_vulgar_fraction, text)
+    return unicodedata.normalize("NFKC", _SUPERSCRIPT_RUN.sub(_superscript, text))
 
 
 def _response_tail(text) -> str:
@@ -87,7 +112,7 @@ def _response_tail(text) -> str:
         text = text[end_of_thought + len("</think>") :]
     elif text.lstrip().startswith("<think>"):
         return ""  # still thinking when it was cut off: no answer was given
-    text = unicodedata.normalize("NFKC", text[-_MAX_SCAN_CHARS:])
+    text = _nfkc(text[-_MAX_SCAN_CHARS:])
     # One character per whitespace run (a newline where the run has one): patterns with \s*
     # would otherwise restart at every character of a long run (quadratic in the tail).
     return _WHITESPACE_RUN.sub(lambda m: "\n" if "\n" in m.group() else " ", text)
@@ -201,8 +226,9 @@ def normalize_text(text: str) -> str:
     """SQuAD-style: lowercase, no punctuation, no articles, single spaces."""
     text = _unwrap_latex(unicodedata.normalize("NFKC", text)).lower()
     text = "".join(" " if unicodedata.category(ch).startswith("P") else ch for ch in text)
-    text = re.sub(r"\b(?:a|an|the)\b", " ", text)
-    return " ".join(text.split())
+    # Articles go unless they are all there is: the answer "A" (a blood type, a label) stays.
+    words = re.sub(r"\b(?:a|an|the)\b", " ", text).split()
+    return " ".join(words or text.split())
 
 
 # --- choice -----------------------------------------------------------------------------------
@@ -289,7 +315,33 @@ def _parse_choice(
     that opens the span wins over letters in the prose after it ("B because A is too small")."""
     if not span:
         return None
-    span = _unwrap_latex(span)
+    letter = _named_choice(_unwrap_latex(span), choices, cued)
+    return None if letter is None or _hedges_choice(span, letter, choices) else letter
+
+
+def _hedges_choice(span: str, letter: str, choices: Optional[Sequence[str]]) -> bool:
+    """Whether a span that names ``letter`` hedges it: "B (not sure)", "Probably B", "C, maybe".
+    Words of the options' own texts ("(C) Not sure") do not count."""
+    words = " " + " ".join(_yesno_words(span)) + " "
+    for option in choices or ():
+        option = " ".join(_yesno_words(str(option)))
+        if option:
+            words = words.replace(f" {option} ", " ")
+    if _HEDGE.search(words):
+        return True
+    letter = letter.lower()
+    return re.search(rf"\b(?:{_CHOICE_SOFT_HEDGES}) (?:option |choice )?{letter}\b"
+                     rf"|\b{letter} (?:{_CHOICE_SOFT_HEDGES})\b", words) is not None
+
+
+# Right next to the option letter these hedge it; elsewhere in a span they may describe the image
+# ("the object is probably a cup, so B").
+_CHOICE_SOFT_HEDGES = "maybe|perhaps|possibly|probably"
+
+
+def _named_choice(
+    span: str, choices: Optional[Sequence[str]], cued: bool
+) -> Optional[str]:
     if m := _CHOICE_ALONE.fullmatch(span):
         return m.group(1).upper()
     if m := _CHOICE_LEADING.match(span):
@@ -346,13 +398,15 @@ _BOTH_POLARITIES = re.compile(r"\b(?:yes\s*(?:or|and|/)\s*no|no\s*(?:or|and|/)\s
 _HEDGE = re.compile(
     r"\b(?:not (?:sure|certain)|unsure|uncertain|unclear|no idea|(?:do|did) not know"
     r"|(?:not enough|insufficient) (?:information|evidence|details?)|not clear"
-    r"|no way to (?:tell|know)"
+    r"|no way to (?:tell|know)|not necessarily"
     r"|(?:can|could) not (?:tell|say|determine|know|be (?:sure|certain|determined|told))"
     r"|(?:impossible|not possible|hard|difficult) to (?:tell|say|determine|know))\b"
 )
 # Hedging words that only count when the span does not open with its answer ("It could be"
 # hedges; "Yes, it may be partially hidden" and "No, neither of them" answer).
-_SOFT_HEDGE = re.compile(r"\b(?:(?:could|might|may) be|maybe|possibly|perhaps|neither|ambiguous)\b")
+_SOFT_HEDGE = re.compile(
+    r"\b(?:(?:could|might|may) be|maybe|possibly|perhaps|probably|(?:un)?likely|neither"
+    r"|ambiguous)\b")
 
 
 def _yesno_words(span: str) -> list[str]:
@@ -386,9 +440,11 @@ def parse_yesno(span: Optional[str]) -> Optional[str]:
     In order: "yes or no" / "yes and no" and hedges ("Not sure", "I don't know", "It cannot be
     determined") -> None; a leading answer word decides ("Yes, there is" -> yes, "No." /
     "Not at all" -> no); leading adverbs ("Certainly", "Sure,", "No doubt") affirm unless what
-    follows answers ("Certainly not", "Absolutely no", "Sure, there is no cat" -> no); an explicit
-    yes or no inside ("I'd say yes"; both -> None); a short statement, an auxiliary verb among its
-    first four words ("It is not", "There are two", "The shirt isn't red"), is yes unless negated.
+    follows answers ("Certainly not", "Absolutely no", "Sure, there is no cat" -> no); a clause
+    that opens with yes or no ("There is a cat? No."); a short statement, an auxiliary verb among
+    its first four words ("It is not", "There are two", "The shirt isn't red"), is yes unless its
+    own clause is negated ("There is a dog, but no cat" -> yes); an explicit yes or no inside
+    ("I'd say yes"). A soft hedge before the answer ("Probably yes", "It is likely") -> None.
     Statements about the speaker ("I don't know") and anything else -> None.
     """
     if not span:
@@ -397,11 +453,18 @@ def parse_yesno(span: Optional[str]) -> Optional[str]:
     joined = " ".join(words)
     if not words or _BOTH_POLARITIES.search(joined) or _HEDGE.search(joined):
         return None
-    if len(_clause_answers(span)) > 1:  # "Yes/No", "Yes. No.", "No, wait, yes."
+    answers = _clause_answers(span)
+    if len(answers) > 1:  # "Yes/No", "Yes. No.", "No, wait, yes."
         return None
     if words[0] not in _YES_WORDS | _NO_WORDS and _SOFT_HEDGE.search(joined):
         return None
-    return _yesno_from_words(words)
+    if answers:  # a clause that opens with the answer ("There is a cat? No.")
+        return answers.pop()
+    clauses = [_yesno_words(clause) for clause in _CLAUSE_BREAK.split(span)]
+    return _yesno_from_words(
+        [w for clause in clauses for w in clause],
+        [i for i, clause in enumerate(clauses) for _ in clause],
+    )
 
 
 # Clauses: split at punctuation and "but"; a clause's answer is its leading yes or no word
@@ -423,7 +486,8 @@ def _clause_answers(span: str) -> set:
     return answers
 
 
-def _yesno_from_words(words: list[str]) -> Optional[str]:
+def _yesno_from_words(words: list[str], clause_of: list[int]) -> Optional[str]:
+    """The answer of a span's words; ``clause_of[i]`` numbers the clause word i belongs to."""
     if not words:
         return None
     if words[0] in _YES_WORDS:
@@ -431,22 +495,22 @@ def _yesno_from_words(words: list[str]) -> Optional[str]:
     adverbs = _leading_adverbs(words)
     if adverbs:
         rest = words[adverbs:]
-        decided = _yesno_from_words(rest)
+        decided = _yesno_from_words(rest, clause_of[adverbs:])
         if decided is not None:
             return decided
         # "Definitely, I think so" affirms; "Sure, nothing" is no clear answer.
         return None if _NEGATIONS.intersection(rest) else "yes"
     if words[0] in _NO_WORDS:
         return "no"
+    verb = next((i for i, w in enumerate(words[1:4], start=1) if w in _AUXILIARIES), None)
+    if verb is not None and not _SPEAKERS.intersection(words[:verb]):
+        # A statement answers by its own clause's negation: "There is a dog, but no cat" is yes.
+        clause = [w for w, c in zip(words, clause_of, strict=True) if c == clause_of[0]]
+        return "no" if _NEGATIONS.intersection(clause) else "yes"
     has_yes, has_no = "yes" in words, "no" in words
     if has_yes != has_no:
         return "yes" if has_yes else "no"
-    if has_yes:
-        return None
-    verb = next((i for i, w in enumerate(words[1:4], start=1) if w in _AUXILIARIES), None)
-    if verb is None or _SPEAKERS.intersection(words[:verb]):
-        return None
-    return "no" if _NEGATIONS.intersection(words) else "yes"
+    return None
 
 
 # --- numbers ----------------------------------------------------------------------------------
@@ -460,6 +524,9 @@ _MIXED_FRACTION = re.compile(r"(?<!\d)(\d+)\s*\\[dtc]?frac\s*\{\s*(\d+)\s*\}\s*\
 _FRACTION = re.compile(r"\\[dtc]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
 _FRACTION_SHORT = re.compile(r"\\[dtc]?frac\s*(\d)\s*(\d)")
 _TIMES_POWER_OF_TEN = re.compile(r"\s*(?:\\times|\\cdot|×|\*)\s*10\s*\^\s*\{?\s*([-+]?\d+)\s*\}?")
+# A numeral raised to an integer power ("2^{10}", "10^-3", "3^{2}" from "3²").
+_POWER = re.compile(
+    r"(?<![\w.^])(\d+(?:\.\d+)?)\s*\^\s*(?:\{\s*([-+]?\d{1,4})\s*\}|([-+]?\d{1,4})(?!\d))")
 _DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|\\degree|°")
 # Counting answers are often spelled out ("There are two dogs").
 _NUMBER_WORDS = {
@@ -519,7 +586,16 @@ def _plain_number_text(span: str) -> str:
     span = _MIXED_FRACTION.sub(mixed, span)
     span = _FRACTION.sub(r" \1/\2 ", span)
     span = _FRACTION_SHORT.sub(r" \1/\2 ", span)
-    return _TIMES_POWER_OF_TEN.sub(r"e\1", span)
+    return _POWER.sub(_power, _TIMES_POWER_OF_TEN.sub(r"e\1", span))
+
+
+def _power(m: re.Match) -> str:
+    base, exponent = float(m.group(1)), int(m.group(2) or m.group(3))
+    try:
+        value = base**exponent if abs(exponent) <= 1024 else math.inf
+    except (OverflowError, ZeroDivisionError):
+        value = math.inf
+    return f" {value!r} " if math.isfinite(value) else " inf "  # inf: no number ("0^{-1}")
 
 
 def _to_number(m: re.Match) -> Optional[Number]:
@@ -541,7 +617,8 @@ def parse_number(span: Optional[str], strict: bool = False) -> Optional[Number]:
     After an "=" only the right-hand side counts ("x = 5", "2 + 3 = 5"); then the first number
     is taken, so units and trailing words are ignored; number words (zero..twenty, and "no one" /
     "nobody" / "none" as zero) only count when no numeral is present, and "one" not when it is a
-    pronoun ("anyone", "every one", "the one on the left", "one another"). A span that offers
+    pronoun ("anyone", "every one", "the one on the left", "one another"). Integer powers of
+    numerals are evaluated ("2^{10}", "3²" -> 9; "1½" -> 1.5). A span that offers
     two numbers as alternatives or a range ("5 or 6", "5-6", "between 5 and 6") or negates its
     number ("not 5") states none. `strict` requires the whole span to be one number, after at
     most one "x =" (used for `math`, where "2x", "\\sqrt{2}" or "x = 2 or x = 3" must not read
@@ -640,6 +717,7 @@ def normalize_math(span: str) -> str:
     span = re.sub(r"\\[dtc]frac", r"\\frac", span)
     span = _FRACTION_SHORT.sub(r"\\frac{\1}{\2}", span)
     span = re.sub(r"\\sqrt\s*(\w)", r"\\sqrt{\1}", span)
+    span = re.sub(r"([_^])\s*\{\s*(\w)\s*\}", r"\1\2", span)  # x^{2} -> x^2
     span = _LATEX_WRAPPERS.sub(r"\1", span)
     span = span.replace("\\%", "").replace("%", "").replace("\u2212", "-")
     return "".join(span.split())
@@ -709,7 +787,7 @@ def compute_reward(
     if answer_type not in ANSWER_TYPES:
         raise ValueError(f"answer_type must be one of {ANSWER_TYPES}, got {answer_type!r}")
     span, cued = _locate_answer(response_text)
-    answer = "" if answer is None else str(answer)
+    answer = "" if answer is None else _nfkc(str(answer))  # as responses are (_response_tail)
     parsed, correct = _judge(span, answer, answer_type, choices, cued)
     format_ok = has_answer_format(response_text, spec.answer_format)
     reward = spec.correct_reward if correct else spec.wrong_reward

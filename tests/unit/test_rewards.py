@@ -180,6 +180,26 @@ CASES = [
      True, "5"),
     ("<answer>x is \\boxed{9}</answer> \\boxed{8}", "9", "number", None, True, "9"),
     ("<answer>about 7</answer>\nAnswer: 8", "7", "number", None, True, "7"),
+    # Unicode numerals: NFKC alone glues them to the digits before ("1½" -> "11/2", "3²" -> "32").
+    ("1\u00bd", "1.5", "number", None, True, "1.5"),
+    ("It's 3\u00be inches", "3.75", "number", None, True, "3.75"),
+    ("\u00bd", "0.5", "number", None, True, "0.5"),
+    ("3\u00b2", "9", "number", None, True, "9"),
+    ("3\u00b2", "32", "number", None, False, "9"),
+    ("5 m\u00b2", "5", "number", None, True, "5"),
+    ("\\boxed{\\frac{3}{2}}", "1\u00bd", "math", None, True, ANY),
+    ("\\boxed{x\u00b2}", "x^2", "math", None, True, "x^2"),
+    # Integer powers of numerals; single-character exponent braces are optional in math.
+    ("Answer: 2^{10}", "1024", "number", None, True, "1024"),
+    ("Answer: 2^10", "1024", "number", None, True, "1024"),
+    ("Answer: 10^{-3}", "0.001", "number", None, True, "0.001"),
+    ("\\boxed{2^{10}}", "1024", "math", None, True, ANY),
+    ("\\boxed{1024}", "2^{10}", "math", None, True, ANY),
+    ("\\boxed{x^2}", "x^{2}", "math", None, True, "x^2"),
+    ("Answer: 0^{-1}", "0", "number", None, False, None),
+    # A one-letter text answer is not an article to drop.
+    ("A", "A", "text", None, True, "a"),
+    ("The", "A", "text", None, False, "the"),
 ]
 
 
@@ -290,6 +310,27 @@ HEDGES_AND_FORMATS = [
     ("<think>Counting the shapes: maybe the answer is B. Hmm, wait, let me recount the", "B",
      "choice", COLORS, False, None),
     ("<think>It is B.</think> The answer is B.", "B", "choice", COLORS, True, "B"),
+    # A hedged option (hedges inside the options' own texts do not count).
+    ("B (not sure)", "B", "choice", COLORS, False, None),
+    ("Answer: B (I'm not certain)", "B", "choice", COLORS, False, None),
+    ("Probably B", "B", "choice", COLORS, False, None),
+    ("B, probably.", "B", "choice", COLORS, False, None),
+    ("Answer: maybe option C", "C", "choice", COLORS, False, None),
+    ("(C) Not sure", "C", "choice", ["Yes", "No", "Not sure"], True, "C"),
+    ("(B) Possibly red", "B", "choice", ["Certainly red", "Possibly red"], True, "B"),
+    ("The object is probably a cup, so the answer is B.", "B", "choice", COLORS, True, "B"),
+    ("The most likely answer is B.", "B", "choice", COLORS, True, "B"),
+    # Hedged yes/no; a statement answers by its own clause ("..., but no cat" is not "no").
+    ("Probably yes.", "yes", "yesno", None, False, None),
+    ("Likely yes.", "yes", "yesno", None, False, None),
+    ("It is unlikely.", "no", "yesno", None, False, None),
+    ("Not necessarily.", "no", "yesno", None, False, None),
+    ("There is a dog, but no cat.", "yes", "yesno", None, True, "yes"),
+    ("There is a dog but no cat", "yes", "yesno", None, True, "yes"),
+    ("There is no cat, only a dog.", "no", "yesno", None, True, "no"),
+    ("The dog isn't visible, just a cat.", "no", "yesno", None, True, "no"),
+    ("There is a cat? No.", "no", "yesno", None, True, "no"),
+    ("Yes, probably.", "yes", "yesno", None, True, "yes"),
 ]
 
 
@@ -303,7 +344,8 @@ def test_hedges_rejections_and_unfinished_answers_are_not_credited(response, ans
     test_verifier_table(response, answer, answer_type, choices, correct, parsed)
 
 
-@pytest.mark.parametrize("filler", [" " * 16000, "\u3000" * 16000, " \n" * 8000, "3" * 16000])
+@pytest.mark.parametrize("filler", [" " * 16000, "\u3000" * 16000, " \n" * 8000, "3" * 16000,
+                                    "\u00b2" * 16000, "2\u00bd" * 8000])
 @pytest.mark.parametrize("answer_type", ["choice", "number", "math", "yesno"])
 def test_long_runs_of_whitespace_or_digits_are_verified_quickly(filler, answer_type):
     """Some patterns restarted at every character of a long whitespace or digit run: seconds

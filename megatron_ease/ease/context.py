@@ -72,6 +72,9 @@ class EaseLayerRecord:
     evidence_attention_sum: Optional[torch.Tensor]
     evidence_samples: Optional[torch.Tensor]
     mass: Optional[torch.Tensor]  # [b, s] TP-reduced M, when the context has keep_mass
+    # The same over the gated samples only (w > 0: the rows the loss supervises).
+    gated_evidence_attention_sum: Optional[torch.Tensor] = None
+    gated_evidence_samples: Optional[torch.Tensor] = None
 
 
 @dataclasses.dataclass(eq=False)
@@ -144,10 +147,12 @@ class EaseContext:
             self._response_rows = response_row_index(self.response_mask)
         return self._response_rows
 
-    def record(self, layer_index: int, loss, evidence_attention_sum, evidence_samples, mass):
+    def record(self, layer_index: int, loss, evidence_attention_sum, evidence_samples, mass,
+               gated_evidence_attention_sum=None, gated_evidence_samples=None):
         """Called by the layer; a recomputation overwrites its own (identical) record."""
-        self.records[layer_index] = EaseLayerRecord(loss, evidence_attention_sum,
-                                                    evidence_samples, mass)
+        self.records[layer_index] = EaseLayerRecord(
+            loss, evidence_attention_sum, evidence_samples, mass,
+            gated_evidence_attention_sum, gated_evidence_samples)
 
 
 def ease_attention_modules(model: torch.nn.Module) -> list[EaseCoreAttentionMixin]:
@@ -254,16 +259,23 @@ def reduce_ease_metrics(
     same on every rank.
 
     Returns ``ease/loss`` (L_EASE, the average over layers of L_ℓ with the global normaliser),
-    ``ease/loss/layer_{i}``, and, when contexts carry an ``evidence_mask``,
+    ``ease/loss/layer_{i}``, ``ease/gated_fraction`` (Σw over the rows the EASE term saw, the
+    share of them it supervises) and, when contexts carry an ``evidence_mask``,
     ``ease/attention_in_evidence`` (mean over samples with evidence, averaged over layers) and
-    ``ease/attention_in_evidence/layer_{i}``; ``i`` is the 0-based global layer index.
+    ``ease/attention_in_evidence/layer_{i}``, and the same over the gated samples only,
+    ``ease/attention_in_evidence_gated[/layer_{i}]``; ``i`` is the 0-based global layer index.
     """
     layers = list(ease_layers)
     if not layers:
         return {}
     position = {layer: n for n, layer in enumerate(layers)}
-    sums = torch.zeros(len(layers), 3, dtype=torch.float64)  # loss, evidence sum, evidence count
+    # Per layer: loss, evidence sum, evidence count, gated evidence sum, gated evidence count.
+    sums = torch.zeros(len(layers) + 1, 5, dtype=torch.float64)
     for context in contexts:
+        # The last row counts the gate, once per micro-batch: Σw and rows. Every pipeline stage
+        # holds the same contexts, so the PP sum scales both alike and leaves the fraction.
+        sums[-1, 0] += float(context.weight.detach().double().sum())
+        sums[-1, 1] += context.weight.numel()
         for layer, record in context.records.items():
             if layer not in position:
                 raise ValueError(f"EASE layer {layer} recorded a loss but is not in ease_layers "
@@ -273,18 +285,26 @@ def reduce_ease_metrics(
             if record.evidence_samples is not None:
                 row[1] += float(record.evidence_attention_sum)
                 row[2] += float(record.evidence_samples)
+            if record.gated_evidence_samples is not None:
+                row[3] += float(record.gated_evidence_attention_sum)
+                row[4] += float(record.gated_evidence_samples)
     for group in (_default_group(pipeline_group, "pipeline"),
                   _default_group(data_parallel_group, "data")):
         if group is not None:
             all_reduce_(sums, group=group)
+    gate, sums = sums[-1], sums[:-1]
 
     metrics = {"ease/loss": float(sums[:, 0].mean())}
     metrics.update({f"ease/loss/layer_{layer}": float(sums[n, 0]) for layer, n in position.items()})
-    if bool((sums[:, 2] > 0).any()):
-        share = sums[:, 1] / sums[:, 2].clamp(min=1)
-        metrics["ease/attention_in_evidence"] = float(share.mean())
-        metrics.update({f"ease/attention_in_evidence/layer_{layer}": float(share[n])
-                        for layer, n in position.items()})
+    if gate[1] > 0:
+        metrics["ease/gated_fraction"] = float(gate[0] / gate[1])
+    for name, total, count in (("ease/attention_in_evidence", 1, 2),
+                               ("ease/attention_in_evidence_gated", 3, 4)):
+        if bool((sums[:, count] > 0).any()):
+            share = sums[:, total] / sums[:, count].clamp(min=1)
+            metrics[name] = float(share.mean())
+            metrics.update({f"{name}/layer_{layer}": float(share[n])
+                            for layer, n in position.items()})
     return metrics
 
 

@@ -155,15 +155,16 @@ class EaseCoreAttentionMixin:
 
     def _record(self, context: "EaseContext", loss: torch.Tensor, mass: torch.Tensor) -> None:
         mass = mass.detach()
-        evidence_sum = evidence_count = None
+        sums = [None] * 4  # evidence share: sum, count; the same over gated samples
         if context.evidence_mask is not None:
             evidence = context.evidence_mask & context.image_mask  # [b, s]
             has = evidence.any(dim=1) & (torch.where(context.image_mask, mass, 0.0).sum(1) > 0)
             share = attention_in_evidence(mass, context.evidence_mask, context.image_mask)  # [b]
-            evidence_sum = torch.where(has, share, 0.0).sum()
-            evidence_count = has.sum()
-        context.record(self.ease_layer_index, loss.detach(), evidence_sum, evidence_count,
-                       mass if context.keep_mass else None)
+            gated = has & (context.weight.to(has.device) > 0)
+            sums = [torch.where(has, share, 0.0).sum(), has.sum(),
+                    torch.where(gated, share, 0.0).sum(), gated.sum()]
+        context.record(self.ease_layer_index, loss.detach(), sums[0], sums[1],
+                       mass if context.keep_mass else None, sums[2], sums[3])
 
 
 def _check_supported(config, layer_number: int) -> None:

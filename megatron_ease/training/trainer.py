@@ -246,21 +246,24 @@ class Trainer:
         local = torch.tensor([
             float(kept.reward.sum()), float(kept.accuracy.sum()), float(kept.reward.numel()),
             float(lengths.sum()), float((~kept.payload["parse_ok"]).sum()),
+            float(sum(t is None for t in kept.payload["target"])),
         ] + [sum(u["_policy_sums"][k] for u in updates) for k in
              ("dapo_loss", "clip_low", "clip_high", "clip_dual", "approx_kl", "tokens")],
             dtype=torch.float64)
-        policy = local[5:].clone()
+        policy = local[6:].clone()
         if ps.get_pipeline_model_parallel_world_size() > 1:
             all_reduce_(policy, group=ps.get_pipeline_model_parallel_group())
-        local[5:] = policy
+        local[6:] = policy
         if self.dp_group is not None:
             all_reduce_(local, group=self.dp_group)
-        reward, acc, n, tokens, unparsed = local[:5].tolist()
-        dapo_loss, clip_low, clip_high, clip_dual, kl, resp_tokens = local[5:].tolist()
+        reward, acc, n, tokens, unparsed, no_target = local[:6].tolist()
+        dapo_loss, clip_low, clip_high, clip_dual, kl, resp_tokens = local[6:].tolist()
         n_updates = max(1, len(updates))
         metrics = {
             "reward": reward / n, "accuracy": acc / n, "response_length": tokens / n,
-            "unparsed": unparsed, "kept_groups": stats.get("num_groups"),
+            "unparsed": unparsed,
+            # Rollouts of samples without an evidence target (DESIGN §3 step 5): never gated.
+            "no_target": no_target, "kept_groups": stats.get("num_groups"),
             "mixed_groups": stats.get("kept_groups"),
             "generated_groups": stats.get("generated_groups"),
             "gen_batches": stats.get("gen_batches"),
@@ -274,11 +277,14 @@ class Trainer:
             "step_time": step_time, "rollout_time": rollout_time,
             "max_rss_gb": psutil.Process().memory_info().rss / 2**30,
         }
-        for key, name in (("ease/loss", "ease_loss"),
-                          ("ease/attention_in_evidence", "attn_in_evidence")):
+        # EASE: the headline values under short names (console, golden values), and every
+        # per-layer and gated value under its own, averaged over the step's updates.
+        short = {"ease/loss": "ease_loss", "ease/attention_in_evidence": "attn_in_evidence",
+                 "ease/attention_in_evidence_gated": "attn_in_evidence_gated",
+                 "ease/gated_fraction": "ease_gated_frac"}
+        for key in dict.fromkeys(k for u in updates for k in u if k.startswith("ease/")):
             values = [u[key] for u in updates if key in u]
-            if values:
-                metrics[name] = sum(values) / len(values)
+            metrics[short.get(key, key)] = sum(values) / len(values)
         return metrics
 
     # -- validation ------------------------------------------------------------------------------

@@ -128,18 +128,25 @@ def _reference_step(batch):
     token_losses = _token_losses(model, batch)
     loss_mask = batch["response_mask"].float()
     main = (token_losses * loss_mask).sum() / loss_mask.sum()
-    layer_losses = {}
+    layer_losses, in_evidence, in_evidence_gated = {}, {}, {}
+    gated = batch["weight"] > 0
     for layer, (q, k) in qk.items():
         mass = image_attention_mass(q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3),
                                     batch["image_mask"], batch["response_mask"],
                                     key_valid_mask=batch["key_valid_mask"])
         layer_losses[layer] = ease_alignment_loss(mass, batch["target"], batch["image_mask"],
                                                   batch["weight"])
+        # Evidence share per sample, written out: image mass on evidence over all image mass.
+        image_mass = (mass.detach().double() * batch["image_mask"]).sum(1)
+        share = (mass.detach().double() * batch["evidence_mask"]).sum(1) / image_mass
+        in_evidence[layer] = float(share.mean())
+        in_evidence_gated[layer] = float(share[gated].mean())
     ease = sum(layer_losses.values()) / len(layer_losses)
     (main + LAMBDA * ease).backward()
     return {"main": main.detach(), "ease": ease.detach(),
             "layers": {k: v.detach() for k, v in layer_losses.items()},
-            "grads": gathered_grads(model)}
+            "in_evidence": in_evidence, "in_evidence_gated": in_evidence_gated,
+            "gated_fraction": float(gated.double().mean()), "grads": gathered_grads(model)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,6 +346,17 @@ def test_ease_data_parallel_micro_batches_match_single_batch_step():
         for layer in EASE_LAYERS:
             assert out["metrics"][f"ease/loss/layer_{layer}"] == pytest.approx(
                 float(ref["layers"][layer]), rel=1e-5)
+        # Metrics over both ranks' micro-batches: evidence share of all and of gated samples
+        # (sample 1, ungated, on rank 0 only), and the gated fraction.
+        assert out["metrics"]["ease/gated_fraction"] == pytest.approx(ref["gated_fraction"])
+        for name, key in (("ease/attention_in_evidence", "in_evidence"),
+                          ("ease/attention_in_evidence_gated", "in_evidence_gated")):
+            for layer in EASE_LAYERS:
+                assert out["metrics"][f"{name}/layer_{layer}"] == pytest.approx(
+                    ref[key][layer], rel=1e-5)
+            assert out["metrics"][name] == pytest.approx(
+                sum(ref[key].values()) / len(EASE_LAYERS), rel=1e-5)
+        assert ref["in_evidence_gated"] != pytest.approx(ref["in_evidence"], rel=1e-3)
         assert_close_dicts(out["grads"], ref["grads"], atol=2e-6)
 
 

@@ -94,6 +94,14 @@ def test_training_steps_run_at_tp2_and_pp2(dataset, tmp_path, layout):
         for name in ("reward", "dapo_loss", "ease_loss", "grad_norm", "attn_in_evidence"):
             assert math.isfinite(record[name]), (name, record)
         assert 0.0 <= record["accuracy"] <= 1.0 and 0.0 <= record["attn_in_evidence"] <= 1.0
+        # Every synthetic sample has a target, so the EASE gate is the verifier's accuracy.
+        assert record["no_target"] == 0
+        assert record["ease_gated_frac"] == pytest.approx(record["accuracy"])
+        if record["accuracy"] > 0:
+            assert 0.0 <= record["attn_in_evidence_gated"] <= 1.0
+        for layer in (0, 1, 2, 3):  # the tiny config's ease.layers, logged one by one
+            assert math.isfinite(record[f"ease/loss/layer_{layer}"])
+            assert 0.0 <= record[f"ease/attention_in_evidence/layer_{layer}"] <= 1.0
     assert os.path.isfile(os.path.join(run_dir, "ckpt", "latest"))
     assert 4.5 < _first_sft_loss(run_dir) < 6.5
 

@@ -221,7 +221,13 @@ def _matmul_precision(query: torch.Tensor):
     if not query.is_cuda:
         yield
         return
-    previous = torch.backends.cuda.matmul.allow_tf32
+    try:
+        previous = torch.backends.cuda.matmul.allow_tf32
+    except RuntimeError:
+        # The process set TF32 through torch's newer fp32_precision settings, and torch refuses
+        # the legacy flag once both were used: leave that setting as it is.
+        yield
+        return
     torch.backends.cuda.matmul.allow_tf32 = query.dtype in (torch.bfloat16, torch.float16)
     try:
         yield

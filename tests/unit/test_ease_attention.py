@@ -1,6 +1,8 @@
 """image_attention_mass against a naive float64 full-softmax reference (DESIGN §4)."""
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -237,3 +239,35 @@ def test_cuda_matches_float64_reference(dtype, rtol, atol, chunk_size):
     (mass_ref * upstream).sum().backward()
     assert_matches((mass.cpu(), q.grad.cpu(), k.grad.cpu()), (mass_ref, q_ref.grad, k_ref.grad),
                    rtol=rtol, atol=atol)
+
+
+_TF32_CHECK = r"""
+import types, sys
+import torch
+from megatron_ease.ease.attention import _matmul_precision
+
+bf16_on_gpu = types.SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)
+if sys.argv[1] == "legacy":
+    # TF32 for bf16 inputs inside, the process's own setting restored after.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    with _matmul_precision(bf16_on_gpu):
+        assert torch.backends.cuda.matmul.allow_tf32
+    assert not torch.backends.cuda.matmul.allow_tf32
+else:
+    # A process that chose TF32 through the newer API: torch refuses the legacy flag then.
+    torch.backends.fp32_precision = "tf32"
+    with _matmul_precision(bf16_on_gpu):
+        pass
+    assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("api", ["legacy", "fp32_precision"])
+def test_matmul_precision_leaves_the_process_tf32_setting_working(api):
+    """The slice's TF32 switch (bf16 on GPU) ran into torch's RuntimeError in a process that had
+    set TF32 through ``torch.backends.fp32_precision``: every EASE forward would have failed.
+    Run apart: the TF32 settings are process-global."""
+    out = subprocess.run([sys.executable, "-c", _TF32_CHECK, api], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

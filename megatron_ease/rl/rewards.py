@@ -112,7 +112,7 @@ def _response_tail(text) -> str:
         text = text[end_of_thought + len("</think>") :]
     elif text.lstrip().startswith("<think>"):
         return ""  # still thinking when it was cut off: no answer was given
-    text = _nfkc(text[-_MAX_SCAN_CHARS:])
+    text = _nfkc(text[-_MAX_SCAN_CHARS:])[-_MAX_SCAN_CHARS:]  # "½" expands to 11 characters
     # One character per whitespace run (a newline where the run has one): patterns with \s*
     # would otherwise restart at every character of a long run (quadratic in the tail).
     return _WHITESPACE_RUN.sub(lambda m: "\n" if "\n" in m.group() else " ", text)
@@ -225,6 +225,7 @@ def _unwrap_latex(span: str) -> str:
 def normalize_text(text: str) -> str:
     """SQuAD-style: lowercase, no punctuation, no articles, single spaces."""
     text = _unwrap_latex(unicodedata.normalize("NFKC", text)).lower()
+    text = re.sub(r"\^\{(\w+)\}", r"\1", text)  # "m²" became "m^{2}": "m2", as NFKC alone reads it
     text = "".join(" " if unicodedata.category(ch).startswith("P") else ch for ch in text)
     # Articles go unless they are all there is: the answer "A" (a blood type, a label) stays.
     words = re.sub(r"\b(?:a|an|the)\b", " ", text).split()
@@ -320,23 +321,28 @@ def _parse_choice(
 
 
 def _hedges_choice(span: str, letter: str, choices: Optional[Sequence[str]]) -> bool:
-    """Whether a span that names ``letter`` hedges it: "B (not sure)", "Probably B", "C, maybe".
-    Words of the options' own texts ("(C) Not sure") do not count."""
-    words = " " + " ".join(_yesno_words(span)) + " "
+    """Whether a span that names ``letter`` hedges it: the speaker's doubt anywhere ("B (not
+    sure)", "B, I guess") or a hedge word right next to the letter ("Probably B", "B (most
+    likely)"). Words of the options' own texts ("(C) Not sure", "(B) Possibly red") and hedges
+    about the image ("the rim is unclear", "it is probably a cup, so A") do not count."""
     for option in choices or ():
-        option = " ".join(_yesno_words(str(option)))
-        if option:
-            words = words.replace(f" {option} ", " ")
-    if _HEDGE.search(words):
+        if str(option).strip():
+            # A placeholder, not nothing: "A. It is a cat, probably a tabby" must not become
+            # "A. , probably" (a hedge next to the letter).
+            span = re.sub(re.escape(str(option).strip()), " _ ", span, flags=re.IGNORECASE)
+    if _CHOICE_DOUBT.search(" ".join(_yesno_words(span))):
         return True
-    letter = letter.lower()
-    return re.search(rf"\b(?:{_CHOICE_SOFT_HEDGES}) (?:option |choice )?{letter}\b"
-                     rf"|\b{letter} (?:{_CHOICE_SOFT_HEDGES})\b", words) is not None
+    named = rf"[(\[]?{letter}[)\]]?(?![\w'])"  # case-sensitive: "probably a cup" is no "A"
+    return re.search(rf"{_CHOICE_HEDGE_BEFORE}\s+(?:(?i:option|choice)\s+)?{named}"
+                     rf"|(?<![\w']){named}[\s,.:;\-\u2013\u2014]*\(?{_CHOICE_HEDGE_AFTER}",
+                     span) is not None
 
 
-# Right next to the option letter these hedge it; elsewhere in a span they may describe the image
-# ("the object is probably a cup, so B").
-_CHOICE_SOFT_HEDGES = "maybe|perhaps|possibly|probably"
+_CHOICE_DOUBT = re.compile(
+    r"\b(?:not (?:\w+ )?(?:sure|certain)|unsure|no idea|(?:do|did) not know|i guess)\b")
+_CHOICE_HEDGE_BEFORE = (r"(?i:\b(?:(?:most\s+)?likely|probably|maybe|perhaps|possibly"
+                        r"|(?:could|might|may)\s+be))")
+_CHOICE_HEDGE_AFTER = r"(?i:(?:most\s+)?likely|probably|maybe|perhaps|possibly)\b"
 
 
 def _named_choice(
@@ -398,7 +404,7 @@ _BOTH_POLARITIES = re.compile(r"\b(?:yes\s*(?:or|and|/)\s*no|no\s*(?:or|and|/)\s
 _HEDGE = re.compile(
     r"\b(?:not (?:sure|certain)|unsure|uncertain|unclear|no idea|(?:do|did) not know"
     r"|(?:not enough|insufficient) (?:information|evidence|details?)|not clear"
-    r"|no way to (?:tell|know)|not necessarily"
+    r"|no way to (?:tell|know)"
     r"|(?:can|could) not (?:tell|say|determine|know|be (?:sure|certain|determined|told))"
     r"|(?:impossible|not possible|hard|difficult) to (?:tell|say|determine|know))\b"
 )
@@ -406,7 +412,11 @@ _HEDGE = re.compile(
 # hedges; "Yes, it may be partially hidden" and "No, neither of them" answer).
 _SOFT_HEDGE = re.compile(
     r"\b(?:(?:could|might|may) be|maybe|possibly|perhaps|probably|(?:un)?likely|neither"
-    r"|ambiguous)\b")
+    r"|ambiguous|not necessarily)\b")
+# A hedge word right next to the answer word hedges the answer itself.
+_HEDGE_WORDS = r"(?:most )?(?:likely|probably)|maybe|perhaps|possibly"
+_HEDGED_ANSWER = re.compile(
+    rf"\b(?:{_HEDGE_WORDS}) (?:yes|no|not)\b|\b(?:yes|no) (?:{_HEDGE_WORDS})\b")
 
 
 def _yesno_words(span: str) -> list[str]:
@@ -440,11 +450,11 @@ def parse_yesno(span: Optional[str]) -> Optional[str]:
     In order: "yes or no" / "yes and no" and hedges ("Not sure", "I don't know", "It cannot be
     determined") -> None; a leading answer word decides ("Yes, there is" -> yes, "No." /
     "Not at all" -> no); leading adverbs ("Certainly", "Sure,", "No doubt") affirm unless what
-    follows answers ("Certainly not", "Absolutely no", "Sure, there is no cat" -> no); a clause
-    that opens with yes or no ("There is a cat? No."); a short statement, an auxiliary verb among
-    its first four words ("It is not", "There are two", "The shirt isn't red"), is yes unless its
-    own clause is negated ("There is a dog, but no cat" -> yes); an explicit yes or no inside
-    ("I'd say yes"). A soft hedge before the answer ("Probably yes", "It is likely") -> None.
+    follows answers ("Certainly not", "Absolutely no", "Sure, there is no cat" -> no); an explicit
+    yes or no inside ("I'd say yes"; both -> None); a short statement, an auxiliary verb among its
+    first four words ("It is not", "There are two", "The shirt isn't red"), is yes unless negated.
+    A hedge word next to the answer ("Probably yes", "Yes, most likely") or, in a span where no
+    clause opens with yes or no, anywhere ("It is likely", "Not necessarily") -> None.
     Statements about the speaker ("I don't know") and anything else -> None.
     """
     if not span:
@@ -456,15 +466,15 @@ def parse_yesno(span: Optional[str]) -> Optional[str]:
     answers = _clause_answers(span)
     if len(answers) > 1:  # "Yes/No", "Yes. No.", "No, wait, yes."
         return None
-    if words[0] not in _YES_WORDS | _NO_WORDS and _SOFT_HEDGE.search(joined):
+    if _HEDGED_ANSWER.search(joined):  # "Probably yes", "Yes, most likely", "Likely not"
         return None
-    if answers:  # a clause that opens with the answer ("There is a cat? No.")
-        return answers.pop()
-    clauses = [_yesno_words(clause) for clause in _CLAUSE_BREAK.split(span)]
-    return _yesno_from_words(
-        [w for clause in clauses for w in clause],
-        [i for i, clause in enumerate(clauses) for _ in clause],
-    )
+    # Elsewhere a soft hedge hedges only a span without an answer word opening it or one of its
+    # clauses ("It could be", "Not necessarily"; not "Based on the image, yes, it is likely a
+    # puppy").
+    if not answers and words[0] not in _YES_WORDS | _NO_WORDS - {"not"} \
+            and _SOFT_HEDGE.search(joined):
+        return None
+    return _yesno_from_words(words)
 
 
 # Clauses: split at punctuation and "but"; a clause's answer is its leading yes or no word
@@ -486,8 +496,7 @@ def _clause_answers(span: str) -> set:
     return answers
 
 
-def _yesno_from_words(words: list[str], clause_of: list[int]) -> Optional[str]:
-    """The answer of a span's words; ``clause_of[i]`` numbers the clause word i belongs to."""
+def _yesno_from_words(words: list[str]) -> Optional[str]:
     if not words:
         return None
     if words[0] in _YES_WORDS:
@@ -495,22 +504,25 @@ def _yesno_from_words(words: list[str], clause_of: list[int]) -> Optional[str]:
     adverbs = _leading_adverbs(words)
     if adverbs:
         rest = words[adverbs:]
-        decided = _yesno_from_words(rest, clause_of[adverbs:])
+        decided = _yesno_from_words(rest)
         if decided is not None:
             return decided
         # "Definitely, I think so" affirms; "Sure, nothing" is no clear answer.
         return None if _NEGATIONS.intersection(rest) else "yes"
     if words[0] in _NO_WORDS:
         return "no"
-    verb = next((i for i, w in enumerate(words[1:4], start=1) if w in _AUXILIARIES), None)
-    if verb is not None and not _SPEAKERS.intersection(words[:verb]):
-        # A statement answers by its own clause's negation: "There is a dog, but no cat" is yes.
-        clause = [w for w, c in zip(words, clause_of, strict=True) if c == clause_of[0]]
-        return "no" if _NEGATIONS.intersection(clause) else "yes"
     has_yes, has_no = "yes" in words, "no" in words
     if has_yes != has_no:
         return "yes" if has_yes else "no"
-    return None
+    if has_yes:
+        return None
+    verb = next((i for i, w in enumerate(words[1:4], start=1) if w in _AUXILIARIES), None)
+    if verb is None or _SPEAKERS.intersection(words[:verb]):
+        return None
+    # A negation anywhere answers no: "There is a dog, but no cat" reads as an answer about the
+    # cat. Which clause answers depends on the question, which the verifier does not see; a
+    # negation in a statement far more often answers it ("The man, however, is not wearing a hat").
+    return "no" if _NEGATIONS.intersection(words) else "yes"
 
 
 # --- numbers ----------------------------------------------------------------------------------
@@ -523,7 +535,8 @@ _NUMBER = re.compile(
 _MIXED_FRACTION = re.compile(r"(?<!\d)(\d+)\s*\\[dtc]?frac\s*\{\s*(\d+)\s*\}\s*\{\s*(\d+)\s*\}")
 _FRACTION = re.compile(r"\\[dtc]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
 _FRACTION_SHORT = re.compile(r"\\[dtc]?frac\s*(\d)\s*(\d)")
-_TIMES_POWER_OF_TEN = re.compile(r"\s*(?:\\times|\\cdot|×|\*)\s*10\s*\^\s*\{?\s*([-+]?\d+)\s*\}?")
+_TIMES_POWER_OF_TEN = re.compile(
+    r"(?<=\d)\s*(?:\\times|\\cdot|[×*x\u00b7])\s*10\s*\^\s*\{?\s*([-+]?\d+)\s*\}?")
 # A numeral raised to an integer power ("2^{10}", "10^-3", "3^{2}" from "3²").
 _POWER = re.compile(
     r"(?<![\w.^])(\d+(?:\.\d+)?)\s*\^\s*(?:\{\s*([-+]?\d{1,4})\s*\}|([-+]?\d{1,4})(?!\d))")

@@ -187,6 +187,7 @@ CASES = [
     ("3\u00b2", "9", "number", None, True, "9"),
     ("3\u00b2", "32", "number", None, False, "9"),
     ("5 m\u00b2", "5", "number", None, True, "5"),
+    ("m2", "m\u00b2", "text", None, True, "m2"),
     ("\\boxed{\\frac{3}{2}}", "1\u00bd", "math", None, True, ANY),
     ("\\boxed{x\u00b2}", "x^2", "math", None, True, "x^2"),
     # Integer powers of numerals; single-character exponent braces are optional in math.
@@ -197,6 +198,8 @@ CASES = [
     ("\\boxed{1024}", "2^{10}", "math", None, True, ANY),
     ("\\boxed{x^2}", "x^{2}", "math", None, True, "x^2"),
     ("Answer: 0^{-1}", "0", "number", None, False, None),
+    ("3.0 x 10^8 m/s", "3e8", "number", None, True, "300000000"),
+    ("5\u00b710\u207b\u00b3", "0.005", "number", None, True, "0.005"),
     # A one-letter text answer is not an article to drop.
     ("A", "A", "text", None, True, "a"),
     ("The", "A", "text", None, False, "the"),
@@ -320,17 +323,39 @@ HEDGES_AND_FORMATS = [
     ("(B) Possibly red", "B", "choice", ["Certainly red", "Possibly red"], True, "B"),
     ("The object is probably a cup, so the answer is B.", "B", "choice", COLORS, True, "B"),
     ("The most likely answer is B.", "B", "choice", COLORS, True, "B"),
-    # Hedged yes/no; a statement answers by its own clause ("..., but no cat" is not "no").
+    ("The answer is likely A.", "A", "choice", COLORS, False, None),
+    ("Answer: B (most likely)", "B", "choice", COLORS, False, None),
+    ("B, I guess.", "B", "choice", COLORS, False, None),
+    ("A, though I'm not entirely sure.", "A", "choice", COLORS, False, None),
+    # Hedge words about the image, or an option's own words, leave the option named.
+    ("A, since the object is probably a cup", "A", "choice", COLORS, True, "A"),
+    ("A. It looks like a cup, maybe a mug.", "A", "choice", COLORS, True, "A"),
+    ("(B) bowl - the rim is not clear but the shape fits", "B", "choice", COLORS, True, "B"),
+    ("B. The pattern on the rim is unclear, but the depth shows it is a bowl.", "B", "choice",
+     COLORS, True, "B"),
+    ("D. It's impossible to determine.", "D", "choice",
+     ["red", "blue", "green", "Cannot be determined"], True, "D"),
+    ("The answer is D, as there is insufficient information in the image.", "D", "choice",
+     ["red", "blue", "green", "Not enough information"], True, "D"),
+    ("B, because size does not necessarily determine weight.", "B", "choice",
+     ["Yes", "A larger object is not necessarily heavier"], True, "B"),
+    # Hedged yes/no: a hedge word next to the answer, or anywhere in a span without one.
     ("Probably yes.", "yes", "yesno", None, False, None),
     ("Likely yes.", "yes", "yesno", None, False, None),
+    ("Yes, probably.", "yes", "yesno", None, False, None),
+    ("Yes, most likely.", "yes", "yesno", None, False, None),
     ("It is unlikely.", "no", "yesno", None, False, None),
     ("Not necessarily.", "no", "yesno", None, False, None),
-    ("There is a dog, but no cat.", "yes", "yesno", None, True, "yes"),
-    ("There is a dog but no cat", "yes", "yesno", None, True, "yes"),
+    ("It's probably a wolf, not a dog.", "no", "yesno", None, False, None),
+    ("Based on the image, yes, the dog is likely a puppy.", "yes", "yesno", None, True, "yes"),
+    ("The man is holding a leash. He is probably the owner, so yes.", "yes", "yesno", None, True,
+     "yes"),
+    ("Yes, it may be partially hidden, but it is there.", "yes", "yesno", None, True, "yes"),
+    # A negated statement answers no, whichever clause holds the negation.
     ("There is no cat, only a dog.", "no", "yesno", None, True, "no"),
-    ("The dog isn't visible, just a cat.", "no", "yesno", None, True, "no"),
+    ("The man, however, is not wearing a hat.", "no", "yesno", None, True, "no"),
+    ("While there is a table, there are no chairs.", "no", "yesno", None, True, "no"),
     ("There is a cat? No.", "no", "yesno", None, True, "no"),
-    ("Yes, probably.", "yes", "yesno", None, True, "yes"),
 ]
 
 

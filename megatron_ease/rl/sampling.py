@@ -95,10 +95,14 @@ Uniforms = Callable[[], torch.Tensor]  # one uniform in [0, 1) per row of the lo
 
 def _draw(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """One index per row of non-negative ``weights`` ``[b, V]`` (unnormalised; zeros are never
-    drawn), by inverse CDF of ``uniform`` ``[b]``: one cumulative sum, no sort."""
-    cdf = weights.cumsum(dim=-1)
+    drawn), by inverse CDF of ``uniform`` ``[b]``: one cumulative sum, no sort.
+
+    The sum runs in float64: past a running sum of 0.5, float32 steps by 6e-8, so the tokens of
+    a 150k vocabulary's tail (p < 3e-8, some 1e-3 of the mass together) could never be drawn and
+    others up to 1e-6 were drawn at up to twice or none of their probability."""
+    cdf = weights.double().cumsum(dim=-1)
     # uniform < 1, so draw < cdf[-1] and the first cdf entry above it has positive weight.
-    draw = uniform[:, None] * cdf[:, -1:]
+    draw = uniform.double()[:, None] * cdf[:, -1:]
     return torch.searchsorted(cdf, draw, right=True).clamp_(max=cdf.shape[-1] - 1)[:, 0]
 
 
@@ -177,17 +181,17 @@ class StopStringMatcher:
     """Which rollouts have just completed a stop string.
 
     Detokenising every rollout in full at every step costs O(length²); only the last ``window``
-    generated tokens are decoded instead. A stop string of ``c`` characters is found as soon as it
-    is complete when each token decodes to at least one character, so ``window`` defaults to the
-    longest stop string's length plus a margin for tokens that decode to nothing on their own
-    (partial UTF-8 sequences).
+    generated tokens are decoded instead. A token holds at least one byte of text (byte-level
+    BPE), so a stop string of ``n`` UTF-8 bytes spans at most ``n`` tokens: ``window`` defaults to
+    the longest stop string's byte length plus a margin for the partial UTF-8 sequence before
+    it (a stop string "答案：" is 3 characters but 9 bytes, and up to 9 tokens).
     """
 
     def __init__(self, stop_strings: Sequence[str], detokenize: Callable[[list[int]], str],
                  window: Optional[int] = None):
         self.stop_strings = tuple(stop_strings)
         self.detokenize = detokenize
-        self.window = window or max(len(s) for s in self.stop_strings) + 4
+        self.window = window or max(len(s.encode("utf-8")) for s in self.stop_strings) + 4
 
     def __call__(self, tokens: torch.Tensor, lengths: torch.Tensor,
                  rows: torch.Tensor) -> torch.Tensor:

@@ -221,6 +221,28 @@ def test_nucleus_sampler_draws_only_inside_top_p_from_flat_to_peaked_rows(top_p)
     assert not top_p_removed(logits, top_p).gather(-1, tokens[:, None]).any()
 
 
+def test_draw_reaches_tokens_far_below_float32_resolution_of_the_running_sum():
+    """Past a running sum of 0.5, float32 steps by 6e-8: a 1e-8 token after a 1.0 one had no
+    interval of its own (cumsum [1, 1, 2]), so no uniform could ever draw it."""
+    from megatron_ease.rl.sampling import _draw
+
+    weights = torch.tensor([[1.0, 1e-8, 1.0]]).expand(3, -1)
+    # Total 2 + 1e-8: the uniform 0.5 lands at 1 + 5e-9, inside token 1's interval (1, 1 + 1e-8].
+    assert _draw(weights, torch.tensor([0.25, 0.5, 0.75])).tolist() == [0, 1, 2]
+
+
+def test_stop_string_of_multibyte_characters_is_found_with_byte_level_tokens():
+    """The matcher decodes a window of the last tokens; sized in characters, it missed a stop
+    string of CJK characters (3 characters, 9 bytes: 9 byte-level tokens)."""
+    from megatron_ease.rl.sampling import StopStringMatcher
+
+    data = "推理完毕。答案：".encode()
+    matcher = StopStringMatcher(["答案："], lambda ids: bytes(ids).decode(errors="ignore"))
+    tokens = torch.tensor([list(data)])
+    assert matcher(tokens, torch.tensor([len(data)]), torch.tensor([True])).tolist() == [True]
+    assert matcher(tokens, torch.tensor([len(data) - 1]), torch.tensor([True])).tolist() == [False]
+
+
 def test_nucleus_sampler_keeps_tokens_tied_at_the_boundary_together():
     # Mass 0.5 + five tokens of 0.1: the boundary of top-p 0.7 falls inside the tie, so all five
     # stay (a sort-based filter keeps two of them, chosen by its sort order).

@@ -396,6 +396,9 @@ def validate_config(cfg: Config, world_size: int = 1) -> None:
     check(0 <= d.clip_low < 1 and d.clip_high >= 0,
           f"dapo.clip_low must be in [0, 1) and dapo.clip_high >= 0, got {d.clip_low}, {d.clip_high}")
     check(d.clip_c > 1, f"dapo.clip_c must be > 1, got {d.clip_c}")
+    check(d.overlong_penalty_factor >= 0,
+          f"dapo.overlong_penalty_factor must be >= 0 (0 = no overlong penalty), got "
+          f"{d.overlong_penalty_factor}")
     check(0 <= d.overlong_buffer_length < d.max_response_length,
           f"dapo.overlong_buffer_length ({d.overlong_buffer_length}) must be in "
           f"[0, dapo.max_response_length ({d.max_response_length}))")

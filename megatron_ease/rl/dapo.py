@@ -59,6 +59,8 @@ def overlong_reward(
             f"overlong buffer_length must be in [0, max_response_length={max_response_length}], "
             f"got {buffer_length}"
         )
+    if penalty_factor < 0:  # clamp(min=-f, max=0) with -f > 0 is 0 everywhere: shaping off
+        raise ValueError(f"overlong penalty_factor must be >= 0, got {penalty_factor}")
     if buffer_length == 0:
         return torch.zeros(lengths.shape, dtype=torch.float32, device=lengths.device)
     expected = max_response_length - buffer_length

@@ -218,8 +218,10 @@ def dynamic_sample(
         raise ValueError(f"dapo.max_gen_batches must be >= 0 (0 = no limit), got {max_gen_batches}")
 
     device = torch.device("cpu") if group is None else collective_device(group)
-    # generated, kept (mixed), all correct, all wrong; summed over ranks.
-    totals = torch.zeros(4, dtype=torch.long, device=device)
+    # Groups generated, kept (mixed), all correct, all wrong; rollouts generated and the sums of
+    # their accuracy and reward (the policy's, before filtering); summed over ranks. float64
+    # holds the counts exactly.
+    totals = torch.zeros(7, dtype=torch.float64, device=device)
     kept, correct = [], []
     gen_batches = 0
     while True:
@@ -233,14 +235,15 @@ def dynamic_sample(
         num_mixed, num_all_correct = int(mixed.sum()), int(all_correct.sum())
         num_all_wrong = chunk.num_groups - num_mixed - num_all_correct
         counts = torch.tensor(
-            [chunk.num_groups, num_mixed, num_all_correct, num_all_wrong],
-            dtype=torch.long,
+            [chunk.num_groups, num_mixed, num_all_correct, num_all_wrong, len(chunk),
+             float(chunk.accuracy.double().sum()), float(chunk.reward.double().sum())],
+            dtype=torch.float64,
             device=device,
         )
         if group is not None:
             dist.all_reduce(counts, group=group)
         totals += counts
-        generated, kept_groups, num_correct, num_wrong = totals.tolist()
+        generated, kept_groups, num_correct, num_wrong = (int(c) for c in totals[:4].tolist())
         if kept_groups >= num_groups:
             break
         if max_gen_batches and gen_batches >= max_gen_batches:
@@ -266,6 +269,10 @@ def dynamic_sample(
         "filtered_all_wrong": num_wrong,
         "trimmed_groups": kept_groups - num_groups,
         "num_groups": num_groups,
+        # Over every rollout generated this step, filtered ones included: the policy's own
+        # accuracy (the kept mixed groups' lies in [1/G, 1 - 1/G] by construction).
+        "generated_accuracy": float(totals[5] / totals[4].clamp(min=1)),
+        "generated_reward": float(totals[6] / totals[4].clamp(min=1)),
     }
     filtered_correct = RolloutBatch.concat(correct) if keep_filtered_correct else None
     return DynamicSamplingResult(batch=batch, stats=stats, filtered_correct=filtered_correct)

@@ -18,7 +18,8 @@ logger = logging.getLogger(__name__)
 
 # Console order and short names, Megatron style: "step 3/10 | reward 0.41 | ..."
 CONSOLE_FIELDS = (
-    ("sft_loss", "sft"), ("reward", "reward"), ("accuracy", "acc"), ("kept_groups", "kept"),
+    ("sft_loss", "sft"), ("reward", "reward"), ("accuracy", "acc"),
+    ("generated_accuracy", "gen_acc"), ("kept_groups", "kept"),
     ("gen_batches", "gen"),
     ("dapo_loss", "dapo"), ("ease_loss", "ease"), ("attn_in_evidence", "attn_ev"),
     ("clip_frac", "clip"), ("grad_norm", "gnorm"), ("lr", "lr"), ("tokens_per_s", "tok/s"),

@@ -267,6 +267,13 @@ class Trainer:
             "mixed_groups": stats.get("kept_groups"),
             "generated_groups": stats.get("generated_groups"),
             "gen_batches": stats.get("gen_batches"),
+            # reward/accuracy above are the training batch's (mixed groups only, so accuracy
+            # stays within [1/G, 1 - 1/G]); these are over every rollout generated this step.
+            "generated_accuracy": stats.get("generated_accuracy"),
+            "generated_reward": stats.get("generated_reward"),
+            "filtered_all_correct": stats.get("filtered_all_correct"),
+            "filtered_all_wrong": stats.get("filtered_all_wrong"),
+            "trimmed_groups": stats.get("trimmed_groups"),
             "dapo_loss": dapo_loss / n_updates,
             "clip_frac": (clip_low + clip_high) / max(1.0, resp_tokens),
             "clip_dual_frac": clip_dual / max(1.0, resp_tokens),

@@ -201,7 +201,8 @@ def train_mini_batch(cfg: Config, model_chunks, optimizer, micro_batches: list[M
     metrics = {"update_ok": float(bool(ok)), "grad_norm": float(grad_norm or 0.0),
                "_policy_sums": sums}
     if cfg.ease.layers:
-        metrics.update(reduce_ease_metrics(contexts, cfg.ease.layers))
+        metrics.update(reduce_ease_metrics(contexts, cfg.ease.layers,
+                                           data_parallel_group=dp_group))
     return metrics
 
 

@@ -68,6 +68,7 @@ def test_missing_config_file():
     (["parallel.tensor_model_parallel_size=2"], 3, r"world size 3 is not divisible"),
     (["train.prompts_per_step=3"], 2, r"train.prompts_per_step \(3\)"),
     (["train.micro_batch_size=3"], 1, r"train.micro_batch_size \(3\)"),
+    (["dapo.overlong_penalty_factor=-1"], 1, r"dapo.overlong_penalty_factor must be >= 0"),
     (["ease.layers=[0,2]", "model.num_layers=2"], 1, r"ease.layers \[2\] out of range"),
     (["ease.layers=[-1]"], 1, r"ease.layers \[-1\] out of range"),
     (["dapo.group_size=1"], 1, r"dapo.group_size must be >= 2"),

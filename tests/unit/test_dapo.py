@@ -135,6 +135,14 @@ def test_overlong_reward_rejects_bad_buffer(buffer):
         overlong_reward(torch.tensor([3]), max_response_length=16, buffer_length=buffer)
 
 
+def test_overlong_reward_rejects_a_negative_factor():
+    """clamp(min=-f, max=0) with f < 0 is 0 everywhere: a negative factor silently turned the
+    shaping off."""
+    with pytest.raises(ValueError, match="penalty_factor must be >= 0"):
+        overlong_reward(torch.tensor([16]), max_response_length=16, buffer_length=4,
+                        penalty_factor=-1.0)
+
+
 # --- policy loss ------------------------------------------------------------------------------
 
 

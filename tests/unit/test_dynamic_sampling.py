@@ -81,6 +81,9 @@ def test_keeps_only_mixed_groups_until_enough_are_collected():
         "filtered_all_wrong": 1,
         "trimmed_groups": 0,
         "num_groups": 3,
+        # All 15 rollouts generated, the filtered groups' too: 9 correct (M C W M M).
+        "generated_accuracy": pytest.approx(9 / 15),
+        "generated_reward": pytest.approx((9 - 6) / 15),
     }
     # Chunks of different response lengths are right-padded to the longest one.
     assert result.batch.payload["tokens"].shape == (9, 6)
@@ -218,6 +221,9 @@ def test_dp_counts_globally_and_rebalances_whole_groups_across_ranks():
         "filtered_all_wrong": 1,
         "trimmed_groups": 3,
         "num_groups": 4,
+        # Both ranks' 30 rollouts: 12 correct on rank 0 (MMM MMM), 8 on rank 1 (CW CM).
+        "generated_accuracy": pytest.approx(20 / 30),
+        "generated_reward": pytest.approx((20 - 10) / 30),
     }
     # Rank 0 keeps its first two groups and sends its third to rank 1, which had one.
     assert rank0["ids"] == [0, 1]

@@ -94,6 +94,15 @@ def test_training_steps_run_at_tp2_and_pp2(dataset, tmp_path, layout):
         for name in ("reward", "dapo_loss", "ease_loss", "grad_norm", "attn_in_evidence"):
             assert math.isfinite(record[name]), (name, record)
         assert 0.0 <= record["accuracy"] <= 1.0 and 0.0 <= record["attn_in_evidence"] <= 1.0
+        # Over all generated rollouts: the kept (mixed) groups' plus the filtered ones'.
+        generated = record["generated_groups"]
+        assert generated == (record["mixed_groups"] + record["filtered_all_correct"]
+                             + record["filtered_all_wrong"])
+        assert record["trimmed_groups"] == record["mixed_groups"] - record["kept_groups"]
+        expected = (record["accuracy"] * 4 + record["filtered_all_correct"]
+                    ) / generated if record["trimmed_groups"] == 0 else None
+        if expected is not None:
+            assert record["generated_accuracy"] == pytest.approx(expected)
         # Every synthetic sample has a target, so the EASE gate is the verifier's accuracy.
         assert record["no_target"] == 0
         assert record["ease_gated_frac"] == pytest.approx(record["accuracy"])

@@ -162,9 +162,14 @@ def plot(args, arms: dict) -> list[str]:
         records = [json.loads(line) for line in open(os.path.join(arm["run_dir"], "metrics.jsonl"))]
         train = [r for r in records if r["split"] == "train"]
         steps = [r["step"] for r in train]
-        for ax, key in zip(axes, ("reward", "accuracy", "attn_in_evidence")):
+        # Reward and accuracy over every generated rollout: the training batch's own (mixed
+        # groups only) stay within [1/G, 1 - 1/G] whatever the policy does.
+        for ax, (key, title) in zip(axes, (
+                ("generated_reward", "reward (all generated rollouts)"),
+                ("generated_accuracy", "accuracy (all generated rollouts)"),
+                ("attn_in_evidence", "attention in evidence"))):
             ax.plot(steps, [r.get(key, np.nan) for r in train], label=name)
-            ax.set_title(key.replace("_", " "))
+            ax.set_title(title)
             ax.set_xlabel("RL step")
     axes[0].legend()
     fig.tight_layout()

@@ -393,6 +393,7 @@ _NO_WORDS = {"no", "nope", "false", "incorrect", "negative", "not", "never"}
 _YES_ADVERBS = {"indeed", "certainly", "definitely", "absolutely", "sure", "surely"}
 _YES_ADVERB_PHRASES = (("no", "doubt"), ("of", "course"))
 _NEGATIONS = {"not", "no", "never", "none", "nothing", "neither", "nor", "nobody", "nowhere"}
+_NOBODY = {"none", "nobody", "nothing", "nowhere"}  # opening a statement, they answer no
 # A statement about the speaker ("I don't know", "We can't tell") answers nothing.
 _SPEAKERS = {"i", "we", "you"}
 _AUXILIARIES = {
@@ -411,7 +412,7 @@ _HEDGE = re.compile(
 # Hedging words that only count when the span does not open with its answer ("It could be"
 # hedges; "Yes, it may be partially hidden" and "No, neither of them" answer).
 _SOFT_HEDGE = re.compile(
-    r"\b(?:(?:could|might|may) be|maybe|possibly|perhaps|probably|(?:un)?likely|neither"
+    r"\b(?:(?:could|might|may) be|maybe|possibly|perhaps|probably|(?:un)?likely|neither(?! of)"
     r"|ambiguous|not necessarily)\b")
 # A hedge word right next to the answer word hedges the answer itself.
 _HEDGE_WORDS = r"(?:most )?(?:likely|probably)|maybe|perhaps|possibly"
@@ -509,8 +510,8 @@ def _yesno_from_words(words: list[str]) -> Optional[str]:
             return decided
         # "Definitely, I think so" affirms; "Sure, nothing" is no clear answer.
         return None if _NEGATIONS.intersection(rest) else "yes"
-    if words[0] in _NO_WORDS:
-        return "no"
+    if words[0] in _NO_WORDS or words[0] in _NOBODY or words[:2] == ["neither", "of"]:
+        return "no"  # "None of the people are wearing hats", "Neither of them is"
     has_yes, has_no = "yes" in words, "no" in words
     if has_yes != has_no:
         return "yes" if has_yes else "no"

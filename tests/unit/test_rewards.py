@@ -356,6 +356,11 @@ HEDGES_AND_FORMATS = [
     ("The man, however, is not wearing a hat.", "no", "yesno", None, True, "no"),
     ("While there is a table, there are no chairs.", "no", "yesno", None, True, "no"),
     ("There is a cat? No.", "no", "yesno", None, True, "no"),
+    ("None of the people are wearing hats.", "no", "yesno", None, True, "no"),
+    ("Neither of them is wearing a hat.", "no", "yesno", None, True, "no"),
+    ("Nobody is in the room.", "no", "yesno", None, True, "no"),
+    ("Neither.", "no", "yesno", None, False, None),
+    ("It is neither red nor blue.", "no", "yesno", None, False, None),
 ]
 
 

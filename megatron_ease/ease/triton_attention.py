@@ -254,7 +254,8 @@ class _SliceIndex(NamedTuple):
             image_pos=image_pos,
             image_slot=image_slot,
             image_columns=image_columns,
-            key_valid=key_valid_mask.to(torch.int8),
+            # The kernels index it as a contiguous [b, s] array; .to() keeps a view's strides.
+            key_valid=key_valid_mask.to(torch.int8).contiguous(),
             key_end=key_end,
             image_end=torch.searchsorted(image_pos, key_end, out_int32=True),
             row_start=row_start,

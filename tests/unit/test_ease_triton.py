@@ -333,3 +333,24 @@ def test_compiled_kernels_on_cuda_never_wait_for_the_device():
     finally:
         torch.cuda.set_sync_debug_mode(previous)
     assert q.grad is not None and k.grad is not None
+
+
+def test_slice_index_hands_the_kernels_contiguous_arrays():
+    """The kernels read ``key_valid`` as a contiguous [b, s] array (``b * seq_len + n``); a
+    transposed-view padding mask kept its strides through ``.to(torch.int8)`` and the kernels
+    read other samples' entries (max error 0.89 in the interpreter)."""
+    pytest.importorskip("triton")
+    from megatron_ease.ease.triton_attention import _SliceIndex
+
+    b, s = 3, 40
+    valid = torch.ones(s, b, dtype=torch.bool)
+    valid[30:, 1] = False
+    valid = valid.t()  # [b, s], strides (1, b)
+    image = torch.zeros(b, s, dtype=torch.bool)
+    image[:, 2:10] = True
+    rows = torch.arange(20, 30).expand(b, -1)
+    index = _SliceIndex.build(image, valid, rows, torch.ones(b, 10, dtype=torch.bool), 16, 16)
+    for name in _SliceIndex._fields[:_SliceIndex.NUM_TENSORS]:
+        if name not in ("image_slot", "image_columns"):  # used by torch ops only
+            assert getattr(index, name).is_contiguous(), name
+    torch.testing.assert_close(index.key_valid, valid.to(torch.int8), rtol=0, atol=0)

@@ -85,6 +85,7 @@ def build_shard_index(shards: Sequence[str]) -> ShardIndex:
     for shard_id, path in enumerate(shards):
         groups: list[tuple[str, list[tuple[str, int, int]]]] = []
         size = os.path.getsize(path)
+        broken_key = None  # the key of a member cut off by the end of the file
         try:
             with tarfile.open(path, "r:") as tar:
                 for info in tar:
@@ -94,6 +95,7 @@ def build_shard_index(shards: Sequence[str]) -> ShardIndex:
                     if key is None or os.path.basename(key).startswith("__"):
                         continue  # webdataset metadata (__index__ etc.) or not a sample member
                     if info.offset_data + info.size > size:
+                        broken_key = key
                         raise tarfile.ReadError(f"member {info.name} extends past the end of the file")
                     if not groups or groups[-1][0] != key:
                         groups.append((key, []))
@@ -104,8 +106,11 @@ def build_shard_index(shards: Sequence[str]) -> ShardIndex:
                 if tar.fileobj.read(512) != bytes(512):
                     raise tarfile.ReadError("no end-of-archive marker: the file was cut short")
         except (tarfile.TarError, OSError) as e:
-            errors.append(f"{path}: {type(e).__name__}: {e} (after {max(len(groups) - 1, 0)} samples)")
-            groups = groups[:-1]
+            # The last sample may have lost members to the damage -- unless the member cut off
+            # opened a new sample, which leaves the one before complete.
+            if broken_key is None or (groups and groups[-1][0] == broken_key):
+                groups = groups[:-1]
+            errors.append(f"{path}: {type(e).__name__}: {e} (after {len(groups)} samples)")
         entries.extend(IndexEntry(shard_id, key, tuple(members)) for key, members in groups)
     return ShardIndex(tuple(shards), tuple(entries), tuple(errors))
 
@@ -287,10 +292,15 @@ class EvidenceShardDataset(IterableDataset):
             if error is not None:
                 skipped[error.reason] += 1
                 consecutive_errors += 1
-                if consecutive_errors > self.epoch_length:
+                # A worker reads every num_workers-th position and a valid sample may sit at
+                # either end of two epochs' orders: only a run this long proves there is none
+                # (one epoch's worth tripped on data with a few valid samples).
+                if consecutive_errors > 2 * self.epoch_length * num_workers:
                     raise ValueError(
-                        f"no valid sample in a whole epoch of {len(self.index.shards)} shards "
-                        f"(first: {self.index.shards[0]}); skipped: {dict(skipped)}"
+                        f"no valid sample in {consecutive_errors} consecutive stream positions "
+                        f"(2 epochs x {num_workers} loader workers) of "
+                        f"{len(self.index.shards)} shards (first: {self.index.shards[0]}); "
+                        f"skipped: {dict(skipped)}"
                     )
                 continue
             consecutive_errors = 0

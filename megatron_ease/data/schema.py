@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 ANSWER_TYPES = ("choice", "number", "yesno", "text", "math")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -140,6 +140,8 @@ def decode_sample(files: Mapping[str, bytes], key: str, shard: str) -> EvidenceS
         if index >= len(images):
             detail = f"for image {_brief(index)}, sample has {len(images)}"
             raise fail("evidence_image_missing", f"mask member {_brief(ext)} {detail}")
+        if masks[index] is not None:  # "mask.png" and "0.mask.png" both name image 0
+            raise fail("bad_image_names", f"image {index} has two masks (mask member {ext})")
         mask_image = _open_image(files[ext], fail, "undecodable_mask", ext)
         if mask_image.size != images[index].size:
             raise fail("mask_size_mismatch", f"{ext} is {mask_image.size}, image {index} is {images[index].size}")
@@ -259,7 +261,14 @@ def _open_image(raw: bytes, fail, reason: str, name: str) -> Image.Image:
         raise fail(reason, f"{name}: {type(e).__name__}: {e}") from None
     if image.width <= 0 or image.height <= 0:
         raise fail(reason, f"{name}: empty image {image.size}")
+    if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+        # A camera JPEG stored sideways: shown upright by viewers, annotation tools and HF's
+        # load_image, so its boxes and masks are in upright coordinates.
+        image = ImageOps.exif_transpose(image)
     return image
+
+
+_EXIF_ORIENTATION = 0x0112
 
 
 _MASK_16BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")

@@ -62,6 +62,11 @@ class EvidenceShardWriter:
         """Validate and append one sample. Returns False when it was skipped."""
         if "." in key.rsplit("/", 1)[-1]:
             raise ValueError(f"sample key {key!r} contains a '.' (webdataset splits keys at the first dot)")
+        if not key.rsplit("/", 1)[-1] or key.rsplit("/", 1)[-1].startswith("__"):
+            # The reader (like webdataset's __key__ / __index__) takes such names for metadata
+            # and would drop the sample without counting it.
+            raise ValueError(f"sample key {key!r} is empty or starts with '__' (reserved for "
+                             f"webdataset metadata; the reader would skip the sample)")
         if key in self._keys:
             raise ValueError(f"duplicate sample key {key!r}")
         shard_name = self._shard_path(len(self.shards) - (0 if self._tar is None else 1))

@@ -225,6 +225,37 @@ def test_truncated_shard_keeps_the_samples_before_the_damage(tmp_path, tokenizer
         make_dataset(str(tmp_path / "a.tar"), tokenizer, strict=True)
 
 
+def test_shard_cut_inside_the_first_member_of_a_sample_keeps_every_sample_before_it(tmp_path):
+    """The cut-off member opens sample 5: samples 0-4 are complete and all kept (the last
+    complete one was dropped as if it had lost members)."""
+    write_tar(tmp_path / "a.tar", good_samples(10))
+    with tarfile.open(tmp_path / "a.tar") as tar:
+        first = next(m for m in tar.getmembers() if m.name.startswith("good-005."))
+    data = (tmp_path / "a.tar").read_bytes()
+    (tmp_path / "a.tar").write_bytes(data[: first.offset_data + first.size // 2])
+    index = build_shard_index([str(tmp_path / "a.tar")])
+    assert [e.key for e in index.entries] == [f"good-{i:03d}" for i in range(5)]
+    assert "after 5 samples" in index.errors[0]
+    # Cut inside the second member of sample 5: sample 5 is incomplete and dropped.
+    write_tar(tmp_path / "b.tar", good_samples(10))
+    with tarfile.open(tmp_path / "b.tar") as tar:
+        second = [m for m in tar.getmembers() if m.name.startswith("good-005.")][1]
+    data = (tmp_path / "b.tar").read_bytes()
+    (tmp_path / "b.tar").write_bytes(data[: second.offset_data + second.size // 2])
+    index = build_shard_index([str(tmp_path / "b.tar")])
+    assert [e.key for e in index.entries] == [f"good-{i:03d}" for i in range(5)]
+
+
+def test_few_valid_samples_do_not_trip_the_no_valid_sample_guard(tmp_path, tokenizer):
+    """1 valid sample of 3: seed 2 orders it first in one epoch and last in the next, 4
+    consecutive errors; the guard raised at one epoch's length (3)."""
+    write_tar(tmp_path / "s.tar", [("good", members(record())), *[
+        (f"bad{i}", members(record(), [("png", b"x")])) for i in range(2)]])
+    keys, _ = collect(EvidenceDataLoader(make_dataset(str(tmp_path / "s.tar"), tokenizer,
+                                                      batch_size=1, seed=2)), max_batches=6)
+    assert keys == ["good"] * 6
+
+
 def test_unreadable_shard_is_counted_once_by_rank_0(tmp_path, tokenizer):
     write_tar(tmp_path / "a.tar", good_samples(6, "a"))
     write_tar(tmp_path / "b.tar", good_samples(10, "b"))
@@ -327,6 +358,32 @@ def test_writer_validates_with_the_reader_code(tmp_path):
         strict.write("k", BAD["unknown-type"][0])
     with pytest.raises(ValueError, match="contains a '.'"):
         strict.write("a.b", members(record()))
+    for key in ("", "__abc", "dir/__x", "dir/"):  # names the reader takes for metadata
+        with pytest.raises(ValueError, match="empty or starts with '__'"):
+            strict.write(key, members(record()))
+
+
+def test_two_masks_for_one_image_are_refused_whatever_their_order():
+    """'mask.png' and '0.mask.png' both name image 0: the last in tar order won silently."""
+    full, empty = encode(Image.new("L", (56, 56), 255)), encode(Image.new("L", (56, 56), 0))
+    for masks in ({"mask.png": full, "0.mask.png": empty}, {"0.mask.png": empty, "mask.png": full}):
+        with pytest.raises(SampleError, match="bad_image_names.*two masks"):
+            decode_sample(members(record(evidence=[]), masks=masks), "two", "s")
+
+
+def test_exif_rotated_photo_is_read_upright():
+    """A camera JPEG stored sideways (EXIF orientation 6) is upright for viewers, annotation tools
+    and HF's load_image; its boxes are in upright coordinates."""
+    stored = Image.new("RGB", (200, 100), (10, 200, 10))
+    stored.paste((200, 10, 10), (0, 0, 20, 100))  # red band on the stored image's left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    jpg = io.BytesIO()
+    stored.save(jpg, "JPEG", exif=exif.tobytes(), quality=95)
+    sample = decode_sample(members(record(), [("jpg", jpg.getvalue())]), "exif", "s")
+    upright = np.asarray(sample.images[0])
+    assert sample.images[0].size == (100, 200)
+    assert upright[5, 50, 0] > 150 and upright[195, 50, 0] < 100  # the band is now on top
 
 
 # ---------------------------------------------------------------- splitting and resuming
@@ -504,7 +561,7 @@ def test_prompt_is_qwen_chat_format(clean_shards, tokenizer):
 
 def test_infinite_stream_over_only_bad_samples_raises_instead_of_spinning(tmp_path, tokenizer):
     write_tar(tmp_path / "bad.tar", [(f"b{i}", BAD["nan-box"][0]) for i in range(4)])
-    with pytest.raises(ValueError, match="no valid sample in a whole epoch"):
+    with pytest.raises(ValueError, match="no valid sample in .* consecutive stream positions"):
         collect(EvidenceDataLoader(make_dataset(str(tmp_path / "bad.tar"), tokenizer)), max_batches=1)
 
 

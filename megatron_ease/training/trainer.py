@@ -247,23 +247,27 @@ class Trainer:
             float(kept.reward.sum()), float(kept.accuracy.sum()), float(kept.reward.numel()),
             float(lengths.sum()), float((~kept.payload["parse_ok"]).sum()),
             float(sum(t is None for t in kept.payload["target"])),
+            float(sum(self.train_reader.skipped.values())),
         ] + [sum(u["_policy_sums"][k] for u in updates) for k in
              ("dapo_loss", "clip_low", "clip_high", "clip_dual", "approx_kl", "tokens")],
             dtype=torch.float64)
-        policy = local[6:].clone()
+        policy = local[7:].clone()
         if ps.get_pipeline_model_parallel_world_size() > 1:
             all_reduce_(policy, group=ps.get_pipeline_model_parallel_group())
-        local[6:] = policy
+        local[7:] = policy
         if self.dp_group is not None:
             all_reduce_(local, group=self.dp_group)
-        reward, acc, n, tokens, unparsed, no_target = local[:6].tolist()
-        dapo_loss, clip_low, clip_high, clip_dual, kl, resp_tokens = local[6:].tolist()
+        reward, acc, n, tokens, unparsed, no_target, skipped = local[:7].tolist()
+        dapo_loss, clip_low, clip_high, clip_dual, kl, resp_tokens = local[7:].tolist()
         n_updates = max(1, len(updates))
         metrics = {
             "reward": reward / n, "accuracy": acc / n, "response_length": tokens / n,
             "unparsed": unparsed,
             # Rollouts of samples without an evidence target (DESIGN §3 step 5): never gated.
-            "no_target": no_target, "kept_groups": stats.get("num_groups"),
+            "no_target": no_target,
+            # Training samples skipped as invalid so far (this run and the runs it resumes),
+            # all ranks; each is also logged with its shard, key and reason when read.
+            "skipped_samples": skipped, "kept_groups": stats.get("num_groups"),
             "mixed_groups": stats.get("kept_groups"),
             "generated_groups": stats.get("generated_groups"),
             "gen_batches": stats.get("gen_batches"),
@@ -313,7 +317,8 @@ class Trainer:
         params = SamplingParams(max_new_tokens=cfg.dapo.max_response_length, temperature=0.0,
                                 n=1, stop_token_ids=tuple(self.stop_ids),
                                 suppress_token_ids=vision_token_ids(cfg))
-        totals = torch.zeros(6, dtype=torch.float64)  # correct, n, anti correct, anti n, ev, ev n
+        # correct, n, anti correct, anti n, ev, ev n, skipped samples
+        totals = torch.zeros(7, dtype=torch.float64)
         bar = progress_bar(self.is_logging_rank and cfg.logging.progress, total=limit,
                            desc="validation", unit="sample")
         for batch in reader:
@@ -330,15 +335,16 @@ class Trainer:
             totals[:4] += torch.tensor([acc.sum(), len(prompts), (acc * anti).sum(), anti.sum()])
             if cfg.ease.layers:
                 ev_sum, ev_n = self._evidence_attention(batch, prompts, out)
-                totals[4:] += torch.tensor([ev_sum, ev_n])
+                totals[4:6] += torch.tensor([ev_sum, ev_n])
             bar.update(len(prompts))
         bar.close()
+        totals[6] = float(sum(reader.skipped.values()))
         if self.dp_group is not None:
             all_reduce_(totals, group=self.dp_group)
-        c, n, ac, an, ev, evn = totals.tolist()
+        c, n, ac, an, ev, evn, skipped = totals.tolist()
         nan = float("nan")
         metrics = {"accuracy": c / n if n else nan, "anti_prior_accuracy": ac / an if an else nan,
-                   "eval_samples": int(n)}
+                   "eval_samples": int(n), "skipped_samples": int(skipped)}
         if evn > 0:
             metrics["evidence_attention_mass"] = ev / evn
         return metrics

@@ -5,6 +5,8 @@ batch; replicated and tied parameters stay identical at TP = 2 and PP = 2)."""
 
 from __future__ import annotations
 
+import glob
+import io
 import json
 import math
 import os
@@ -12,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 
 import pytest
@@ -459,6 +462,38 @@ def test_end_of_run_save_does_not_depend_on_each_ranks_view_of_latest(dataset, t
     overrides = _overrides(dataset, run_dir, 1, "checkpoint.interval=1")
     results = run_distributed(_stale_latest_run, overrides, timeout_s=300)
     assert results == [(0, [1]), (0, [1])]
+
+
+def _bad_shard(path, count):
+    """A shard of samples whose image does not decode (skipped as undecodable_image)."""
+    record = json.dumps({"question": "Is there a square?", "answer": "yes",
+                         "answer_type": "yesno"}).encode()
+    with tarfile.open(path, "w") as tar:
+        for i in range(count):
+            for ext, data in (("json", record), ("png", b"not a png")):
+                info = tarfile.TarInfo(f"bad-{i:03d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_skipped_samples_are_counted_in_training_and_evaluation_metrics(dataset, tmp_path):
+    """Invalid samples are skipped, logged one by one, and counted in the step's metrics
+    (DESIGN §6) over all DP ranks; the loaders counted them but nothing reported the count."""
+    root = tmp_path / "data"
+    for split in ("train", "eval"):
+        (root / split).mkdir(parents=True)
+        for shard in glob.glob(f"{dataset}/{split}/*.tar"):
+            os.symlink(shard, root / split / os.path.basename(shard))
+    os.symlink(f"{dataset}/tokenizer", root / "tokenizer")
+    _bad_shard(root / "train" / "zz-bad.tar", 128)  # half of the training set
+    _bad_shard(root / "eval" / "00-bad.tar", 2)  # the first two eval samples in shard order
+    run_dir = str(tmp_path / "run")
+    overrides = _overrides(str(root), run_dir, 1, "train.warm_start_steps=0", "eval.samples=8")
+    results = run_distributed(_train_in_pool, overrides, timeout_s=600)
+    assert [status for status, _ in results] == [0, 0]
+    assert results[0][1] == results[1][1]
+    assert results[0][1]["skipped_samples"] == 2 and results[0][1]["eval_samples"] == 6
+    assert _metrics(run_dir)[1]["skipped_samples"] > 0
 
 
 def _evaluate_only(overrides, max_samples):

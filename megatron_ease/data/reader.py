@@ -174,7 +174,11 @@ class EvidenceShardDataset(IterableDataset):
                 raise ValueError("max_samples limits a finite pass (num_epochs)")
             num_samples = min(num_samples, max_samples)
         self.epoch_length = num_samples // world_size if even_ranks else len(range(rank, num_samples, world_size))
-        if self.epoch_length == 0:
+        # Every rank sees the same num_samples, so every rank raises alike (a rank raising alone
+        # would leave the others waiting in a collective). A finite uneven pass (evaluation)
+        # may leave a rank without samples: it reads nothing and joins the others' reductions.
+        some_rank_empty = num_samples < world_size  # the last rank's share is the smallest
+        if some_rank_empty and (num_samples == 0 or even_ranks or num_epochs is None):
             raise ValueError(f"{num_samples} samples in {len(self.index.shards)} shards: too few for {world_size} ranks")
         self.processor = processor
         self.batch_size = batch_size

@@ -246,6 +246,23 @@ def test_shard_cut_inside_the_first_member_of_a_sample_keeps_every_sample_before
     assert [e.key for e in index.entries] == [f"good-{i:03d}" for i in range(5)]
 
 
+def test_an_uneven_finite_pass_may_leave_a_rank_without_samples(tmp_path, tokenizer):
+    """1 sample, 2 ranks (evaluation: even_ranks=False): rank 1 reads nothing instead of
+    raising while rank 0 goes on into the evaluation's all-reduce alone (a hang). A stream
+    every rank must read from (even ranks, or an infinite one) still refuses, on every rank."""
+    write_tar(tmp_path / "one.tar", good_samples(1))
+    shard = str(tmp_path / "one.tar")
+    keys = [collect(EvidenceDataLoader(make_dataset(shard, tokenizer, rank=r, world_size=2,
+                                                    shuffle=False, num_epochs=1,
+                                                    even_ranks=False)))[0] for r in range(2)]
+    assert keys == [["good-000"], []]
+    for rank in range(2):
+        with pytest.raises(ValueError, match="too few for 2 ranks"):
+            make_dataset(shard, tokenizer, rank=rank, world_size=2, num_epochs=1)
+        with pytest.raises(ValueError, match="too few for 2 ranks"):
+            make_dataset(shard, tokenizer, rank=rank, world_size=2, even_ranks=False)
+
+
 def test_few_valid_samples_do_not_trip_the_no_valid_sample_guard(tmp_path, tokenizer):
     """1 valid sample of 3: seed 2 orders it first in one epoch and last in the next, 4
     consecutive errors; the guard raised at one epoch's length (3)."""

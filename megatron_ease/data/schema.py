@@ -278,7 +278,8 @@ def _mask_array(mask: Image.Image, fail, name: str) -> np.ndarray:
     """A decoded mask as the [H, W] array the targets take (DESIGN §3), scaled by its bit depth.
 
     8-bit (mode L, and every mode PIL converts to L: 1, P, LA, RGB, ...): the uint8 values,
-    weight = value/255 (the targets' integer rule), exactly as stored. 16-bit grayscale
+    weight = value/255 (the targets' integer rule), exactly as stored; with an alpha channel
+    (LA, RGBA, PA, a transparency colour) the gray value times alpha/255. 16-bit grayscale
     (the I;16 modes, and mode I from a PNG: older Pillow versions open 16-bit PNGs as I):
     float32 weights value/65535, so full scale is weight 1 as in 8 bits. A 32-bit integer image
     (mode I from any other format) has no agreed full scale and is rejected (undecodable_mask),
@@ -302,6 +303,11 @@ def _mask_array(mask: Image.Image, fail, name: str) -> np.ndarray:
         raise fail("undecodable_mask", f"{name}: 32-bit integer mask (mode I) has no defined full "
                    "scale; store masks as 8-bit (value/255) or 16-bit (value/65535) grayscale PNG")
     try:
+        if mask.mode in ("LA", "La", "RGBA", "RGBa", "PA") or "transparency" in mask.info:
+            # A transparent pixel marks nothing, whatever its colour (PIL's grayscale drops
+            # alpha: a transparent white mask was full evidence): gray x alpha, in 8 bits.
+            gray, alpha = (np.asarray(c, dtype=np.uint16) for c in mask.convert("LA").split())
+            return ((gray * alpha + 127) // 255).astype(np.uint8)
         return np.asarray(mask.convert("L"))
     except (ValueError, OSError) as e:  # modes PIL cannot convert (e.g. LAB)
         detail = f"{name}: mode {mask.mode} cannot be read as grayscale: {e}"

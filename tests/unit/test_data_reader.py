@@ -380,6 +380,21 @@ def test_writer_validates_with_the_reader_code(tmp_path):
             strict.write(key, members(record()))
 
 
+def test_transparent_mask_pixels_mark_nothing():
+    """An RGBA/LA mask: gray x alpha. PIL's grayscale dropped alpha, so a transparent white
+    background was full evidence and an opaque black region none was... still none."""
+    rgba = Image.new("RGBA", (56, 56), (255, 255, 255, 0))  # transparent white background
+    rgba.paste((255, 255, 255, 255), (0, 0, 28, 56))  # opaque white left half
+    la = Image.new("LA", (56, 56), (255, 0))
+    la.paste((255, 128), (0, 0, 28, 56))  # half-transparent white left half
+    for mask, left in ((rgba, 255), (la, 128)):
+        sample = decode_sample(members(record(evidence=[]), masks={"mask.png": encode(mask)}),
+                               "alpha", "s")
+        weights = sample.masks[0]
+        assert weights.dtype == np.uint8
+        assert (weights[:, :28] == left).all() and (weights[:, 28:] == 0).all()
+
+
 def test_two_masks_for_one_image_are_refused_whatever_their_order():
     """'mask.png' and '0.mask.png' both name image 0: the last in tar order won silently."""
     full, empty = encode(Image.new("L", (56, 56), 255)), encode(Image.new("L", (56, 56), 0))

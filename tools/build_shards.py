@@ -12,6 +12,18 @@ Manifest lines (``--format jsonl``), paths relative to --image-root:
      "boxes": [[x0, y0, x1, y1], ...]? (image 0, original pixels) | "evidence": [{"image": i, "box": [...]}]?,
      "mask": "m.png"? | "masks": ["m0.png", null]?, "key": "unique_id"?, ...any other fields are kept}
 
+Keys are sanitised to ``[A-Za-z0-9_-]`` (a dot or slash becomes ``_``; leading underscores of a
+key starting with ``__``, which webdataset reserves, are dropped); without a key (or with
+``null``/``""``) a line gets ``line<N>``. A line whose key sanitises to nothing (``bad_key``) or
+to the key of a sample already written (``duplicate_key``, e.g. a manifest keyed by image id with
+several questions per image, or ``x.1`` and ``x_1``) is skipped, counted and logged with its
+line, as is a line that is not a usable object (``bad_manifest_line``, e.g. ``"image": null``).
+
+Images in a format the reader does not take are re-encoded losslessly to PNG; modes PNG cannot
+store (CMYK, LAB, F, 32-bit I, ...) are first converted to RGB as the processor does. Masks that
+are not PNG are re-encoded to PNG keeping their precision: 8-bit as 8-bit, 16-bit as 16-bit,
+float weights as round(clip(w, 0, 1) * 65535) in a 16-bit PNG.
+
 Visual-CoT metadata lines (``--format visual_cot``): {"dataset", "split", "image", "question",
 "answer", "bboxs": [[x1, y1, x2, y2], ...], "width", "height"}; images are looked up as
 ``ROOT/IMAGE`` then ``ROOT/DATASET/IMAGE`` (textcap images live under textvqa), answers are free
@@ -31,11 +43,14 @@ import sys
 from collections import Counter
 from typing import Any, Iterator, Optional
 
+import numpy as np
+
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.path.pardir)))
 
-from PIL import Image  # noqa: E402
+from PIL import Image, ImageOps  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from megatron_ease.data.image import to_rgb  # noqa: E402
 from megatron_ease.data.schema import IMAGE_EXTENSIONS  # noqa: E402
 from megatron_ease.data.writer import EvidenceShardWriter, sample_members  # noqa: E402
 
@@ -54,7 +69,9 @@ class ManifestError(ValueError):
 
 def read_manifest(path: str) -> Iterator[tuple[int, Any]]:
     """(line number, parsed object or the JSONDecodeError) for a JSONL file or a JSON array file."""
-    with open(path, encoding="utf-8") as f:
+    # utf-8-sig: a byte-order mark (Windows editors, PowerShell) is not part of the first line
+    # (which would otherwise fail to parse) nor hides a JSON array's opening bracket.
+    with open(path, encoding="utf-8-sig") as f:
         head = f.read(1)
         while head.isspace():
             head = f.read(1)
@@ -82,10 +99,23 @@ def _image_bytes(path: str) -> tuple[str, bytes]:
         return ext, data
     buffer = io.BytesIO()
     try:
-        Image.open(io.BytesIO(data)).save(buffer, format="PNG")
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        # The PNG keeps no EXIF: apply the orientation here, as the reader does for its formats.
+        image = ImageOps.exif_transpose(image)
+        if image.mode not in _PNG_IMAGE_MODES:
+            # CMYK, LAB, F, 32-bit I, ...: PNG cannot store them. The processor converts every
+            # image with to_rgb, so doing it here leaves the pixels the model sees unchanged.
+            image = to_rgb(image)
+        image.save(buffer, format="PNG")
     except Exception as e:  # PIL raises many types; the sample is reported, not the run aborted
         raise ManifestError("undecodable_image", f"{path}: {type(e).__name__}: {e}") from None
     return "png", buffer.getvalue()
+
+
+# Image modes PIL writes to PNG as they are (8-bit gray/palette/colour, with alpha, 16-bit gray).
+_PNG_IMAGE_MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I;16B")
+_MASK_16BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
 def _mask_bytes(path: str) -> bytes:
@@ -95,37 +125,98 @@ def _mask_bytes(path: str) -> bytes:
         data = f.read()
     if path.lower().endswith(".png"):
         return data
-    buffer = io.BytesIO()
     try:
-        Image.open(io.BytesIO(data)).convert("L").save(buffer, format="PNG")
+        mask = _mask_png_image(Image.open(io.BytesIO(data)), path)
+        buffer = io.BytesIO()
+        mask.save(buffer, format="PNG")
+    except ManifestError:
+        raise
     except Exception as e:  # as above
         raise ManifestError("undecodable_mask", f"{path}: {type(e).__name__}: {e}") from None
     return buffer.getvalue()
 
 
+def _mask_png_image(mask: Image.Image, path: str) -> Image.Image:
+    """A non-PNG mask as an image PNG stores without losing what the reader reads from it
+    (schema._mask_array): 16-bit gray stays 16-bit (weight value/65535); float weights (mode F,
+    e.g. a float TIFF) become round(clip(w, 0, 1) * 65535) in 16 bits (the targets clip weights
+    to [0, 1]; converting to 8 bits made every weight below 1 a 0); every other mode is 8-bit
+    gray (weight value/255), converted as the reader converts it."""
+    mask.load()
+    mask = ImageOps.exif_transpose(mask)  # as for images: the PNG keeps no EXIF orientation
+    if mask.mode in _MASK_16BIT_MODES:
+        return Image.fromarray(np.asarray(mask).astype(np.uint16))
+    if mask.mode == "F":
+        weights = np.asarray(mask, dtype=np.float64)
+        if not np.isfinite(weights).all():
+            raise ManifestError("undecodable_mask", f"{path}: float mask with NaN or infinite values")
+        return Image.fromarray(np.round(np.clip(weights, 0.0, 1.0) * 65535).astype(np.uint16))
+    if mask.mode == "I":  # the reader's rule: a 32-bit integer mask has no defined full scale
+        raise ManifestError("undecodable_mask", f"{path}: 32-bit integer mask (mode I) has no defined "
+                            "full scale; store masks as 8-bit (value/255) or 16-bit (value/65535) grayscale")
+    return mask if mask.mode == "L" else mask.convert("L")
+
+
 def _sanitise_key(key: str) -> str:
-    """Webdataset keys end at the first dot and must not look like paths."""
-    return re.sub(r"[^A-Za-z0-9_\-]", "_", key)
+    """Webdataset keys end at the first dot and must not look like paths; names starting with
+    ``__`` are webdataset's (``__key__``, ``__index__``) and the reader ignores them, so their
+    leading underscores are dropped. May return "" (no usable key: the caller skips the line)."""
+    key = re.sub(r"[^A-Za-z0-9_\-]", "_", key)
+    return key.lstrip("_") if key.startswith("__") else key
+
+
+def _paths(item: dict, name: str, allow_none: bool = False) -> list:
+    """item[name] as a list of path strings (a single string is a list of one)."""
+    value = item[name]
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(p, str) and p or (allow_none and p is None) for p in value):
+        kind = "path strings" + (" or null" if allow_none else "")
+        raise ManifestError("bad_manifest_line", f'"{name}" must be a path string or a list of {kind}, got {value!r}')
+    return value
+
+
+def _jsonl_key(item: dict, line: int) -> str:
+    key = item.get("key")
+    if key is None or key == "":
+        return f"line{line:09d}"
+    if isinstance(key, bool) or not isinstance(key, (str, int)):
+        raise ManifestError("bad_key", f'"key" must be a string or an integer, got {key!r}')
+    sanitised = _sanitise_key(str(key))
+    if not sanitised:
+        raise ManifestError("bad_key", f"key {key!r} has no character a sample key can keep")
+    return sanitised
 
 
 def convert_jsonl(item: dict, line: int, image_root: str) -> tuple[str, dict[str, bytes]]:
-    images = item.get("images", [item["image"]] if "image" in item else [])
-    if isinstance(images, str):
-        images = [images]
+    key = _jsonl_key(item, line)
+    if "images" in item:
+        images = _paths(item, "images")
+    elif "image" in item:
+        if not isinstance(item["image"], str) or not item["image"]:
+            raise ManifestError("bad_manifest_line", f'"image" must be a path string (a list goes in "images"), got {item["image"]!r}')
+        images = [item["image"]]
+    else:
+        images = []
+    mask_field = "masks" if "masks" in item else "mask"
+    masks = _paths(item, mask_field, allow_none=True) if item.get(mask_field) not in (None, "") else []
     record = {k: v for k, v in item.items() if k not in _MANIFEST_FIELDS}
     if "boxes" in item:
         boxes = item["boxes"] if isinstance(item["boxes"], list) else [item["boxes"]]
-        record["evidence"] = list(record.get("evidence") or []) + [{"image": 0, "box": b} for b in boxes]
-    masks = item.get("masks", [item["mask"]] if item.get("mask") else [])
+        evidence = record.get("evidence") or []
+        if not isinstance(evidence, list):
+            raise ManifestError("bad_manifest_line", f'"evidence" must be a list when "boxes" is given too, got {evidence!r}')
+        record["evidence"] = evidence + [{"image": 0, "box": b} for b in boxes]
     encoded = [_image_bytes(os.path.join(image_root, p)) for p in images]
     mask_bytes = {i: _mask_bytes(os.path.join(image_root, p)) for i, p in enumerate(masks) if p}
-    key = _sanitise_key(str(item.get("key", f"line{line:09d}")))
     return key, sample_members(record, encoded, mask_bytes)
 
 
 def convert_visual_cot(item: dict, line: int, image_root: str) -> tuple[str, dict[str, bytes]]:
-    dataset = item.get("dataset", "")
-    image = item.get("image", "")
+    dataset = item.get("dataset") or ""
+    image = item.get("image")
+    if not isinstance(image, str) or not image or not isinstance(dataset, str):
+        raise ManifestError("bad_manifest_line", f'"image" must be a path string and "dataset" a string, got {image!r}, {dataset!r}')
     candidates = [os.path.join(image_root, image), os.path.join(image_root, "textvqa" if dataset == "textcap" else dataset, image)]
     path = next((c for c in candidates if os.path.isfile(c)), candidates[-1])
     record = {
@@ -136,7 +227,9 @@ def convert_visual_cot(item: dict, line: int, image_root: str) -> tuple[str, dic
         "source": f"visual_cot/{dataset}",
         "split": item.get("split"),
     }
-    key = _sanitise_key(f"{dataset}_{item.get('split', '')}_{line:09d}")
+    # The line number keeps keys unique; a missing dataset or split leaves no empty part (a key
+    # '__000000001' would be a webdataset name, which the reader ignores).
+    key = _sanitise_key("_".join(str(part) for part in (dataset, item.get("split"), f"{line:09d}") if part))
     return key, sample_members(record, [_image_bytes(path)])
 
 
@@ -156,6 +249,7 @@ def build_shards(
     """Convert, validate and write; returns {shards, written, skipped: {reason: n}}."""
     convert = CONVERTERS[fmt]
     manifest_problems: Counter = Counter()
+    key_lines: dict[str, int] = {}  # key of each written sample -> its manifest line
     with EvidenceShardWriter(out_dir, prefix, samples_per_shard, strict=strict) as writer:
         for count, (line, item) in enumerate(tqdm(read_manifest(manifest), desc="samples", unit="", file=sys.stderr)):
             if limit is not None and count >= limit:
@@ -163,15 +257,24 @@ def build_shards(
             try:
                 if isinstance(item, Exception) or not isinstance(item, dict):
                     raise ManifestError("bad_manifest_line", f"not a JSON object: {item}")
-                key, files = convert(item, line, image_root)
-            except (ManifestError, KeyError) as e:
-                reason = e.reason if isinstance(e, ManifestError) else "bad_manifest_line"
+                try:
+                    key, files = convert(item, line, image_root)
+                except OSError as e:  # a path that exists but cannot be read (permissions, ...)
+                    raise ManifestError("missing_file", f"{type(e).__name__}: {e}") from None
+                except (KeyError, TypeError, ValueError) as e:
+                    if isinstance(e, ManifestError):
+                        raise
+                    raise ManifestError("bad_manifest_line", f"{type(e).__name__}: {e}") from None
+                if key in key_lines:
+                    raise ManifestError("duplicate_key", f"sample key {key!r} was already written for line {key_lines[key]}")
+            except ManifestError as e:
                 if strict:
-                    raise ValueError(f"{manifest}:{line}: {reason}: {e}") from None
-                manifest_problems[reason] += 1
-                logger.warning("skipping %s:%d: %s: %s", manifest, line, reason, e)
+                    raise ValueError(f"{manifest}:{line}: {e.reason}: {e}") from None
+                manifest_problems[e.reason] += 1
+                logger.warning("skipping %s:%d: %s: %s", manifest, line, e.reason, e)
                 continue
-            writer.write(key, files)
+            if writer.write(key, files):
+                key_lines[key] = line
     summary = writer.close()
     summary["skipped"] = dict(Counter(summary["skipped"]) + manifest_problems)
     return summary

@@ -1,6 +1,7 @@
 """tools/build_shards.py and tools/inspect_shards.py."""
 
 import importlib.util
+import io
 import json
 import os
 import subprocess
@@ -12,12 +13,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from megatron_ease.data.image import ImageProcessingConfig
+from megatron_ease.data.image import ImageProcessingConfig, to_rgb
 from megatron_ease.data.processing import SampleProcessor
-from megatron_ease.data.reader import EvidenceShardDataset
+from megatron_ease.data.prompt import PromptConfig
+from megatron_ease.data.reader import EvidenceShardDataset, build_shard_index
+from megatron_ease.data.schema import decode_sample
 from megatron_ease.data.synthetic import SyntheticConfig, synthetic_corpus
 from megatron_ease.data.tokenizer import build_tiny_qwen_tokenizer
-from megatron_ease.data.writer import EvidenceShardWriter
+from megatron_ease.data.writer import EvidenceShardWriter, sample_members
 from tests.unit.test_data_reader import BAD, VALID_WITH_TARGET, good_samples, write_corrupt_shards
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -125,3 +128,194 @@ def test_build_shards_visual_cot_adapter(tmp_path, capsys):
     assert names == ["gqa_train_000000001.jpg", "gqa_train_000000001.json", "textcap_train_000000002.jpg", "textcap_train_000000002.json"]
     assert record["answer_type"] == "text" and record["answer"] == "a cat" and record["source"] == "visual_cot/gqa"
     assert record["evidence"] == [{"image": 0, "box": [10, 10, 50, 60]}, {"image": 0, "box": [60, 10, 90, 40]}]
+
+
+def _read_built(shards):
+    """{key: EvidenceSample} of built shards, through the reader's index and decode_sample."""
+    index = build_shard_index(shards)
+    assert not index.errors
+    samples = {}
+    for entry in index.entries:
+        with open(index.shards[entry.shard], "rb") as f:
+            files = {}
+            for ext, offset, size in entry.members:
+                f.seek(offset)
+                files[ext] = f.read(size)
+        samples[entry.key] = decode_sample(files, entry.key, index.shards[entry.shard])
+    return samples
+
+
+def _mask_weights(mask):
+    return mask.astype(np.float64) / 255 if mask.dtype == np.uint8 else mask.astype(np.float64)
+
+
+def _write_manifest(path, lines):
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return str(path)
+
+
+QA = {"question": "Is it red?", "answer": "yes", "answer_type": "yesno"}
+
+
+def test_build_shards_keeps_non_png_mask_precision(tmp_path):
+    """A float TIFF mask holds weights (converting to 8 bits made 0.3 and 0.9 both 0); a 16-bit
+    TIFF's full scale is 65535 (8 bits saturated 1000 to 255 = weight 1)."""
+    build = load_tool("build_shards")
+    root = tmp_path / "img"
+    _save(str(root / "a.png"), Image.new("RGB", (56, 56), (200, 30, 30)))
+    left = np.arange(56)[None, :].repeat(56, 0) < 28
+    Image.fromarray(np.where(left, 0.3, 0.9).astype(np.float32), "F").save(root / "float.tif")
+    Image.fromarray(np.where(left, 1000, 65535).astype(np.uint16)).save(root / "m16.tif")
+    Image.fromarray(np.where(left, 0, 200).astype(np.uint8)).save(root / "m8.tif")
+    Image.fromarray(np.where(left, -0.5, 7.0).astype(np.float32), "F").save(root / "float_out.tif")
+    manifest = _write_manifest(tmp_path / "m.jsonl", [
+        dict(QA, key="float", image="a.png", mask="float.tif"),
+        dict(QA, key="m16", image="a.png", mask="m16.tif"),
+        dict(QA, key="m8", image="a.png", mask="m8.tif"),
+        dict(QA, key="clipped", image="a.png", masks=["float_out.tif"]),
+    ])
+    summary = build.build_shards(manifest, str(root), str(tmp_path / "out"))
+    assert summary["written"] == 4 and summary["skipped"] == {}
+    samples = _read_built(summary["shards"])
+    expected = {"float": (0.3, 0.9), "m16": (1000 / 65535, 1.0), "m8": (0.0, 200 / 255), "clipped": (0.0, 1.0)}
+    for key, (weight_left, weight_right) in expected.items():
+        weights = _mask_weights(samples[key].masks[0])
+        np.testing.assert_allclose(weights[:, :28], weight_left, atol=1 / 65535, err_msg=key)
+        np.testing.assert_allclose(weights[:, 28:], weight_right, atol=1 / 65535, err_msg=key)
+    assert samples["m8"].masks[0].dtype == np.uint8  # 8-bit masks stay 8-bit
+
+
+def test_build_shards_skips_bad_lines_and_keys(tmp_path, caplog):
+    """Duplicate keys (also after sanitising), "image": null or a list, and keys the reader would
+    drop ('' and '__x') no longer abort the build or vanish from the shards."""
+    build = load_tool("build_shards")
+    root = tmp_path / "img"
+    _save(str(root / "a.png"), Image.new("RGB", (56, 56), (200, 30, 30)))
+    lines = [
+        dict(QA, key="img1", image="a.png"),  # line 1
+        dict(QA, key="img1", image="a.png", question="Is it blue?"),  # 2: duplicate
+        dict(QA, key="x.1", image="a.png"),  # 3 -> x_1
+        dict(QA, key="x_1", image="a.png"),  # 4: duplicate after sanitising
+        dict(QA, image=None),  # 5
+        dict(QA, image=["a.png"]),  # 6
+        dict(QA, key="", image="a.png"),  # 7 -> line000000007
+        dict(QA, key="__abc", image="a.png"),  # 8 -> abc
+        dict(QA, key="___", image="a.png"),  # 9: nothing left
+        dict(QA, key="img2", images=[None]),  # 10
+        dict(QA, key="img3", images="a.png", masks=None),  # 11: fine
+    ]
+    manifest = _write_manifest(tmp_path / "m.jsonl", lines)
+    with caplog.at_level("WARNING", logger="build_shards"):
+        summary = build.build_shards(manifest, str(root), str(tmp_path / "out"), samples_per_shard=3)
+    assert summary["skipped"] == {"duplicate_key": 2, "bad_manifest_line": 3, "bad_key": 1}
+    samples = _read_built(summary["shards"])  # what the reader indexes = what was written
+    assert sorted(samples) == sorted(["img1", "x_1", "line000000007", "abc", "img3"]) and summary["written"] == 5
+    assert samples["img1"].question == "Is it red?"  # the first line wins
+    assert "m.jsonl:2: duplicate_key" in caplog.text and "line 1" in caplog.text
+    assert "m.jsonl:4: duplicate_key" in caplog.text and "m.jsonl:5: bad_manifest_line" in caplog.text
+    with pytest.raises(ValueError, match="m.jsonl:2: duplicate_key"):
+        build.build_shards(manifest, str(root), str(tmp_path / "strict"), strict=True)
+
+    # A Visual-CoT line without dataset and split got the key '__000000001', which the reader ignores.
+    cot = _write_manifest(tmp_path / "cot.jsonl", [{"image": "a.png", "question": "What?", "answer": "red"},
+                                                   {"image": "a.png", "question": "What?", "answer": "red", "dataset": "gqa"}])
+    summary = build.build_shards(cot, str(root), str(tmp_path / "cot"), fmt="visual_cot")
+    assert summary["written"] == 2 and sorted(_read_built(summary["shards"])) == ["000000001", "gqa_000000002"]
+
+
+def test_build_shards_converts_modes_png_cannot_store(tmp_path):
+    """CMYK/LAB/F TIFFs failed the PNG re-encode (undecodable_image); they are converted to RGB
+    first, which is what the processor does to every image, so the model's pixels are the same."""
+    build = load_tool("build_shards")
+    root = tmp_path / "img"
+    os.makedirs(root)
+    originals = {
+        "cmyk": Image.new("CMYK", (56, 42), (0, 255, 255, 0)),
+        "lab": Image.merge("LAB", [Image.new("L", (56, 42), v) for v in (150, 100, 200)]),
+        "float": Image.fromarray(np.linspace(0, 300, 56 * 42, dtype=np.float32).reshape(42, 56), "F"),
+    }
+    for name, image in originals.items():
+        image.save(root / f"{name}.tif")
+    manifest = _write_manifest(tmp_path / "m.jsonl", [dict(QA, key=name, image=f"{name}.tif") for name in originals])
+    summary = build.build_shards(manifest, str(root), str(tmp_path / "out"))
+    assert summary["written"] == 3 and summary["skipped"] == {}
+    samples = _read_built(summary["shards"])
+    for name in originals:
+        stored = samples[name].images[0]
+        assert stored.size == (56, 42)
+        reopened = Image.open(root / f"{name}.tif")
+        assert np.array_equal(np.asarray(to_rgb(stored)), np.asarray(to_rgb(reopened))), name
+
+
+def test_read_manifest_ignores_utf8_bom(tmp_path):
+    build = load_tool("build_shards")
+    root = tmp_path / "img"
+    _save(str(root / "a.png"), Image.new("RGB", (56, 56), (200, 30, 30)))
+    lines = [dict(QA, key=f"k{i}", image="a.png") for i in range(3)]
+    (tmp_path / "bom.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8-sig")
+    (tmp_path / "bom.json").write_text(json.dumps(lines, indent=1), encoding="utf-8-sig")
+    for name in ("bom.jsonl", "bom.json"):
+        assert [item for _, item in build.read_manifest(str(tmp_path / name))] == lines
+        summary = build.build_shards(str(tmp_path / name), str(root), str(tmp_path / f"out_{name}"))
+        assert summary["written"] == 3 and summary["skipped"] == {}, name
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer_dir(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("tok"))
+    build_tiny_qwen_tokenizer(synthetic_corpus(SyntheticConfig()), d)
+    return d
+
+
+def test_inspect_shards_counts_the_prompt_training_builds(tmp_path, tiny_tokenizer_dir, capsys):
+    """--family qwen3_vl: training's prompt has no system turn (PromptConfig.for_family); the
+    inspector built Qwen2.5's and reported prompt_too_long at exactly training's length."""
+    from transformers import AutoTokenizer
+
+    inspect_shards = load_tool("inspect_shards")
+    with EvidenceShardWriter(str(tmp_path / "s"), "s", strict=True) as writer:
+        for key, files in good_samples(1):
+            writer.write(key, files)
+    shards = str(tmp_path / "s" / "s-*.tar")
+    processor = SampleProcessor(AutoTokenizer.from_pretrained(tiny_tokenizer_dir), ImageProcessingConfig.for_family("qwen3_vl"),
+                                prompt_config=PromptConfig.for_family("qwen3_vl"))
+    dataset = EvidenceShardDataset(shards, processor, 1, shuffle=False, num_epochs=1, even_ranks=False)
+    (_, sample, error), = list(dataset.iter_samples())
+    assert error is None
+    length = sample.prompt_length
+    for limit, expected in ((length, "valid=1 skipped=0"), (length - 1, "valid=0 skipped=1")):
+        code = inspect_shards.main([shards, "--family", "qwen3_vl", "--tokenizer", tiny_tokenizer_dir, "--max-prompt-tokens", str(limit)])
+        assert code == 0 and capsys.readouterr().out.strip().splitlines()[-1] == expected, limit
+
+
+def test_inspect_shards_overlay_contours_16bit_masks(tmp_path, tiny_tokenizer_dir, monkeypatch, capsys):
+    """16-bit masks arrive as float32 weights in [0, 1]: a contour at level 127 drew nothing."""
+    import matplotlib.axes
+
+    inspect_shards = load_tool("inspect_shards")
+    square = np.zeros((56, 56), np.uint16)
+    square[10:40, 10:40] = 65535
+    image = Image.new("RGB", (56, 56), (200, 30, 30))
+    masks = {"m8": Image.fromarray((square // 257).astype(np.uint8)), "m16": Image.fromarray(square),
+             "mf": Image.fromarray(square.astype(np.float32) / 65535 * 0.8, "F")}
+    with EvidenceShardWriter(str(tmp_path / "s"), "s", strict=True) as writer:
+        for key, mask in masks.items():
+            writer.write(key, sample_members(dict(QA), [("png", _encode(image))], {0: _encode(mask, "TIFF" if mask.mode == "F" else "PNG")}))
+    drawn = []
+    original = matplotlib.axes.Axes.contour
+
+    def contour(self, data, *args, **kwargs):
+        result = original(self, data, *args, **kwargs)
+        drawn.append(sum(len(segment) for level in result.allsegs for segment in level))
+        return result
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "contour", contour)
+    code = inspect_shards.main([str(tmp_path / "s" / "s-*.tar"), "--tokenizer", tiny_tokenizer_dir, "--overlays", str(tmp_path / "ov"), "3"])
+    assert code == 0 and capsys.readouterr().out.strip().splitlines()[-1] == "valid=3 skipped=0"
+    assert len(drawn) == 3 and all(n > 0 for n in drawn), drawn  # 8-bit, 16-bit and float masks
+
+
+def _encode(image, fmt="PNG"):
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()

@@ -361,6 +361,8 @@ class CheckpointManager:
         """Load a step dir into model/optimizer/scheduler; return (step, trainer, rank state)."""
         from megatron.core import dist_checkpointing
 
+        from megatron_ease.models.qwen_vl.checkpoint import drop_absent_extra_state
+
         with open(os.path.join(path, "trainer_state.json")) as f:
             meta = json.load(f)
         if not meta.get("has_optimizer", True):
@@ -368,12 +370,18 @@ class CheckpointManager:
         if optimizer is not None:
             _materialize_optimizer_state(optimizer)
         sharded = _sharded_state(model_chunks, optimizer, is_loading=True)
-        loaded = dist_checkpointing.load(sharded, path)
+        # A run saved without TransformerEngine, resumed with it: no _extra_state to restore.
+        loaded = dist_checkpointing.load(drop_absent_extra_state(sharded, path), path)
         from megatron.core.utils import unwrap_model
 
         for i, chunk in enumerate(unwrap_model(list(model_chunks))):
             key = "model" if len(model_chunks) == 1 else f"model{i}"
-            chunk.load_state_dict({k[len(key) + 1:]: v for k, v in loaded[key].items()})
+            missing, unexpected = chunk.load_state_dict(
+                {k[len(key) + 1:]: v for k, v in loaded[key].items()}, strict=False)
+            missing = [k for k in missing if not k.endswith("_extra_state")]
+            if missing or unexpected:
+                raise RuntimeError(f"{path}: {key} state dict mismatch after load: missing "
+                                   f"{missing[:5]}, unexpected {unexpected[:5]}")
         if optimizer is not None:
             # fp32 training: the optimizer's main params are views of the model's leaf params.
             with torch.no_grad():

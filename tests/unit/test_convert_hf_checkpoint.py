@@ -234,6 +234,67 @@ def _resave_worker(hf_dir, src, dst, drop_key):
     dist_checkpointing.save(sharded, dst, sharded_strategy=("torch_dist", 1))
 
 
+class _ExtraState:
+    """What TransformerEngine modules add: an ``_extra_state`` (FP8 metadata) in state dicts,
+    which megatron checkpoints as a ShardedObject."""
+
+    def get_extra_state(self):
+        return torch.tensor([7.0])
+
+    def set_extra_state(self, state):
+        self.extra_state_set = state
+
+
+def _with_extra_state(model):
+    """The model's core attentions with an extra state, as TEDotProductAttention has under the
+    TE spec (megatron's local linears already save a None one; its local core attention none)."""
+    patched = 0
+    for name, module in model.named_modules():
+        if name.endswith("core_attention") and "decoder" in name:
+            module.__class__ = type(f"TE{type(module).__name__}", (_ExtraState, type(module)), {})
+            patched += 1
+    assert patched
+    return model
+
+
+def _load_with_extra_state_worker(hf_dir, ckpt, run_dir):
+    """init_from (load_model_checkpoint) and a resume (CheckpointManager.load) of checkpoints
+    written without extra state, into a model that has some."""
+    from megatron_ease.models.qwen_vl import build_qwen_vl_model, load_model_checkpoint
+    from megatron_ease.training.checkpointing import CheckpointManager
+
+    def build():
+        return build_qwen_vl_model(model_config_from_hf(hf_dir),
+                                   ParallelConfig(tensor_model_parallel_size=2),
+                                   perform_initialization=False)
+
+    plain = build()
+    load_model_checkpoint(plain, ckpt)
+    manager = CheckpointManager(run_dir, keep_last=2)
+    manager.save(1, [plain])
+    model = _with_extra_state(build())
+    assert any(k.endswith("_extra_state") for k in model.sharded_state_dict())
+    load_model_checkpoint(model, ckpt)
+    resumed = _with_extra_state(build())
+    manager.load(manager.resolve_latest(), [resumed], restore_rng=False)
+    want = {n: p.detach() for n, p in plain.named_parameters()}
+    for loaded in (model, resumed):
+        got = {n: p.detach() for n, p in loaded.named_parameters()}
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[n], want[n]) for n in want)
+    return True
+
+
+def test_checkpoints_without_extra_state_load_into_a_transformer_engine_layout(converted,
+                                                                              tmp_path):
+    """The converter writes the local spec; a TE model's modules carry ``_extra_state``
+    objects the checkpoint lacks, and torch.distributed.checkpoint refused the whole load
+    ("Missing key in checkpoint state_dict": init_from failed under TE). Also a resume of a run
+    saved without TE."""
+    assert run_distributed(_load_with_extra_state_worker, converted["hf_dir"], converted["ckpt"],
+                           str(tmp_path / "run"), tensor_model_parallel_size=2) == [True, True]
+
+
 def _reload_worker(hf_dir, ckpt, num_layers=None):
     import dataclasses
 

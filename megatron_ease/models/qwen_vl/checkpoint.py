@@ -130,6 +130,31 @@ def _all_ranks_problems(problems: list[str]) -> list[str]:
     return list(dict.fromkeys(p for rank_problems in gathered for p in rank_problems))
 
 
+def drop_absent_extra_state(sharded: dict, ckpt_dir: str) -> dict:
+    """``sharded`` without the ``_extra_state`` objects ``ckpt_dir`` does not hold.
+
+    TransformerEngine modules carry an ``_extra_state`` (FP8 scaling metadata) that megatron
+    saves as a ShardedObject. A checkpoint written without them -- by the converter, which
+    builds the local spec, or by a run without TE -- then lacks keys a TE model asks for, and
+    torch.distributed.checkpoint's planner refuses the whole load ("Missing key in checkpoint
+    state_dict"). Those modules keep their initial extra state, as in a fresh TE model. Every
+    rank reads the same metadata, so every rank drops the same keys.
+    """
+    from megatron.core.dist_checkpointing.dict_utils import extract_matching_values, nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+
+    def is_extra_state(value) -> bool:
+        return isinstance(value, ShardedObject) and value.key.endswith("_extra_state")
+
+    if not any(is_extra_state(v) for v in nested_values(sharded)):
+        return sharded
+    saved = load_sharded_metadata(ckpt_dir)
+    _, kept = extract_matching_values(
+        sharded, lambda v: is_extra_state(v) and v.unique_key not in saved)
+    return kept
+
+
 def load_model_checkpoint(model: torch.nn.Module, path: str) -> str:
     """Load this rank's part of the model from ``path`` (any TP/PP; collective); returns the
     resolved checkpoint directory."""
@@ -142,7 +167,7 @@ def load_model_checkpoint(model: torch.nn.Module, path: str) -> str:
     problems = _all_ranks_problems(checkpoint_problems(sharded, tensors))
     if problems:
         raise WeightMismatchError(f"{ckpt_dir} does not fit the model: {'; '.join(problems)}")
-    loaded = dist_checkpointing.load(sharded, ckpt_dir)
+    loaded = dist_checkpointing.load(drop_absent_extra_state(sharded, ckpt_dir), ckpt_dir)
     state = {key[len(prefix):]: value for key, value in loaded.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]

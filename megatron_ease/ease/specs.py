@@ -87,5 +87,12 @@ def ease_block_spec(config, layer_specs: Sequence[ModuleSpec], layer_norm=None,
                          f"layers; pass the specs of all layers (ease_layer_specs)")
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
     count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    if layer_norm is None:
+        layer_norm = LayerNormImpl
+        if getattr(LayerNormImpl, "__name__", "") == "FusedLayerNorm" \
+                and config.normalization == "RMSNorm":
+            # apex's FusedLayerNorm (megatron's default wherever apex imports, TE absent)
+            # refuses RMSNorm.
+            from megatron.core.transformer.torch_norm import WrappedTorchNorm as layer_norm
     return TransformerBlockSubmodules(layer_specs=list(layer_specs[offset:offset + count]),
-                                      layer_norm=layer_norm or LayerNormImpl)
+                                      layer_norm=layer_norm)

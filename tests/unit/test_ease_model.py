@@ -602,3 +602,28 @@ def test_ease_gradient_scale_cancels_what_megatron_does_to_gradients():
     # calculate_per_token_loss: DDP sums, finalize_model_grads divides by the global token count.
     assert ease_gradient_scale(0.1, data_parallel_size=2, global_num_tokens=torch.tensor(500)) == \
         pytest.approx(50.0)
+
+
+def test_final_norm_is_rmsnorm_capable_where_apex_imports(monkeypatch):
+    """Where apex imports (NGC containers) and TE is absent, megatron's default final norm
+    (gpt_layer_specs.LNImpl, transformer_block.LayerNormImpl) is apex's FusedLayerNorm, which
+    refuses RMSNorm: the converter (local spec) and GPU runs without TE failed to build."""
+    import megatron.core.models.backends as backends
+    import megatron.core.models.gpt.gpt_layer_specs as gpt_layer_specs
+    import megatron.core.transformer.transformer_block as transformer_block
+    from megatron.core.fusions.fused_layer_norm import FusedLayerNorm
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_ease.ease.specs import ease_block_spec
+    from megatron_ease.models.qwen_vl.specs import qwen_vl_block_spec
+
+    for module, name in ((gpt_layer_specs, "LNImpl"), (transformer_block, "LayerNormImpl"),
+                         (backends, "LNImpl")):
+        monkeypatch.setattr(module, name, FusedLayerNorm)  # as when `import apex` succeeds
+    config = TransformerConfig(num_layers=2, hidden_size=8, num_attention_heads=1,
+                               normalization="RMSNorm", use_cpu_initialization=True)
+    for spec in (qwen_vl_block_spec(config, [None, None], use_te=False, pp_rank=0),
+                 ease_block_spec(config, [None, None], pp_rank=0)):
+        assert spec.layer_norm is WrappedTorchNorm
+        spec.layer_norm(config=config, hidden_size=8, eps=1e-6)  # builds (FusedLayerNorm raises)

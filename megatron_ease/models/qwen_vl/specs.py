@@ -119,7 +119,13 @@ def qwen_vl_block_spec(
     if use_te:
         from megatron.core.extensions.transformer_engine import TENorm as final_norm
     else:
-        from megatron.core.models.gpt.gpt_layer_specs import LNImpl as final_norm
+        from megatron.core.models.backends import LocalSpecProvider
+
+        # The local layer spec's own choice (WrappedTorchNorm for RMSNorm). gpt_layer_specs'
+        # LNImpl is apex's FusedLayerNorm wherever apex imports (NGC containers), which
+        # refuses RMSNorm: the converter and every GPU run without TE failed to build.
+        final_norm = LocalSpecProvider().layer_norm(
+            rms_norm=config.normalization == "RMSNorm")
     return TransformerBlockSubmodules(layer_specs=list(layer_specs[offset:offset + count]),
                                       layer_norm=final_norm)
 

@@ -153,8 +153,16 @@ def init_process_group(launch: Optional[LaunchEnv] = None, backend: Optional[str
     """Start torch.distributed for this process. A dead peer ends the job after the timeout."""
     launch = launch or read_launch_env()
     backend = backend or default_backend()
+    if backend == "gloo" and launch.world_size > 1 and torch.cuda.is_available():
+        raise ValueError(
+            "parallel.backend=gloo with GPUs visible: the model is built on the GPU, and "
+            "megatron-core's gradient and pipeline collectives on CUDA tensors need NCCL. Use "
+            "parallel.backend=nccl (the default with GPUs), or hide the GPUs "
+            "(CUDA_VISIBLE_DEVICES=) to run on the CPU")
+    device_id = None
     if backend == "nccl":
-        torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
+        device_id = torch.device("cuda", launch.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device_id)
     else:
         from megatron_ease.cpu_shims import apply_cpu_shims
 
@@ -166,6 +174,9 @@ def init_process_group(launch: Optional[LaunchEnv] = None, backend: Optional[str
             rank=launch.rank,
             world_size=launch.world_size,
             timeout=datetime.timedelta(minutes=timeout_minutes),
+            # Bound to its GPU: NCCL connects at start (a bad NIC or topology fails here, not in
+            # the first collective) and barriers need not guess the device.
+            **({"device_id": device_id} if device_id is not None else {}),
         )
     return launch
 

@@ -41,6 +41,9 @@ def _exit_with_parent():
 
 def _worker(rank, world_size, port, tasks, results):
     _exit_with_parent()
+    # The CPU code path (gloo, CPU shims) even on a machine with GPUs; set before anything
+    # asks CUDA for its devices.
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
 

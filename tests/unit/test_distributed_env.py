@@ -97,3 +97,37 @@ def test_model_parallel_seed_seeds_the_cpu_generators_on_gpu_nodes_too(monkeypat
     assert seeded == [7, 7]
     assert torch.equal(draws[0][0], torch.rand(3, generator=torch.Generator().manual_seed(7)))
     assert torch.equal(draws[0][0], draws[1][0]) and draws[0][1:] == draws[1][1:]
+
+
+def test_gloo_with_gpus_visible_is_refused_before_anything_starts(monkeypatch):
+    """gloo on a GPU node: the model is built on the GPU and megatron-core's CUDA-tensor
+    collectives (gradient reduce-scatter, pipeline p2p) fail deep inside the first step."""
+    import torch
+
+    from megatron_ease.distributed import LaunchEnv, init_process_group
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    started = []
+    monkeypatch.setattr(torch.distributed, "init_process_group",
+                        lambda *a, **k: started.append(k))
+    with pytest.raises(ValueError, match="parallel.backend=gloo with GPUs visible"):
+        init_process_group(LaunchEnv(0, 2, 0, "127.0.0.1", 1234, "torchrun"), backend="gloo")
+    assert not started
+
+
+def test_nccl_process_group_is_bound_to_the_local_gpu(monkeypatch):
+    import torch
+
+    from megatron_ease.distributed import LaunchEnv, init_process_group
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    current = []
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    started = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group",
+                        lambda *a, **k: started.append(k))
+    init_process_group(LaunchEnv(6, 8, 6, "127.0.0.1", 1234, "torchrun"), backend="nccl")
+    assert current == [torch.device("cuda", 2)]
+    assert started[0]["device_id"] == torch.device("cuda", 2) and started[0]["backend"] == "nccl"

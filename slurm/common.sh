@@ -112,6 +112,9 @@ launch_training() {
     # Cluster-specific NCCL settings belong in the submitting shell (sbatch passes them on):
     # NCCL_SOCKET_IFNAME (bootstrap interface), NCCL_IB_HCA / NCCL_IB_GID_INDEX (InfiniBand,
     # RoCE), NCCL_NET_GDR_LEVEL, and NCCL_DEBUG=INFO for a first run on a new cluster.
+    # megatron-core also builds gloo data-parallel groups (CPU-side bookkeeping) that connect
+    # over TCP: where a node's hostname resolves to loopback or the wrong NIC they fail at
+    # start; GLOO_SOCKET_IFNAME names the interface (usually the same as NCCL_SOCKET_IFNAME).
   else
     # No GPUs in the allocation: hide any the node has so the python side takes gloo on CPU.
     export CUDA_VISIBLE_DEVICES=

@@ -409,8 +409,9 @@ _HEDGE = re.compile(
     r"|(?:can|could) not (?:tell|say|determine|know|be (?:sure|certain|determined|told))"
     r"|(?:impossible|not possible|hard|difficult) to (?:tell|say|determine|know))\b"
 )
-# Hedging words that only count when the span does not open with its answer ("It could be"
-# hedges; "Yes, it may be partially hidden" and "No, neither of them" answer).
+# Hedging words that count only in a span where no clause opens with yes or no ("It could be"
+# hedges; "Yes, it may be partially hidden" and "Based on the image, yes, it is likely a puppy"
+# answer), or right next to the answer word (_HEDGED_ANSWER).
 _SOFT_HEDGE = re.compile(
     r"\b(?:(?:could|might|may) be|maybe|possibly|perhaps|probably|(?:un)?likely|neither(?! of)"
     r"|ambiguous|not necessarily)\b")

@@ -339,10 +339,11 @@ def _hedges_choice(span: str, letter: str, choices: Optional[Sequence[str]]) -> 
 
 
 _CHOICE_DOUBT = re.compile(
-    r"\b(?:not (?:\w+ )?(?:sure|certain)|unsure|no idea|(?:do|did) not know|i guess)\b")
+    r"\b(?:not (?:\w+ )?(?:sure|certain)|unsure|no idea|(?:do|did) not know|i guess"
+    r"|(?:can|could) not (?:tell|say|know) for (?:sure|certain)|hard to say)\b")
 _CHOICE_HEDGE_BEFORE = (r"(?i:\b(?:(?:most\s+)?likely|probably|maybe|perhaps|possibly"
                         r"|(?:could|might|may)\s+be))")
-_CHOICE_HEDGE_AFTER = r"(?i:(?:most\s+)?likely|probably|maybe|perhaps|possibly)\b"
+_CHOICE_HEDGE_AFTER = r"(?i:(?:most\s+)?likely|probably|maybe|perhaps|possibly|uncertain)\b"
 
 
 def _named_choice(

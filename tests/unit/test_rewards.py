@@ -327,6 +327,9 @@ HEDGES_AND_FORMATS = [
     ("Answer: B (most likely)", "B", "choice", COLORS, False, None),
     ("B, I guess.", "B", "choice", COLORS, False, None),
     ("A, though I'm not entirely sure.", "A", "choice", COLORS, False, None),
+    ("B (uncertain)", "B", "choice", COLORS, False, None),
+    ("I cannot tell for sure, but B.", "B", "choice", COLORS, False, None),
+    ("B, but it is hard to say.", "B", "choice", COLORS, False, None),
     # Hedge words about the image, or an option's own words, leave the option named.
     ("A, since the object is probably a cup", "A", "choice", COLORS, True, "A"),
     ("A. It looks like a cup, maybe a mug.", "A", "choice", COLORS, True, "A"),

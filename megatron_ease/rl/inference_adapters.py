@@ -33,8 +33,9 @@ turned off, the rollouts are the same up to float noise):
 - ``attention_backend="sdpa"``: the core attention becomes one SDPA call with native GQA and the
   explicit mask. megatron-core switches the layers to ``attn_mask_type=no_mask`` after prefill;
   the local ``DotProductAttention`` still applies the explicit mask, TransformerEngine's does not,
-  so with ``attention_backend="model"`` a padded batch needs the local attention (an error says
-  so; that backend is verified with the local spec only). SDPA also avoids the local attention's
+  so with ``attention_backend="model"`` a padded batch needs the local attention, and
+  TransformerEngine's is refused whatever the padding (its mask argument is a padding mask; an
+  error says so; that backend is verified with the local spec only). SDPA also avoids the local attention's
   per-step copy of the grouped K/V cache to all heads (``benchmarks/README.md`` has numbers).
 
 Other limitations of megatron-core 0.16 this code lives with:
@@ -157,8 +158,8 @@ class RolloutModelAdapter(AbstractModelInferenceWrapper, abc.ABC):
         per prompt (rows ``b*G .. b*G+G-1`` belong to prompt ``b``) and return the logits that
         predict each rollout's first token, ``[B*G, vocab]`` (last stage; None elsewhere)."""
         b, p = batch.input_ids.shape
-        if self.attention_backend == "model" and bool((~batch.attention_mask).any()):
-            self._check_padding_supported()
+        if self.attention_backend == "model":
+            self._check_model_attention_supported(padded=bool((~batch.attention_mask).any()))
         self._was_training = self.model.training
         # B rows: ``select_rows`` makes the B·G-row cache after the prefill (allocating B·G here
         # would hold a second, mostly empty cache of the decode's size through the prefill).
@@ -240,10 +241,18 @@ class RolloutModelAdapter(AbstractModelInferenceWrapper, abc.ABC):
             return additive_mask(masked, get_model_config(self.model).params_dtype)
         return masked
 
-    def _check_padding_supported(self) -> None:
+    def _check_model_attention_supported(self, padded: bool) -> None:
         for module in self.model.modules():
             core = getattr(module, "core_attention", None)
-            if core is not None and not isinstance(core, DotProductAttention):
+            if core is not None and any(c.__name__ == "TEDotProductAttention"
+                                        for c in type(core).__mro__):
+                # Its mask argument is a [b, 1, 1, s] padding mask under padding_causal; the
+                # decode path hands core attentions the [b, 1, s, s] causal one.
+                raise NotImplementedError(
+                    f"attention_backend='model' with TransformerEngine's core attention "
+                    f"({type(core).__name__}) is not supported; use attention_backend='sdpa' "
+                    f"(the default) or the local layer spec")
+            if padded and core is not None and not isinstance(core, DotProductAttention):
                 raise NotImplementedError(
                     f"rollouts of prompts of different lengths need the key-padding mask at every "
                     f"decode step, which megatron-core 0.16 does not give {type(core).__name__} "

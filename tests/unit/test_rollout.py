@@ -92,6 +92,17 @@ def _greedy_worker(max_new_tokens: int):
         refused = None
     except NotImplementedError as e:
         refused = str(e)
+    # TransformerEngine's core attention takes a padding mask: refused even without padding.
+    te = type("TEDotProductAttention", (SdpaCoreAttention,), {})(model.config)
+    attentions[0].core_attention = te
+    equal = [Prompt(p.input_ids[:2]) for p in prompts]
+    try:
+        _engine(model, adapter=GPTRolloutAdapter(model, attention_backend="model")).generate(
+            equal, sampling)
+        refused_te = None
+    except NotImplementedError as e:
+        refused_te = str(e)
+    attentions[0].core_attention = SdpaCoreAttention(model.config)
     batch = PromptBatch.left_padded(prompts, PAD)
     ids, valid, ref, ref_logp = batch.input_ids, batch.attention_mask, [], []
     for _ in range(max_new_tokens):
@@ -104,7 +115,7 @@ def _greedy_worker(max_new_tokens: int):
     params = {n: p.detach().clone() for n, p in canonical_parameters(model).items()}
     return {"out": out, "ref": torch.stack(ref, 1), "ref_log_probs": torch.stack(ref_logp, 1),
             "params": params, "training": model.training, "paths": paths, "restored": restored,
-            "refused": refused}
+            "refused": refused, "refused_te": refused_te}
 
 
 def _sampling_worker(seed: int, temperature: float, top_p: float, n: int):
@@ -295,6 +306,7 @@ def test_greedy_with_kv_cache_equals_full_recompute_and_hf_generate():
                                atol=1e-5, rtol=0)
     assert res["restored"]
     assert res["refused"] and "key-padding mask" in res["refused"]
+    assert res["refused_te"] and "TransformerEngine" in res["refused_te"]
 
     hf = _hf_qwen2(res["params"])
     batch = PromptBatch.left_padded(_prompts(), PAD)

@@ -31,10 +31,12 @@ def _grouped(values: torch.Tensor, group_size: int, name: str) -> torch.Tensor:
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
     """A_i = (R_i − mean_g R) / (std_g R + eps), std unbiased; returns [n] like `rewards`."""
     dtype = torch.promote_types(rewards.dtype, torch.float32)
-    grouped = _grouped(rewards, group_size, "rewards").to(dtype)  # [g, G]
+    # In float64: a float32 group of equal rewards (0.3 each) has a float32 mean off by an ulp,
+    # and so advantages of up to 0.03 from nothing; float64 holds the sum of float32s exactly.
+    grouped = _grouped(rewards, group_size, "rewards").to(torch.float64)  # [g, G]
     mean = grouped.mean(dim=1, keepdim=True)
     std = grouped.std(dim=1, keepdim=True)
-    return ((grouped - mean) / (std + eps)).view(-1)
+    return ((grouped - mean) / (std + eps)).view(-1).to(dtype)
 
 
 def mixed_groups(accuracy: torch.Tensor, group_size: int) -> torch.Tensor:

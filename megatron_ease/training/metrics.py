@@ -62,6 +62,20 @@ class MetricsLogger:
             except ImportError:
                 logger.warning("logging.tensorboard is on but tensorboard is not installed")
 
+    def has_record(self, step: int, prefix: str) -> bool:
+        """Whether the JSONL log holds a ``prefix`` record of ``step`` (False where disabled)."""
+        if not self.enabled or not os.path.isfile(self.jsonl_path):
+            return False
+        with open(self.jsonl_path) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if record.get("step") == step and record.get("split") == prefix:
+                    return True
+        return False
+
     def log(self, step: int, metrics: dict, total_steps: Optional[int] = None,
             prefix: str = "train") -> None:
         if not self.enabled:

@@ -96,6 +96,14 @@ class Trainer:
             wandb_project=cfg.logging.wandb_project, wandb_mode=cfg.logging.wandb_mode,
             tensorboard=cfg.logging.tensorboard, enabled=self.is_logging_rank,
             resumed_at=self.step if self.step > 0 else None)
+        if self._validation_due:
+            # The checkpoint was saved before its step's validation; if that validation ran and
+            # was logged (a later crash, a finished run extended), it is not run again. Rank 0
+            # holds the log: every rank takes its answer (evaluate is collective).
+            logged = torch.tensor([float(self.metrics.has_record(self.step, "eval"))])
+            if torch.distributed.is_initialized():
+                all_reduce_(logged, op=torch.distributed.ReduceOp.MAX)
+            self._validation_due = not bool(logged.item())
 
     # -- start-up ------------------------------------------------------------------------------
 

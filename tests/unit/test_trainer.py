@@ -715,6 +715,22 @@ def test_sigterm_saves_exits_75_and_the_next_run_resumes(dataset, tmp_path):
     assert _eval_steps(run_dir) == list(range(1, step + 2))
 
 
+def test_a_finished_runs_validated_last_step_is_not_validated_again_when_extended(dataset,
+                                                                                  tmp_path):
+    """The last step is saved before its validation; the validation then ran. Extending the
+    run (or a crash after it) resumed there and validated that step a second time: a wasted
+    pass and two eval records for one step."""
+    run_dir = str(tmp_path / "run")
+    validation = ("eval.interval=1", "eval.samples=2", "eval.batch_size=2",
+                  "checkpoint.interval=1")
+    for steps in (1, 2):
+        proc = _launch(_overrides(dataset, run_dir, steps, *validation))
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out
+    assert "resumed from" in out
+    assert _eval_steps(run_dir) == [1, 2]
+
+
 def test_sigterm_without_checkpoint_dir_says_nothing_was_saved_and_is_not_requeued(dataset,
                                                                                    tmp_path):
     run_dir = str(tmp_path / "run")

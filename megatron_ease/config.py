@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -303,9 +304,43 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
         leaf = keys[-1]
         if leaf not in types:
             raise _unknown_key(path, leaf, types)
-        value = yaml.safe_load(raw) if raw.strip() else None
-        setattr(target, leaf, _coerce(value, types[leaf], path + leaf))
+        tp = types[leaf]
+        textual = _is_text_field(tp)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            if not textual:
+                raise ConfigError(f"override {item!r}: the value is not valid YAML: "
+                                  f"{str(e).splitlines()[0]}") from None
+            value = raw.strip()  # "data.train_shards=*.tar": a path, not a YAML alias
+        if textual and value is not None and not isinstance(value, str):
+            value = raw.strip()  # "logging.run_dir=2025-01-01" is a name, not a date
+        if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+            # "dapo={group_size: 16}" changes that key: the section's others stay as they are.
+            value = _merged(getattr(target, leaf), value, path + leaf + ".")
+        setattr(target, leaf, _coerce(value, tp, path + leaf))
     return cfg
+
+
+def _is_text_field(tp: Any) -> bool:
+    """A ``str`` or ``Optional[str]`` field: its override value is the text as given."""
+    if typing.get_origin(tp) is typing.Union:
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return inner == [str]
+    return tp is str
+
+
+def _merged(current, data: dict, path: str):
+    """``current`` (a config dataclass) with the keys of ``data`` changed, recursively."""
+    types = _field_types(type(current))
+    changes = {}
+    for key, value in data.items():
+        if key not in types:
+            raise _unknown_key(path, key, types)
+        if dataclasses.is_dataclass(types[key]) and isinstance(value, dict):
+            value = _merged(getattr(current, key), value, path + key + ".")
+        changes[key] = _coerce(value, types[key], path + key)
+    return dataclasses.replace(current, **changes)
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
@@ -315,7 +350,10 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         if not os.path.isfile(path):
             raise ConfigError(f"config file not found: {path}")
         with open(path) as f:
-            data = yaml.safe_load(f) or {}
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
     try:
@@ -423,6 +461,17 @@ def validate_config(cfg: Config, world_size: int = 1) -> None:
           f"(train.prompts_per_step x dapo.group_size / DP / train.ppo_mini_batches) is not "
           f"divisible by train.micro_batch_size ({t.micro_batch_size})")
     check(t.steps >= 0, f"train.steps must be >= 0, got {t.steps}")
+    check(t.ppo_epochs >= 1, f"train.ppo_epochs must be >= 1 (0 would never update), got "
+                             f"{t.ppo_epochs}")
+    check(math.isfinite(t.lr) and t.lr >= 0, f"train.lr must be a finite number >= 0, got {t.lr}")
+    check(t.lr_warmup_steps >= 0, f"train.lr_warmup_steps must be >= 0, got {t.lr_warmup_steps}")
+    head_dim = m.kv_channels or m.hidden_size // m.num_attention_heads
+    check(2 * sum(m.mrope_section) == head_dim,
+          f"model.mrope_section {m.mrope_section} must sum to half the head dimension "
+          f"({head_dim} = model.kv_channels or hidden_size / num_attention_heads)")
+    pixels = cfg.data.min_pixels, cfg.data.max_pixels
+    check(None in pixels or pixels[0] <= pixels[1],
+          f"data.min_pixels ({pixels[0]}) must be <= data.max_pixels ({pixels[1]})")
     check(cfg.data.num_workers >= 0, f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
     check(cfg.data.prefetch_factor is None or cfg.data.prefetch_factor >= 1,
           f"data.prefetch_factor must be >= 1 or null, got {cfg.data.prefetch_factor}")

@@ -7,6 +7,9 @@ import pytest
 from megatron_ease.config import ConfigError, load_config, validate_config
 
 
+SEVEN_B = "examples/qwen25vl_7b_ease.yaml"
+
+
 def _cfg(*overrides):
     return load_config(None, list(overrides))
 
@@ -36,10 +39,42 @@ def test_yaml_file_then_overrides(tmp_path):
     ("ease.enabled=3", r"'ease.enabled' must be true or false"),
     ("ease.layers=5", r"'ease.layers' must be a list"),
     ("trainsteps", r"section.key=value"),
+    # A value that is not YAML: a one-line error naming the override, not a traceback.
+    ("ease.layers=[1,2", r"override 'ease.layers=\[1,2': the value is not valid YAML"),
 ])
 def test_bad_overrides_name_the_field(override, match):
     with pytest.raises(ConfigError, match=match):
         _cfg(override)
+
+
+def test_text_fields_take_the_override_text_as_given():
+    """A string field's value is its text even where YAML reads something else: a path glob
+    (an alias to YAML), a date, a number, a boolean word."""
+    cfg = _cfg("data.train_shards=*.tar", "logging.run_dir=2025-01-01",
+               "logging.wandb_project=on", "checkpoint.dir=2025")
+    assert cfg.data.train_shards == "*.tar" and cfg.logging.run_dir == "2025-01-01"
+    assert cfg.logging.wandb_project == "on" and cfg.checkpoint.dir == "2025"
+    assert _cfg("checkpoint.dir=null").checkpoint.dir is None
+
+
+def test_a_section_override_changes_only_the_keys_it_names():
+    """'dapo={group_size: 16}' reset the section's other keys to their defaults (the 7B recipe's
+    max_response_length 1024 became 64, and passed validation)."""
+    cfg = load_config(SEVEN_B, ["dapo={group_size: 16}", "model.vision={depth: 2}"])
+    base = load_config(SEVEN_B)
+    assert cfg.dapo.group_size == 16
+    assert cfg.dapo.max_response_length == base.dapo.max_response_length == 1024
+    assert cfg.model.vision.depth == 2
+    assert cfg.model.vision.hidden_size == base.model.vision.hidden_size
+    with pytest.raises(ConfigError, match=r"unknown config key 'dapo.gruop_size'"):
+        load_config(SEVEN_B, ["dapo={gruop_size: 16}"])
+
+
+def test_invalid_yaml_file_names_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  steps: [3\n")
+    with pytest.raises(ConfigError, match=r"config file .*c.yaml is not valid YAML"):
+        load_config(str(path))
 
 
 def test_unknown_yaml_key_names_file_and_key(tmp_path):
@@ -69,6 +104,13 @@ def test_missing_config_file():
     (["train.prompts_per_step=3"], 2, r"train.prompts_per_step \(3\)"),
     (["train.micro_batch_size=3"], 1, r"train.micro_batch_size \(3\)"),
     (["dapo.overlong_penalty_factor=-1"], 1, r"dapo.overlong_penalty_factor must be >= 0"),
+    (["train.ppo_epochs=0"], 1, r"train.ppo_epochs must be >= 1"),
+    (["train.lr=nan"], 1, r"train.lr must be a finite number >= 0, got nan"),
+    (["train.lr=.inf"], 1, r"train.lr must be a finite number >= 0, got inf"),
+    (["train.lr_warmup_steps=-5"], 1, r"train.lr_warmup_steps must be >= 0"),
+    (["model.kv_channels=64"], 1, r"model.mrope_section \[2, 3, 3\] must sum to half"),
+    (["data.min_pixels=5000", "data.max_pixels=1000"], 1,
+     r"data.min_pixels \(5000\) must be <= data.max_pixels \(1000\)"),
     (["ease.layers=[0,2]", "model.num_layers=2"], 1, r"ease.layers \[2\] out of range"),
     (["ease.layers=[-1]"], 1, r"ease.layers \[-1\] out of range"),
     (["dapo.group_size=1"], 1, r"dapo.group_size must be >= 2"),

@@ -238,6 +238,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
+        if value is None:  # a section left empty in YAML ("eval:" with its keys commented out)
+            value = {}
         if not isinstance(value, dict):
             raise ConfigError(f"config field '{path}' must be a mapping, got {value!r}")
         return _from_dict(tp, value, path + ".")
@@ -414,8 +416,11 @@ def validate_config(cfg: Config, world_size: int = 1) -> None:
               f"parallel.first_pipeline_stage_layers")
     else:
         rest = m.num_layers - p.first_pipeline_stage_layers
+        check(pp > 1, f"parallel.first_pipeline_stage_layers ({p.first_pipeline_stage_layers}) "
+                      f"needs pipeline parallelism: set it to null with "
+                      f"parallel.pipeline_model_parallel_size=1")
         # megatron-core puts at least one layer on every stage.
-        check(pp > 1 and 1 <= p.first_pipeline_stage_layers < m.num_layers
+        check(1 <= p.first_pipeline_stage_layers < m.num_layers
               and rest % (pp - 1) == 0,
               f"parallel.first_pipeline_stage_layers ({p.first_pipeline_stage_layers}) must leave "
               f"model.num_layers - it ({rest}) divisible by the other "

@@ -70,6 +70,13 @@ def test_a_section_override_changes_only_the_keys_it_names():
         load_config(SEVEN_B, ["dapo={gruop_size: 16}"])
 
 
+def test_a_section_left_empty_in_yaml_takes_its_defaults(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("eval:\n  # interval: 5\ntrain:\n  steps: 3\n")
+    cfg = load_config(str(path))
+    assert cfg.train.steps == 3 and cfg.eval == load_config(None).eval
+
+
 def test_invalid_yaml_file_names_the_file(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  steps: [3\n")
@@ -104,6 +111,8 @@ def test_missing_config_file():
     (["train.prompts_per_step=3"], 2, r"train.prompts_per_step \(3\)"),
     (["train.micro_batch_size=3"], 1, r"train.micro_batch_size \(3\)"),
     (["dapo.overlong_penalty_factor=-1"], 1, r"dapo.overlong_penalty_factor must be >= 0"),
+    (["parallel.first_pipeline_stage_layers=1"], 1,
+     r"first_pipeline_stage_layers \(1\) needs pipeline parallelism: set it to null"),
     (["train.ppo_epochs=0"], 1, r"train.ppo_epochs must be >= 1"),
     (["train.lr=nan"], 1, r"train.lr must be a finite number >= 0, got nan"),
     (["train.lr=.inf"], 1, r"train.lr must be a finite number >= 0, got inf"),

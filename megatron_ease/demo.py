@@ -14,6 +14,10 @@
    the language-prior one) and the share of response→image attention inside the evidence.
 5. Writes ``DIR/summary.json``, the metrics files, ``DIR/plots/curves.png`` and attention
    overlays ``DIR/plots/attention_*.png``, and prints a comparison table.
+
+The arguments that determine the results are recorded in ``DIR/demo_args.json``: a rerun into
+``DIR`` with the same ones continues it (a killed demo resumes its warm start and arms), one with
+other ones is refused (use another ``--out``, or delete ``DIR``).
 """
 
 from __future__ import annotations
@@ -44,6 +48,54 @@ DATASETS = {"object_colour": dict(task_weights=(0.0, 0.0, 0.0, 1.0), prior_bias=
             "mixed": {}}
 
 
+# The file under --out that records the arguments its results were made with (bug: a rerun with
+# other ones used to resume the old warm start and arms, train nothing, and report the new ones).
+RUN_ARGS = "demo_args.json"
+# The arguments that determine the results, as their command-line flags.
+RESULT_ARGS = {"data": "--data", "train_samples": "--train-samples",
+               "eval_samples": "--eval-samples", "warm_start_steps": "--warm-start-steps",
+               "rl_steps": "--rl-steps", "seed": "--seed", "overrides": "overrides"}
+
+
+def run_args(args) -> dict:
+    """The arguments that determine the demo's results (the recipe included, with the overrides)."""
+    values = {key: getattr(args, key) for key in RESULT_ARGS if key != "overrides"}
+    values["overrides"] = [*RECIPE, *args.overrides]
+    return json.loads(json.dumps(values))
+
+
+def check_run_args(args) -> None:
+    """Record the result-determining arguments in ``--out/demo_args.json`` on first use; on a
+    rerun with the same ones the warm start and arms resume (a killed demo continues), with other
+    ones it is an error: the old checkpoints would be resumed and nothing trained."""
+    path = os.path.join(args.out, RUN_ARGS)
+    current = run_args(args)
+    if os.path.isfile(path):
+        with open(path) as f:
+            recorded = json.load(f)
+        keys = [*RESULT_ARGS, *sorted(set(recorded) - set(RESULT_ARGS))]
+        differing = [f"{RESULT_ARGS.get(key, key)} (was {recorded.get(key)!r}, now "
+                     f"{current.get(key)!r})"
+                     for key in keys if recorded.get(key) != current.get(key)]
+        if differing:
+            raise SystemExit(
+                f"[demo] {args.out} holds the results of a demo run with other arguments: "
+                f"{'; '.join(differing)}. Rerunning would resume its warm start and arms instead "
+                f"of training with the new arguments: use another --out, or delete {args.out}.")
+        return
+    earlier = [sub for sub in ("warm_start", "runs", "summary.json")
+               if os.path.exists(os.path.join(args.out, sub))]
+    if earlier:
+        raise SystemExit(
+            f"[demo] {args.out} holds the results of an earlier demo run ({', '.join(earlier)}) "
+            f"whose arguments were not recorded ({RUN_ARGS} is missing), so a rerun could resume "
+            f"them with other arguments: use another --out, or delete {args.out}.")
+    os.makedirs(args.out, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(current, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def arm_overrides(args, data_dir: str, name: str, ease: bool, init_from: str) -> list[str]:
     run_dir = os.path.join(args.out, "runs", name)
     return [f"data.train_shards={data_dir}/train/*.tar", f"data.eval_shards={data_dir}/eval/*.tar",
@@ -55,7 +107,8 @@ def arm_overrides(args, data_dir: str, name: str, ease: bool, init_from: str) ->
 
 
 def warm_start(args, data_dir: str) -> str:
-    """The shared supervised warm start; returns its checkpoint directory (reused when done)."""
+    """The shared supervised warm start; returns its checkpoint directory (reused when done:
+    ``check_run_args`` has made sure it was made with the same arguments)."""
     from megatron_ease.training.checkpointing import CheckpointManager, latest_checkpoint
     from megatron_ease.training.trainer import Trainer
 
@@ -82,8 +135,9 @@ def run_arm(args, data_dir: str, name: str, ease: bool, init_from: str) -> dict:
     try:
         status = trainer.train()
     except DynamicSamplingError as e:
-        # An arm whose policy collapsed (every rollout of every prompt wrong, or right) cannot
-        # go on; the comparison still stands at the step it reached, and the summary says so.
+        # An arm whose dynamic sampling found too few mixed groups (prompts whose rollouts are
+        # neither all right nor all wrong) within dapo.max_gen_batches cannot go on; the
+        # comparison still stands at the step it reached, and the summary says so.
         stopped_at = trainer.step
         print(f"[demo] RL arm {name} stopped at step {trainer.step}: {e}", file=sys.stderr)
         status = 0
@@ -93,7 +147,7 @@ def run_arm(args, data_dir: str, name: str, ease: bool, init_from: str) -> dict:
     if stopped_at is not None:
         result["stopped_early_at_step"] = stopped_at
     trainer.metrics.log(trainer.step, result, prefix="eval")
-    overlays = attention_maps(trainer, args.overlay_samples)
+    overlays = attention_maps(trainer, args.overlay_samples) if args.overlay_samples > 0 else []
     trainer.metrics.close()
     return {"eval": result, "overlays": overlays, "run_dir": cfg.logging.run_dir}
 
@@ -107,7 +161,10 @@ def _seed(seed: int) -> None:
 @torch.no_grad()
 def attention_maps(trainer, num_samples: int) -> list[dict]:
     """Greedy answers and the EASE layers' response→image attention for the first held-out
-    samples: per sample the image, evidence target and attention as visual-token grids."""
+    samples: per sample the image, evidence target and attention as visual-token grids (none
+    for ``num_samples`` 0)."""
+    if num_samples <= 0:
+        return []
     from megatron_ease.training import builders
     from megatron_ease.training.rollouts import split_prompts
 
@@ -147,6 +204,24 @@ def first_image(shard: str, key: str):
         return Image.open(io.BytesIO(tar.extractfile(names[0]).read())).convert("RGB")
 
 
+def normalised(grid):
+    """A grid as shares of its total (unchanged when it sums to 0)."""
+    import numpy as np
+
+    grid = np.asarray(grid, dtype=float)
+    total = grid.sum()
+    return grid / total if total > 0 else grid
+
+
+def evidence_share(attention, target) -> float:
+    """The share of an attention grid's mass on the evidence target's nonzero tokens."""
+    import numpy as np
+
+    attention = np.asarray(attention, dtype=float)
+    total = attention.sum()
+    return float(attention[np.asarray(target) > 0].sum() / total) if total > 0 else 0.0
+
+
 def plot(args, arms: dict) -> list[str]:
     import matplotlib
 
@@ -183,23 +258,31 @@ def plot(args, arms: dict) -> list[str]:
     for i, sample in enumerate(samples):
         image = np.asarray(first_image(sample["shard"], sample["key"]))
         extent = (0, image.shape[1], image.shape[0], 0)
-        fig, axes = plt.subplots(1, 2 + len(names), figsize=(3.2 * (2 + len(names)), 3.4))
+        fig, axes = plt.subplots(1, 2 + len(names), figsize=(3.2 * (2 + len(names)) + 0.8, 3.6),
+                                 layout="constrained")
         axes[0].imshow(image)
         axes[0].set_title("image", fontsize=9)
-        panels = [("evidence target", np.array(sample["target"]))] + [
-            (f"{name}: response→image attention",
-             np.array(arms[name]["overlays"][i]["attention"])) for name in names]
-        for ax, (title, grid) in zip(axes[1:], panels):
-            total = grid.sum()
+        target = np.array(sample["target"], dtype=float)
+        panels = [("evidence target", target)]
+        for name in names:
+            attention = np.array(arms[name]["overlays"][i]["attention"], dtype=float)
+            panels.append((f"{name}: response→image attention\n"
+                           f"in evidence: {evidence_share(attention, target):.3f}", attention))
+        # Each panel as shares of its own mass, on one colour scale from 0 for the whole sample:
+        # scaled to its own min/max, a near-uniform attention would look as sharp as the target.
+        grids = [normalised(grid) for _, grid in panels]
+        vmax = max([float(grid.max()) for grid in grids if grid.size] + [0.0]) or 1.0
+        for ax, (title, _), grid in zip(axes[1:], panels, grids):
             ax.imshow(image, extent=extent)
-            ax.imshow(grid / total if total > 0 else grid, cmap="magma", alpha=0.6,
-                      extent=extent, interpolation="nearest")
+            shown = ax.imshow(grid, cmap="magma", alpha=0.6, vmin=0.0, vmax=vmax,
+                              extent=extent, interpolation="nearest")
             ax.set_title(title, fontsize=9)
         for ax in axes:
             ax.set_xticks([])
             ax.set_yticks([])
+        fig.colorbar(shown, ax=list(axes[1:]), shrink=0.85,
+                     label="share of the panel's mass per visual token")
         fig.suptitle(f"{sample['question']}  (answer: {sample['answer']})", fontsize=9)
-        fig.tight_layout()
         path = os.path.join(plots, f"attention_{i}.png")
         fig.savefig(path, dpi=110)
         plt.close(fig)
@@ -228,20 +311,30 @@ def verdict(summary: dict, rl_steps: int, eval_samples: int) -> str:
     for name, arm in (("DAPO+EASE", ease), ("DAPO", dapo)):
         if "stopped_early_at_step" in arm:
             text += (f"; the {name} arm stopped at step {arm['stopped_early_at_step']} (dynamic "
-                     f"sampling found no mixed groups: its policy collapsed)")
+                     f"sampling found too few mixed groups within dapo.max_gen_batches)")
     return text
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="output directory (may exist)")
+    parser.add_argument("--out", required=True,
+                        help="output directory; an existing one is continued only when it was "
+                             f"made with the same arguments ({RUN_ARGS})")
     parser.add_argument("--train-samples", type=int, default=2000)
     parser.add_argument("--eval-samples", type=int, default=500)
     parser.add_argument("--warm-start-steps", type=int, default=60)
     parser.add_argument("--rl-steps", type=int, default=150)
     parser.add_argument("--data", choices=list(DATASETS), default="object_colour",
                         help="synthetic task set (see the module doc)")
-    parser.add_argument("--overlay-samples", type=int, default=4)
+    parser.add_argument("--overlay-samples", type=_non_negative_int, default=4,
+                        help="held-out samples drawn as attention overlays (0: none)")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("overrides", nargs="*", help="extra dotted config overrides for both arms")
     args = parser.parse_args(argv)
@@ -257,6 +350,7 @@ def main(argv=None) -> int:
     )
 
     os.makedirs(args.out, exist_ok=True)
+    check_run_args(args)
     data_dir = os.path.join(args.out, "data")
     print(f"[demo] synthetic evidence dataset ({args.data}) -> {data_dir}", file=sys.stderr)
     write_synthetic_dataset(data_dir, args.train_samples, args.eval_samples, seed=0,

@@ -1,11 +1,16 @@
-"""The README main job end to end at a reduced size: dataset, warm start, both arms, summary,
-plots."""
+"""The README main job: end to end at a reduced size (dataset, warm start, both arms, summary,
+plots), and its pieces (rerun guard, verdict, overlays, argument handling, tools/run_demo.sh) with
+the training stubbed out."""
 
 import json
 import os
+import shutil
+import stat
 import subprocess
 import sys
 from types import SimpleNamespace
+
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -52,6 +57,10 @@ def test_verdict_names_both_effects_within_noise_bands_and_a_collapsed_arm():
     text = verdict({"ease": arm(0.2, 0.5), "dapo": arm(0.4, 0.6, stopped_early_at_step=5)}, 9, 500)
     assert "lowered attention" in text and "lowered held-out accuracy" in text
     assert "the DAPO arm stopped at step 5" in text and "DAPO+EASE arm stopped" not in text
+    # It may have found some mixed groups, only too few within dapo.max_gen_batches: the
+    # wording must not claim that it found none or that the policy collapsed.
+    assert "found too few mixed groups within dapo.max_gen_batches" in text
+    assert "no mixed groups" not in text and "collapsed" not in text
 
 
 def test_an_arm_whose_dynamic_sampling_gives_up_is_evaluated_where_it_stopped(monkeypatch):
@@ -82,3 +91,190 @@ def test_an_arm_whose_dynamic_sampling_gives_up_is_evaluated_where_it_stopped(mo
     result = demo.run_arm(args, "/tmp/data", "dapo", False, "/tmp/init")
     assert result["eval"] == {"accuracy": 0.1, "eval_samples": 7, "stopped_early_at_step": 5}
     assert logged == [(5, result["eval"])]
+
+
+@pytest.fixture
+def stubbed_demo(monkeypatch):
+    """``demo.main`` with the dataset, process group, warm start, arms and plots stubbed out:
+    what it was asked to run is recorded in ``calls``."""
+    from megatron_ease import demo, distributed
+    from megatron_ease.data import synthetic
+
+    calls = []
+
+    def warm_start(args, data_dir):
+        os.makedirs(os.path.join(args.out, "warm_start"), exist_ok=True)
+        calls.append(("warm_start", args.seed))
+        return os.path.join(args.out, "warm_start")
+
+    def run_arm(args, data_dir, name, ease, init_from):
+        calls.append((name, args.seed))
+        run_dir = os.path.join(args.out, "runs", name)
+        os.makedirs(run_dir, exist_ok=True)
+        return {"eval": {"accuracy": 0.5, "anti_prior_accuracy": 0.5,
+                         "evidence_attention_mass": 0.1, "eval_samples": args.eval_samples},
+                "overlays": [], "run_dir": run_dir}
+
+    monkeypatch.setattr(synthetic, "write_synthetic_dataset", lambda *a, **k: {})
+    monkeypatch.setattr(distributed, "init_process_group", lambda *a, **k: None)
+    monkeypatch.setattr(distributed, "initialize_model_parallel", lambda *a, **k: None)
+    monkeypatch.setattr(distributed, "destroy_distributed", lambda *a, **k: None)
+    monkeypatch.setattr(demo, "warm_start", warm_start)
+    monkeypatch.setattr(demo, "run_arm", run_arm)
+    monkeypatch.setattr(demo, "plot", lambda args, arms: [])
+    return SimpleNamespace(main=demo.main, calls=calls)
+
+
+def test_a_rerun_into_the_same_out_resumes_only_with_the_same_arguments(tmp_path, stubbed_demo):
+    out = tmp_path / "demo"
+    args = {"--out": str(out), "--rl-steps": "3", "--warm-start-steps": "2", "--seed": "1"}
+
+    def main(overrides=(), **changed):
+        argv = dict(args, **{f"--{k.replace('_', '-')}": v for k, v in changed.items()})
+        return stubbed_demo.main([x for kv in argv.items() for x in kv] + list(overrides))
+
+    assert main(["train.prompts_per_step=4"]) == 0
+    # The same arguments: the warm start and arms run again (resuming what is there).
+    assert main(["train.prompts_per_step=4"]) == 0
+    assert [c for c in stubbed_demo.calls if c[0] == "warm_start"] == [("warm_start", 1)] * 2
+    assert json.loads((out / "demo_args.json").read_text())["seed"] == 1
+    summary = (out / "summary.json").read_text()
+    del stubbed_demo.calls[:]
+    # Other arguments would resume the old checkpoints and train nothing: refused, naming them.
+    for changed, overrides, named in (
+            ({"seed": "7"}, ["train.prompts_per_step=4"], "--seed (was 1, now 7)"),
+            ({"warm_start_steps": "9"}, ["train.prompts_per_step=4"], "--warm-start-steps"),
+            ({"data": "mixed"}, ["train.prompts_per_step=4"], "--data"),
+            ({}, ["train.prompts_per_step=8"], "overrides")):
+        with pytest.raises(SystemExit) as refused:
+            main(overrides, **changed)
+        message = str(refused.value.code)
+        assert named in message and "another --out" in message and "delete" in message, message
+    assert stubbed_demo.calls == []  # nothing ran ...
+    assert (out / "summary.json").read_text() == summary  # ... nor was overwritten
+
+
+def test_an_out_with_results_but_no_recorded_arguments_is_refused(tmp_path, stubbed_demo):
+    out = tmp_path / "demo"
+    (out / "warm_start").mkdir(parents=True)  # an earlier run's, its arguments unknown
+    with pytest.raises(SystemExit) as refused:
+        stubbed_demo.main(["--out", str(out), "--seed", "7"])
+    assert "another --out" in str(refused.value.code)
+    assert stubbed_demo.calls == []
+
+
+def test_overlay_samples_zero_gives_an_arm_no_overlays(monkeypatch, tmp_path):
+    from megatron_ease import demo
+    from megatron_ease.data.synthetic import write_synthetic_dataset
+    from megatron_ease.training import builders
+    from megatron_ease.training import trainer as trainer_module
+
+    data_dir = str(tmp_path / "data")
+    write_synthetic_dataset(data_dir, 8, 4)
+
+    class TrainedTrainer:
+        def __init__(self, cfg):
+            self.cfg, self.step = cfg, 3
+            self.tokenizer = builders.load_tokenizer(cfg.data.tokenizer)
+            self.metrics = SimpleNamespace(log=lambda *a, **k: None, close=lambda: None)
+
+        def train(self):
+            return 0
+
+        def evaluate(self, max_samples):
+            return {"accuracy": 0.1, "eval_samples": max_samples}
+
+    monkeypatch.setattr(trainer_module, "Trainer", TrainedTrainer)
+    monkeypatch.setattr(demo, "_seed", lambda seed: None)
+    args = SimpleNamespace(out=str(tmp_path), rl_steps=3, seed=1, warm_start_steps=0,
+                           overrides=[], eval_samples=7, overlay_samples=0)
+    # Used to fail after the arm trained: ValueError: batch_size must be positive.
+    result = demo.run_arm(args, data_dir, "dapo", False, "/tmp/init")
+    assert result["overlays"] == [] and result["eval"]["accuracy"] == 0.1
+
+
+def test_overlay_samples_zero_runs_and_negative_is_rejected(tmp_path, stubbed_demo, capsys):
+    with pytest.raises(SystemExit) as rejected:
+        stubbed_demo.main(["--out", str(tmp_path / "neg"), "--overlay-samples", "-1"])
+    assert rejected.value.code == 2 and "--overlay-samples" in capsys.readouterr().err
+    assert stubbed_demo.calls == []
+    assert stubbed_demo.main(["--out", str(tmp_path / "zero"), "--overlay-samples", "0"]) == 0
+
+
+def test_attention_overlays_share_one_colour_scale_from_zero(monkeypatch, tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.axes
+    import matplotlib.figure
+    import numpy as np
+    from PIL import Image
+
+    from megatron_ease import demo
+
+    target = np.zeros((4, 4))
+    target[0, 3] = 1.0
+    near_uniform = np.full((4, 4), 1 / 16)
+    near_uniform[0, 3] += 0.003  # 0.065 in evidence against 0.0625 for uniform attention
+    focused = np.full((4, 4), 0.3 / 15)
+    focused[0, 3] = 0.7
+    arms = {}
+    for name, attention in (("dapo_ease", 3 * focused), ("dapo", near_uniform)):  # raw masses
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        (run_dir / "metrics.jsonl").write_text(json.dumps(
+            {"split": "train", "step": 1, "generated_reward": 0.5}) + "\n")
+        arms[name] = {"run_dir": str(run_dir), "overlays": [
+            {"key": "k", "shard": "s", "question": "q", "answer": "a", "grid": [4, 4],
+             "target": target.tolist(), "attention": attention.tolist()}]}
+    monkeypatch.setattr(demo, "first_image", lambda shard, key: Image.new("RGB", (32, 32)))
+    shown, colorbars = [], []
+    imshow, colorbar = matplotlib.axes.Axes.imshow, matplotlib.figure.FigureBase.colorbar
+
+    def spy_imshow(ax, data, *a, **k):
+        image = imshow(ax, data, *a, **k)
+        if np.ndim(data) == 2:
+            shown.append((ax, image))
+        return image
+
+    def spy_colorbar(fig, mappable, *a, **k):
+        colorbars.append(mappable)
+        return colorbar(fig, mappable, *a, **k)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "imshow", spy_imshow)
+    monkeypatch.setattr(matplotlib.figure.FigureBase, "colorbar", spy_colorbar)
+    written = demo.plot(SimpleNamespace(out=str(tmp_path / "out")), arms)
+    assert [os.path.basename(p) for p in written] == ["curves.png", "attention_0.png"]
+    assert len(shown) == 3  # evidence target, then each arm's attention
+    # One scale for the sample, from 0 to its largest share (the target's single token: 1.0),
+    # not each panel's own min/max (which made the near-uniform one look as sharp as the target).
+    for _, image in shown:
+        assert (image.norm.vmin, image.norm.vmax) == (0.0, 1.0)
+        assert np.isclose(np.asarray(image.get_array()).sum(), 1.0)
+    assert len(colorbars) == 1 and colorbars[0] in [image for _, image in shown]
+    titles = [ax.get_title() for ax, _ in shown]
+    assert "in evidence: 0.700" in titles[1] and "dapo_ease" in titles[1]
+    assert "in evidence: 0.065" in titles[2] and titles[2].startswith("dapo:")
+
+
+def test_run_demo_sh_passes_extra_arguments_to_the_demo(tmp_path):
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    shutil.copy(os.path.join(REPO, "tools", "run_demo.sh"), tools / "run_demo.sh")
+    (tools / "setup_env.sh").write_text("true\n")
+    python = tmp_path / ".venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@"\n')
+    python.chmod(python.stat().st_mode | stat.S_IXUSR)
+
+    def run(*extra):
+        result = subprocess.run(["bash", str(tools / "run_demo.sh"), *extra], capture_output=True,
+                                text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.splitlines()
+
+    head = ["-m", "megatron_ease.demo", "--out"]
+    assert run() == head + ["demo_out"]
+    assert run("out") == head + ["out"]
+    assert run("out", "--seed", "7", "train.lr=3e-4") == head + ["out", "--seed", "7",
+                                                                 "train.lr=3e-4"]

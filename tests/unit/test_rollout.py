@@ -85,23 +85,21 @@ def _greedy_worker(max_new_tokens: int):
     attentions = [layer.self_attention for layer in model.decoder.layers]
     restored = all(isinstance(a.core_attention, DotProductAttention)
                    and "_adjust_key_value_for_inference" not in a.__dict__ for a in attentions)
+    def refusal(batch_prompts):
+        """The error of the model's own attention backend on these prompts, None if it ran."""
+        try:
+            _engine(model, adapter=GPTRolloutAdapter(model, attention_backend="model")).generate(
+                batch_prompts, sampling)
+        except NotImplementedError as e:
+            return str(e)
+        return None
+
     attentions[0].core_attention = SdpaCoreAttention(model.config)  # not the local attention
-    try:
-        _engine(model, adapter=GPTRolloutAdapter(model, attention_backend="model")).generate(
-            prompts, sampling)
-        refused = None
-    except NotImplementedError as e:
-        refused = str(e)
+    refused = refusal(prompts)
     # TransformerEngine's core attention takes a padding mask: refused even without padding.
-    te = type("TEDotProductAttention", (SdpaCoreAttention,), {})(model.config)
-    attentions[0].core_attention = te
-    equal = [Prompt(p.input_ids[:2]) for p in prompts]
-    try:
-        _engine(model, adapter=GPTRolloutAdapter(model, attention_backend="model")).generate(
-            equal, sampling)
-        refused_te = None
-    except NotImplementedError as e:
-        refused_te = str(e)
+    attentions[0].core_attention = type("TEDotProductAttention", (SdpaCoreAttention,), {})(
+        model.config)
+    refused_te = refusal([Prompt(p.input_ids[:2]) for p in prompts])
     attentions[0].core_attention = SdpaCoreAttention(model.config)
     batch = PromptBatch.left_padded(prompts, PAD)
     ids, valid, ref, ref_logp = batch.input_ids, batch.attention_mask, [], []

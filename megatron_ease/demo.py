@@ -106,6 +106,19 @@ def arm_overrides(args, data_dir: str, name: str, ease: bool, init_from: str) ->
             f"train.warm_start_steps={args.warm_start_steps}", *RECIPE, *args.overrides]
 
 
+def check_configs(args, data_dir: str) -> None:
+    """Validate both arms' configs before anything is written or trained, as the training CLI
+    does (a bad override, e.g. train.micro_batch_size=3, ran or failed deep inside)."""
+    from megatron_ease.config import ConfigError, validate_config
+
+    for name, ease in (("dapo_ease", True), ("dapo", False)):
+        try:
+            validate_config(load_config(CONFIG, arm_overrides(args, data_dir, name, ease, "null")),
+                            world_size=1)
+        except ConfigError as e:
+            raise SystemExit(f"[demo] config error: {e}") from None
+
+
 def warm_start(args, data_dir: str) -> str:
     """The shared supervised warm start; returns its checkpoint directory (reused when done:
     ``check_run_args`` has made sure it was made with the same arguments)."""
@@ -349,9 +362,10 @@ def main(argv=None) -> int:
         initialize_model_parallel,
     )
 
+    data_dir = os.path.join(args.out, "data")
+    check_configs(args, data_dir)
     os.makedirs(args.out, exist_ok=True)
     check_run_args(args)
-    data_dir = os.path.join(args.out, "data")
     print(f"[demo] synthetic evidence dataset ({args.data}) -> {data_dir}", file=sys.stderr)
     write_synthetic_dataset(data_dir, args.train_samples, args.eval_samples, seed=0,
                             config=SyntheticConfig(**DATASETS[args.data]))

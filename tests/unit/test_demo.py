@@ -278,3 +278,16 @@ def test_run_demo_sh_passes_extra_arguments_to_the_demo(tmp_path):
     assert run("out") == head + ["out"]
     assert run("out", "--seed", "7", "train.lr=3e-4") == head + ["out", "--seed", "7",
                                                                  "train.lr=3e-4"]
+
+
+def test_invalid_overrides_are_refused_before_anything_runs(tmp_path, stubbed_demo):
+    """The demo validates both arms' configs as the training CLI does (train.micro_batch_size=3
+    ran; an out-of-range ease.layers failed deep inside a trainer)."""
+    for override, named in (("train.micro_batch_size=3", "train.micro_batch_size (3)"),
+                            ("ease.layers=[9]", "ease.layers [9] out of range")):
+        out = tmp_path / override.split("=")[0]
+        with pytest.raises(SystemExit) as refused:
+            stubbed_demo.main(["--out", str(out), override])
+        assert "config error" in str(refused.value.code) and named in str(refused.value.code)
+        assert not out.exists()
+    assert stubbed_demo.calls == []

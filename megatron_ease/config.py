@@ -409,6 +409,18 @@ def validate_config(cfg: Config, world_size: int = 1) -> None:
           f"model.num_query_groups ({m.num_query_groups}) must be divisible by "
           f"parallel.tensor_model_parallel_size ({tp}): each TP rank needs whole KV heads")
     check(m.vision.num_heads >= 1, "model.vision.num_heads must be >= 1")
+    v = m.vision
+    if m.family == "qwen3_vl":
+        # Its tower adds learned position embeddings (a grid of sqrt(n) x sqrt(n)).
+        check(v.num_position_embeddings > 0 and math.isqrt(v.num_position_embeddings) ** 2
+              == v.num_position_embeddings,
+              f"model.vision.num_position_embeddings must be a positive square for "
+              f"model.family qwen3_vl, got {v.num_position_embeddings} (a Qwen2.5-VL vision "
+              f"config? set model.hf_config to the model's config.json)")
+    for name in ("fullatt_block_indexes", "deepstack_visual_indexes"):
+        bad = [i for i in getattr(v, name) if not 0 <= i < v.depth]
+        check(not bad, f"model.vision.{name} {bad} out of range: the tower has "
+                       f"model.vision.depth {v.depth} blocks")
     if p.first_pipeline_stage_layers is None:
         check(m.num_layers % pp == 0,
               f"model.num_layers ({m.num_layers}) must be divisible by "

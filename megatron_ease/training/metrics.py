@@ -64,17 +64,10 @@ class MetricsLogger:
 
     def has_record(self, step: int, prefix: str) -> bool:
         """Whether the JSONL log holds a ``prefix`` record of ``step`` (False where disabled)."""
-        if not self.enabled or not os.path.isfile(self.jsonl_path):
+        if not self.enabled:
             return False
-        with open(self.jsonl_path) as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if record.get("step") == step and record.get("split") == prefix:
-                    return True
-        return False
+        return any(record is not None and record.get("step") == step
+                   and record.get("split") == prefix for _, record in _records(self.jsonl_path))
 
     def log(self, step: int, metrics: dict, total_steps: Optional[int] = None,
             prefix: str = "train") -> None:
@@ -134,22 +127,27 @@ class MetricsLogger:
             self._tb.close()
 
 
+def _records(path: str):
+    """(line, record) of each line of a metrics JSONL file; the record is None for a line cut
+    by a crash. Nothing when there is no file."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        for line in f:
+            try:
+                yield line, json.loads(line)
+            except json.JSONDecodeError:
+                yield line, None
+
+
 def _drop_records_after(path: str, step: int) -> None:
     """A run resumed at ``step``: the RL records (train, eval) of later steps came from work
     the checkpoint does not hold (a crash after it), and the resumed run logs those steps again.
     Dropped so that every step has one record; the warm start's records stay."""
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        lines = f.readlines()
-    kept = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a line cut by the crash
-            continue
-        if record.get("split") == "warm_start" or record.get("step", 0) <= step:
-            kept.append(line if line.endswith("\n") else line + "\n")
+    lines = list(_records(path))
+    kept = [line if line.endswith("\n") else line + "\n" for line, record in lines
+            if record is not None and (record.get("split") == "warm_start"
+                                       or record.get("step", 0) <= step)]
     if len(kept) == len(lines):
         return
     tmp = f"{path}.tmp.{os.getpid()}"

@@ -73,11 +73,12 @@ def ease_block_spec(config, layer_specs: Sequence[ModuleSpec], layer_norm=None,
                     pp_rank: Optional[int] = None) -> TransformerBlockSubmodules:
     """The decoder block of this pipeline stage (and virtual stage): its slice of ``layer_specs``.
 
-    ``layer_norm`` is the final norm; None = megatron's default for a block built from a layer
-    spec, so the module tree (and checkpoint keys) match a model built the plain way.
+    ``layer_norm`` is the final norm; None = megatron's own (TENorm with TE, else the local
+    spec's norm), so the module tree (and checkpoint keys) match a model built the plain way.
     """
+    from megatron.core.models.backends import LocalSpecProvider
+    from megatron.core.transformer import transformer_block
     from megatron.core.transformer.transformer_block import (
-        LayerNormImpl,
         get_num_layers_to_build,
         get_transformer_layer_offset,
     )
@@ -88,11 +89,9 @@ def ease_block_spec(config, layer_specs: Sequence[ModuleSpec], layer_norm=None,
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
     count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
     if layer_norm is None:
-        layer_norm = LayerNormImpl
-        if getattr(LayerNormImpl, "__name__", "") == "FusedLayerNorm" \
-                and config.normalization == "RMSNorm":
-            # apex's FusedLayerNorm (megatron's default wherever apex imports, TE absent)
-            # refuses RMSNorm.
-            from megatron.core.transformer.torch_norm import WrappedTorchNorm as layer_norm
+        # Without TE, the local spec's own choice, as qwen_vl_block_spec makes it: megatron's
+        # block default is apex's FusedLayerNorm wherever apex imports, which refuses RMSNorm.
+        layer_norm = transformer_block.LayerNormImpl if transformer_block.HAVE_TE else \
+            LocalSpecProvider().layer_norm(rms_norm=config.normalization == "RMSNorm")
     return TransformerBlockSubmodules(layer_specs=list(layer_specs[offset:offset + count]),
                                       layer_norm=layer_norm)

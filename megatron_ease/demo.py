@@ -160,7 +160,7 @@ def run_arm(args, data_dir: str, name: str, ease: bool, init_from: str) -> dict:
     if stopped_at is not None:
         result["stopped_early_at_step"] = stopped_at
     trainer.metrics.log(trainer.step, result, prefix="eval")
-    overlays = attention_maps(trainer, args.overlay_samples) if args.overlay_samples > 0 else []
+    overlays = attention_maps(trainer, args.overlay_samples)
     trainer.metrics.close()
     return {"eval": result, "overlays": overlays, "run_dir": cfg.logging.run_dir}
 

@@ -51,7 +51,7 @@ from PIL import Image, ImageOps  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from megatron_ease.data.image import to_rgb  # noqa: E402
-from megatron_ease.data.schema import IMAGE_EXTENSIONS  # noqa: E402
+from megatron_ease.data.schema import _MASK_16BIT_MODES, IMAGE_EXTENSIONS  # noqa: E402
 from megatron_ease.data.writer import EvidenceShardWriter, sample_members  # noqa: E402
 
 logger = logging.getLogger("build_shards")
@@ -115,7 +115,6 @@ def _image_bytes(path: str) -> tuple[str, bytes]:
 
 # Image modes PIL writes to PNG as they are (8-bit gray/palette/colour, with alpha, 16-bit gray).
 _PNG_IMAGE_MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I;16B")
-_MASK_16BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
 def _mask_bytes(path: str) -> bytes:

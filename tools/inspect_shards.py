@@ -31,6 +31,7 @@ from megatron_ease.data.image import ImageProcessingConfig  # noqa: E402
 from megatron_ease.data.processing import ProcessedSample, SampleProcessor  # noqa: E402
 from megatron_ease.data.prompt import PromptConfig  # noqa: E402
 from megatron_ease.data.reader import EvidenceShardDataset, expand_shards  # noqa: E402
+from megatron_ease.ease.targets import _mask_weights  # noqa: E402
 
 logger = logging.getLogger("inspect_shards")
 
@@ -59,13 +60,6 @@ def load_tokenizer(path: Optional[str], shards: list[str]):
         return build_tiny_qwen_tokenizer(synthetic_corpus(SyntheticConfig()), tmp)
 
 
-def mask_weights(mask: np.ndarray) -> np.ndarray:
-    """A decoded mask (schema._mask_array) as weights in [0, 1]: uint8 masks are value/255,
-    16-bit and float masks arrive as float32 weights already."""
-    weights = mask.astype(np.float32) / 255 if mask.dtype == np.uint8 else mask.astype(np.float32)
-    return np.clip(weights, 0.0, 1.0)
-
-
 def write_overlay(sample: ProcessedSample, cell: int, path: str) -> None:
     """Original image(s), evidence boxes, and the target heat map over the token grid."""
     import matplotlib
@@ -88,7 +82,9 @@ def write_overlay(sample: ProcessedSample, cell: int, path: str) -> None:
             ax.imshow(heat, extent=(0, width, height, 0), cmap="inferno", alpha=0.5, interpolation="nearest", vmin=0)
         if source.masks[i] is not None:
             # On weights, so 8-bit, 16-bit and float masks all get their contour at weight 0.5.
-            ax.contour(mask_weights(np.asarray(source.masks[i])), levels=[0.5], colors="cyan", linewidths=1)
+            mask = np.asarray(source.masks[i])
+            weights = _mask_weights(mask, mask.shape[1], mask.shape[0])  # the targets' own rule
+            ax.contour(weights, levels=[0.5], colors="cyan", linewidths=1)
         for x0, y0, x1, y1 in source.boxes[i]:
             ax.add_patch(patches.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="lime", linewidth=2))
         ax.set_xlim(0, width)

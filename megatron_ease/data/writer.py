@@ -60,9 +60,10 @@ class EvidenceShardWriter:
 
     def write(self, key: str, files: Mapping[str, bytes]) -> bool:
         """Validate and append one sample. Returns False when it was skipped."""
-        if "." in key.rsplit("/", 1)[-1]:
+        name = key.rsplit("/", 1)[-1]
+        if "." in name:
             raise ValueError(f"sample key {key!r} contains a '.' (webdataset splits keys at the first dot)")
-        if not key.rsplit("/", 1)[-1] or key.rsplit("/", 1)[-1].startswith("__"):
+        if not name or name.startswith("__"):
             # The reader (like webdataset's __key__ / __index__) takes such names for metadata
             # and would drop the sample without counting it.
             raise ValueError(f"sample key {key!r} is empty or starts with '__' (reserved for "

@@ -244,15 +244,16 @@ class RolloutModelAdapter(AbstractModelInferenceWrapper, abc.ABC):
     def _check_model_attention_supported(self, padded: bool) -> None:
         for module in self.model.modules():
             core = getattr(module, "core_attention", None)
-            if core is not None and any(c.__name__ == "TEDotProductAttention"
-                                        for c in type(core).__mro__):
+            if core is None:
+                continue
+            if any(c.__name__ == "TEDotProductAttention" for c in type(core).__mro__):
                 # Its mask argument is a [b, 1, 1, s] padding mask under padding_causal; the
                 # decode path hands core attentions the [b, 1, s, s] causal one.
                 raise NotImplementedError(
                     f"attention_backend='model' with TransformerEngine's core attention "
                     f"({type(core).__name__}) is not supported; use attention_backend='sdpa' "
                     f"(the default) or the local layer spec")
-            if padded and core is not None and not isinstance(core, DotProductAttention):
+            if padded and not isinstance(core, DotProductAttention):
                 raise NotImplementedError(
                     f"rollouts of prompts of different lengths need the key-padding mask at every "
                     f"decode step, which megatron-core 0.16 does not give {type(core).__name__} "

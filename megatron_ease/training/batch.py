@@ -1,4 +1,4 @@
-"""Rollouts -> training sequences: prompt + response, label-shifted masks, per-row values.
+"""Rollouts -> training sequences: prompt + response, label-shifted masks.
 
 Row convention (DESIGN §4): position ``t`` predicts token ``t + 1``; the *response rows* are the
 positions whose next token is a response token, so for a prompt of length ``P`` and a response of
@@ -27,14 +27,6 @@ class TrainSequences:
         longest sequence (the sequences are right-padded): one micro-batch's block."""
         rows = slice(start, stop)
         return rows, (rows, slice(0, int(self.attention_mask[rows].sum(dim=1).max())))
-
-    def per_row(self, values: torch.Tensor) -> torch.Tensor:
-        """Place per-response-token values ``[n, T]`` at their response rows ``[n, S]``."""
-        out = torch.zeros(self.response_mask.shape, dtype=values.dtype)
-        lengths = self.response_mask.sum(1)
-        for i, n in enumerate(lengths.tolist()):
-            out[i, self.response_mask[i]] = values[i, :n]
-        return out
 
 
 def assemble_sequences(prompt_ids: Sequence[torch.Tensor], responses: torch.Tensor,

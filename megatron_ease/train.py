@@ -28,10 +28,13 @@ def main(argv=None) -> int:
         read_launch_env,
     )
 
+    from megatron_ease.training.builders import check_paths
+
     try:
         cfg = load_config(args.config, args.overrides)
         validate_config(cfg, world_size=read_launch_env().world_size)
-    except ConfigError as e:
+        check_paths(cfg)
+    except (ConfigError, OSError, ValueError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     initialize_distributed(cfg.parallel, seed=cfg.train.seed, backend=cfg.parallel.backend)

@@ -83,18 +83,22 @@ def build_scheduler(cfg: Config, optimizer):
         wd_incr_steps=steps, wd_incr_style="constant")
 
 
+def _check_tokenizer_name(name: str) -> None:
+    if not name:
+        raise ValueError("data.tokenizer is empty: give a tokenizer directory or a Hugging Face "
+                         "model id")
+    if not os.path.isdir(name) and not _HUB_ID.fullmatch(name):
+        raise FileNotFoundError(f"data.tokenizer: no tokenizer directory at {name!r}")
+
+
 def load_tokenizer(name: str):
     """``data.tokenizer``: a directory, or a Hugging Face model id (``Qwen/Qwen3-VL-8B-Instruct``)
     resolved as ``from_pretrained`` does (the HF cache; offline with ``HF_HUB_OFFLINE=1``)."""
     from transformers import AutoTokenizer
 
-    if not name:
-        raise ValueError("data.tokenizer is empty: give a tokenizer directory or a Hugging Face "
-                         "model id")
+    _check_tokenizer_name(name)
     if os.path.isdir(name):
         return AutoTokenizer.from_pretrained(name)
-    if not _HUB_ID.fullmatch(name):
-        raise FileNotFoundError(f"data.tokenizer: no tokenizer directory at {name!r}")
     try:
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as e:
@@ -152,6 +156,39 @@ def build_reader(cfg: Config, tokenizer, shards: str, batch_size: int, dp_rank: 
         max_samples=max_samples)
     return EvidenceDataLoader(dataset, num_workers=cfg.data.num_workers,
                               prefetch_factor=cfg.data.prefetch_factor)
+
+
+def check_paths(cfg: Config) -> None:
+    """The paths a run reads or writes, checked before the process group starts: a wrong path
+    is one line naming its config field on every rank, instead of a traceback per rank after
+    the model and optimizer were built (minutes at 8B). Raises FileNotFoundError / ValueError /
+    PermissionError. Missing shards are fine with ``data.synthetic`` (rank 0 writes them); a
+    missing ``model.init_from`` is fine when the run resumes from ``checkpoint.dir`` (a requeued
+    job whose initial weights were purged from scratch space still resumes). Hub tokenizer ids
+    are resolved later, by ``load_tokenizer``."""
+    if not cfg.data.synthetic:
+        shard_files(cfg.data.train_shards, "data.train_shards")
+        if cfg.eval.interval:
+            shard_files(cfg.data.eval_shards, "data.eval_shards",
+                        f" (eval.interval is {cfg.eval.interval}; fix the path or set "
+                        f"eval.interval=0)")
+        _check_tokenizer_name(cfg.data.tokenizer)
+    ckpt = cfg.checkpoint.dir
+    resumable = bool(ckpt and cfg.checkpoint.resume and os.path.isdir(ckpt)
+                     and any(n.startswith("iter_") for n in os.listdir(ckpt)))
+    if cfg.model.init_from and not resumable and not os.path.exists(cfg.model.init_from):
+        raise FileNotFoundError(f"model.init_from: no checkpoint at {cfg.model.init_from!r}")
+    for field, path in (("checkpoint.dir", ckpt), ("logging.run_dir", cfg.logging.run_dir)):
+        if not path:
+            continue
+        existing = os.path.abspath(path)
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            raise NotADirectoryError(f"{field}: {existing!r} is a file, not a directory "
+                                     f"(from {path!r})")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise PermissionError(f"{field}: {existing!r} is not writable (from {path!r})")
 
 
 def ensure_synthetic_data(cfg: Config) -> None:

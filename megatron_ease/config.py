@@ -289,6 +289,20 @@ def config_to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """``section.key: old -> new`` for every leaf that differs between two ``config_to_dict``
+    trees (keys present in one only count as changed): what a resumed run changed relative to
+    the config its checkpoint was saved with."""
+    changes = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes.extend(config_changes(a, b, f"{prefix}{key}."))
+        elif a != b:
+            changes.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return changes
+
+
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     """Apply ``a.b.c=value`` overrides (values parsed as YAML: 2, 1e-6, [1,2], true, null)."""
     for item in overrides:

@@ -18,7 +18,7 @@ from typing import Optional
 import psutil
 import torch
 
-from megatron_ease.config import Config, config_to_dict, resolve_hf_config
+from megatron_ease.config import Config, config_changes, config_to_dict, resolve_hf_config
 from megatron_ease.distributed import all_reduce_
 from megatron_ease.rl.dapo import group_advantages
 from megatron_ease.rl.dynamic_sampling import RolloutBatch
@@ -137,6 +137,15 @@ class Trainer:
             self.collector.reader_iter = self.train_iter
             if self.is_logging_rank:
                 print(f"resumed from {latest} at step {self.step}", flush=True)
+                # Resuming continues whatever run the checkpoint directory holds: say what
+                # differs (a longer run, a new lr) so a new experiment pointed at an old
+                # directory by mistake is seen at once. Not refused: changing the length or the
+                # learning rate of a resumed run is common.
+                changes = config_changes(meta.get("config") or {}, config_to_dict(self.cfg)) \
+                    if meta.get("config") else []
+                if changes:
+                    print(f"config changed since the checkpoint ({len(changes)}): "
+                          + "; ".join(changes), flush=True)
         elif self.cfg.model.init_from:
             from megatron_ease.models.qwen_vl import load_model_checkpoint
 

@@ -195,3 +195,70 @@ def test_hf_config_sizes_reach_every_part_of_the_run(tmp_path):
                                                "ease.layers=[1,7]"]))
     with pytest.raises(ConfigError, match=r"model.hf_config '.*missing'"):
         load_config(yaml_cfg, [f"model.hf_config={tmp_path / 'missing'}"])
+
+
+def _paths_cfg(tmp_path, *overrides):
+    shards = tmp_path / "shards"
+    shards.mkdir(exist_ok=True)
+    (shards / "train-000000.tar").write_bytes(b"")
+    (tmp_path / "tok").mkdir(exist_ok=True)
+    return _cfg(f"data.train_shards={shards}/train-{{000000..000000}}.tar",
+                f"data.tokenizer={tmp_path / 'tok'}", f"checkpoint.dir={tmp_path / 'ck'}",
+                f"logging.run_dir={tmp_path / 'run'}", *overrides)
+
+
+@pytest.mark.parametrize("override, named", [
+    ("data.train_shards={tmp}/nope/train-{{0..3}}.tar", "data.train_shards"),
+    ("data.train_shards=''", "data.train_shards"),
+    ("eval.interval=5", "data.eval_shards"),
+    ("data.tokenizer={tmp}/no_tokenizer", "data.tokenizer"),
+    ("model.init_from={tmp}/no_ckpt", "model.init_from"),
+    ("checkpoint.dir={tmp}/shards/train-000000.tar/ck", "checkpoint.dir"),
+    ("logging.run_dir={tmp}/shards/train-000000.tar", "logging.run_dir"),
+])
+def test_check_paths_names_the_field(tmp_path, override, named):
+    from megatron_ease.training.builders import check_paths
+
+    cfg = _paths_cfg(tmp_path, override.format(tmp=tmp_path))
+    with pytest.raises((OSError, ValueError), match=named):
+        check_paths(cfg)
+
+
+def test_check_paths_accepts_what_a_run_may_create_or_not_need(tmp_path):
+    from megatron_ease.training.builders import check_paths
+
+    check_paths(_paths_cfg(tmp_path))  # checkpoint and run dirs do not exist yet
+    # Synthetic data is written by rank 0 when missing.
+    check_paths(_paths_cfg(tmp_path, f"data.train_shards={tmp_path}/syn/train/*.tar",
+                           "data.synthetic=true"))
+    # A requeued run resumes from its checkpoint even if init_from was purged meanwhile.
+    (tmp_path / "ck" / "iter_0000010").mkdir(parents=True)
+    check_paths(_paths_cfg(tmp_path, f"model.init_from={tmp_path}/purged"))
+    with pytest.raises(FileNotFoundError, match="model.init_from"):
+        check_paths(_paths_cfg(tmp_path, f"model.init_from={tmp_path}/purged",
+                               "checkpoint.resume=false"))
+
+
+def test_training_cli_refuses_a_wrong_path_before_starting_the_process_group(
+        tmp_path, monkeypatch, capsys):
+    from megatron_ease import distributed, train
+
+    def never(*args, **kwargs):
+        raise AssertionError("the process group was started")
+
+    monkeypatch.setattr(distributed, "initialize_distributed", never)
+    status = train.main(["--config", "examples/tiny_cpu_ease.yaml", "data.synthetic=false",
+                         f"data.train_shards={tmp_path}/missing-{{0..1}}.tar"])
+    err = capsys.readouterr().err
+    assert status == 2 and "config error: data.train_shards" in err and "missing-" in err
+
+
+def test_config_changes_lists_every_changed_leaf():
+    from megatron_ease.config import config_changes, config_to_dict
+
+    old = config_to_dict(_cfg())
+    new = config_to_dict(_cfg("train.lr=2e-6", "ease.layers=[1]", "model.vision.depth=3"))
+    assert config_changes(old, old) == []
+    assert config_changes(old, new) == [
+        "ease.layers: [] -> [1]", "model.vision.depth: 2 -> 3", "train.lr: 1e-06 -> 2e-06"]
+    assert config_changes({"a": {"b": 1}}, {"a": {}}) == ["a.b: 1 -> '<absent>'"]

@@ -677,6 +677,7 @@ def test_kill_9_then_resume_reproduces_an_uninterrupted_run(dataset, tmp_path):
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out
     assert "resumed from" in out and "at step 2" in out, out
+    assert "config changed" not in out, out
     a, b = _metrics(full_dir), _metrics(cut_dir)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     with open(os.path.join(cut_dir, "metrics.jsonl")) as f:  # once each, though logged twice
@@ -711,6 +712,7 @@ def test_sigterm_saves_exits_75_and_the_next_run_resumes(dataset, tmp_path):
     out, _ = again.communicate(timeout=300)
     assert again.returncode == 0, out
     assert f"resumed from {os.path.join(run_dir, 'ckpt', saved)} at step {step}" in out
+    assert f"config changed since the checkpoint (1): train.steps: 50 -> {step + 1}\n" in out
     assert sorted(_metrics(run_dir))[-1] == step + 1
     assert _eval_steps(run_dir) == list(range(1, step + 2))
 

@@ -145,7 +145,19 @@ def read_launch_env(environ: Optional[Mapping[str, str]] = None) -> LaunchEnv:
 
 
 def default_backend() -> str:
-    return "nccl" if torch.cuda.is_available() else "gloo"
+    """nccl when torch can use a GPU, else gloo on the CPU. A node that has NVIDIA GPUs that
+    this torch cannot use (a CPU-only wheel, a driver too old for its CUDA) is refused: gloo
+    would "train" an 8B model on the CPU without a word. Hiding the GPUs
+    (``CUDA_VISIBLE_DEVICES=``) or ``parallel.backend=gloo`` asks for the CPU explicitly."""
+    if torch.cuda.is_available():
+        return "nccl"
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) != "" and os.path.exists("/dev/nvidiactl"):
+        raise RuntimeError(
+            f"this node has NVIDIA GPUs but torch {torch.__version__} cannot use them "
+            f"(built for CUDA {torch.version.cuda}; a CPU-only wheel says None, else the "
+            f"driver may be too old for it): install a CUDA build of torch, or hide the GPUs (CUDA_VISIBLE_DEVICES=) / set "
+            f"parallel.backend=gloo to run on the CPU")
+    return "gloo"
 
 
 def init_process_group(launch: Optional[LaunchEnv] = None, backend: Optional[str] = None,

@@ -115,6 +115,32 @@ def test_gloo_with_gpus_visible_is_refused_before_anything_starts(monkeypatch):
     assert not started
 
 
+def test_a_gpu_node_with_a_torch_that_cannot_use_its_gpus_is_refused(monkeypatch):
+    """A CPU-only torch (or a too-old driver) on a GPU node picked gloo and trained on the CPU
+    without a word; hiding the GPUs or asking for gloo still runs on the CPU."""
+    import os
+
+    import torch
+
+    from megatron_ease import distributed
+
+    real_exists = os.path.exists
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(distributed.os.path, "exists",
+                        lambda p: p == "/dev/nvidiactl" or real_exists(p))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with pytest.raises(RuntimeError, match="has NVIDIA GPUs but torch .* cannot use them"):
+        distributed.default_backend()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    with pytest.raises(RuntimeError, match="CUDA_VISIBLE_DEVICES="):
+        distributed.default_backend()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert distributed.default_backend() == "gloo"
+    monkeypatch.setattr(distributed.os.path, "exists", lambda p: False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert distributed.default_backend() == "gloo"  # a CPU machine
+
+
 def test_nccl_process_group_is_bound_to_the_local_gpu(monkeypatch):
     import torch
 

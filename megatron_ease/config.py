@@ -146,6 +146,10 @@ class DataConfig:
     # Batches each loader worker keeps ready (torch's DataLoader prefetch_factor); None = its
     # default, 2. Every rank holds num_workers × this many batches (their pixels as uint8).
     prefetch_factor: Optional[int] = None
+    # Samples whose prompt (text + image tokens) is longer are skipped and counted
+    # (``prompt_too_long``), in training and validation; None = no limit. The rollout KV cache
+    # and the training activations scale with the longest prompt of a batch.
+    max_prompt_tokens: Optional[int] = None
     shuffle_seed: int = 1234
     strict: bool = False
     synthetic: bool = False  # write the synthetic evidence dataset when the shards are missing
@@ -506,6 +510,8 @@ def validate_config(cfg: Config, world_size: int = 1) -> None:
     check(cfg.data.num_workers >= 0, f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
     check(cfg.data.prefetch_factor is None or cfg.data.prefetch_factor >= 1,
           f"data.prefetch_factor must be >= 1 or null, got {cfg.data.prefetch_factor}")
+    check(cfg.data.max_prompt_tokens is None or cfg.data.max_prompt_tokens >= 1,
+          f"data.max_prompt_tokens must be >= 1 or null, got {cfg.data.max_prompt_tokens}")
     check(t.lr_decay_style in ("constant", "linear", "cosine"),
           f"train.lr_decay_style must be constant, linear or cosine, got {t.lr_decay_style!r}")
     if e.enabled:

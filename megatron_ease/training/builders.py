@@ -148,6 +148,7 @@ def build_reader(cfg: Config, tokenizer, shards: str, batch_size: int, dp_rank: 
     files = shard_files(shards, "data.train_shards" if train else "data.eval_shards")
     processor = SampleProcessor(tokenizer, image_config(cfg), sigma=cfg.ease.sigma,
                                 alpha=cfg.ease.alpha, append_answer=append_answer,
+                                max_prompt_tokens=cfg.data.max_prompt_tokens,
                                 prompt_config=PromptConfig.for_family(cfg.model.family))
     dataset = EvidenceShardDataset(
         files, processor, batch_size=batch_size, rank=dp_rank, world_size=dp_size,

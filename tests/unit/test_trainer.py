@@ -160,6 +160,23 @@ def test_reader_takes_the_loader_settings_of_the_config(dataset):
     assert loader.call_args.kwargs["prefetch_factor"] == 1
 
 
+def test_reader_skips_and_counts_prompts_over_data_max_prompt_tokens(dataset):
+    from megatron_ease.training import builders
+
+    cfg = load_config(CONFIG, _overrides(dataset, "unused", 1))
+    tokenizer = builders.load_tokenizer(cfg.data.tokenizer)
+    batch = next(iter(builders.build_reader(cfg, tokenizer, cfg.data.eval_shards, 4, 0, 1,
+                                            train=False)))
+    lengths = batch["attention_mask"].sum(1)
+    limit = int(lengths.min())  # the shortest prompt of the first batch passes, longer ones not
+    cfg = load_config(CONFIG, _overrides(dataset, "unused", 1)
+                      + [f"data.max_prompt_tokens={limit}"])
+    reader = builders.build_reader(cfg, tokenizer, cfg.data.eval_shards, 4, 0, 1, train=False)
+    kept = [int(n) for b in reader for n in b["attention_mask"].sum(1)]
+    assert kept and max(kept) <= limit
+    assert reader.skipped.get("prompt_too_long", 0) >= int((lengths > limit).sum()) > 0
+
+
 def _update_batch(cfg, n: int = 4):
     """``n`` warm-start-style sequences (prompt + answer, images, EASE targets) of the shards,
     as ``MicroBatch(i, j)`` factories with fixed advantages and 3 of 4 rows gated for EASE."""

@@ -106,7 +106,8 @@ class EaseConfig:
     sigma: float = 1.0
     alpha: float = 0.05
     divergence: str = "kl"  # kl | ce | reverse_kl | mass
-    # Also feed EASE the correct rollouts of groups filtered out as all-correct.
+    # Also feed EASE the correct rollouts of groups filtered out as all-correct (at most as many
+    # groups as the step trains on: train.prompts_per_step).
     use_filtered_correct: bool = False
     chunk_size: Optional[int] = None
     # image_attention_mass's implementation: torch (chunked PyTorch), triton (fused kernels;

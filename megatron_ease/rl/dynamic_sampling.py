@@ -200,13 +200,16 @@ def dynamic_sample(
     max_gen_batches: int = 0,
     group: Optional[dist.ProcessGroup] = None,
     keep_filtered_correct: bool = False,
+    max_filtered_correct_groups: Optional[int] = None,
 ) -> DynamicSamplingResult:
     """Collect `num_groups` (B, global) groups with mixed accuracy, B / DP on each rank.
 
     `generate_chunk()` returns this rank's next chunk of rollout groups; it is called the same
     number of times on every rank of `group` (the DP group; None = single process). A gloo group
     (e.g. megatron's DP gloo group) keeps the payload transfer off the GPU. Raises after
-    `max_gen_batches` chunks (0 = no limit) without B kept groups.
+    `max_gen_batches` chunks (0 = no limit) without B kept groups. `keep_filtered_correct`:
+    also return this rank's all-correct groups, the first `max_filtered_correct_groups` of them
+    when given (an easy data set would otherwise hand the update several times the batch).
     """
     world_size = 1 if group is None else dist.get_world_size(group)
     if num_groups < 1 or num_groups % world_size != 0:
@@ -231,7 +234,9 @@ def dynamic_sample(
         all_correct = ~mixed & (chunk.accuracy.view(-1, chunk.group_size)[:, 0] > 0)
         kept.append(chunk.select_groups(mixed))
         if keep_filtered_correct:
-            correct.append(chunk.select_groups(all_correct))
+            room = None if max_filtered_correct_groups is None else \
+                max(0, max_filtered_correct_groups - sum(c.num_groups for c in correct))
+            correct.append(chunk.select_groups(all_correct.nonzero().flatten()[:room]))
         num_mixed, num_all_correct = int(mixed.sum()), int(all_correct.sum())
         num_all_wrong = chunk.num_groups - num_mixed - num_all_correct
         counts = torch.tensor(

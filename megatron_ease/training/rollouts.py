@@ -126,7 +126,11 @@ class RolloutCollector:
         try:
             return dynamic_sample(generate_chunk, self.cfg.train.prompts_per_step,
                                   self.cfg.dapo.max_gen_batches, group=dp_group,
-                                  keep_filtered_correct=self.cfg.ease.use_filtered_correct)
+                                  keep_filtered_correct=self.cfg.ease.use_filtered_correct,
+                                  # At most as many EASE-only groups as DAPO groups per rank:
+                                  # an easy data set would multiply the update's cost.
+                                  max_filtered_correct_groups=self.cfg.train.prompts_per_step
+                                  // dp_size)
         finally:
             bar.close()
 

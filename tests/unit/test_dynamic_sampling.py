@@ -126,6 +126,22 @@ def test_filtered_all_correct_groups_can_be_returned():
     assert dynamic_sample(ScriptedGenerator([("CM", 4)]), 1).filtered_correct is None
 
 
+def test_filtered_all_correct_groups_are_capped_at_the_first_ones():
+    """An easy data set: many all-correct groups before enough mixed ones; the update gets at
+    most ``max_filtered_correct_groups`` of them as EASE-only rows, the first generated."""
+    script = [("CCM", 4), ("CCC", 4), ("CMC", 5)]
+    capped = dynamic_sample(ScriptedGenerator(script), num_groups=2, keep_filtered_correct=True,
+                            max_filtered_correct_groups=3)
+    assert group_ids_of(capped.filtered_correct) == [0, 1, 3]
+    assert capped.stats["filtered_all_correct"] == 7  # counted all the same
+    assert_payload_consistent(capped.filtered_correct)
+    none = dynamic_sample(ScriptedGenerator(script), num_groups=2, keep_filtered_correct=True,
+                          max_filtered_correct_groups=0)
+    assert len(none.filtered_correct) == 0
+    uncapped = dynamic_sample(ScriptedGenerator(script), num_groups=2, keep_filtered_correct=True)
+    assert group_ids_of(uncapped.filtered_correct) == [0, 1, 3, 4, 5, 6, 8]
+
+
 def test_rejects_bad_arguments():
     with pytest.raises(ValueError, match="positive number of groups"):
         dynamic_sample(ScriptedGenerator([("M", 4)]), num_groups=0)

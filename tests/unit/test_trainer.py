@@ -947,6 +947,10 @@ def test_filtered_correct_rollouts_feed_ease_but_not_dapo(dataset, tmp_path):
         assert step["shared"] and step["encoded"] * 2 <= step["slots"]
     metrics = _metrics(run_dir)
     assert all("ease_extra_rows" in record for record in metrics.values())
+    # Capped at the step's own groups (train.prompts_per_step x G rollouts).
+    cfg = load_config(CONFIG, overrides)
+    cap = cfg.train.prompts_per_step * cfg.dapo.group_size
+    assert all(0 <= record["ease_extra_rows"] <= cap for record in metrics.values())
 
 
 def test_rollouts_and_validation_show_progress_bars(dataset, tmp_path):

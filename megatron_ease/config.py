@@ -192,7 +192,7 @@ class CheckpointConfig:
 @dataclass
 class LoggingConfig:
     run_dir: str = "runs/default"
-    log_interval: int = 1
+    log_interval: int = 1  # console line every N steps (metrics.jsonl/wandb/TensorBoard: every step)
     wandb: bool = True
     wandb_project: str = "megatron_ease"
     wandb_mode: Optional[str] = None  # None = offline unless WANDB_MODE / a key says otherwise
@@ -511,6 +511,8 @@ def validate_config(cfg: Config, world_size: int = 1) -> None:
     check(cfg.data.num_workers >= 0, f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
     check(cfg.data.prefetch_factor is None or cfg.data.prefetch_factor >= 1,
           f"data.prefetch_factor must be >= 1 or null, got {cfg.data.prefetch_factor}")
+    check(cfg.logging.log_interval >= 1,
+          f"logging.log_interval must be >= 1, got {cfg.logging.log_interval}")
     check(cfg.data.max_prompt_tokens is None or cfg.data.max_prompt_tokens >= 1,
           f"data.max_prompt_tokens must be >= 1 or null, got {cfg.data.max_prompt_tokens}")
     check(t.lr_decay_style in ("constant", "linear", "cosine"),

@@ -39,8 +39,12 @@ class MetricsLogger:
     def __init__(self, run_dir: str, config: Optional[dict] = None, use_wandb: bool = False,
                  wandb_project: str = "megatron_ease", wandb_mode: Optional[str] = None,
                  tensorboard: bool = False, enabled: bool = True, stream=None,
-                 resumed_at: Optional[int] = None):
+                 resumed_at: Optional[int] = None, console_interval: int = 1):
+        """``console_interval`` (``logging.log_interval``): the console line of a training or
+        warm-start step every this many steps, and of the last one; validation lines always.
+        The JSONL log, wandb and TensorBoard get every record."""
         self.enabled = enabled
+        self.console_interval = max(1, console_interval)
         self.stream = stream or sys.stdout
         self._wandb = None
         self._wandb_prefixes: set[str] = set()
@@ -84,6 +88,8 @@ class MetricsLogger:
             for k, v in clean.items():
                 if isinstance(v, (int, float)) and math.isfinite(v):
                     self._tb.add_scalar(f"{prefix}/{k}", v, step)
+        if prefix != "eval" and step % self.console_interval and step != total_steps:
+            return
         head = f"[{prefix}] step {step}" + (f"/{total_steps}" if total_steps else "")
         parts = [f"{short} {_fmt(clean[key])}" for key, short in CONSOLE_FIELDS if key in clean]
         print(" | ".join([head] + parts), file=self.stream, flush=True)

@@ -95,7 +95,8 @@ class Trainer:
             cfg.logging.run_dir, config_to_dict(cfg), use_wandb=cfg.logging.wandb,
             wandb_project=cfg.logging.wandb_project, wandb_mode=cfg.logging.wandb_mode,
             tensorboard=cfg.logging.tensorboard, enabled=self.is_logging_rank,
-            resumed_at=self.step if self.step > 0 else None)
+            resumed_at=self.step if self.step > 0 else None,
+            console_interval=cfg.logging.log_interval)
         if self._validation_due:
             # The checkpoint was saved before its step's validation; if that validation ran and
             # was logged (a later crash, a finished run extended), it is not run again. Rank 0

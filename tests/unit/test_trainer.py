@@ -961,3 +961,20 @@ def test_rollouts_and_validation_show_progress_bars(dataset, tmp_path):
     assert proc.returncode == 0, out
     assert "rollouts, step 1" in out and "group" in out, out
     assert "validation" in out and "sample" in out, out
+
+
+def test_log_interval_thins_the_console_not_the_records(tmp_path, capsys):
+    """``logging.log_interval`` (a config field that did nothing): console lines every N
+    training steps and at the last; validation lines always; every record in metrics.jsonl."""
+    from megatron_ease.training.metrics import MetricsLogger
+
+    log = MetricsLogger(str(tmp_path), use_wandb=False, console_interval=3)
+    for step in range(1, 8):
+        log.log(step, {"reward": 0.5}, total_steps=7)
+    log.log(2, {"accuracy": 1.0}, total_steps=7, prefix="eval")
+    log.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" |")[0] for line in lines] == [
+        "[train] step 3/7", "[train] step 6/7", "[train] step 7/7", "[eval] step 2/7"]
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6, 7, 2]

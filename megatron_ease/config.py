@@ -198,6 +198,10 @@ class LoggingConfig:
     wandb_mode: Optional[str] = None  # None = offline unless WANDB_MODE / a key says otherwise
     tensorboard: bool = False
     progress: bool = True  # tqdm bars (stderr, logging rank) for rollouts and validation
+    # torch.profiler trace of RL steps [first, last] (1-based, inclusive; [] = off) on these
+    # ranks, into <run_dir>/profile (training/profiling.py).
+    profile_steps: list[int] = field(default_factory=list)
+    profile_ranks: list[int] = field(default_factory=lambda: [0])
 
 
 @dataclass
@@ -511,6 +515,12 @@ def validate_config(cfg: Config, world_size: int = 1) -> None:
     check(cfg.data.num_workers >= 0, f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
     check(cfg.data.prefetch_factor is None or cfg.data.prefetch_factor >= 1,
           f"data.prefetch_factor must be >= 1 or null, got {cfg.data.prefetch_factor}")
+    steps = cfg.logging.profile_steps
+    check(not steps or (len(steps) == 2 and 1 <= steps[0] <= steps[1]),
+          f"logging.profile_steps must be [] or [first, last] with 1 <= first <= last, got {steps}")
+    check(not steps or all(0 <= r < world_size for r in cfg.logging.profile_ranks),
+          f"logging.profile_ranks must be ranks in [0, {world_size}), got "
+          f"{cfg.logging.profile_ranks}")
     check(cfg.logging.log_interval >= 1,
           f"logging.log_interval must be >= 1, got {cfg.logging.log_interval}")
     check(cfg.data.max_prompt_tokens is None or cfg.data.max_prompt_tokens >= 1,

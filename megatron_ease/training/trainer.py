@@ -33,6 +33,7 @@ from megatron_ease.training.batch import (
 from megatron_ease.training.checkpointing import CheckpointManager
 from megatron_ease.training.metrics import MetricsLogger
 from megatron_ease.training.preemption import PreemptionHandler
+from megatron_ease.training.profiling import StepProfiler
 from megatron_ease.training.rollouts import (
     RolloutCollector,
     generate,
@@ -187,7 +188,8 @@ class Trainer:
 
     def train_step(self) -> dict:
         cfg, t0 = self.cfg, time.perf_counter()
-        sampled = self.collector.collect(self.step, self.dp_group)  # B/DP mixed groups here
+        with torch.profiler.record_function("megatron_ease/rollouts"):
+            sampled = self.collector.collect(self.step, self.dp_group)  # B/DP mixed groups here
         kept = sampled.batch
         t_rollout = time.perf_counter() - t0
         ease_active = cfg.ease.enabled and cfg.ease.loss_coeff > 0
@@ -195,8 +197,9 @@ class Trainer:
         # all-correct feed the EASE term too (never the DAPO loss, where their advantage is 0).
         extra = sampled.filtered_correct if ease_active and cfg.ease.layers else None
         mini_batches = self.micro_batches(kept, extra)
-        update_metrics = policy_update(cfg, self.model_chunks, self.optimizer, mini_batches,
-                                       self.dp_group, self.dp_size, ease_active=ease_active)
+        with torch.profiler.record_function("megatron_ease/update"):
+            update_metrics = policy_update(cfg, self.model_chunks, self.optimizer, mini_batches,
+                                           self.dp_group, self.dp_size, ease_active=ease_active)
         self.scheduler.step(1)
         self.step += 1
         metrics = self.step_metrics(kept, sampled.stats, update_metrics,
@@ -476,6 +479,9 @@ class Trainer:
         cfg = self.cfg
         own_handler = preemption is None
         preemption = preemption or PreemptionHandler()
+        profiler = StepProfiler(cfg.logging.profile_steps, cfg.logging.profile_ranks,
+                                os.path.join(cfg.logging.run_dir, "profile"),
+                                torch.distributed.get_rank())
         try:
             if (self.step == 0 and not self.resumed and cfg.train.warm_start_steps > 0
                     and not cfg.model.init_from):
@@ -485,7 +491,9 @@ class Trainer:
                 self._validation_due = False
                 self.metrics.log(self.step, self.evaluate(), cfg.train.steps, prefix="eval")
             while self.step < cfg.train.steps:
+                profiler.before_step(self.step + 1)
                 metrics = self.train_step()
+                profiler.after_step(self.step)
                 self.metrics.log(self.step, metrics, cfg.train.steps)
                 stop = preemption.should_stop()
                 preempted = stop and self.step < cfg.train.steps  # else the run is complete
@@ -506,6 +514,7 @@ class Trainer:
                 self.save()
             return 0
         finally:
+            profiler.finish(self.step)  # a run stopped inside the window keeps its trace
             if own_handler:
                 preemption.restore()
 

@@ -140,6 +140,13 @@ def test_missing_config_file():
     (["data.prefetch_factor=0"], 1, r"data.prefetch_factor must be >= 1 or null, got 0"),
     (["dapo.group_size=8", "dapo.max_rollouts_per_batch=4"], 1,
      r"dapo.max_rollouts_per_batch \(4\) must be 0 \(no bound\) or at least dapo.group_size"),
+    (["data.max_prompt_tokens=0"], 1, r"data.max_prompt_tokens must be >= 1 or null, got 0"),
+    (["logging.log_interval=0"], 1, r"logging.log_interval must be >= 1, got 0"),
+    (["logging.profile_steps=[3]"], 1, r"logging.profile_steps must be \[\] or \[first, last\]"),
+    (["logging.profile_steps=[3,2]"], 1, r"logging.profile_steps must be"),
+    (["logging.profile_steps=[0,2]"], 1, r"logging.profile_steps must be"),
+    (["logging.profile_steps=[1,2]", "logging.profile_ranks=[0,2]"], 2,
+     r"logging.profile_ranks must be ranks in \[0, 2\), got \[0, 2\]"),
 ])
 def test_invalid_configs_fail_naming_the_field(overrides, world, match):
     with pytest.raises(ConfigError, match=match):

@@ -978,3 +978,20 @@ def test_log_interval_thins_the_console_not_the_records(tmp_path, capsys):
         "[train] step 3/7", "[train] step 6/7", "[train] step 7/7", "[eval] step 2/7"]
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6, 7, 2]
+
+
+def test_profile_steps_write_a_trace_of_those_steps_only(dataset, tmp_path):
+    """``logging.profile_steps=[2,2]``: rank 0 writes a Chrome trace and an operator table of RL
+    step 2, with the trainer's phases labelled; the other steps run unprofiled."""
+    run_dir = tmp_path / "run"
+    proc = _launch(_overrides(dataset, str(run_dir), 3, "logging.profile_steps=[2,2]",
+                              "checkpoint.interval=0", "train.warm_start_steps=4"))
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    assert sorted(os.listdir(run_dir / "profile")) == ["rank0-steps2-2.json",
+                                                       "rank0-steps2-2.txt"], out
+    with open(run_dir / "profile" / "rank0-steps2-2.json") as f:
+        names = {event.get("name") for event in json.load(f)["traceEvents"]}
+    assert {"megatron_ease/rollouts", "megatron_ease/update"} <= names
+    table = (run_dir / "profile" / "rank0-steps2-2.txt").read_text()
+    assert "Self CPU" in table and "aten::" in table

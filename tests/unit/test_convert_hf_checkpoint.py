@@ -295,6 +295,43 @@ def test_checkpoints_without_extra_state_load_into_a_transformer_engine_layout(c
                            str(tmp_path / "run"), tensor_model_parallel_size=2) == [True, True]
 
 
+def _init_from_trainer_checkpoint_worker(hf_dir, ckpt, run_dir):
+    """A trainer checkpoint (model + distributed optimizer state) as ``model.init_from``."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from megatron_ease.models.qwen_vl import build_qwen_vl_model, load_model_checkpoint
+    from megatron_ease.training.checkpointing import CheckpointManager
+
+    def build():
+        return build_qwen_vl_model(model_config_from_hf(hf_dir),
+                                   ParallelConfig(tensor_model_parallel_size=2),
+                                   perform_initialization=False)
+
+    trained = build()
+    load_model_checkpoint(trained, ckpt)
+    # The plain (not distributed) optimizer: its param groups go to the checkpoint's common.pt.
+    ddp = DistributedDataParallel(trained.config, DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True), trained)
+    optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3), [ddp])
+    ddp.zero_grad_buffer()
+    for param in trained.parameters():
+        param.main_grad.fill_(0.01)
+    optimizer.step()  # Adam state: the save then holds the optimizer's
+    CheckpointManager(run_dir, keep_last=1).save(3, [ddp], optimizer)
+    fresh = build()
+    load_model_checkpoint(fresh, run_dir)  # failed: "unexpected ['zer']" (common 'optimizer')
+    want = dict(trained.named_parameters())
+    got = dict(fresh.named_parameters())
+    return got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
+
+
+def test_a_trainer_checkpoint_with_optimizer_state_serves_as_init_from(converted, tmp_path):
+    assert run_distributed(_init_from_trainer_checkpoint_worker, converted["hf_dir"],
+                           converted["ckpt"], str(tmp_path / "run"),
+                           tensor_model_parallel_size=2) == [True, True]
+
+
 def _reload_worker(hf_dir, ckpt, num_layers=None):
     import dataclasses
 
@@ -331,7 +368,10 @@ def test_checkpoint_resaved_at_tp2_loads_at_pp2_and_bad_ones_are_refused(convert
     errors = run_distributed(_reload_worker, hf_dir, src, 6, pipeline_model_parallel_size=2)
     for error in errors:
         assert "WeightMismatchError" in error and "has shape [4, " in error, error
-        assert "model.language_model.decoder.layers.mlp.linear_fc1.weight" in error
+        assert "model.language_model.decoder.layers.self_attention.linear_qkv.weight" in error
+        # What the checkpoint holds and where the model's sizes come from; a long list cut.
+        assert "(it holds a qwen2_5_vl model, by its hf_conversion.json)" in error, error
+        assert "sizes come from model.hf_config" in error and "more." in error, error
 
 
 def test_megatron_to_hf_refuses_a_checkpoint_that_does_not_fit_naming_the_tensor(converted):

@@ -166,9 +166,16 @@ def load_model_checkpoint(model: torch.nn.Module, path: str) -> str:
     sharded = model_sharded_state_dict(model, prefix)
     problems = _all_ranks_problems(checkpoint_problems(sharded, tensors))
     if problems:
-        raise WeightMismatchError(f"{ckpt_dir} does not fit the model: {'; '.join(problems)}")
+        shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more"
+                                           if len(problems) > 4 else "")
+        raise WeightMismatchError(
+            f"{ckpt_dir} does not fit the model{_saved_model_hint(ckpt_dir)}: {shown}. The "
+            f"model's sizes come from model.hf_config (the HF model the checkpoint was "
+            f"converted from) or, without it, the config's model section")
     loaded = dist_checkpointing.load(drop_absent_extra_state(sharded, ckpt_dir), ckpt_dir)
-    state = {key[len(prefix):]: value for key, value in loaded.items()}
+    # Only the model's keys: a trainer checkpoint's common state also holds the optimizer's.
+    state = {key[len(prefix):]: value for key, value in loaded.items()
+             if key.startswith(prefix)}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     unexpected = [k for k in unexpected if not k.endswith("_extra_state")]
@@ -176,6 +183,24 @@ def load_model_checkpoint(model: torch.nn.Module, path: str) -> str:
         raise WeightMismatchError(f"{ckpt_dir}: state dict mismatch after load: missing "
                                   f"{missing[:5]}, unexpected {unexpected[:5]}")
     return ckpt_dir
+
+
+def _saved_model_hint(ckpt_dir: str) -> str:
+    """What the checkpoint says it holds, when it says: the converter's record (next to the
+    tensors) or the trainer's saved config."""
+    import json
+
+    for name, read in (("hf_conversion.json", lambda r: r.get("model_type")),
+                       ("trainer_state.json", lambda r: r.get("config", {}).get("model", {})
+                        .get("family"))):
+        try:
+            with open(os.path.join(ckpt_dir, name)) as f:
+                family = read(json.load(f))
+        except (OSError, ValueError, AttributeError):
+            continue
+        if family:
+            return f" (it holds a {family} model, by its {name})"
+    return ""
 
 
 class CheckpointModelTensors:

@@ -194,11 +194,14 @@ def attention_maps(trainer, num_samples: int) -> list[dict]:
         h, w = h // merge, w // merge
         image_mask = batch["image_mask"][i][:batch["input_ids"].shape[1]]
         target = batch["evidence_target"][i][image_mask][:h * w]
+        # E > 0: the target p* is smoothed with an alpha / N floor, so it is positive everywhere.
+        evidence = batch["evidence_mask"][i][image_mask][:h * w]
         attention = masses[i][:h * w]
         out.append({"key": batch["keys"][i], "shard": batch["shards"][i],
                     "question": batch["records"][i]["question"],
                     "answer": batch["answers"][i], "grid": [h, w],
                     "target": target.reshape(h, w).tolist(),
+                    "evidence": evidence.reshape(h, w).tolist(),
                     "attention": attention.reshape(h, w).tolist()})
     return out
 
@@ -226,13 +229,14 @@ def normalised(grid):
     return grid / total if total > 0 else grid
 
 
-def evidence_share(attention, target) -> float:
-    """The share of an attention grid's mass on the evidence target's nonzero tokens."""
+def evidence_share(attention, evidence) -> float:
+    """The share of an attention grid's mass on the evidence tokens (a bool grid, E > 0): the
+    training metric ``attn_in_evidence`` for one sample."""
     import numpy as np
 
     attention = np.asarray(attention, dtype=float)
     total = attention.sum()
-    return float(attention[np.asarray(target) > 0].sum() / total) if total > 0 else 0.0
+    return float(attention[np.asarray(evidence, dtype=bool)].sum() / total) if total > 0 else 0.0
 
 
 def plot(args, arms: dict) -> list[str]:
@@ -276,11 +280,12 @@ def plot(args, arms: dict) -> list[str]:
         axes[0].imshow(image)
         axes[0].set_title("image", fontsize=9)
         target = np.array(sample["target"], dtype=float)
+        evidence = np.array(sample["evidence"], dtype=bool)
         panels = [("evidence target", target)]
         for name in names:
             attention = np.array(arms[name]["overlays"][i]["attention"], dtype=float)
             panels.append((f"{name}: response→image attention\n"
-                           f"in evidence: {evidence_share(attention, target):.3f}", attention))
+                           f"in evidence: {evidence_share(attention, evidence):.3f}", attention))
         # Each panel as shares of its own mass, on one colour scale from 0 for the whole sample:
         # scaled to its own min/max, a near-uniform attention would look as sharp as the target.
         grids = [normalised(grid) for _, grid in panels]

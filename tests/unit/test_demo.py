@@ -212,8 +212,11 @@ def test_attention_overlays_share_one_colour_scale_from_zero(monkeypatch, tmp_pa
 
     from megatron_ease import demo
 
-    target = np.zeros((4, 4))
-    target[0, 3] = 1.0
+    evidence = np.zeros((4, 4), dtype=bool)
+    evidence[0, 3] = True
+    # A real target: p* = (1 - alpha) q + alpha / N, positive on every token (the titles'
+    # share in evidence counted every token as evidence: 1.000 for any attention).
+    target = 0.95 * evidence + 0.05 / 16
     near_uniform = np.full((4, 4), 1 / 16)
     near_uniform[0, 3] += 0.003  # 0.065 in evidence against 0.0625 for uniform attention
     focused = np.full((4, 4), 0.3 / 15)
@@ -226,7 +229,8 @@ def test_attention_overlays_share_one_colour_scale_from_zero(monkeypatch, tmp_pa
             {"split": "train", "step": 1, "generated_reward": 0.5}) + "\n")
         arms[name] = {"run_dir": str(run_dir), "overlays": [
             {"key": "k", "shard": "s", "question": "q", "answer": "a", "grid": [4, 4],
-             "target": target.tolist(), "attention": attention.tolist()}]}
+             "target": target.tolist(), "evidence": evidence.tolist(),
+             "attention": attention.tolist()}]}
     monkeypatch.setattr(demo, "first_image", lambda shard, key: Image.new("RGB", (32, 32)))
     shown, colorbars = [], []
     imshow, colorbar = matplotlib.axes.Axes.imshow, matplotlib.figure.FigureBase.colorbar
@@ -246,10 +250,10 @@ def test_attention_overlays_share_one_colour_scale_from_zero(monkeypatch, tmp_pa
     written = demo.plot(SimpleNamespace(out=str(tmp_path / "out")), arms)
     assert [os.path.basename(p) for p in written] == ["curves.png", "attention_0.png"]
     assert len(shown) == 3  # evidence target, then each arm's attention
-    # One scale for the sample, from 0 to its largest share (the target's single token: 1.0),
+    # One scale for the sample, from 0 to its largest share (the target's evidence token),
     # not each panel's own min/max (which made the near-uniform one look as sharp as the target).
     for _, image in shown:
-        assert (image.norm.vmin, image.norm.vmax) == (0.0, 1.0)
+        assert (image.norm.vmin, image.norm.vmax) == (0.0, target.max())
         assert np.isclose(np.asarray(image.get_array()).sum(), 1.0)
     assert len(colorbars) == 1 and colorbars[0] in [image for _, image in shown]
     titles = [ax.get_title() for ax, _ in shown]

@@ -244,12 +244,15 @@ def build_shards(
     samples_per_shard: int = 1000,
     strict: bool = False,
     limit: Optional[int] = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Convert, validate and write; returns {shards, written, skipped: {reason: n}}."""
+    """Convert, validate and write; returns {shards, written, skipped: {reason: n}}. Shards
+    already named ``PREFIX-*.tar`` in ``out_dir`` are an error, or removed first with
+    ``overwrite``."""
     convert = CONVERTERS[fmt]
     manifest_problems: Counter = Counter()
     key_lines: dict[str, int] = {}  # key of each written sample -> its manifest line
-    with EvidenceShardWriter(out_dir, prefix, samples_per_shard, strict=strict) as writer:
+    with EvidenceShardWriter(out_dir, prefix, samples_per_shard, strict=strict, overwrite=overwrite) as writer:
         for count, (line, item) in enumerate(tqdm(read_manifest(manifest), desc="samples", unit="", file=sys.stderr)):
             if limit is not None and count >= limit:
                 break
@@ -289,9 +292,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--samples-per-shard", type=int, default=1000)
     parser.add_argument("--limit", type=int, default=None, help="convert at most this many manifest lines")
     parser.add_argument("--strict", action="store_true", help="stop at the first invalid sample")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace shards PREFIX-*.tar already in --out (else they are an error)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-    summary = build_shards(args.manifest, args.image_root, args.out, args.format, args.prefix, args.samples_per_shard, args.strict, args.limit)
+    try:
+        summary = build_shards(args.manifest, args.image_root, args.out, args.format, args.prefix,
+                               args.samples_per_shard, args.strict, args.limit, args.overwrite)
+    except FileExistsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for reason, n in sorted(summary["skipped"].items()):
         print(f"skipped[{reason}]={n}")
     print(f"shards={len(summary['shards'])} dir={args.out}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -13,7 +14,6 @@ import webdataset as wds
 from megatron_ease.data.schema import MASK_EXTENSION, SampleError, decode_sample
 
 logger = logging.getLogger(__name__)
-
 
 def sample_members(
     record: Mapping[str, Any],
@@ -35,7 +35,6 @@ def sample_members(
         files[MASK_EXTENSION if len(images) == 1 and i == 0 else f"{i}.{MASK_EXTENSION}"] = data
     return files
 
-
 class EvidenceShardWriter:
     """Numbered shards ``{prefix}-000000.tar`` of ``samples_per_shard`` valid samples each.
 
@@ -45,10 +44,20 @@ class EvidenceShardWriter:
     shard under a final name. Tar metadata is fixed (mtime 0), so equal inputs give equal bytes.
     """
 
-    def __init__(self, out_dir: str, prefix: str = "shard", samples_per_shard: int = 1000, strict: bool = False):
+    def __init__(self, out_dir: str, prefix: str = "shard", samples_per_shard: int = 1000, strict: bool = False,
+                 overwrite: bool = False):
         if samples_per_shard <= 0:
             raise ValueError(f"samples_per_shard must be positive, got {samples_per_shard}")
         os.makedirs(out_dir, exist_ok=True)
+        # Shards of an earlier build under the same prefix: a build with fewer shards would
+        # leave the old tail behind, and a glob over the directory would read its samples twice.
+        old = sorted(glob.glob(os.path.join(glob.escape(out_dir), f"{glob.escape(prefix)}-[0-9]*.tar")))
+        if old and not overwrite:
+            raise FileExistsError(f"{out_dir} already holds {len(old)} shard(s) named {prefix}-*.tar "
+                                  f"(e.g. {os.path.basename(old[0])}): choose another directory or "
+                                  f"prefix, or overwrite them (build_shards.py --overwrite)")
+        for path in old:
+            os.remove(path)
         self.out_dir, self.prefix, self.samples_per_shard, self.strict = out_dir, prefix, samples_per_shard, strict
         self.shards: list[str] = []
         self.num_written = 0

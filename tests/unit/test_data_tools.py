@@ -106,6 +106,17 @@ def test_build_shards_from_jsonl_manifest(tmp_path):
     with pytest.raises(ValueError, match="m.jsonl:3: missing_file"):
         build.build_shards(str(manifest), str(root), str(tmp_path / "strict"), strict=True)
 
+    # A second build into the same --out: one shard now; the old second shard stayed behind and
+    # a glob over the directory read its sample twice. Refused, or replaced with --overwrite.
+    args = ["--manifest", str(manifest), "--image-root", str(root), "--out", str(tmp_path / "out"),
+            "--samples-per-shard", "10"]
+    assert build.main(args) == 2
+    assert sorted(os.listdir(tmp_path / "out")) == ["shard-000000.tar", "shard-000001.tar"]
+    assert build.main(args + ["--overwrite"]) == 0
+    assert sorted(os.listdir(tmp_path / "out")) == ["shard-000000.tar"]
+    assert build.build_shards(str(manifest), str(root), str(tmp_path / "out"),
+                              prefix="other")["written"] == 2  # another prefix is no conflict
+
 
 def test_build_shards_visual_cot_adapter(tmp_path, capsys):
     build = load_tool("build_shards")

@@ -139,6 +139,10 @@ class Trainer:
             self.collector.reader_iter = self.train_iter
             if self.is_logging_rank:
                 print(f"resumed from {latest} at step {self.step}", flush=True)
+                if self.step >= self.cfg.train.steps:
+                    print(f"nothing to train: the checkpoint is at step {self.step} and "
+                          f"train.steps is {self.cfg.train.steps} (raise train.steps to go on, "
+                          f"or give a new run its own checkpoint.dir)", flush=True)
                 # Resuming continues whatever run the checkpoint directory holds: say what
                 # differs (a longer run, a new lr) so a new experiment pointed at an old
                 # directory by mistake is seen at once. Not refused: changing the length or the

@@ -742,12 +742,16 @@ def test_a_finished_runs_validated_last_step_is_not_validated_again_when_extende
     run_dir = str(tmp_path / "run")
     validation = ("eval.interval=1", "eval.samples=2", "eval.batch_size=2",
                   "checkpoint.interval=1")
-    for steps in (1, 2):
+    outs = []
+    for steps in (1, 2, 2):
         proc = _launch(_overrides(dataset, run_dir, steps, *validation))
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, out
-    assert "resumed from" in out
+        outs.append(out)
+    assert "resumed from" in outs[1] and "nothing to train" not in outs[1]
     assert _eval_steps(run_dir) == [1, 2]
+    # Run again as it was: says why it trains nothing (the README's second command did that).
+    assert "nothing to train: the checkpoint is at step 2 and train.steps is 2" in outs[2]
 
 
 def test_sigterm_without_checkpoint_dir_says_nothing_was_saved_and_is_not_requeued(dataset,

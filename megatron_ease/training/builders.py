@@ -159,6 +159,31 @@ def build_reader(cfg: Config, tokenizer, shards: str, batch_size: int, dp_rank: 
                               prefetch_factor=cfg.data.prefetch_factor)
 
 
+def check_tokenizer_fits(cfg: Config, tokenizer) -> None:
+    """The model's token ids must be the tokenizer's: a vocabulary larger than the embedding
+    fails as an index error inside the first forward, another image token id as "0 image
+    tokens" in the vision scatter, and an eos the chat template never emits lets every rollout
+    run to ``dapo.max_response_length``. Raises ValueError naming the config field."""
+    from megatron_ease.data.prompt import QwenSpecialTokens
+
+    m, name = cfg.model, cfg.data.tokenizer
+    if len(tokenizer) > m.vocab_size:
+        raise ValueError(f"model.vocab_size ({m.vocab_size}) is smaller than data.tokenizer "
+                         f"{name!r}'s vocabulary ({len(tokenizer)} tokens)")
+    special = QwenSpecialTokens.from_tokenizer(tokenizer)
+    for field, want, token in (("image_token_id", special.image_pad, "<|image_pad|>"),
+                               ("vision_start_token_id", special.vision_start, "<|vision_start|>"),
+                               ("vision_end_token_id", special.vision_end, "<|vision_end|>")):
+        if getattr(m, field) != want:
+            raise ValueError(f"model.{field} ({getattr(m, field)}) is not data.tokenizer "
+                             f"{name!r}'s {token} ({want})")
+    if special.im_end not in (m.eos_token_id, *m.stop_token_ids):
+        raise ValueError(f"neither model.eos_token_id ({m.eos_token_id}) nor "
+                         f"model.stop_token_ids {m.stop_token_ids} is data.tokenizer {name!r}'s "
+                         f"<|im_end|> ({special.im_end}), which ends the chat template's "
+                         f"answers: rollouts would never stop before dapo.max_response_length")
+
+
 def check_paths(cfg: Config) -> None:
     """The paths a run reads or writes, checked before the process group starts: a wrong path
     is one line naming its config field on every rank, instead of a traceback per rank after

@@ -63,6 +63,7 @@ class Trainer:
 
         builders.ensure_synthetic_data(cfg)
         self.tokenizer = builders.load_tokenizer(cfg.data.tokenizer)
+        builders.check_tokenizer_fits(cfg, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             raise ValueError(f"data.tokenizer {cfg.data.tokenizer} has no pad token")

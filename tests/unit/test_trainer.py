@@ -999,3 +999,28 @@ def test_profile_steps_write_a_trace_of_those_steps_only(dataset, tmp_path):
     assert {"megatron_ease/rollouts", "megatron_ease/update"} <= names
     table = (run_dir / "profile" / "rank0-steps2-2.txt").read_text()
     assert "Self CPU" in table and "aten::" in table
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.vocab_size=200", r"model.vocab_size \(200\) is smaller than data.tokenizer .*'s "
+                             r"vocabulary \(255 tokens\)"),
+    ("model.image_token_id=100", r"model.image_token_id \(100\) is not data.tokenizer .*'s "
+                                 r"<\|image_pad\|> \(251\)"),
+    ("model.vision_start_token_id=1", r"model.vision_start_token_id \(1\)"),
+    ("model.eos_token_id=5", r"neither model.eos_token_id \(5\) nor model.stop_token_ids \[\] is "
+                             r"data.tokenizer .*'s <\|im_end\|> \(248\)"),
+])
+def test_model_token_ids_must_be_the_tokenizers(dataset, override, message):
+    """Found at start-up, naming the field: these failed inside the first forward ("index out
+    of range", "0 image tokens") or trained with rollouts that never stopped."""
+    from megatron_ease.training import builders
+
+    cfg = load_config(CONFIG, _overrides(dataset, "unused", 1))
+    tokenizer = builders.load_tokenizer(cfg.data.tokenizer)
+    builders.check_tokenizer_fits(cfg, tokenizer)
+    with pytest.raises(ValueError, match=message):
+        builders.check_tokenizer_fits(load_config(CONFIG, _overrides(dataset, "unused", 1)
+                                                  + [override]), tokenizer)
+    # An eos the template does not use is fine when <|im_end|> is among the stop ids.
+    builders.check_tokenizer_fits(load_config(CONFIG, _overrides(dataset, "unused", 1) + [
+        "model.eos_token_id=5", "model.stop_token_ids=[248]"]), tokenizer)

@@ -98,7 +98,13 @@ def load_tokenizer(name: str):
 
     _check_tokenizer_name(name)
     if os.path.isdir(name):
-        return AutoTokenizer.from_pretrained(name)
+        try:
+            return AutoTokenizer.from_pretrained(name)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"data.tokenizer: cannot load a tokenizer from the directory "
+                             f"{name!r} ({type(e).__name__}: {str(e).splitlines()[0]}); it "
+                             f"needs the HF model's tokenizer files (tokenizer.json, "
+                             f"tokenizer_config.json)") from None
     try:
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as e:
@@ -202,8 +208,17 @@ def check_paths(cfg: Config) -> None:
     ckpt = cfg.checkpoint.dir
     resumable = bool(ckpt and cfg.checkpoint.resume and os.path.isdir(ckpt)
                      and any(n.startswith("iter_") for n in os.listdir(ckpt)))
-    if cfg.model.init_from and not resumable and not os.path.exists(cfg.model.init_from):
-        raise FileNotFoundError(f"model.init_from: no checkpoint at {cfg.model.init_from!r}")
+    init = cfg.model.init_from
+    if init and not resumable:
+        if not os.path.exists(init):
+            raise FileNotFoundError(f"model.init_from: no checkpoint at {init!r}")
+        if os.path.isfile(os.path.join(init, "config.json")) and not os.path.isfile(
+                os.path.join(init, "metadata.json")) and any(
+                n.endswith(".safetensors") for n in os.listdir(init)):
+            raise ValueError(f"model.init_from: {init!r} is a Hugging Face model directory; "
+                             f"convert it first (python tools/convert_hf_checkpoint.py "
+                             f"hf-to-megatron --hf-dir {init} --out CKPT) and give CKPT, with "
+                             f"model.hf_config={init}")
     for field, path in (("checkpoint.dir", ckpt), ("logging.run_dir", cfg.logging.run_dir)):
         if not path:
             continue

@@ -231,6 +231,27 @@ def test_check_paths_names_the_field(tmp_path, override, named):
         check_paths(cfg)
 
 
+def test_check_paths_says_to_convert_a_hugging_face_directory_given_as_init_from(tmp_path):
+    from megatron_ease.training.builders import check_paths
+
+    hf = tmp_path / "Qwen2.5-VL-7B-Instruct"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    (hf / "model-00001-of-00002.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="model.init_from: .* is a Hugging Face model directory; "
+                                         "convert it first .*hf-to-megatron"):
+        check_paths(_paths_cfg(tmp_path, f"model.init_from={hf}"))
+
+
+def test_an_empty_tokenizer_directory_is_named(tmp_path):
+    from megatron_ease.training.builders import load_tokenizer
+
+    (tmp_path / "tok").mkdir()
+    with pytest.raises(ValueError, match="data.tokenizer: cannot load a tokenizer from the "
+                                         "directory .*tok"):
+        load_tokenizer(str(tmp_path / "tok"))
+
+
 def test_check_paths_accepts_what_a_run_may_create_or_not_need(tmp_path):
     from megatron_ease.training.builders import check_paths
 

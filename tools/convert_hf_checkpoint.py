@@ -26,7 +26,10 @@ distributed checkpoint, or a directory whose ``latest_checkpointed_iteration.txt
 names ``iter_NNNNNNN`` (see ``megatron_ease/models/qwen_vl/checkpoint.py``). Without
 ``hf_conversion.json`` it writes transformers' default names in the HF config's dtype.
 ``--hf-config`` may hold only ``config.json``; every non-weight file in it (config, generation
-config, tokenizer) is copied to the output.
+config, tokenizer) is copied to the output. Without it, a checkpoint the trainer wrote is
+exported with its run's config (``trainer_state.json``): the run's ``model.hf_config`` when that
+directory exists, else a ``config.json`` made from the run's model section and the files of its
+``data.tokenizer`` directory.
 
 Memory, measured on a 1.4B-parameter model (2.9 GB bf16): hf-to-megatron peaks at the model
 + 1.0 GB of anonymous memory (plus reclaimable page cache of the mapped safetensors),
@@ -59,6 +62,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -80,7 +84,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                              help="compare HF and converted logits in fp32 (needs fp32 memory)")
     to_hf = sub.add_parser("megatron-to-hf", help="megatron checkpoint -> HF safetensors")
     to_hf.add_argument("--ckpt", required=True, help="megatron checkpoint (dir or its parent)")
-    to_hf.add_argument("--hf-config", required=True, help="dir holding the HF config.json")
+    to_hf.add_argument("--hf-config", default=None,
+                       help="dir holding the HF config.json (default: for a checkpoint the "
+                            "trainer wrote, its run's model.hf_config, else a config.json made "
+                            "from the run's model section, with its data.tokenizer's files)")
     to_hf.add_argument("--out", required=True, help="output HF model directory")
     check = sub.add_parser("verify", help="compare an HF model's and a megatron checkpoint's "
                                           "logits in fp32")
@@ -174,13 +181,31 @@ def _copy_config_files(hf_config_dir: str, out: str) -> None:
             shutil.copy2(src, dst)
 
 
-def megatron_to_hf(ckpt: str, hf_config_dir: str, out: str) -> None:
+def _run_config_of(ckpt: str):
+    """The config a trainer checkpoint was saved with (its trainer_state.json), or None."""
+    from megatron_ease.config import config_from_dict
+    from megatron_ease.models.qwen_vl.checkpoint import resolve_checkpoint_dir
+
+    path = os.path.join(resolve_checkpoint_dir(ckpt), "trainer_state.json")
+    try:
+        with open(path) as f:
+            saved = json.load(f).get("config")
+    except (OSError, ValueError):
+        return None
+    return config_from_dict(saved) if saved else None
+
+
+def megatron_to_hf(ckpt: str, hf_config_dir: Optional[str], out: str) -> None:
+    """``hf_config_dir`` None: the HF config of the run that wrote ``ckpt`` (its
+    ``model.hf_config``, or one made from its model section; its tokenizer files when
+    ``data.tokenizer`` is a directory)."""
     import torch
 
     from megatron_ease.models.qwen_vl import (
         CheckpointModelTensors,
         attention_layout,
         canonical_parameters,
+        hf_config_from_model_config,
         hf_tensors,
         load_hf_config,
         model_config_from_hf,
@@ -188,7 +213,24 @@ def megatron_to_hf(ckpt: str, hf_config_dir: str, out: str) -> None:
         weight_table,
     )
 
-    hf_config = load_hf_config(hf_config_dir)
+    extra_files = None  # a directory whose non-weight files go to --out too
+    if hf_config_dir is not None:
+        hf_config, extra_files = load_hf_config(hf_config_dir), hf_config_dir
+    else:
+        run = _run_config_of(ckpt)
+        if run is None:
+            raise FileNotFoundError(f"{ckpt} has no trainer_state.json with its run's config (a "
+                             f"converted checkpoint?): give --hf-config, the HF model directory "
+                             f"it was converted from")
+        if run.model.hf_config and os.path.isdir(run.model.hf_config):
+            hf_config, extra_files = load_hf_config(run.model.hf_config), run.model.hf_config
+            logger.info("HF config: the run's model.hf_config, %s", run.model.hf_config)
+        else:
+            hf_config = hf_config_from_model_config(run.model)
+            logger.info("HF config: made from the run's model section (model.hf_config %r is "
+                        "not a directory here)", run.model.hf_config)
+            if run.data.tokenizer and os.path.isdir(run.data.tokenizer):
+                extra_files = run.data.tokenizer
     table = weight_table(hf_config.model_type)
     model_cfg = model_config_from_hf(hf_config)
     reader = CheckpointModelTensors(ckpt)
@@ -215,7 +257,10 @@ def megatron_to_hf(ckpt: str, hf_config_dir: str, out: str) -> None:
     logger.info("streaming %d tensors from %s", len(plan), reader.ckpt_dir)
     os.makedirs(out, exist_ok=True)
     save_hf_weights(hf_tensors(reader.iter_tensors(names), **export), out, plan, progress=True)
-    _copy_config_files(hf_config_dir, out)
+    if extra_files is not None:
+        _copy_config_files(extra_files, out)
+    if not os.path.isfile(os.path.join(out, "config.json")):
+        hf_config.save_pretrained(out)
     logger.info("wrote %s", out)
 
 

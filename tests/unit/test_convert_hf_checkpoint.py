@@ -104,6 +104,45 @@ def test_megatron_to_hf_reads_trainer_layout_with_config_only_dir(converted):
         (config_only / "config.json").read_text())
 
 
+def test_megatron_to_hf_without_hf_config_takes_the_runs_saved_config(converted, tmp_path):
+    """A model trained from the YAML's sizes (no HF directory: the README's tiny flow) could not
+    be exported: --hf-config was required. The trainer's checkpoint holds its run's config."""
+    import dataclasses
+
+    from megatron_ease.config import Config, DataConfig, config_to_dict
+
+    trainer = tmp_path / "run" / "checkpoints"
+    shutil.copytree(converted["ckpt"], trainer / "iter_0000003",
+                    ignore=shutil.ignore_patterns("hf_conversion.json"))
+    (trainer / "latest_checkpointed_iteration.txt").write_text("3\n")
+    assert convert("megatron-to-hf", "--ckpt", str(trainer), "--out", str(tmp_path / "x")
+                   ).returncode == 2  # no run config: --hf-config is needed, and said
+    tokenizer = tmp_path / "tok"
+    tokenizer.mkdir()
+    (tokenizer / "tokenizer_config.json").write_text("{}")
+    model = dataclasses.replace(model_config_from_hf(converted["hf_dir"]), hf_config=None)
+    run = Config(model=model, data=DataConfig(tokenizer=str(tokenizer)))
+    (trainer / "iter_0000003" / "trainer_state.json").write_text(
+        json.dumps({"step": 3, "config": config_to_dict(run)}))
+    out = tmp_path / "hf_from_yaml_sizes"
+    result = convert("megatron-to-hf", "--ckpt", str(trainer), "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "tokenizer_config.json").read_text() == "{}"
+    original, back = read_safetensors(converted["hf_dir"]), read_safetensors(out)
+    assert original.keys() == back.keys()
+    assert all(torch.equal(back[k], v) for k, v in original.items())
+    torch.testing.assert_close(hf_logits(_from_pretrained_fp32(out), converted["batch"]),
+                               converted["logits"], atol=0, rtol=0)
+    # With the run's model.hf_config at hand, its config.json is the one written.
+    run.model = dataclasses.replace(model, hf_config=converted["hf_dir"])
+    (trainer / "iter_0000003" / "trainer_state.json").write_text(
+        json.dumps({"step": 3, "config": config_to_dict(run)}))
+    result = convert("megatron-to-hf", "--ckpt", str(trainer), "--out", str(tmp_path / "hf2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "hf2" / "config.json").read_text()) == json.loads(
+        (Path(converted["hf_dir"]) / "config.json").read_text())
+
+
 def test_megatron_to_hf_into_the_hf_config_dir_itself(converted):
     """--out = --hf-config (config and tokenizer files already there): weights are added, the
     config files stay (copying them onto themselves used to raise SameFileError)."""

@@ -10,8 +10,21 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 
 from megatron_ease.config import ConfigError, load_config, validate_config
+
+
+def configure_logging(rank: int) -> None:
+    """Rank 0 logs at INFO; the other ranks only warnings and errors (a skipped sample, a
+    signal), and not the library warnings every rank repeats (TE/apex missing, deprecations)
+    nor megatron-core's INFO listings of every parameter: on 16 ranks each came 16 times."""
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if rank != 0:
+        for category in (UserWarning, FutureWarning, DeprecationWarning):
+            warnings.filterwarnings("ignore", category=category,
+                                    module=r"(megatron|torch\.distributed|transformers)\.")
 
 
 def main(argv=None) -> int:
@@ -19,8 +32,6 @@ def main(argv=None) -> int:
     parser.add_argument("--config", required=True, help="YAML run config (examples/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from megatron_ease.distributed import (
         destroy_distributed,
@@ -28,11 +39,14 @@ def main(argv=None) -> int:
         read_launch_env,
     )
 
+    launch = read_launch_env()
+    configure_logging(launch.rank)
+
     from megatron_ease.training.builders import check_paths
 
     try:
         cfg = load_config(args.config, args.overrides)
-        validate_config(cfg, world_size=read_launch_env().world_size)
+        validate_config(cfg, world_size=launch.world_size)
         check_paths(cfg)
     except (ConfigError, OSError, ValueError) as e:
         print(f"config error: {e}", file=sys.stderr)

@@ -157,3 +157,25 @@ def test_nccl_process_group_is_bound_to_the_local_gpu(monkeypatch):
     init_process_group(LaunchEnv(6, 8, 6, "127.0.0.1", 1234, "torchrun"), backend="nccl")
     assert current == [torch.device("cuda", 2)]
     assert started[0]["device_id"] == torch.device("cuda", 2) and started[0]["backend"] == "nccl"
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_only_rank_0_logs_info_and_library_warnings(rank, monkeypatch):
+    import logging
+    import warnings
+
+    from megatron_ease.train import configure_logging
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])  # basicConfig configures an unconfigured root
+    monkeypatch.setattr(root, "level", root.level)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        configure_logging(rank)
+        for module in ("megatron.core.optimizer", "torch.distributed.checkpoint",
+                       "megatron_ease.data.reader"):
+            warnings.warn_explicit("Apex is not installed", UserWarning, "x.py", 1, module=module)
+    assert root.level == (logging.INFO if rank == 0 else logging.WARNING)
+    # Our own warnings on every rank; the libraries' on rank 0 only.
+    want = ["megatron.core.optimizer", "torch.distributed.checkpoint"] if rank == 0 else []
+    assert len(caught) == len(want) + 1

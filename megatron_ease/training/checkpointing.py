@@ -8,10 +8,15 @@ Layout of ``checkpoint.dir``::
       trainer_state.json       step, LR scheduler, anything JSON the trainer adds (rank 0)
       rank_state/rank_00003.json  per-rank state: RNG streams, data reader position
     .tmp_iter_0000050/         a save in progress (or one killed mid-write): never read
+    .deleting_iter_0000030.1f2e3d4c/  an old checkpoint being deleted: never read
 
 Every rank writes into ``.tmp_iter_N``; after a barrier rank 0 renames it to ``iter_N`` (atomic on
 one filesystem) and only then points ``latest`` at it, so a checkpoint interrupted mid-write is
-never picked up. Old checkpoints beyond ``keep_last`` are removed after ``latest`` moves. Nothing
+never picked up. Old checkpoints beyond ``keep_last`` are removed once the save is complete on
+every rank: renamed out of the ``iter_*`` namespace (one metadata operation each, so a kill
+mid-delete never leaves a half-deleted ``iter_*``) and deleted by a background thread on rank 0.
+Deleting ~100 GB can take longer than the collective timeout on a slow filesystem; no rank waits
+for it, and what a killed run left half-deleted is finished by the next run's first save. Nothing
 is pickled by us: trainer and rank state are JSON (RNG states base64-encoded).
 
 So ``model.init_from`` and ``convert_hf_checkpoint.py megatron-to-hf`` read a trainer checkpoint
@@ -27,6 +32,8 @@ import os
 import random
 import re
 import shutil
+import threading
+import uuid
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -39,6 +46,7 @@ logger = logging.getLogger(__name__)
 LATEST = "latest"
 MODEL_PREFIX = "model."
 _STEP_DIR = re.compile(r"^iter_(\d{7,})$")
+_DISCARDED = ".deleting_"  # prefix of a folder that is being deleted in the background
 
 
 def step_dir_name(step: int) -> str:
@@ -76,6 +84,18 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _read_json(path: str) -> dict:
+    """A checkpoint's JSON file; a missing or unreadable one is an error naming it (json's own
+    errors name neither the file nor the checkpoint)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        raise RuntimeError(f"{path}: cannot read this checkpoint file ({e}); the checkpoint "
+                           f"is incomplete or corrupt: point checkpoint.dir's {LATEST} at an "
+                           f"earlier iter_* folder, or start afresh") from e
+
+
 def _fsync_dir(path: str) -> None:
     """Persist a directory's entries (renames in it): a rename is atomic, but only durable
     once its directory is synced; a node crash could otherwise bring back the old name."""
@@ -99,8 +119,15 @@ def latest_checkpoint(directory: Optional[str]) -> Optional[str]:
         name = f.read().strip()
     path = os.path.join(directory, name)
     if not _STEP_DIR.match(name) or not os.path.isdir(path):
-        raise RuntimeError(f"{pointer} names {name!r}, which is not a checkpoint in {directory}; "
-                           f"point it at an existing iter_* folder or remove it to start afresh")
+        # The one way our saves leave this: killed between moving a re-saved step's previous
+        # version aside and renaming the new one in. That previous version is complete.
+        aside = sorted(n for n in os.listdir(directory) if n.startswith(f"{_DISCARDED}{name}."))
+        hint = (f"; a save that replaced it was interrupted and its previous version is "
+                f"{os.path.join(directory, aside[-1])}: rename that back to {path} to resume "
+                f"from it" if aside and _STEP_DIR.match(name) else "")
+        raise RuntimeError(f"{pointer} names {name!r}, which is not a checkpoint in {directory}"
+                           f"{hint}; point it at an existing iter_* folder or remove it to start "
+                           f"afresh")
     return path
 
 
@@ -158,6 +185,42 @@ def set_rng_state(state: dict) -> None:
 # Megatron-LM's default: each DP rank writes its own optimizer shard, in parallel, with no
 # gather; resuming at another DP size works, at another TP/PP it needs "fully_reshardable".
 OPTIMIZER_SHARDING = "dp_reshardable"
+
+
+def _is_distributed_optimizer(optimizer) -> bool:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return any(isinstance(opt, DistributedOptimizer)
+               for opt in getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _check_optimizer_layout(path: str, meta: dict, optimizer) -> None:
+    """Refuse, on every rank alike, optimizer state this run cannot load, instead of failing deep
+    inside torch.distributed.checkpoint's planning (a ``CheckpointException``: a BaseException,
+    naming optimizer buckets, not the cause). Megatron-core's optimizer state saved with and
+    without the distributed optimizer differ in structure; the distributed optimizer's
+    (``OPTIMIZER_SHARDING``) reshards across data-parallel sizes only. The plain one's is per
+    parameter and loads at any TP / PP."""
+    distributed = _is_distributed_optimizer(optimizer)
+    fresh = (f"or start from its weights with a fresh optimizer: model.init_from={path} "
+             f"checkpoint.resume=false")
+    saved_distributed = meta.get("distributed_optimizer")
+    if saved_distributed is not None and saved_distributed != distributed:
+        raise RuntimeError(
+            f"{path} holds optimizer state saved with parallel.use_distributed_optimizer="
+            f"{str(saved_distributed).lower()}; this run has {str(distributed).lower()}. Resume "
+            f"with parallel.use_distributed_optimizer={str(saved_distributed).lower()}, {fresh}")
+    saved, current = meta.get("layout"), _layout()
+    if not distributed or not saved or not current:
+        return
+    tp, pp = saved.get("tp", current["tp"]), saved.get("pp", current["pp"])
+    if (tp, pp) != (current["tp"], current["pp"]):
+        raise RuntimeError(
+            f"{path} holds distributed-optimizer state saved at tensor-parallel size {tp} and "
+            f"pipeline-parallel size {pp}; this run has {current['tp']} and {current['pp']}, and "
+            f"that state ({OPTIMIZER_SHARDING}) reshards across data-parallel sizes only. Resume "
+            f"with parallel.tensor_model_parallel_size={tp} "
+            f"parallel.pipeline_model_parallel_size={pp}, {fresh}")
 
 
 def _sharded_state(model_chunks: Sequence[torch.nn.Module], optimizer, is_loading: bool) -> dict:
@@ -225,6 +288,11 @@ class CheckpointManager:
         self.directory = directory
         self.keep_last = keep_last
         self._reported_later: set[str] = set()  # another run's later checkpoints, warned once
+        # Rank 0's background deletion: folders still to delete (the first one is being
+        # deleted), and the thread doing it while there are any.
+        self._lock = threading.Lock()
+        self._to_delete: list[str] = []
+        self._deleter: Optional[threading.Thread] = None
 
     def latest(self) -> Optional[str]:
         return latest_checkpoint(self.directory)
@@ -276,9 +344,14 @@ class CheckpointManager:
         tmp = os.path.join(self.directory, ".tmp_" + step_dir_name(step))
         if _rank() == 0:
             os.makedirs(self.directory, exist_ok=True)
+            if self._to_delete:
+                logger.warning("%d old checkpoint folder(s) in %s are still being deleted: "
+                               "deleting is slower than the checkpoint interval, the filesystem "
+                               "may fill up", len(self._to_delete), self.directory)
             for stale in os.listdir(self.directory):
                 if stale.startswith(".tmp_iter_"):  # left by a save that was killed
-                    shutil.rmtree(os.path.join(self.directory, stale), ignore_errors=True)
+                    self._discard(stale)
+            self._delete_discarded()  # these, and what a killed run left half-deleted
             os.makedirs(tmp)
         _barrier()
         protect_checkpoint_writer()  # megatron-core's writer must outlive Slurm's USR1 / TERM
@@ -297,26 +370,28 @@ class CheckpointManager:
                     if torch.distributed.is_initialized() else 1, "layout": _layout(),
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
                     "has_optimizer": optimizer is not None,
+                    "distributed_optimizer": optimizer is not None and
+                    _is_distributed_optimizer(optimizer),
                     **(trainer_state or {})}
             _write_atomic(os.path.join(tmp, "trainer_state.json"), json.dumps(meta, indent=1))
         _barrier()
         if _rank() == 0:
-            replaced = None
             if os.path.isdir(final):  # a re-save of the same step (e.g. after a resume)
                 # Moved aside, not deleted first: ``latest`` may name it, and the new one takes
                 # its place with the next rename (a crash in between leaves the old one under a
-                # name the next save clears).
-                replaced = os.path.join(self.directory, ".tmp_iter_replaced_" + str(os.getpid()))
-                os.rename(final, replaced)
+                # name ``latest_checkpoint``'s error points to).
+                self._discard(step_dir_name(step))
             os.rename(tmp, final)
             _fsync_dir(self.directory)  # iter_N is on disk before latest names it
             _write_atomic(os.path.join(self.directory, LATEST), step_dir_name(step) + "\n")
             _fsync_dir(self.directory)
-            if replaced is not None:
-                shutil.rmtree(replaced, ignore_errors=True)
-            self._prune(step)
             logger.info("saved checkpoint %s", final)
         _barrier()
+        # The checkpoint is complete and named by ``latest``: removing old ones is rank 0's
+        # alone, and nobody waits for it (see the module doc).
+        if _rank() == 0:
+            self._prune(step)
+            self._delete_discarded()
         return final
 
     @staticmethod
@@ -325,16 +400,15 @@ class CheckpointManager:
         saved none are left out): what a resume in another layout continues from."""
         directory = os.path.join(path, "rank_state")
         names = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
-        with open(os.path.join(path, "trainer_state.json")) as f:
-            saved_by = json.load(f).get("world_size", len(names))
+        saved_by = _read_json(os.path.join(path, "trainer_state.json")).get("world_size",
+                                                                            len(names))
         if len(names) != saved_by:  # a partial view (stale metadata on a shared filesystem)
             raise RuntimeError(f"{directory}: {len(names)} rank files for the {saved_by} ranks "
                                f"that saved it; checkpoint.dir must be on a filesystem all "
                                f"nodes see completely")
         out = []
         for name in names:
-            with open(os.path.join(directory, name)) as f:
-                saved = json.load(f)
+            saved = _read_json(os.path.join(directory, name))
             if key in saved:
                 out.append(saved[key])
         return out
@@ -354,7 +428,48 @@ class CheckpointManager:
                            ", ".join(later))
         mine = [name for step, name in steps if step <= saved_step]
         for name in mine[:-self.keep_last]:
-            shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+            self._discard(name)
+        if mine[:-self.keep_last]:
+            _fsync_dir(self.directory)  # a node crash must not bring back a half-deleted iter_*
+
+    def _discard(self, name: str) -> None:
+        """Rank 0: take folder ``name`` out of use at once (one rename); ``_delete_discarded``
+        deletes it later."""
+        os.rename(os.path.join(self.directory, name),
+                  os.path.join(self.directory, f"{_DISCARDED}{name}.{uuid.uuid4().hex[:8]}"))
+
+    def _delete_discarded(self) -> None:
+        """Rank 0: delete every discarded folder of the directory (this run's, and any a killed
+        run left half-deleted) in a background thread."""
+        with self._lock:
+            for name in sorted(os.listdir(self.directory)):
+                path = os.path.join(self.directory, name)
+                if name.startswith(_DISCARDED) and path not in self._to_delete:
+                    self._to_delete.append(path)
+            if self._to_delete and self._deleter is None:
+                # A daemon: a run that exits (preempted, with seconds to go) does not wait for
+                # it; the next run's first save deletes what is left.
+                self._deleter = threading.Thread(target=self._delete_in_background,
+                                                 name="checkpoint-deleter", daemon=True)
+                self._deleter.start()
+
+    def _delete_in_background(self) -> None:
+        while True:
+            with self._lock:
+                if not self._to_delete:
+                    self._deleter = None
+                    return
+                path = self._to_delete[0]
+            shutil.rmtree(path, ignore_errors=True)  # what fails is retried at the next save
+            with self._lock:
+                self._to_delete.remove(path)
+
+    def wait_for_deletions(self) -> None:
+        """Block until the old checkpoints this process discarded are deleted: for the end of
+        a run that completed (not for a preempted one, whose grace time is for its save)."""
+        deleter = self._deleter
+        if deleter is not None:
+            deleter.join()
 
     def load(self, path: str, model_chunks: Sequence[torch.nn.Module], optimizer=None,
              scheduler=None, restore_rng: bool = True) -> tuple[int, dict, dict]:
@@ -363,11 +478,11 @@ class CheckpointManager:
 
         from megatron_ease.models.qwen_vl.checkpoint import drop_absent_extra_state
 
-        with open(os.path.join(path, "trainer_state.json")) as f:
-            meta = json.load(f)
+        meta = _read_json(os.path.join(path, "trainer_state.json"))
         if not meta.get("has_optimizer", True):
             optimizer = None
         if optimizer is not None:
+            _check_optimizer_layout(path, meta, optimizer)
             _materialize_optimizer_state(optimizer)
         sharded = _sharded_state(model_chunks, optimizer, is_loading=True)
         # A run saved without TransformerEngine, resumed with it: no _extra_state to restore.
@@ -404,8 +519,7 @@ class CheckpointManager:
                                "streams start afresh", path, meta.get("world_size"),
                                meta.get("layout"), world_size, layout)
         elif os.path.isfile(rank_file):
-            with open(rank_file) as f:
-                rank_state = json.load(f)
+            rank_state = _read_json(rank_file)
             if restore_rng:
                 set_rng_state(rank_state["rng"])
         elif restore_rng:

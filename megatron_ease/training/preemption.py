@@ -9,6 +9,7 @@ the status slurm/common.sh turns into ``scontrol requeue``.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 
 import torch
@@ -34,6 +35,27 @@ def ignore_preemption_signals(*_) -> None:
 _writer_manager = None  # our signal-proof stand-in for megatron-core's results-queue Manager
 
 
+def _serve_checkpoint_writer(trainer_pid: int) -> None:
+    """Initializer of the checkpoint writer's Manager process: ignore the preemption signals,
+    and die with the trainer.
+
+    Ignoring TERM (and, as every Manager does, INT) leaves only SIGKILL to end it: a trainer
+    killed without running its exit handlers (SIGKILL, OOM killer, a crashed node's peers torn
+    down by torchrun) left it running, orphaned, holding the job's stdout and stderr open: a
+    ``| tee``, a test harness or anything else waiting for their end hung. Linux delivers
+    PR_SET_PDEATHSIG when the thread that started it exits: the trainer's main thread, which
+    saves."""
+    ignore_preemption_signals()
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux
+        return
+    if os.getppid() != trainer_pid:  # the trainer died before the request took effect
+        os._exit(0)
+
+
 def protect_checkpoint_writer() -> None:
     """Make megatron-core's checkpoint writer survive the preemption signals.
 
@@ -57,7 +79,7 @@ def protect_checkpoint_writer() -> None:
     from multiprocessing.managers import SyncManager
 
     manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-    manager.start(initializer=ignore_preemption_signals)
+    manager.start(initializer=_serve_checkpoint_writer, initargs=(os.getpid(),))
     _writer_manager = {"manager": manager, "queue": manager.Queue()}
     filesystem_async._results_queue = _writer_manager["queue"]
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
+import threading
 
 import pytest
 import torch
@@ -17,17 +20,17 @@ from tests.harness import run_distributed
 from tests.unit.test_megatron_parallel import BATCH, SEQ, _batch, _causal_mask, _tiny_gpt
 
 
-def _train_objects():
+def _train_objects(distributed_optimizer: bool = True):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     model = _tiny_gpt()
     ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
-        use_distributed_optimizer=True, grad_reduce_in_fp32=True), model)
-    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, min_lr=1e-3,
-                                                 clip_grad=1.0,
-                                                 use_distributed_optimizer=True), [ddp])
+        use_distributed_optimizer=distributed_optimizer, grad_reduce_in_fp32=True), model)
+    opt = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=1e-2, min_lr=1e-3, clip_grad=1.0,
+        use_distributed_optimizer=distributed_optimizer), [ddp])
     sched = OptimizerParamScheduler(opt, init_lr=0.0, max_lr=1e-2, min_lr=1e-3,
                                     lr_warmup_steps=2, lr_decay_steps=10,
                                     lr_decay_style="cosine", start_wd=0.0, end_wd=0.0,
@@ -49,9 +52,10 @@ def _step(ddp, opt, sched):
     return loss.item()
 
 
-def _run_with_checkpoints(directory: str, total: int, save_at: int, resume: bool):
+def _run_with_checkpoints(directory: str, total: int, save_at: int, resume: bool,
+                          distributed_optimizer: bool = True):
     """Train ``total`` steps; save at ``save_at``; with ``resume``, start from ``latest``."""
-    ddp, opt, sched = _train_objects()
+    ddp, opt, sched = _train_objects(distributed_optimizer)
     manager = CheckpointManager(directory, keep_last=2)
     start, losses = 0, {}
     if resume:
@@ -94,6 +98,7 @@ def _save_then_crash(directory: str):
         pass
     finally:
         dc.save = original
+    manager.wait_for_deletions()
     return sorted(os.listdir(directory))
 
 
@@ -111,6 +116,7 @@ def _save_steps(directory: str, steps, keep_last: int):
     manager = CheckpointManager(directory, keep_last=keep_last)
     for step in steps:
         manager.save(step, [ddp], opt, sched)
+    manager.wait_for_deletions()
     return sorted(os.listdir(directory)), manager.latest()
 
 
@@ -145,6 +151,174 @@ def test_saving_the_same_step_again_keeps_latest_valid(tmp_path):
     directory = str(tmp_path / "ckpt")
     listing, latest = run_distributed(_save_steps, directory, (1, 2, 2), 1)[0]
     assert listing == ["iter_0000002", "latest"] and latest.endswith("iter_0000002")
+
+
+def _save_recording_deletions(directory: str):
+    """Save 1, then 2 with ``keep_last=1``, recording on each rank when (after how many of the
+    save's barriers) and on which thread checkpoint folders are deleted."""
+    from megatron_ease.training import checkpointing
+
+    ddp, opt, sched = _train_objects()
+    manager = CheckpointManager(directory, keep_last=1)
+    manager.save(1, [ddp], opt, sched)
+    barriers, deletions = [], []
+    real_barrier, real_rmtree = checkpointing._barrier, shutil.rmtree
+
+    def barrier():
+        real_barrier()
+        barriers.append(True)
+
+    def rmtree(path, *args, **kwargs):
+        if "iter_" in os.path.basename(path):
+            deletions.append((os.path.basename(path), len(barriers),
+                              threading.current_thread() is threading.main_thread()))
+        real_rmtree(path, *args, **kwargs)
+
+    checkpointing._barrier, shutil.rmtree = barrier, rmtree
+    try:
+        manager.save(2, [ddp], opt, sched)
+        manager.wait_for_deletions()
+    finally:
+        checkpointing._barrier, shutil.rmtree = real_barrier, real_rmtree
+    return len(barriers), deletions, sorted(os.listdir(directory))
+
+
+def test_old_checkpoints_are_deleted_after_the_save_by_no_rank_in_a_collective(tmp_path):
+    """Rank 0 deleted the checkpoints beyond ``keep_last`` before the save's last barrier: on a
+    slow filesystem deleting ~100 GB outlasts the collective timeout while every other rank
+    waits (and, deleted on the main thread after it, they would wait in the next step's first
+    collective instead). Now the deletion starts once every rank is past the save, on a thread
+    of its own."""
+    results = run_distributed(_save_recording_deletions, str(tmp_path / "ckpt"))
+    barriers, deletions, listing = results[0]
+    assert len(deletions) == 1
+    name, after_barriers, on_main_thread = deletions[0]
+    assert name.startswith(".deleting_iter_0000001.")  # out of the iter_* namespace first
+    assert after_barriers == barriers and not on_main_thread
+    assert listing == ["iter_0000002", "latest"]
+    assert results[1][1] == []
+
+
+def _save_killed_while_deleting(directory: str):
+    ddp, opt, sched = _train_objects()
+    manager = CheckpointManager(directory, keep_last=1)
+    manager.save(1, [ddp], opt, sched)
+    real_rmtree = shutil.rmtree
+
+    def killed_midway(path, *args, **kwargs):  # the run dies with the deletion half done
+        os.remove(os.path.join(path, "trainer_state.json"))
+
+    shutil.rmtree = killed_midway
+    try:
+        manager.save(2, [ddp], opt, sched)
+        manager.wait_for_deletions()
+    finally:
+        shutil.rmtree = real_rmtree
+    after_kill = sorted(os.listdir(directory))
+    complete = [os.path.isfile(os.path.join(directory, name, "trainer_state.json"))
+                for name in after_kill if name.startswith("iter_")]
+    resumed = latest_checkpoint(directory)
+    next_run = CheckpointManager(directory, keep_last=2)
+    next_run.save(3, [ddp], opt, sched)
+    next_run.wait_for_deletions()
+    return after_kill, complete, resumed, sorted(os.listdir(directory))
+
+
+def test_a_run_killed_while_deleting_an_old_checkpoint_leaves_no_broken_iter_folder(tmp_path):
+    """Deleted in place, a checkpoint half-deleted by a kill stayed an ``iter_*`` folder that
+    ``model.init_from`` or the exporter would take for a checkpoint. Renamed out of the way
+    first, it is only a leftover, which the next run's first save deletes."""
+    directory = str(tmp_path / "ckpt")
+    after_kill, complete, resumed, listing = run_distributed(
+        _save_killed_while_deleting, directory, world_size=1)[0]
+    assert [n for n in after_kill if not n.startswith(".deleting_iter_0000001.")] == [
+        "iter_0000002", "latest"]
+    assert all(complete) and resumed.endswith("iter_0000002")
+    assert listing == ["iter_0000002", "iter_0000003", "latest"]
+
+
+class _Killed(BaseException):
+    pass
+
+
+def _resave_killed_between_renames(directory: str):
+    ddp, opt, sched = _train_objects()
+    manager = CheckpointManager(directory)
+    manager.save(1, [ddp], opt, sched)
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if os.path.basename(src) == ".tmp_iter_0000001":  # the new one, after the old moved
+            raise _Killed()
+        real_rename(src, dst)
+
+    os.rename = rename
+    try:
+        manager.save(1, [ddp], opt, sched)
+    except _Killed:
+        pass
+    finally:
+        os.rename = real_rename
+    try:
+        latest_checkpoint(directory)
+    except RuntimeError as e:
+        return str(e)
+
+
+def test_a_resave_killed_between_its_renames_names_the_previous_checkpoint(tmp_path):
+    """Re-saving a step moves the previous version aside before renaming the new one in; a kill
+    in between leaves ``latest`` naming nothing. The error says where the complete previous
+    version is (before, it sat under a temporary name the next save deleted)."""
+    directory = tmp_path / "ckpt"
+    error = run_distributed(_resave_killed_between_renames, str(directory), world_size=1)[0]
+    aside = [n for n in os.listdir(directory) if n.startswith(".deleting_iter_0000001.")]
+    assert len(aside) == 1 and str(directory / aside[0]) in error and "rename that back" in error
+    os.rename(directory / aside[0], directory / "iter_0000001")
+    assert latest_checkpoint(str(directory)) == str(directory / "iter_0000001")
+
+
+def _resume_error(path: str, distributed_optimizer: bool = True):
+    ddp, opt, sched = _train_objects(distributed_optimizer)
+    try:
+        return CheckpointManager(os.path.dirname(path)).load(path, [ddp], opt, sched)[0]
+    except RuntimeError as e:
+        return str(e)
+
+
+def test_optimizer_state_the_run_cannot_load_is_refused_with_a_clear_error(tmp_path):
+    """The distributed optimizer's state (``dp_reshardable``) reshards over data-parallel sizes
+    only, and has another structure than the plain optimizer's: resumed at TP=2, or with
+    ``use_distributed_optimizer`` switched, megatron-core failed inside
+    torch.distributed.checkpoint naming optimizer buckets, as a BaseException (no
+    ``except Exception`` sees it). At another DP size it resumes; the plain optimizer's state
+    (per parameter) at another TP too."""
+    directory = str(tmp_path / "ckpt")
+    run_distributed(_run_with_checkpoints, directory, 1, 1, False)  # DP=2, a stepped optimizer
+    path = latest_checkpoint(directory)
+    for error in run_distributed(_resume_error, path, tensor_model_parallel_size=2):
+        assert isinstance(error, str) and path in error and "model.init_from" in error
+        assert "parallel.tensor_model_parallel_size=1" in error
+    for error in run_distributed(_resume_error, path, False):
+        assert isinstance(error, str) and "parallel.use_distributed_optimizer=true" in error
+    assert run_distributed(_resume_from, path, world_size=1) == [(1, [])]
+    plain = str(tmp_path / "plain")
+    run_distributed(_run_with_checkpoints, plain, 1, 1, False, False)
+    assert run_distributed(_resume_error, latest_checkpoint(plain), False,
+                           tensor_model_parallel_size=2) == [1, 1]
+
+
+def test_a_corrupt_checkpoint_file_is_an_error_naming_it(tmp_path):
+    path = tmp_path / "iter_0000004"
+    os.makedirs(path / "rank_state")
+    (path / "trainer_state.json").write_text('{"step": 4, "world_si')  # cut short: disk full
+    for read in (lambda: CheckpointManager(str(tmp_path)).load(str(path), []),
+                 lambda: CheckpointManager.saved_rank_states(str(path), "reader")):
+        with pytest.raises(RuntimeError, match=re.escape(str(path / "trainer_state.json"))):
+            read()
+    (path / "trainer_state.json").write_text(json.dumps({"step": 4, "world_size": 1}))
+    (path / "rank_state" / "rank_00000.json").write_bytes(b"\xff\xfe")
+    with pytest.raises(RuntimeError, match="rank_00000.json"):
+        CheckpointManager.saved_rank_states(str(path), "reader")
 
 
 def _resume_from(path: str):
@@ -198,6 +372,45 @@ def _save_signal_helpers_then_save_again(directory: str):
     _step(ddp, opt, sched)
     manager.save(2, [ddp], opt, sched)  # the save that signal asks for
     return len(helpers), alive, os.path.basename(manager.latest())
+
+
+def _start_checkpoint_writer(pids):
+    import time
+
+    import psutil
+
+    from megatron_ease.training.preemption import protect_checkpoint_writer
+
+    protect_checkpoint_writer()
+    pids.put([p.pid for p in psutil.Process().children(recursive=True)])
+    time.sleep(600)  # killed by the test
+
+
+def test_checkpoint_writer_helper_dies_with_a_killed_trainer():
+    """The writer's helper ignores TERM and USR1 (and INT): a trainer killed with SIGKILL left
+    it running forever, holding the job's stdout open (a ``| tee`` or a harness hung)."""
+    import multiprocessing
+    import time
+
+    import psutil
+
+    ctx = multiprocessing.get_context("spawn")
+    pids = ctx.Queue()
+    trainer = ctx.Process(target=_start_checkpoint_writer, args=(pids,))
+    trainer.start()
+    helpers = [psutil.Process(pid) for pid in pids.get(timeout=120)]
+    assert helpers, "protect_checkpoint_writer started no helper: nothing to check"
+    trainer.kill()
+    trainer.join()
+    deadline = time.monotonic() + 60  # a hang guard, not a timing check
+    try:
+        while any(h.is_running() and h.status() != psutil.STATUS_ZOMBIE for h in helpers):
+            assert time.monotonic() < deadline, "the writer's helper outlived its trainer"
+            time.sleep(0.2)
+    finally:
+        for helper in helpers:
+            if helper.is_running():
+                helper.kill()
 
 
 def test_checkpoint_writer_helpers_survive_the_preemption_signals(tmp_path):

@@ -51,13 +51,21 @@ def main(argv=None) -> int:
     except (ConfigError, OSError, ValueError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    initialize_distributed(cfg.parallel, seed=cfg.train.seed, backend=cfg.parallel.backend)
-    try:
-        from megatron_ease.training.trainer import run
+    from megatron_ease.training.preemption import PreemptionHandler
 
-        return run(cfg)
+    # Before the process group starts (NCCL set-up can take minutes on a large job): a USR1 or
+    # TERM then is kept for the first step boundary, not the default action (death, no requeue).
+    preemption = PreemptionHandler()
+    try:
+        initialize_distributed(cfg.parallel, seed=cfg.train.seed, backend=cfg.parallel.backend)
+        try:
+            from megatron_ease.training.trainer import run
+
+            return run(cfg, preemption)
+        finally:
+            destroy_distributed()
     finally:
-        destroy_distributed()
+        preemption.restore()
 
 
 if __name__ == "__main__":

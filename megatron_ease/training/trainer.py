@@ -97,7 +97,12 @@ class Trainer:
             cfg.logging.run_dir, config_to_dict(cfg), use_wandb=cfg.logging.wandb,
             wandb_project=cfg.logging.wandb_project, wandb_mode=cfg.logging.wandb_mode,
             tensorboard=cfg.logging.tensorboard, enabled=self.is_logging_rank,
-            resumed_at=self.step if self.step > 0 else None,
+            # Resumed: records after the checkpoint go (the run logs those steps again). A run
+            # that could resume but found no checkpoint starts over (killed before its first
+            # save): all of a killed attempt's records go, its warm start's too.
+            resumed_at=self.step if self.resumed else (
+                0 if self.checkpoints is not None and cfg.checkpoint.resume else None),
+            keep_warm_start=self.resumed,
             console_interval=cfg.logging.log_interval)
         if self._validation_due:
             # The checkpoint was saved before its step's validation; if that validation ran and
@@ -517,6 +522,8 @@ class Trainer:
             # filesystem may show a rank a stale ``latest``, and a save is collective.
             if self.checkpoints is not None and self._saved_step != self.step:
                 self.save()
+            if self.checkpoints is not None:
+                self.checkpoints.wait_for_deletions()  # not when preempted: its time is short
             return 0
         finally:
             profiler.finish(self.step)  # a run stopped inside the window keeps its trace
@@ -538,10 +545,12 @@ class Trainer:
         return status
 
 
-def run(cfg: Config) -> int:
-    # Installed before the trainer is built: a signal while the model and checkpoint load is
-    # kept for the first step boundary instead of killing the job before it can save.
-    preemption = PreemptionHandler()
+def run(cfg: Config, preemption: Optional[PreemptionHandler] = None) -> int:
+    """Train ``cfg``. ``preemption``: a handler the caller installed earlier (the CLI, before
+    the process group starts); else one is installed here, before the trainer is built: a
+    signal while the model and checkpoint load is kept for the first step boundary instead of
+    killing the job before it can save."""
+    preemption = preemption or PreemptionHandler()
     try:
         os.makedirs(cfg.logging.run_dir, exist_ok=True)
         trainer = Trainer(cfg)

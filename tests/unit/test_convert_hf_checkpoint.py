@@ -296,25 +296,29 @@ def _with_extra_state(model):
     return model
 
 
+def _tp2_model(hf_dir):
+    """The model of ``hf_dir`` at TP = 2, uninitialised (weights come from a checkpoint)."""
+    from megatron_ease.models.qwen_vl import build_qwen_vl_model
+
+    return build_qwen_vl_model(model_config_from_hf(hf_dir),
+                               ParallelConfig(tensor_model_parallel_size=2),
+                               perform_initialization=False)
+
+
 def _load_with_extra_state_worker(hf_dir, ckpt, run_dir):
     """init_from (load_model_checkpoint) and a resume (CheckpointManager.load) of checkpoints
     written without extra state, into a model that has some."""
-    from megatron_ease.models.qwen_vl import build_qwen_vl_model, load_model_checkpoint
+    from megatron_ease.models.qwen_vl import load_model_checkpoint
     from megatron_ease.training.checkpointing import CheckpointManager
 
-    def build():
-        return build_qwen_vl_model(model_config_from_hf(hf_dir),
-                                   ParallelConfig(tensor_model_parallel_size=2),
-                                   perform_initialization=False)
-
-    plain = build()
+    plain = _tp2_model(hf_dir)
     load_model_checkpoint(plain, ckpt)
     manager = CheckpointManager(run_dir, keep_last=2)
     manager.save(1, [plain])
-    model = _with_extra_state(build())
+    model = _with_extra_state(_tp2_model(hf_dir))
     assert any(k.endswith("_extra_state") for k in model.sharded_state_dict())
     load_model_checkpoint(model, ckpt)
-    resumed = _with_extra_state(build())
+    resumed = _with_extra_state(_tp2_model(hf_dir))
     manager.load(manager.resolve_latest(), [resumed], restore_rng=False)
     want = {n: p.detach() for n, p in plain.named_parameters()}
     for loaded in (model, resumed):
@@ -339,15 +343,10 @@ def _init_from_trainer_checkpoint_worker(hf_dir, ckpt, run_dir):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    from megatron_ease.models.qwen_vl import build_qwen_vl_model, load_model_checkpoint
+    from megatron_ease.models.qwen_vl import load_model_checkpoint
     from megatron_ease.training.checkpointing import CheckpointManager
 
-    def build():
-        return build_qwen_vl_model(model_config_from_hf(hf_dir),
-                                   ParallelConfig(tensor_model_parallel_size=2),
-                                   perform_initialization=False)
-
-    trained = build()
+    trained = _tp2_model(hf_dir)
     load_model_checkpoint(trained, ckpt)
     # The plain (not distributed) optimizer: its param groups go to the checkpoint's common.pt.
     ddp = DistributedDataParallel(trained.config, DistributedDataParallelConfig(
@@ -358,7 +357,7 @@ def _init_from_trainer_checkpoint_worker(hf_dir, ckpt, run_dir):
         param.main_grad.fill_(0.01)
     optimizer.step()  # Adam state: the save then holds the optimizer's
     CheckpointManager(run_dir, keep_last=1).save(3, [ddp], optimizer)
-    fresh = build()
+    fresh = _tp2_model(hf_dir)
     load_model_checkpoint(fresh, run_dir)  # failed: "unexpected ['zer']" (common 'optimizer')
     want = dict(trained.named_parameters())
     got = dict(fresh.named_parameters())

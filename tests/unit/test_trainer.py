@@ -690,6 +690,9 @@ def test_kill_9_then_resume_reproduces_an_uninterrupted_run(dataset, tmp_path):
     os.killpg(cut.pid, signal.SIGKILL)
     cut.wait()
     assert full.wait(timeout=600) == 0, full.stdout.read()
+    # A completed run waits for its old checkpoints' background deletion (keep_last 2 of 4).
+    assert sorted(os.listdir(os.path.join(full_dir, "ckpt"))) == [
+        "iter_0000003", "iter_0000004", "latest"]
     resumed = _launch(_overrides(dataset, cut_dir, steps, "checkpoint.interval=1"))
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out
@@ -1024,3 +1027,32 @@ def test_model_token_ids_must_be_the_tokenizers(dataset, override, message):
     # An eos the template does not use is fine when <|im_end|> is among the stop ids.
     builders.check_tokenizer_fits(load_config(CONFIG, _overrides(dataset, "unused", 1) + [
         "model.eos_token_id=5", "model.stop_token_ids=[248]"]), tokenizer)
+
+
+def test_a_signal_while_the_process_group_starts_is_kept_not_fatal(tmp_path):
+    """USR1 before the trainer exists (NCCL set-up takes minutes on a large job) killed the job
+    with the signal's default action (not requeued); the CLI installs its handler first."""
+    script = (
+        "import os, signal, sys\n"
+        "from megatron_ease import distributed, train\n"
+        "def start(*args, **kwargs):\n"
+        "    os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "    raise SystemExit(7)\n"
+        "distributed.initialize_distributed = start\n"
+        f"train.main(['--config', {CONFIG!r}, 'logging.run_dir={tmp_path}/run',\n"
+        f"            'checkpoint.dir={tmp_path}/ckpt'])\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 7, (result.returncode, result.stderr[-2000:])
+
+
+def test_a_run_starting_over_drops_the_killed_attempts_records(tmp_path):
+    """Killed before its first checkpoint, a run starts over (warm start included): the killed
+    attempt's records went into metrics.jsonl twice."""
+    from megatron_ease.training.metrics import MetricsLogger
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "split": split}) + "\n"
+                            for split, s in (("warm_start", 1), ("warm_start", 2), ("train", 1))))
+    MetricsLogger(str(tmp_path), use_wandb=False, resumed_at=0, keep_warm_start=False).close()
+    assert path.read_text() == ""

@@ -151,7 +151,10 @@ def default_backend() -> str:
     (``CUDA_VISIBLE_DEVICES=``) or ``parallel.backend=gloo`` asks for the CPU explicitly."""
     if torch.cuda.is_available():
         return "nccl"
-    if os.environ.get("CUDA_VISIBLE_DEVICES", None) != "" and os.path.exists("/dev/nvidiactl"):
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    hidden = visible is not None and (visible.strip() in ("", "none", "void", "NoDevFiles")
+                                      or visible.strip().startswith("-"))
+    if not hidden and os.path.exists("/dev/nvidiactl"):
         raise RuntimeError(
             f"this node has NVIDIA GPUs but torch {torch.__version__} cannot use them "
             f"(built for CUDA {torch.version.cuda}; a CPU-only wheel says None, else the "

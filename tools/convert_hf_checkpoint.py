@@ -173,11 +173,11 @@ def _conversion_record(ckpt_dir: str, ckpt_arg: str) -> dict:
     return {}
 
 
-def _copy_config_files(hf_config_dir: str, out: str) -> None:
+def _copy_config_files(hf_config_dir: str, out: str, skip: tuple = ()) -> None:
     for entry in sorted(os.listdir(hf_config_dir)):
         src, dst = os.path.join(hf_config_dir, entry), os.path.join(out, entry)
-        if os.path.isfile(src) and not entry.endswith(_WEIGHT_SUFFIXES) and not (
-                os.path.exists(dst) and os.path.samefile(src, dst)):  # --out = --hf-config
+        if os.path.isfile(src) and not entry.endswith(_WEIGHT_SUFFIXES) and entry not in skip \
+                and not (os.path.exists(dst) and os.path.samefile(src, dst)):  # --out = --hf-config
             shutil.copy2(src, dst)
 
 
@@ -214,6 +214,7 @@ def megatron_to_hf(ckpt: str, hf_config_dir: Optional[str], out: str) -> None:
     )
 
     extra_files = None  # a directory whose non-weight files go to --out too
+    made_config = False  # the config comes from the run's model section, not from a directory
     if hf_config_dir is not None:
         hf_config, extra_files = load_hf_config(hf_config_dir), hf_config_dir
     else:
@@ -226,7 +227,7 @@ def megatron_to_hf(ckpt: str, hf_config_dir: Optional[str], out: str) -> None:
             hf_config, extra_files = load_hf_config(run.model.hf_config), run.model.hf_config
             logger.info("HF config: the run's model.hf_config, %s", run.model.hf_config)
         else:
-            hf_config = hf_config_from_model_config(run.model)
+            hf_config, made_config = hf_config_from_model_config(run.model), True
             logger.info("HF config: made from the run's model section (model.hf_config %r is "
                         "not a directory here)", run.model.hf_config)
             if run.data.tokenizer and os.path.isdir(run.data.tokenizer):
@@ -258,8 +259,10 @@ def megatron_to_hf(ckpt: str, hf_config_dir: Optional[str], out: str) -> None:
     os.makedirs(out, exist_ok=True)
     save_hf_weights(hf_tensors(reader.iter_tensors(names), **export), out, plan, progress=True)
     if extra_files is not None:
-        _copy_config_files(extra_files, out)
-    if not os.path.isfile(os.path.join(out, "config.json")):
+        # The tokenizer directory's own config files (a full HF model's) are not this model's.
+        _copy_config_files(extra_files, out, skip=("config.json", "generation_config.json")
+                           if made_config else ())
+    if made_config or not os.path.isfile(os.path.join(out, "config.json")):
         hf_config.save_pretrained(out)
     logger.info("wrote %s", out)
 

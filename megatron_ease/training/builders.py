@@ -206,8 +206,8 @@ def check_paths(cfg: Config) -> None:
                         f"eval.interval=0)")
         _check_tokenizer_name(cfg.data.tokenizer)
     ckpt = cfg.checkpoint.dir
-    resumable = bool(ckpt and cfg.checkpoint.resume and os.path.isdir(ckpt)
-                     and any(n.startswith("iter_") for n in os.listdir(ckpt)))
+    resumable = bool(ckpt and cfg.checkpoint.resume
+                     and os.path.isfile(os.path.join(ckpt, "latest")))  # as the trainer resumes
     init = cfg.model.init_from
     if init and not resumable:
         if not os.path.exists(init):

@@ -121,10 +121,12 @@ def latest_checkpoint(directory: Optional[str]) -> Optional[str]:
     if not _STEP_DIR.match(name) or not os.path.isdir(path):
         # The one way our saves leave this: killed between moving a re-saved step's previous
         # version aside and renaming the new one in. That previous version is complete.
-        aside = sorted(n for n in os.listdir(directory) if n.startswith(f"{_DISCARDED}{name}."))
+        # Only complete ones: an earlier kill may have left a half-deleted one beside it.
+        aside = sorted(n for n in os.listdir(directory) if n.startswith(f"{_DISCARDED}{name}.")
+                       and os.path.isfile(os.path.join(directory, n, "trainer_state.json")))
         hint = (f"; a save that replaced it was interrupted and its previous version is "
-                f"{os.path.join(directory, aside[-1])}: rename that back to {path} to resume "
-                f"from it" if aside and _STEP_DIR.match(name) else "")
+                f"{' or '.join(os.path.join(directory, n) for n in aside)}: rename that back to "
+                f"{path} to resume from it" if aside and _STEP_DIR.match(name) else "")
         raise RuntimeError(f"{pointer} names {name!r}, which is not a checkpoint in {directory}"
                            f"{hint}; point it at an existing iter_* folder or remove it to start "
                            f"afresh")
@@ -202,8 +204,9 @@ def _check_optimizer_layout(path: str, meta: dict, optimizer) -> None:
     (``OPTIMIZER_SHARDING``) reshards across data-parallel sizes only. The plain one's is per
     parameter and loads at any TP / PP."""
     distributed = _is_distributed_optimizer(optimizer)
-    fresh = (f"or start from its weights with a fresh optimizer: model.init_from={path} "
-             f"checkpoint.resume=false")
+    fresh = (f"or start a new run from its weights with a fresh optimizer: model.init_from={path} "
+             f"checkpoint.dir=<a new directory> (not this one, whose checkpoints the new run's "
+             f"saves would replace and prune)")
     saved_distributed = meta.get("distributed_optimizer")
     if saved_distributed is not None and saved_distributed != distributed:
         raise RuntimeError(
@@ -434,9 +437,15 @@ class CheckpointManager:
 
     def _discard(self, name: str) -> None:
         """Rank 0: take folder ``name`` out of use at once (one rename); ``_delete_discarded``
-        deletes it later."""
-        os.rename(os.path.join(self.directory, name),
-                  os.path.join(self.directory, f"{_DISCARDED}{name}.{uuid.uuid4().hex[:8]}"))
+        deletes it later. A failure is a warning (rank 0 raising here, between the save's
+        barriers, would leave the other ranks waiting for the collective timeout); the folder
+        is tried again at the next save."""
+        try:
+            os.rename(os.path.join(self.directory, name),
+                      os.path.join(self.directory, f"{_DISCARDED}{name}.{uuid.uuid4().hex[:8]}"))
+        except OSError as e:
+            logger.warning("could not set %s aside for deletion (%s); tried again at the next "
+                           "save", os.path.join(self.directory, name), e)
 
     def _delete_discarded(self) -> None:
         """Rank 0: delete every discarded folder of the directory (this run's, and any a killed

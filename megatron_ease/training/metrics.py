@@ -39,8 +39,7 @@ class MetricsLogger:
     def __init__(self, run_dir: str, config: Optional[dict] = None, use_wandb: bool = False,
                  wandb_project: str = "megatron_ease", wandb_mode: Optional[str] = None,
                  tensorboard: bool = False, enabled: bool = True, stream=None,
-                 resumed_at: Optional[int] = None, console_interval: int = 1,
-                 keep_warm_start: bool = True):
+                 resumed_at: Optional[int] = None, console_interval: int = 1):
         """``console_interval`` (``logging.log_interval``): the console line of a training or
         warm-start step every this many steps, and of the last one; validation lines always.
         The JSONL log, wandb and TensorBoard get every record."""
@@ -55,7 +54,7 @@ class MetricsLogger:
         os.makedirs(run_dir, exist_ok=True)
         self.jsonl_path = os.path.join(run_dir, "metrics.jsonl")
         if resumed_at is not None:
-            _drop_records_after(self.jsonl_path, resumed_at, keep_warm_start)
+            _drop_records_after(self.jsonl_path, resumed_at)
         self._jsonl = open(self.jsonl_path, "a")
         if use_wandb:
             self._wandb = _start_wandb(run_dir, config, wandb_project, wandb_mode)
@@ -147,14 +146,13 @@ def _records(path: str):
                 yield line, None
 
 
-def _drop_records_after(path: str, step: int, keep_warm_start: bool = True) -> None:
+def _drop_records_after(path: str, step: int) -> None:
     """A run resumed at ``step``: the RL records (train, eval) of later steps came from work
     the checkpoint does not hold (a crash after it), and the resumed run logs those steps again.
-    Dropped so that every step has one record; the warm start's records stay unless
-    ``keep_warm_start`` is False (a run starting over, which repeats its warm start too)."""
+    Dropped so that every step has one record; the warm start's records stay."""
     lines = list(_records(path))
     kept = [line if line.endswith("\n") else line + "\n" for line, record in lines
-            if record is not None and ((keep_warm_start and record.get("split") == "warm_start")
+            if record is not None and (record.get("split") == "warm_start"
                                        or record.get("step", 0) <= step)]
     if len(kept) == len(lines):
         return

@@ -97,12 +97,7 @@ class Trainer:
             cfg.logging.run_dir, config_to_dict(cfg), use_wandb=cfg.logging.wandb,
             wandb_project=cfg.logging.wandb_project, wandb_mode=cfg.logging.wandb_mode,
             tensorboard=cfg.logging.tensorboard, enabled=self.is_logging_rank,
-            # Resumed: records after the checkpoint go (the run logs those steps again). A run
-            # that could resume but found no checkpoint starts over (killed before its first
-            # save): all of a killed attempt's records go, its warm start's too.
-            resumed_at=self.step if self.resumed else (
-                0 if self.checkpoints is not None and cfg.checkpoint.resume else None),
-            keep_warm_start=self.resumed,
+            resumed_at=self.step if self.step > 0 else None,
             console_interval=cfg.logging.log_interval)
         if self._validation_due:
             # The checkpoint was saved before its step's validation; if that validation ran and

@@ -156,7 +156,8 @@ def run_case(case: FunctionalCase, workdir: Path, extra_overrides: Sequence[str]
         # The metrics file is appended to: a second run in one directory would mix curves.
         raise ValueError(f"{workdir / 'run'} exists; run each case in a fresh directory")
     workdir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    # CPU cases (gloo): GPUs hidden, also on a machine that has some.
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="")
     for attempt in range(3):
         cmd = launch_command(case, workdir, find_free_port(), extra_overrides)
         output, status = _run(cmd, env, timeout_s)

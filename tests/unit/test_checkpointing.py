@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -298,6 +299,9 @@ def test_optimizer_state_the_run_cannot_load_is_refused_with_a_clear_error(tmp_p
     for error in run_distributed(_resume_error, path, tensor_model_parallel_size=2):
         assert isinstance(error, str) and path in error and "model.init_from" in error
         assert "parallel.tensor_model_parallel_size=1" in error
+        # A new run from its weights goes to a new directory: in this one, its saves would
+        # replace and prune the checkpoints it starts from.
+        assert "checkpoint.dir=<a new directory>" in error and "resume=false" not in error
     for error in run_distributed(_resume_error, path, False):
         assert isinstance(error, str) and "parallel.use_distributed_optimizer=true" in error
     assert run_distributed(_resume_from, path, world_size=1) == [(1, [])]
@@ -576,3 +580,12 @@ def test_saved_rank_states_are_read_in_rank_order_and_a_partial_view_is_refused(
     os.remove(path / "rank_state" / "rank_00002.json")
     with pytest.raises(RuntimeError, match="2 rank files for the 3 ranks"):
         CheckpointManager.saved_rank_states(str(path), "reader")
+
+
+def test_a_folder_that_cannot_be_set_aside_is_a_warning_not_a_crash_of_rank_0(tmp_path, caplog):
+    """Rank 0 raising between the save's barriers left the other ranks in the collective until
+    its timeout; the folder is tried again at the next save."""
+    manager = CheckpointManager(str(tmp_path), keep_last=1)
+    with caplog.at_level(logging.WARNING, logger="megatron_ease.training.checkpointing"):
+        manager._discard("iter_0000001")  # vanished (another process, a stale NFS view)
+    assert "could not set" in caplog.text and "iter_0000001" in caplog.text

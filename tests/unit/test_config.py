@@ -261,6 +261,7 @@ def test_check_paths_accepts_what_a_run_may_create_or_not_need(tmp_path):
                            "data.synthetic=true"))
     # A requeued run resumes from its checkpoint even if init_from was purged meanwhile.
     (tmp_path / "ck" / "iter_0000010").mkdir(parents=True)
+    (tmp_path / "ck" / "latest").write_text("iter_0000010\n")
     check_paths(_paths_cfg(tmp_path, f"model.init_from={tmp_path}/purged"))
     with pytest.raises(FileNotFoundError, match="model.init_from"):
         check_paths(_paths_cfg(tmp_path, f"model.init_from={tmp_path}/purged",

@@ -120,6 +120,7 @@ def test_megatron_to_hf_without_hf_config_takes_the_runs_saved_config(converted,
     tokenizer = tmp_path / "tok"
     tokenizer.mkdir()
     (tokenizer / "tokenizer_config.json").write_text("{}")
+    (tokenizer / "config.json").write_text('{"model_type": "another model"}')  # not copied
     model = dataclasses.replace(model_config_from_hf(converted["hf_dir"]), hf_config=None)
     run = Config(model=model, data=DataConfig(tokenizer=str(tokenizer)))
     (trainer / "iter_0000003" / "trainer_state.json").write_text(
@@ -128,6 +129,7 @@ def test_megatron_to_hf_without_hf_config_takes_the_runs_saved_config(converted,
     result = convert("megatron-to-hf", "--ckpt", str(trainer), "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "tokenizer_config.json").read_text() == "{}"
+    assert json.loads((out / "config.json").read_text())["model_type"] == "qwen2_5_vl"
     original, back = read_safetensors(converted["hf_dir"]), read_safetensors(out)
     assert original.keys() == back.keys()
     assert all(torch.equal(back[k], v) for k, v in original.items())

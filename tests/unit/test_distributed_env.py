@@ -134,8 +134,9 @@ def test_a_gpu_node_with_a_torch_that_cannot_use_its_gpus_is_refused(monkeypatch
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     with pytest.raises(RuntimeError, match="CUDA_VISIBLE_DEVICES="):
         distributed.default_backend()
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    assert distributed.default_backend() == "gloo"
+    for hidden in ("", "-1", "none", "NoDevFiles"):  # the usual ways of hiding every GPU
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
+        assert distributed.default_backend() == "gloo"
     monkeypatch.setattr(distributed.os.path, "exists", lambda p: False)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert distributed.default_backend() == "gloo"  # a CPU machine

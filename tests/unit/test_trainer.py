@@ -1045,3 +1045,19 @@ def test_a_signal_while_the_process_group_starts_is_kept_not_fatal(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 7, (result.returncode, result.stderr[-2000:])
+
+
+def test_rollout_collector_caps_filtered_correct_groups_at_this_ranks_share_of_b(monkeypatch):
+    """The cap reaches dynamic sampling: at most B / DP all-correct groups per rank."""
+    from unittest import mock
+
+    from megatron_ease.training import rollouts
+
+    cfg = load_config(CONFIG, ["ease.use_filtered_correct=true", "train.prompts_per_step=8"])
+    collector = rollouts.RolloutCollector(cfg, engine=None, tokenizer=None,
+                                          reader_iter=iter(()), stop_token_ids=[248], dp_rank=0)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group: 2)
+    with mock.patch.object(rollouts, "dynamic_sample", return_value="sampled") as sample:
+        assert collector.collect(step=0, dp_group=object()) == "sampled"
+    kwargs = sample.call_args.kwargs
+    assert kwargs["keep_filtered_correct"] is True and kwargs["max_filtered_correct_groups"] == 4

@@ -158,8 +158,8 @@ def default_backend() -> str:
         raise RuntimeError(
             f"this node has NVIDIA GPUs but torch {torch.__version__} cannot use them "
             f"(built for CUDA {torch.version.cuda}; a CPU-only wheel says None, else the "
-            f"driver may be too old for it): install a CUDA build of torch, or hide the GPUs (CUDA_VISIBLE_DEVICES=) / set "
-            f"parallel.backend=gloo to run on the CPU")
+            f"driver may be too old for it): install a CUDA build of torch, or hide the GPUs "
+            f"(CUDA_VISIBLE_DEVICES=) / set parallel.backend=gloo to run on the CPU")
     return "gloo"
 
 

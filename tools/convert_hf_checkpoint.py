@@ -220,9 +220,9 @@ def megatron_to_hf(ckpt: str, hf_config_dir: Optional[str], out: str) -> None:
     else:
         run = _run_config_of(ckpt)
         if run is None:
-            raise FileNotFoundError(f"{ckpt} has no trainer_state.json with its run's config (a "
-                             f"converted checkpoint?): give --hf-config, the HF model directory "
-                             f"it was converted from")
+            raise FileNotFoundError(f"{ckpt} has no trainer_state.json with its run's config "
+                                    f"(a converted checkpoint?): give --hf-config, the HF model "
+                                    f"directory it was converted from")
         if run.model.hf_config and os.path.isdir(run.model.hf_config):
             hf_config, extra_files = load_hf_config(run.model.hf_config), run.model.hf_config
             logger.info("HF config: the run's model.hf_config, %s", run.model.hf_config)

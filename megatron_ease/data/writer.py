@@ -15,6 +15,7 @@ from megatron_ease.data.schema import MASK_EXTENSION, SampleError, decode_sample
 
 logger = logging.getLogger(__name__)
 
+
 def sample_members(
     record: Mapping[str, Any],
     images: Sequence[tuple[str, bytes]],
@@ -34,6 +35,7 @@ def sample_members(
     for i, data in (masks or {}).items():
         files[MASK_EXTENSION if len(images) == 1 and i == 0 else f"{i}.{MASK_EXTENSION}"] = data
     return files
+
 
 class EvidenceShardWriter:
     """Numbered shards ``{prefix}-000000.tar`` of ``samples_per_shard`` valid samples each.

@@ -148,7 +148,7 @@ class Trainer:
                 # differs (a longer run, a new lr) so a new experiment pointed at an old
                 # directory by mistake is seen at once. Not refused: changing the length or the
                 # learning rate of a resumed run is common.
-                changes = config_changes(meta.get("config") or {}, config_to_dict(self.cfg)) \
+                changes = config_changes(meta["config"], config_to_dict(self.cfg)) \
                     if meta.get("config") else []
                 if changes:
                     print(f"config changed since the checkpoint ({len(changes)}): "

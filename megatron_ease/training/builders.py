@@ -142,6 +142,15 @@ def shard_files(spec: str, field: str, hint: str = "") -> list[str]:
     return files
 
 
+def check_eval_shards(cfg: Config) -> None:
+    """With periodic validation on, ``data.eval_shards`` must match files: found at start, not
+    at the first validation hours into the run."""
+    if cfg.eval.interval:
+        shard_files(cfg.data.eval_shards, "data.eval_shards",
+                    f" (eval.interval is {cfg.eval.interval}; fix the path or set "
+                    f"eval.interval=0)")
+
+
 def build_reader(cfg: Config, tokenizer, shards: str, batch_size: int, dp_rank: int, dp_size: int,
                  train: bool = True, append_answer: bool = False,
                  max_samples: Optional[int] = None):
@@ -200,10 +209,7 @@ def check_paths(cfg: Config) -> None:
     are resolved later, by ``load_tokenizer``."""
     if not cfg.data.synthetic:
         shard_files(cfg.data.train_shards, "data.train_shards")
-        if cfg.eval.interval:
-            shard_files(cfg.data.eval_shards, "data.eval_shards",
-                        f" (eval.interval is {cfg.eval.interval}; fix the path or set "
-                        f"eval.interval=0)")
+        check_eval_shards(cfg)
         _check_tokenizer_name(cfg.data.tokenizer)
     ckpt = cfg.checkpoint.dir
     resumable = bool(ckpt and cfg.checkpoint.resume

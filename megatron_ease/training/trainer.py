@@ -69,10 +69,7 @@ class Trainer:
             raise ValueError(f"data.tokenizer {cfg.data.tokenizer} has no pad token")
         self.image_token_id = cfg.model.image_token_id
         self.stop_ids = [cfg.model.eos_token_id, *cfg.model.stop_token_ids]
-        if cfg.eval.interval:  # found now, not at the first validation hours into the run
-            builders.shard_files(cfg.data.eval_shards, "data.eval_shards",
-                                 f" (eval.interval is {cfg.eval.interval}; fix the path or set "
-                                 f"eval.interval=0)")
+        builders.check_eval_shards(cfg)  # the CLI checked before; the demo and tests did not
 
         self.model = builders.build_model(cfg)
         self.ddp = builders.wrap_ddp(cfg, self.model)

@@ -211,20 +211,20 @@ def check_paths(cfg: Config) -> None:
         shard_files(cfg.data.train_shards, "data.train_shards")
         check_eval_shards(cfg)
         _check_tokenizer_name(cfg.data.tokenizer)
+    from megatron_ease.models.qwen_vl.checkpoint import resolve_checkpoint_dir
+    from megatron_ease.training.checkpointing import LATEST
+
     ckpt = cfg.checkpoint.dir
     resumable = bool(ckpt and cfg.checkpoint.resume
-                     and os.path.isfile(os.path.join(ckpt, "latest")))  # as the trainer resumes
+                     and os.path.isfile(os.path.join(ckpt, LATEST)))  # as the trainer resumes
     init = cfg.model.init_from
     if init and not resumable:
         if not os.path.exists(init):
             raise FileNotFoundError(f"model.init_from: no checkpoint at {init!r}")
-        if os.path.isfile(os.path.join(init, "config.json")) and not os.path.isfile(
-                os.path.join(init, "metadata.json")) and any(
-                n.endswith(".safetensors") for n in os.listdir(init)):
-            raise ValueError(f"model.init_from: {init!r} is a Hugging Face model directory; "
-                             f"convert it first (python tools/convert_hf_checkpoint.py "
-                             f"hf-to-megatron --hf-dir {init} --out CKPT) and give CKPT, with "
-                             f"model.hf_config={init}")
+        try:  # what the load will read: a checkpoint, or a directory pointing to one
+            resolve_checkpoint_dir(init)
+        except (FileNotFoundError, ValueError) as e:  # a directory of another kind
+            raise ValueError(f"model.init_from: {e}") from None
     for field, path in (("checkpoint.dir", ckpt), ("logging.run_dir", cfg.logging.run_dir)):
         if not path:
             continue

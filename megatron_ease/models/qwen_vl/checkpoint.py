@@ -59,6 +59,12 @@ def resolve_checkpoint_dir(path: str) -> str:
                 return candidate
         raise FileNotFoundError(f"{marker} says {value!r} but none of {candidates} is a "
                                 f"distributed checkpoint")
+    if os.path.isfile(os.path.join(path, "config.json")) and any(
+            n.endswith(".safetensors") for n in os.listdir(path)):
+        raise FileNotFoundError(
+            f"{path} is a Hugging Face model directory; convert it first (python "
+            f"tools/convert_hf_checkpoint.py hf-to-megatron --hf-dir {path} --out CKPT) and give "
+            f"CKPT, with model.hf_config={path}")
     raise FileNotFoundError(
         f"{path} is not a megatron distributed checkpoint (no metadata.json) and has no "
         f"{' or '.join(LATEST_FILES)} file pointing to one")

@@ -184,14 +184,9 @@ def _copy_config_files(hf_config_dir: str, out: str, skip: tuple = ()) -> None:
 def _run_config_of(ckpt: str):
     """The config a trainer checkpoint was saved with (its trainer_state.json), or None."""
     from megatron_ease.config import config_from_dict
-    from megatron_ease.models.qwen_vl.checkpoint import resolve_checkpoint_dir
+    from megatron_ease.models.qwen_vl.checkpoint import resolve_checkpoint_dir, saved_run_config
 
-    path = os.path.join(resolve_checkpoint_dir(ckpt), "trainer_state.json")
-    try:
-        with open(path) as f:
-            saved = json.load(f).get("config")
-    except (OSError, ValueError):
-        return None
+    saved = saved_run_config(resolve_checkpoint_dir(ckpt))
     return config_from_dict(saved) if saved else None
 
 

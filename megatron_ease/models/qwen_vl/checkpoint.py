@@ -191,22 +191,33 @@ def load_model_checkpoint(model: torch.nn.Module, path: str) -> str:
     return ckpt_dir
 
 
+def saved_run_config(ckpt_dir: str) -> Optional[dict]:
+    """The run config a trainer checkpoint was saved with (``trainer_state.json``'s ``config``,
+    a ``config_to_dict`` tree), or None: a converted checkpoint, an unreadable file."""
+    import json
+
+    try:
+        with open(os.path.join(ckpt_dir, "trainer_state.json")) as f:
+            config = json.load(f).get("config")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
 def _saved_model_hint(ckpt_dir: str) -> str:
     """What the checkpoint says it holds, when it says: the converter's record (next to the
     tensors) or the trainer's saved config."""
     import json
 
-    for name, read in (("hf_conversion.json", lambda r: r.get("model_type")),
-                       ("trainer_state.json", lambda r: r.get("config", {}).get("model", {})
-                        .get("family"))):
-        try:
-            with open(os.path.join(ckpt_dir, name)) as f:
-                family = read(json.load(f))
-        except (OSError, ValueError, AttributeError):
-            continue
-        if family:
-            return f" (it holds a {family} model, by its {name})"
-    return ""
+    try:
+        with open(os.path.join(ckpt_dir, "hf_conversion.json")) as f:
+            family, source = json.load(f).get("model_type"), "hf_conversion.json"
+    except (OSError, ValueError, AttributeError):
+        family, source = None, None
+    if not family:
+        family = ((saved_run_config(ckpt_dir) or {}).get("model") or {}).get("family")
+        source = "trainer_state.json"
+    return f" (it holds a {family} model, by its {source})" if family else ""
 
 
 class CheckpointModelTensors:

@@ -371,7 +371,7 @@ def _named_choice(
         matches = [i for i, c in enumerate(choices) if normalize_text(str(c)) == normalized]
         if len(matches) == 1 and matches[0] < 26:
             return chr(ord("A") + matches[0])
-    letters = {l for l in _CAPITAL_WORD.findall(span) if valid is None or l in valid}
+    letters = {letter for letter in _CAPITAL_WORD.findall(span) if valid is None or letter in valid}
     if len(letters) != 1:
         return None
     letter = letters.pop()

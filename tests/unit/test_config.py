@@ -6,7 +6,6 @@ import pytest
 
 from megatron_ease.config import ConfigError, load_config, validate_config
 
-
 SEVEN_B = "examples/qwen25vl_7b_ease.yaml"
 
 

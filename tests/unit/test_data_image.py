@@ -2,10 +2,9 @@
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-import torch
 
 from megatron_ease.data.image import (
     ImageProcessingConfig,

@@ -129,6 +129,10 @@ class DapoConfig:
     # Rollouts (prompts x group_size) a rank decodes together; the KV cache holds this many rows
     # of (longest prompt + max_response_length) per layer. 0 = a whole chunk at once.
     max_rollouts_per_batch: int = 0
+    # Under pipeline parallelism, decode a batch as one prompt group per stage with the stages
+    # busy at once (a wavefront); false: every step through the stages one after the other.
+    # Same rollouts either way (benchmarks/rollout_pipeline.py).
+    pipelined_rollouts: bool = True
     temperature: float = 1.0
     top_p: float = 1.0
     format_reward: float = 0.0

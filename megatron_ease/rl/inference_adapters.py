@@ -52,7 +52,7 @@ Other limitations of megatron-core 0.16 this code lives with:
 from __future__ import annotations
 
 import abc
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional
 
 import torch
 from megatron.core.inference.contexts import StaticInferenceContext
@@ -76,6 +76,15 @@ def _causal_valid_mask(key_valid: torch.Tensor) -> torch.Tensor:
     s = key_valid.shape[1]
     causal = torch.ones(s, s, dtype=torch.bool, device=key_valid.device).tril()
     return ~(causal[None, None] & key_valid[:, None, None, :])
+
+
+class CacheState(NamedTuple):
+    """One set of rollouts' decode state: KV cache (with its sequence offset), positions
+    ``[..., rows, max_seq]`` and decode mask ``[rows, 1, 1, max_seq]``."""
+
+    context: StaticInferenceContext
+    positions: Optional[torch.Tensor]
+    decode_mask: Optional[torch.Tensor]
 
 
 def _vocab_size(model: torch.nn.Module) -> int:
@@ -121,6 +130,7 @@ class RolloutModelAdapter(AbstractModelInferenceWrapper, abc.ABC):
             sdpa=attention_backend == "sdpa" and not config.flash_decode)
         self._was_training: Optional[bool] = None  # the model's mode before prefill
         self._positions: Optional[torch.Tensor] = None  # [..., rows, max_seq]
+        self._rollout_rows: Optional[torch.Tensor] = None  # prompt row of each rollout
         # The layers' decode mask over the whole cache, [rows, 1, 1, max_seq]: built once, each
         # step takes its first `end` columns.
         self._decode_mask: Optional[torch.Tensor] = None
@@ -157,50 +167,91 @@ class RolloutModelAdapter(AbstractModelInferenceWrapper, abc.ABC):
         """Prefill ``B`` left-padded prompts once, replicate the cache for ``num_samples`` rollouts
         per prompt (rows ``b*G .. b*G+G-1`` belong to prompt ``b``) and return the logits that
         predict each rollout's first token, ``[B*G, vocab]`` (last stage; None elsewhere)."""
+        inputs = self.prefill_inputs(batch, num_samples, max_new_tokens)
+        return self.prefill_logits(self.run_one_forward_step(inputs))
+
+    def decode(self, tokens: torch.Tensor) -> Optional[torch.Tensor]:
+        """Feed one token per rollout ``[B*G]``; the logits of the next, ``[B*G, vocab]`` on the
+        last stage (None elsewhere)."""
+        logits = self.run_one_forward_step(self.decode_inputs(tokens))
+        return None if logits is None else logits[:, -1]
+
+    # The steps of ``prefill`` and ``decode`` for a caller that moves activations between pipeline
+    # stages itself (the pipelined decode of ``MegatronRolloutEngine``): inputs, this stage's
+    # forward (``stage_forward``), outputs. ``state`` / ``load_state`` switch between the caches of
+    # several sets of rollouts.
+
+    def prefill_inputs(self, batch: PromptBatch, num_samples: int,
+                       max_new_tokens: int) -> dict[str, Any]:
+        """A fresh KV cache for ``batch`` (the current state) and the prefill's model inputs."""
         b, p = batch.input_ids.shape
         if self.attention_backend == "model":
             self._check_model_attention_supported(padded=bool((~batch.attention_mask).any()))
-        self._was_training = self.model.training
         # B rows: ``select_rows`` makes the B·G-row cache after the prefill (allocating B·G here
         # would hold a second, mostly empty cache of the decode's size through the prefill).
         self.inference_context = StaticInferenceContext(b, p + max_new_tokens)
-        self.prep_model_for_inference()  # eval mode, fresh context
-        self._attention.install()
+        self._open()
 
         prompt_pos, next_pos = self.prompt_positions(batch)
         gen_pos = next_pos[:, None] + torch.arange(max_new_tokens, device=next_pos.device)  # [B, N]
         positions = torch.cat([prompt_pos, gen_pos.expand(*prompt_pos.shape[:-1], -1)], dim=-1)
         generated_valid = batch.attention_mask.new_ones(b, max_new_tokens)
         key_valid = torch.cat([batch.attention_mask, generated_valid], dim=1)  # [B, P + N]
-        logits = self.run_one_forward_step({
+        self._positions = positions
+        self._decode_mask = self._layer_mask(~key_valid[:, None, None, :])
+        self._rollout_rows = torch.arange(b, device=batch.input_ids.device).repeat_interleave(
+            num_samples)
+        return {
             "tokens": batch.input_ids,
             "position_ids": self.position_ids_for(positions, 0, p),
             "attention_mask": self._layer_mask(_causal_valid_mask(batch.attention_mask)),
             **self.prefill_extras(batch),
-        })
+        }
 
-        rollout_rows = torch.arange(b, device=batch.input_ids.device).repeat_interleave(
-            num_samples)
-        self._positions = positions
-        self._decode_mask = self._layer_mask(~key_valid[:, None, None, :])
-        if num_samples > 1:
+    def prefill_logits(self, logits: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """After the prefill's forward: the cache replicated for the rollouts, decode mode on,
+        and the logits of each rollout's first token (last stage; None elsewhere)."""
+        rollout_rows, self._rollout_rows = self._rollout_rows, None
+        if len(rollout_rows) != self.inference_context.max_batch_size:
             self.select_rows(rollout_rows)
         self.inference_context.enable_decode_mode()
         if logits is None:
             return None
         return logits[:, -1].index_select(0, rollout_rows.to(logits.device))
 
-    def decode(self, tokens: torch.Tensor) -> Optional[torch.Tensor]:
-        """Feed one token per rollout ``[B*G]``; the logits of the next, ``[B*G, vocab]`` on the
-        last stage (None elsewhere)."""
+    def decode_inputs(self, tokens: torch.Tensor) -> dict[str, Any]:
+        """The model inputs of a decode step feeding ``tokens`` ``[rows]``."""
         start = self.inference_context.sequence_len_offset
         end = start + 1
-        logits = self.run_one_forward_step({
+        return {
             "tokens": tokens[:, None],
             "position_ids": self.position_ids_for(self._positions, start, end),
             "attention_mask": self._decode_mask[..., :end],
-        })
-        return None if logits is None else logits[:, -1]
+        }
+
+    def recv_buffer_for(self, inputs: dict[str, Any]) -> torch.Tensor:
+        """The buffer this stage receives ``inputs``' activations in from the previous stage."""
+        return self._allocate_recv_buffer(*inputs["tokens"].shape)
+
+    def stage_forward(self, inputs: dict[str, Any],
+                      received: Optional[torch.Tensor]) -> torch.Tensor:
+        """This stage's forward of ``inputs`` (``received``: the previous stage's activations,
+        None on the first stage), advancing the cache: the activations to send on, or the logits
+        ``[b, s, vocab]`` on the last stage. ``run_one_forward_step`` without the communication."""
+        self._get_set_input_tensor()(received)
+        output = self._forward(inputs)
+        self.inference_context.increment_sequence_len_offset(inputs["tokens"].shape[1])
+        if self.is_last_stage:
+            return output.to(self.inference_wrapper_config.params_dtype)
+        return output.type(dtype=self.pipeline_communication_dtype)
+
+    def state(self) -> CacheState:
+        """The current rollouts' KV cache, positions and decode mask."""
+        return CacheState(self.inference_context, self._positions, self._decode_mask)
+
+    def load_state(self, state: CacheState) -> None:
+        """Make ``state`` (from ``state()``) the current one."""
+        self.inference_context, self._positions, self._decode_mask = state
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Decode rows ``rows`` of the current batch from now on, in that order (repeats
@@ -216,11 +267,25 @@ class RolloutModelAdapter(AbstractModelInferenceWrapper, abc.ABC):
     def release(self) -> None:
         """Free the KV cache and give the model back in the mode it was in."""
         self.inference_context = StaticInferenceContext(1, 1)
-        self._positions = self._decode_mask = None
-        self._attention.remove()
+        self._positions = self._decode_mask = self._rollout_rows = None
         if self._was_training is not None:
+            self._attention.remove()
             self.model.train(self._was_training)
             self._was_training = None
+
+    def _open(self) -> None:
+        """Eval mode and the rollout attention path, until ``release`` (once per generation,
+        however many prefills it runs)."""
+        if self._was_training is not None:
+            return
+        self._was_training = self.model.training
+        self.prep_model_for_inference()  # eval mode
+        self._attention.install()
+
+    def _get_set_input_tensor(self):
+        from megatron.core.utils import get_attr_wrapped_model
+
+        return get_attr_wrapped_model(self.model, "set_input_tensor")
 
     # megatron-core's TextGenerationController protocol; the rollout engine calls prefill/decode.
 
@@ -301,6 +366,10 @@ class QwenVLRolloutAdapter(RolloutModelAdapter):
     def run_one_forward_step(self, inference_input, recv_buffer_seq_len=None):
         self._with_images = inference_input.get("pixel_values") is not None
         return super().run_one_forward_step(inference_input, recv_buffer_seq_len)
+
+    def recv_buffer_for(self, inputs):
+        self._with_images = inputs.get("pixel_values") is not None
+        return super().recv_buffer_for(inputs)
 
     def _allocate_recv_buffer(self, batch_size, seq_len):
         """megatron-core receives ``[s, b, hidden_size]``; a Qwen3-VL stage that precedes a

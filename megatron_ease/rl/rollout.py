@@ -23,6 +23,11 @@ log-probs and the stop flags are broadcast over TP and then from the last pipeli
 stages, so every rank returns the same ``RolloutOutput`` and feeds the same tokens to the next
 step. Data-parallel ranks generate independently: give each its own seed (e.g.
 ``hash((step, dp_rank))``).
+
+Under pipeline parallelism a batch of two or more prompts is decoded as a wavefront
+(``_PipelinedDecode``): one prompt group per stage, each with its own KV cache, the stages
+running different groups at the same time instead of each step of the whole batch going through
+the stages one after the other (``pipelined=False``). The rollouts are the same.
 """
 
 from __future__ import annotations
@@ -35,7 +40,11 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 
-from megatron_ease.rl.inference_adapters import RolloutModelAdapter, rollout_adapter_for
+from megatron_ease.rl.inference_adapters import (
+    CacheState,
+    RolloutModelAdapter,
+    rollout_adapter_for,
+)
 from megatron_ease.rl.sampling import SamplingParams, StopStringMatcher, sample_next_tokens
 
 
@@ -59,12 +68,14 @@ class PromptBatch:
 
     @classmethod
     def left_padded(cls, prompts: Sequence[Prompt], pad_token_id: int,
-                    device: Optional[torch.device] = None) -> "PromptBatch":
+                    device: Optional[torch.device] = None,
+                    length: Optional[int] = None) -> "PromptBatch":
+        """``length``: pad to at least this many columns (default: the longest prompt's)."""
         ids = [torch.as_tensor(p.input_ids, dtype=torch.long).reshape(-1) for p in prompts]
         empty = [i for i, t in enumerate(ids) if t.numel() == 0]
         if empty:
             raise ValueError(f"prompts {empty} have no tokens")
-        length = max(t.numel() for t in ids)
+        length = max([t.numel() for t in ids] + [length or 0])
         input_ids = torch.full((len(ids), length), pad_token_id, dtype=torch.long)
         valid = torch.zeros(len(ids), length, dtype=torch.bool)
         for row, t in enumerate(ids):
@@ -144,16 +155,20 @@ class MegatronRolloutEngine(RolloutEngine):
             the KV cache (``rollouts × (prompt + max_new_tokens)`` per layer); more prompts are
             generated in consecutive batches. None = all at once.
         adapter: how the model is called (default: ``rollout_adapter_for(model)``).
+        pipelined: under pipeline parallelism, decode the batch's prompts in one group per stage
+            with the stages working on different groups at once (``_PipelinedDecode``); False
+            runs every step of the whole batch through the stages one after the other.
     """
 
     def __init__(self, model: torch.nn.Module, pad_token_id: int,
                  detokenize: Optional[Callable[[list[int]], str]] = None,
                  max_rollouts_per_batch: Optional[int] = None,
-                 adapter: Optional[RolloutModelAdapter] = None):
+                 adapter: Optional[RolloutModelAdapter] = None, pipelined: bool = True):
         self.adapter = adapter or rollout_adapter_for(model)
         self.pad_token_id = pad_token_id
         self.detokenize = detokenize
         self.max_rollouts_per_batch = max_rollouts_per_batch
+        self.pipelined = pipelined
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Prompt], sampling_params: SamplingParams) -> RolloutOutput:
@@ -188,57 +203,27 @@ class MegatronRolloutEngine(RolloutEngine):
         ``_DROP_FINISHED_FRACTION`` of it they leave the KV cache (a copy of the cache's filled
         part, about what one step's attention reads), until then they are fed padding and their
         samples ignored. A step costs one host synchronisation (how many rows are done)."""
-        device = self.adapter.device
-        batch = PromptBatch.left_padded(prompts, self.pad_token_id, device)
-        rows, steps = len(prompts) * params.n, params.max_new_tokens
-        tokens = torch.full((rows, steps), self.pad_token_id, dtype=torch.long, device=device)
-        log_probs = torch.zeros(rows, steps, dtype=torch.float32, device=device)
-        lengths = torch.zeros(rows, dtype=torch.long, device=device)
-        finished = torch.zeros(rows, dtype=torch.bool, device=device)
-        stop_ids = torch.tensor(params.stop_token_ids, dtype=torch.long, device=device)
-        suppressed = torch.tensor(params.suppress_token_ids, dtype=torch.long, device=device)
-        in_batch = torch.arange(rows, device=device)  # rollouts in the decode batch, in row order
-        generator = None
-        if self._is_sampling_rank:
-            generator = torch.Generator(device=device)
+        if self.pipelined and self.adapter.pp_group.size() > 1 and len(prompts) > 1:
+            return _PipelinedDecode(self, prompts, first_prompt, params, matcher).run()
+        batch = PromptBatch.left_padded(prompts, self.pad_token_id, self.adapter.device)
+        table = _RolloutTable(self, len(prompts), first_prompt, params, matcher)
+        in_batch = table.all_rows()  # rollouts in the decode batch, in row order
         try:
-            logits = self.adapter.prefill(batch, params.n, steps)  # [rows, V] on the last stage
-            for step in range(steps):
-                active = ~finished[in_batch]
-                packed = None
-                if self._is_sampling_rank:
-                    generator.manual_seed(_step_seed(params.seed, first_prompt, step))
-                    token, log_prob = sample_next_tokens(logits, params, generator,
-                                                         rows=in_batch, num_rows=rows,
-                                                         suppressed=suppressed)
-                    token = torch.where(active, token, self.pad_token_id)
-                    log_prob = torch.where(active, log_prob, 0.0)
-                    stop = active & torch.isin(token, stop_ids)
-                    if matcher is not None:
-                        tokens[in_batch, step] = token
-                        stop |= matcher(tokens[in_batch], lengths[in_batch] + 1, active & ~stop)
-                    packed = torch.stack([token.double(), log_prob.double(), stop.double()])
-                packed = self._share(packed, len(in_batch))  # [3, len(in_batch)] on every rank
-                tokens[in_batch, step] = packed[0].long()
-                log_probs[in_batch, step] = packed[1].float()
-                lengths[in_batch] += active.long()
-                done = ~active | packed[2].bool()
-                finished[in_batch] = done
+            logits = self.adapter.prefill(batch, params.n, params.max_new_tokens)
+            for step in range(params.max_new_tokens):
+                packed = self._share(table.sample(logits, in_batch, step), len(in_batch))
+                done = table.record(in_batch, step, packed)
                 num_done = int(done.sum())
-                if num_done == len(in_batch) or step == steps - 1:
+                if num_done == len(in_batch) or step == params.max_new_tokens - 1:
                     break
                 if num_done >= _DROP_FINISHED_FRACTION * len(in_batch):
                     unfinished = (~done).nonzero()[:, 0]
                     self.adapter.select_rows(unfinished)
                     in_batch = in_batch[unfinished]
-                logits = self.adapter.decode(tokens[in_batch, step])
+                logits = self.adapter.decode(table.tokens[in_batch, step])
         finally:
             self.adapter.release()
-        width = max(1, int(lengths.max()))
-        return RolloutOutput(
-            tokens=tokens[:, :width].contiguous(), log_probs=log_probs[:, :width].contiguous(),
-            lengths=lengths, finished=finished,
-            prompt_index=torch.arange(len(prompts), device=device).repeat_interleave(params.n))
+        return table.output()
 
     # -- who samples, and sharing what was sampled ------------------------------------------------
 
@@ -249,11 +234,249 @@ class MegatronRolloutEngine(RolloutEngine):
     def _share(self, packed: Optional[torch.Tensor], rows: int) -> torch.Tensor:
         """The sampling rank's ``[3, rows]`` float64 (tokens, log-probs, stop flags) on all ranks:
         over TP on the last stage, then from the last stage to every stage."""
-        if packed is None:
-            packed = torch.empty(3, rows, dtype=torch.float64, device=self.adapter.device)
-        tp, pp = self.adapter.tp_group, self.adapter.pp_group
-        if tp.size() > 1 and self.adapter.is_last_stage:
-            dist.broadcast(packed, dist.get_process_group_ranks(tp)[0], group=tp)
+        packed = self._share_tp(packed, rows)
+        pp = self.adapter.pp_group
         if pp.size() > 1:
             dist.broadcast(packed, dist.get_process_group_ranks(pp)[-1], group=pp)
         return packed
+
+    def _share_tp(self, packed: Optional[torch.Tensor], rows: int) -> torch.Tensor:
+        """On the last stage: the sampling rank's ``packed`` on every TP rank. Elsewhere: an
+        empty ``[3, rows]`` buffer to receive it in."""
+        if packed is None:
+            packed = torch.empty(3, rows, dtype=torch.float64, device=self.adapter.device)
+        tp = self.adapter.tp_group
+        if tp.size() > 1 and self.adapter.is_last_stage:
+            dist.broadcast(packed, dist.get_process_group_ranks(tp)[0], group=tp)
+        return packed
+
+
+class _RolloutTable:
+    """One batch's rollouts as they are generated, the same on every rank: tokens, log-probs,
+    lengths and finished flags; and the sampling of a step on the sampling rank."""
+
+    def __init__(self, engine: MegatronRolloutEngine, num_prompts: int, first_prompt: int,
+                 params: SamplingParams, matcher: Optional[StopStringMatcher]):
+        device = engine.adapter.device
+        self.params, self.matcher, self.first_prompt = params, matcher, first_prompt
+        self.pad_token_id = engine.pad_token_id
+        self.num_prompts, self.rows = num_prompts, num_prompts * params.n
+        shape = (self.rows, params.max_new_tokens)
+        self.tokens = torch.full(shape, self.pad_token_id, dtype=torch.long, device=device)
+        self.log_probs = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.lengths = torch.zeros(self.rows, dtype=torch.long, device=device)
+        self.finished = torch.zeros(self.rows, dtype=torch.bool, device=device)
+        self.stop_ids = torch.tensor(params.stop_token_ids, dtype=torch.long, device=device)
+        self.suppressed = torch.tensor(params.suppress_token_ids, dtype=torch.long, device=device)
+        self.generator = torch.Generator(device=device) if engine._is_sampling_rank else None
+
+    def all_rows(self) -> torch.Tensor:
+        return torch.arange(self.rows, device=self.lengths.device)
+
+    def sample(self, logits: Optional[torch.Tensor], in_batch: torch.Tensor,
+               step: int) -> Optional[torch.Tensor]:
+        """Token ``step`` of rollouts ``in_batch`` from their ``logits``: ``[3, len(in_batch)]``
+        float64 (tokens, log-probs, stop flags) on the sampling rank, None elsewhere. Finished
+        rollouts get padding."""
+        if self.generator is None:
+            return None
+        active = ~self.finished[in_batch]
+        self.generator.manual_seed(_step_seed(self.params.seed, self.first_prompt, step))
+        token, log_prob = sample_next_tokens(logits, self.params, self.generator, rows=in_batch,
+                                             num_rows=self.rows, suppressed=self.suppressed)
+        token = torch.where(active, token, self.pad_token_id)
+        log_prob = torch.where(active, log_prob, 0.0)
+        stop = active & torch.isin(token, self.stop_ids)
+        if self.matcher is not None:
+            self.tokens[in_batch, step] = token
+            stop |= self.matcher(self.tokens[in_batch], self.lengths[in_batch] + 1, active & ~stop)
+        return torch.stack([token.double(), log_prob.double(), stop.double()])
+
+    def record(self, in_batch: torch.Tensor, step: int, packed: torch.Tensor) -> torch.Tensor:
+        """Write ``sample``'s ``packed`` (as shared to this rank) for step ``step``; returns which
+        of ``in_batch`` are done (finished before or now), ``[len(in_batch)]`` bool."""
+        active = ~self.finished[in_batch]
+        self.tokens[in_batch, step] = packed[0].long()
+        self.log_probs[in_batch, step] = packed[1].float()
+        self.lengths[in_batch] += active.long()
+        done = ~active | packed[2].bool()
+        self.finished[in_batch] = done
+        return done
+
+    def output(self) -> RolloutOutput:
+        width = max(1, int(self.lengths.max()))
+        return RolloutOutput(
+            tokens=self.tokens[:, :width].contiguous(),
+            log_probs=self.log_probs[:, :width].contiguous(),
+            lengths=self.lengths, finished=self.finished,
+            prompt_index=torch.arange(self.num_prompts, device=self.lengths.device
+                                      ).repeat_interleave(self.params.n))
+
+
+@dataclass
+class _Group:
+    """Prompts ``[first, end)`` of a batch and their rollouts in the pipelined decode."""
+
+    first: int
+    end: int
+    in_batch: torch.Tensor  # the group's rollouts still in its decode batch (rows of the table)
+    state: Optional[CacheState] = None  # its KV cache etc. on this stage (None: not yet / freed)
+    recorded: int = -1  # the last step whose samples are in the table
+    open: bool = True  # more steps to run
+
+
+class _PipelinedDecode:
+    """A batch's rollouts under pipeline parallelism with every stage busy.
+
+    Decoding the whole batch step by step sends each step through the stages one after the
+    other: with ``S`` stages each idles ``(S - 1) / S`` of the time. Here the batch's prompts are
+    split into ``S`` groups (contiguous, sizes within one prompt of each other, each with its own
+    KV cache) and run as a wavefront: at tick ``t`` stage ``s`` runs step ``k`` of group ``g``
+    with ``t = k·S + g + s`` (step 0 is the group's prefill, step ``k`` feeds token ``k - 1``).
+    The last stage samples the group's tokens right after its forward and sends them to every
+    other stage at the next tick, when stage 0 starts the group's next step. Each tick every rank
+    makes one ``batch_isend_irecv`` of all its sends and receives (activations of the previous
+    tick to the next stage, the previous tick's samples from the last stage), so the stages agree
+    on every message without a collective over the pipeline, as megatron-core's 1F1B schedule
+    does.
+
+    Every rank knows when a group's step runs from the samples it has received, so all agree on
+    which messages a tick carries. A rollout's tokens are those of the sequential decode: the
+    same draws (``_step_seed`` per step and batch, a row's own uniform) from the same logits up to
+    the float noise of a smaller matmul; groups drop their finished rollouts on their own
+    (``_DROP_FINISHED_FRACTION`` of the group). The KV caches together hold what the batch's
+    cache held.
+    """
+
+    def __init__(self, engine: MegatronRolloutEngine, prompts: Sequence[Prompt],
+                 first_prompt: int, params: SamplingParams,
+                 matcher: Optional[StopStringMatcher]):
+        self.engine, self.adapter, self.params, self.prompts = engine, engine.adapter, params, prompts
+        # Every group is left-padded to the batch's longest prompt: the sequential decode's
+        # layout (rope positions by cache index, as the module doc of inference_adapters says).
+        self.width = max(len(torch.as_tensor(p.input_ids).reshape(-1)) for p in prompts)
+        self.table = _RolloutTable(engine, len(prompts), first_prompt, params, matcher)
+        pp = self.adapter.pp_group
+        self.num_stages, self.stage = pp.size(), pp.rank()
+        self.ranks = dist.get_process_group_ranks(pp)
+        self.is_last = self.stage == self.num_stages - 1
+        count = min(self.num_stages, len(prompts))
+        bounds = [len(prompts) * i // count for i in range(count + 1)]
+        n, device = params.n, self.adapter.device
+        self.groups = [_Group(first, end, torch.arange(first * n, end * n, device=device))
+                       for first, end in zip(bounds[:-1], bounds[1:])]
+        self._send: Optional[torch.Tensor] = None  # this stage's output of the previous tick
+        self._sent_by_last: Optional[torch.Tensor] = None  # the last stage's previous samples
+
+    def run(self) -> RolloutOutput:
+        try:
+            tick = 0
+            while True:
+                inputs, received = self._exchange(tick)
+                if not any(group.open for group in self.groups):
+                    break
+                self._work(tick, inputs, received)
+                tick += 1
+        finally:
+            self.groups = []
+            self.adapter.release()
+        return self.table.output()
+
+    # -- the schedule ----------------------------------------------------------------------------
+
+    def _item(self, stage: int, tick: int) -> Optional[tuple[int, int]]:
+        """``(group, step)`` that ``stage`` runs at ``tick``, None when it idles. Asked before the
+        group's samples of step - 1 are recorded only by stage 0, which records them first."""
+        if tick < stage:
+            return None
+        step, g = divmod(tick - stage, self.num_stages)
+        if g >= len(self.groups):
+            return None
+        group = self.groups[g]
+        if step == 0 or (group.open and group.recorded == step - 1):
+            return g, step
+        return None
+
+    def _inputs(self, g: int, step: int) -> dict:
+        """Model inputs of group ``g``'s step (its cache becomes the adapter's current one)."""
+        group = self.groups[g]
+        if step == 0:
+            batch = PromptBatch.left_padded(self.prompts[group.first:group.end],
+                                            self.engine.pad_token_id, self.adapter.device,
+                                            length=self.width)
+            return self.adapter.prefill_inputs(batch, self.params.n, self.params.max_new_tokens)
+        self.adapter.load_state(group.state)
+        return self.adapter.decode_inputs(self.table.tokens[group.in_batch, step - 1])
+
+    def _exchange(self, tick: int) -> tuple[Optional[dict], Optional[torch.Tensor]]:
+        """This tick's messages, then the samples they carried recorded. Returns the inputs of
+        this stage's item and its received activations (stages after the first)."""
+        ops, inputs, received, samples = [], None, None, None
+        pp = self.adapter.pp_group  # global ranks on the pipeline's group, as megatron-core's 1F1B
+        item = self._item(self.stage, tick) if self.stage > 0 else None
+        if item is not None:
+            inputs = self._inputs(*item)
+            self.groups[item[0]].state = self.adapter.state()
+            received = self.adapter.recv_buffer_for(inputs)
+            ops.append(dist.P2POp(dist.irecv, received, self.ranks[self.stage - 1], pp))
+        if self._send is not None:
+            ops.append(dist.P2POp(dist.isend, self._send, self.ranks[self.stage + 1], pp))
+        if self._sent_by_last is not None:
+            samples = self._sent_by_last
+            ops.extend(dist.P2POp(dist.isend, samples, rank, pp) for rank in self.ranks[:-1])
+        # The last stage's item of the previous tick: its samples reach every stage now.
+        sampled = self._item(self.num_stages - 1, tick - 1)
+        if sampled is not None and not self.is_last:
+            rows = len(self.groups[sampled[0]].in_batch)
+            samples = torch.empty(3, rows, dtype=torch.float64, device=self.adapter.device)
+            ops.append(dist.P2POp(dist.irecv, samples, self.ranks[-1], pp))
+        if ops:
+            for request in dist.batch_isend_irecv(ops):
+                request.wait()
+            if self.adapter.device.type == "cuda":
+                torch.cuda.synchronize()  # as megatron-core after batch_isend_irecv
+        self._send = self._sent_by_last = None
+        if sampled is not None:
+            self._record(*sampled, samples)
+        return inputs, received
+
+    def _record(self, g: int, step: int, samples: torch.Tensor) -> None:
+        """Group ``g``'s samples of ``step`` into the table; the group ends, or drops its
+        finished rollouts from its cache, as the sequential decode does."""
+        group = self.groups[g]
+        done = self.table.record(group.in_batch, step, samples)
+        group.recorded = step
+        num_done = int(done.sum())
+        if num_done == len(group.in_batch) or step == self.params.max_new_tokens - 1:
+            group.open, group.state = False, None  # frees its cache
+        elif num_done >= _DROP_FINISHED_FRACTION * len(group.in_batch):
+            unfinished = (~done).nonzero()[:, 0]
+            self.adapter.load_state(group.state)
+            self.adapter.select_rows(unfinished)
+            group.state = self.adapter.state()
+            group.in_batch = group.in_batch[unfinished]
+
+    def _work(self, tick: int, inputs: Optional[dict], received: Optional[torch.Tensor]) -> None:
+        """This stage's item of ``tick``: its forward, then the samples (last stage) or the
+        activations to send at the next tick."""
+        item = self._item(self.stage, tick)
+        if item is None:
+            return
+        g, step = item
+        group = self.groups[g]
+        if inputs is None:  # stage 0
+            inputs = self._inputs(g, step)
+        else:
+            self.adapter.load_state(group.state)
+        output = self.adapter.stage_forward(inputs, received)
+        logits = output if self.is_last else None
+        if step == 0:
+            logits = self.adapter.prefill_logits(logits)
+        elif logits is not None:
+            logits = logits[:, -1]
+        group.state = self.adapter.state()
+        if not self.is_last:
+            self._send = output
+            return
+        samples = self.table.sample(logits, group.in_batch, step)
+        self._sent_by_last = self.engine._share_tp(samples, len(group.in_batch))

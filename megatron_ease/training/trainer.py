@@ -78,7 +78,8 @@ class Trainer:
         self.scheduler = builders.build_scheduler(cfg, self.optimizer)
         self.engine = MegatronRolloutEngine(
             self.model, pad_token_id=self.pad_id, detokenize=self.tokenizer.decode,
-            max_rollouts_per_batch=cfg.dapo.max_rollouts_per_batch or None)
+            max_rollouts_per_batch=cfg.dapo.max_rollouts_per_batch or None,
+            pipelined=cfg.dapo.pipelined_rollouts)
         self.train_reader = builders.build_reader(
             cfg, self.tokenizer, cfg.data.train_shards,
             cfg.train.prompts_per_step // self.dp_size, self.dp_rank, self.dp_size)

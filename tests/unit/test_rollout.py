@@ -377,6 +377,82 @@ def test_pipeline_parallel_2_generates_what_a_single_stage_generates():
     assert ref["sampled"].tokens.shape[0] == 2 * len(PROMPT_LENGTHS)
 
 
+def _pipelined_worker(pipelined: bool):
+    """Five prompts (groups of 2 and 3 at PP=2) sampled with stop tokens (rollouts end at
+    different steps and leave their group's cache), with a stop string, and greedily; and, at PP
+    > 1, which (tick, group, step) each stage ran in the pipelined decode."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_ease.rl import rollout
+
+    model = _gpt(pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
+    engine = _engine(model, detokenize=_detokenize, pipelined=pipelined)
+    prompts = _prompts() + [Prompt(torch.arange(10, 19))]
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, n=2, top_p=0.95, seed=7,
+                            stop_token_ids=tuple(range(5, VOCAB, 4)))
+    items = []
+    work = rollout._PipelinedDecode._work
+
+    def recording(self, tick, inputs, received):
+        item = self._item(self.stage, tick)
+        if item is not None:
+            items.append((tick, *item))
+        return work(self, tick, inputs, received)
+
+    rollout._PipelinedDecode._work = recording
+    try:
+        sampled = engine.generate(prompts, params)
+        sampled_items = list(items)
+        items.clear()
+        stop_string = _detokenize(sampled.tokens[1, 3:5].tolist())
+        with_stop = engine.generate(prompts, SamplingParams(**{**params.__dict__,
+                                                               "stop_strings": (stop_string,)}))
+        items.clear()
+        greedy = engine.generate(prompts, SamplingParams(max_new_tokens=10, temperature=0))
+    finally:
+        rollout._PipelinedDecode._work = work
+    return {"sampled": sampled, "with_stop": with_stop, "greedy": greedy,
+            "sampled_items": sampled_items, "greedy_items": items,
+            "training": model.training}
+
+
+def test_pipelined_decode_generates_what_one_stage_does_with_both_stages_busy():
+    ref = run_distributed(_pipelined_worker, True)[0]
+    assert ref["greedy_items"] == [], "one stage: no pipelined decode"
+    assert ref["sampled"].finished.sum() >= 4 and (ref["sampled"].lengths < 10).sum() >= 4
+    assert (ref["with_stop"].lengths < ref["sampled"].lengths).any()
+    runs = {name: run_distributed(_pipelined_worker, pipelined, pipeline_model_parallel_size=2)
+            for name, pipelined in (("pipelined", True), ("sequential", False))}
+    for name, stages in runs.items():
+        for stage in stages:
+            for key in ("sampled", "with_stop", "greedy"):
+                out, want = stage[key], ref[key]
+                assert torch.equal(out.tokens, want.tokens), (name, key)
+                assert torch.equal(out.lengths, want.lengths), (name, key)
+                assert torch.equal(out.finished, want.finished), (name, key)
+                assert torch.equal(out.prompt_index, want.prompt_index), (name, key)
+                torch.testing.assert_close(out.log_probs, want.log_probs, atol=1e-5, rtol=0)
+            assert stage["training"], "model must be back in train mode"
+    assert runs["sequential"][0]["greedy_items"] == []
+    first, last = runs["pipelined"]
+    for key in ("sampled_items", "greedy_items"):
+        # Stage 1 runs each (group, step) one tick after stage 0, and step k of group g at tick
+        # 2k + g + stage.
+        assert [(t + 1, g, k) for t, g, k in first[key]] == last[key], key
+        assert all(t == 2 * k + g for t, g, k in first[key]), key
+    # Greedy, no stop: 2 groups x 10 steps; both stages work at every tick but the first and
+    # last of the 21.
+    busy = [{t for t, _, _ in stage["greedy_items"]} for stage in (first, last)]
+    assert len(busy[0] & busy[1]) == 19 and len(busy[0] | busy[1]) == 21
+    # With stop tokens a group's last step makes its longest rollout's last token (prompts 0-1
+    # are group 0, rows 0-3; prompts 2-4 group 1).
+    lengths = ref["sampled"].lengths
+    for g, rows in ((0, slice(0, 4)), (1, slice(4, 10))):
+        steps = [k for _, gg, k in first["sampled_items"] if gg == g]
+        assert steps == list(range(int(lengths[rows].max()))), (g, steps)
+    assert int(lengths[:4].max()) < 10 or int(lengths[4:].max()) < 10, lengths
+
+
 # -- Qwen-VL ---------------------------------------------------------------------------------------
 
 def _vl_prompts(patch_size: int = 14):

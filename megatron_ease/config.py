@@ -93,6 +93,10 @@ class ParallelConfig:
     # Language-model layers on the first pipeline stage (it also holds the vision tower);
     # None = an even split.
     first_pipeline_stage_layers: Optional[int] = None
+    # The vision tower is replicated over TP: each TP rank encodes a share of the batch's images
+    # (balanced by patches) and the features are all-gathered, instead of every rank encoding
+    # every image. Same features and (after finalize_model_grads) the same gradients.
+    split_images_over_tp: bool = True
     use_distributed_optimizer: bool = False
     backend: Optional[str] = None  # None = nccl when CUDA is available, else gloo
     timeout_minutes: float = 10.0

@@ -70,7 +70,9 @@ def deterministic_init_(model: torch.nn.Module, tp_rank: int, tp_size: int, scal
 
 
 def gathered_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Full (TP-gathered) gradient of every parameter, keyed by global name."""
+    """Full (TP-gathered) gradient of every parameter, keyed by global name. A parameter marked
+    ``average_gradients_across_tp_domain`` (the TP-replicated vision tower) gets the TP average
+    ``finalize_model_grads`` gives it (each TP rank holds its share of the images' part)."""
     from megatron.core import parallel_state
 
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
@@ -81,6 +83,9 @@ def gathered_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         grad = getattr(param, "main_grad", None)
         if grad is None:
             grad = param.grad
+        averaged = tp_size > 1 and getattr(param, "average_gradients_across_tp_domain", False)
+        if grad is None and averaged and param.requires_grad:
+            grad = torch.zeros_like(param)  # a TP rank that encoded no image (DDP: main_grad 0)
         if grad is None:
             continue
         grad = grad.detach().clone()
@@ -88,6 +93,8 @@ def gathered_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             parts = [torch.empty_like(grad) for _ in range(tp_size)]
             torch.distributed.all_gather(parts, grad.contiguous(), group=group)
             grad = unshard(parts, param, _is_gated_fc1(model, name))
+        elif averaged:
+            torch.distributed.all_reduce(grad, op=torch.distributed.ReduceOp.AVG, group=group)
         out[global_param_name(name, numbers)] = grad
     return out
 

@@ -150,8 +150,73 @@ def test_train_step_tensor_parallel_2_matches_single_rank(tiny):
     assert vision and all(ref["grads"][k].abs().sum() > 0 for k in vision)
     for out in tp2:
         torch.testing.assert_close(out["loss"], ref["loss"], atol=1e-6, rtol=0)
-        # Vision grads are rank-local (replicated tower): equal to TP=1 on *each* rank.
+        # Vision grads: each rank's images' part, TP-averaged (as finalize_model_grads does).
         assert_close_dicts(out["grads"], ref["grads"], atol=1e-5)
+
+
+def _split_images_worker(hf_dir, batch, split: bool):
+    """``_train_step_worker`` with ``split_images_over_tp`` set, and the patches of each of this
+    rank's vision-tower calls."""
+    from megatron_ease.models.qwen_vl import vocab_parallel_log_probs
+
+    model = _build(hf_dir)
+    model.split_images_over_tp = split
+    calls = []
+    model.vision_model.register_forward_hook(
+        lambda module, args, output: calls.append(int(args[0].shape[0])))
+    labels = torch.roll(batch["input_ids"], -1, dims=1)
+    mask = batch["attention_mask"] & torch.roll(batch["attention_mask"], -1, dims=1)
+    mask[:, -1] = False
+
+    def loss_fn(logits):
+        loss = -(vocab_parallel_log_probs(logits, labels) * mask).sum() / mask.sum()
+        return loss, {"loss": loss.detach()}
+
+    out = run_schedule(model, batch, loss_fn, forward_only=False)
+    return {"loss": out[0]["loss"], "grads": gathered_grads(model), "calls": calls}
+
+
+def test_split_images_balances_patches_deterministically():
+    from megatron_ease.models.qwen_vl.vision import split_images
+
+    assert split_images([16, 64, 16, 32], 2) == [[1], [0, 2, 3]]
+    assert split_images([8, 8, 8], 2) == [[0, 2], [1]]
+    assert split_images([8], 2) == [[0], []]
+    assert split_images([], 4) == [[], [], [], []]
+    shares = split_images([5, 9, 3, 7, 7, 1, 4], 3)
+    assert sorted(i for share in shares for i in share) == list(range(7))
+
+
+@pytest.mark.parametrize("images", ["three_images", "one_image"])
+def test_tp2_ranks_encode_a_share_of_the_images_each_with_tp1_loss_and_gradients(tiny, images):
+    """At TP = 2 each rank runs the vision tower on its images only (three images: one rank
+    the two small ones, the other the large one; one image: one rank idles) and all-gathers the
+    features: the loss and every gradient (vision tower included, after finalize_model_grads'
+    TP average) are TP = 1's. ``split_images_over_tp=False``: every rank encodes every image."""
+    batch = tiny["batch"]
+    if images == "one_image":
+        batch = {k: v[1:] for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw")}
+        patches = tiny["batch"]["image_grid_thw"].prod(-1).tolist()
+        batch["pixel_values"] = tiny["batch"]["pixel_values"][sum(patches[:2]):]
+        batch["image_grid_thw"] = tiny["batch"]["image_grid_thw"][2:]
+    patches = batch["image_grid_thw"].prod(-1).tolist()
+    ref = run_distributed(_split_images_worker, tiny["hf_dir"], batch, True)[0]
+    assert ref["calls"] == [sum(patches)]
+    vision = [k for k in ref["grads"] if k.startswith("vision_model.")]
+    assert vision and all(ref["grads"][k].abs().sum() > 0 for k in vision)
+    for split in (True, False):
+        ranks = run_distributed(_split_images_worker, tiny["hf_dir"], batch, split,
+                                tensor_model_parallel_size=2)
+        for out in ranks:
+            torch.testing.assert_close(out["loss"], ref["loss"], atol=1e-6, rtol=0)
+            assert_close_dicts(out["grads"], ref["grads"], atol=1e-5)
+        calls = sorted(sum(r["calls"]) for r in ranks)
+        if not split:
+            assert calls == [sum(patches)] * 2
+        elif len(patches) == 1:
+            assert calls == [0, patches[0]]
+        else:
+            assert sum(calls) == sum(patches) and max(calls) < sum(patches), (calls, patches)
 
 
 def test_tied_embeddings_pp2_logits_match_hf(tmp_path):

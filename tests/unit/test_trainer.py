@@ -351,6 +351,25 @@ def test_tp2_update_keeps_replicated_parameters_identical_qwen3_vl(dataset):
         assert torch.equal(ranks[0]["delta"][name], ranks[1]["delta"][name]), name
 
 
+def test_tp2_update_with_images_split_over_tp_equals_tp1_qwen3_vl(dataset):
+    """``parallel.split_images_over_tp`` (default): at TP = 2 each rank encodes a share of the
+    images, so its tower gradient is its images' part; ``finalize_model_grads``' TP average of
+    the parts (scaled by the TP size on the way back) is TP = 1's gradient. The grad norm (the
+    tower and DeepStack mergers included) and the tower's update equal TP = 1's."""
+    import torch
+
+    tp1 = run_distributed(_qwen3_update, dataset, "parallel.tensor_model_parallel_size=1",
+                          world_size=1, timeout_s=600)[0]
+    tp2 = run_distributed(_qwen3_update, dataset, "parallel.tensor_model_parallel_size=2",
+                          tensor_model_parallel_size=2, timeout_s=600)[0]
+    assert tp2["grad_norm"] == pytest.approx(tp1["grad_norm"], rel=1e-5)
+    vision = [n for n in tp1["delta"] if n.startswith("vision_model.")]
+    assert any("deepstack" in n for n in vision) and len(vision) > 10
+    for name in vision:
+        torch.testing.assert_close(tp2["delta"][name], tp1["delta"][name], atol=1e-6, rtol=1e-4,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
 def test_pp2_update_keeps_tied_embeddings_tied_qwen3_vl(dataset):
     """Tied embeddings at PP = 2 (Qwen3-VL 4B's layout): stage 0's word embedding and the last
     stage's output-layer copy get one update, from the sum of both stages' gradients

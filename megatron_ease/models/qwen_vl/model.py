@@ -76,9 +76,11 @@ class QwenVLModel(MegatronModule):
     def __init__(self, config: TransformerConfig, model_cfg: ModelConfig,
                  block_spec: TransformerBlockSubmodules, pre_process: bool = True,
                  post_process: bool = True, vp_stage: Optional[int] = None,
-                 initialize_vision: bool = True):
+                 initialize_vision: bool = True, split_images_over_tp: bool = False):
         super().__init__(config=config)
         self.model_cfg = model_cfg
+        # Each TP rank encodes a share of the images, all-gathered (vision.vision_features).
+        self.split_images_over_tp = split_images_over_tp
         self.pre_process = pre_process
         self.post_process = post_process
         self.vp_stage = vp_stage
@@ -163,8 +165,11 @@ class QwenVLModel(MegatronModule):
             return embeddings
         if image_grid_thw is None:
             raise ValueError("pixel_values given without image_grid_thw")
-        features, deepstack = vision_features(self.vision_model, pixel_values,
-                                              image_grid_thw)  # [n, h], L x [n, h]
+        tp_group = None
+        if self.split_images_over_tp and parallel_state.get_tensor_model_parallel_world_size() > 1:
+            tp_group = parallel_state.get_tensor_model_parallel_group()
+        features, deepstack = vision_features(self.vision_model, pixel_values, image_grid_thw,
+                                              tp_group)  # [n, h], L x [n, h]
         if image_ids is not None:  # each encoded image's features at each of its slots
             index = self._image_slot_token_index(image_grid_thw, image_ids).to(features.device)
             features, deepstack = features[index], [level[index] for level in deepstack]
@@ -299,7 +304,8 @@ def build_qwen_vl_model(
         num_deepstack_levels=len(model_cfg.vision.deepstack_visual_indexes))
     block_spec = qwen_vl_block_spec(config, layer_specs, use_te, vp_stage=vp_stage)
     model = QwenVLModel(config, model_cfg, block_spec, pre_process, post_process, vp_stage,
-                        initialize_vision=perform_initialization)
+                        initialize_vision=perform_initialization,
+                        split_images_over_tp=getattr(parallel_cfg, "split_images_over_tp", False))
     if config.params_dtype != torch.float32:
         # megatron-core's torch norms (local specs) build float32 weights whatever params_dtype;
         # Megatron-LM casts the whole model (Float16Module). Its mixed-precision optimizer maps

@@ -1,4 +1,5 @@
-"""The Qwen-VL vision towers: HF's modules, replicated over tensor-parallel ranks.
+"""The Qwen-VL vision towers: HF's modules, replicated over tensor-parallel ranks, each rank
+encoding a share of the images.
 
 - Qwen2.5-VL: transformers' ``Qwen2_5_VisionTransformerPretrainedModel`` (Conv3d patch embed with
   temporal patch 2, 2D rotary, window attention with full attention at ``fullatt_block_indexes``,
@@ -11,16 +12,23 @@
 HF's modules, as Megatron-Bridge and ms-swift do:
 
 - exact parity with HF for free (window permutation, position-embedding interpolation);
-- a tower is small next to the language model (0.67B of 8.3B for Qwen2.5-VL-7B, 0.58B of 8.8B
-  for Qwen3-VL-8B), runs once per image on pipeline stage 0 only, and its sequence is the patch
-  count, so TP-sharding it would buy little and cost a second implementation to keep equal to HF's.
+- TP-sharding the tower's layers would cost a second implementation to keep equal to HF's;
+  splitting the images over the TP ranks (below) divides its work without one.
 
-Replicated over TP, each rank computes the same features. Its gradients are the same on every TP
-rank as well: the decoder input's gradient is all-reduced by the first column-parallel linear, so
-it is complete on every rank (DeepStack features join the hidden states of the first layers,
-whose inputs' gradients are all-reduced the same way). Parameters are still marked
-``average_gradients_across_tp_domain`` (megatron-core's ``finalize_model_grads`` then averages
-them over TP, as its own HuggingFaceModule does) so replicas cannot drift through
+The tower is replicated over TP, but its work is not: the language model's share of a token's
+FLOPs is 1/TP per rank while the tower's (four patches per image token) would be whole on every
+rank, about 5 GFLOPs per image token against 15 / TP for 7B's language model. So each TP rank
+encodes its share of the batch's images (``split_images``: balanced by patch count) and the
+features are all-gathered (``vision_features(tp_group=...)``; ``parallel.split_images_over_tp``,
+on by default). Gradients: the decoder input's gradient is complete and the same on every TP rank
+(the first column-parallel linear all-reduces it; DeepStack features join the hidden states of
+the first layers, whose inputs' gradients are all-reduced the same way), so each rank back-
+propagates its own images' rows of it through its replica: its tower gradient is its images'
+part of the sum. The parameters are marked ``average_gradients_across_tp_domain``
+(megatron-core's ``finalize_model_grads`` averages them over TP, as for its own
+HuggingFaceModule), and each rank's part is scaled by the TP size on the way back, so the
+average is the sum: the gradient of one rank encoding every image. Without the split (every rank
+encodes every image) the average of equal replicas keeps them from drifting through
 non-deterministic GPU kernels.
 """
 
@@ -99,11 +107,101 @@ def build_vision_tower(model_cfg: ModelConfig, dtype: torch.dtype, initialize: b
 
 
 def vision_features(tower: torch.nn.Module, pixel_values: torch.Tensor,
-                    image_grid_thw: torch.Tensor) -> VisionFeatures:
+                    image_grid_thw: torch.Tensor,
+                    tp_group: Optional[torch.distributed.ProcessGroup] = None) -> VisionFeatures:
     """Merged (and DeepStack) features of all images, in batch order.
 
     ``pixel_values`` is the processor's ``[num_patches, C * T * P * P]`` patch matrix.
+    ``tp_group`` (more than one rank): each rank encodes its share of the images
+    (``split_images``) and the features are all-gathered (``_GatherImageFeatures``); every rank
+    gets all of them, as if it had encoded every image.
     """
+    if tp_group is None or tp_group.size() == 1 or image_grid_thw.shape[0] == 0:
+        return _encode(tower, pixel_values, image_grid_thw)
+    size, rank = tp_group.size(), tp_group.rank()
+    patches = image_grid_thw.prod(dim=-1).tolist()
+    merge = tower.config.spatial_merge_size
+    tokens = [n // merge**2 for n in patches]
+    shares = split_images(patches, size)
+    patch_starts = _starts(patches)
+    mine = shares[rank]
+    if mine:
+        rows = torch.cat([torch.arange(patch_starts[i], patch_starts[i] + patches[i])
+                          for i in mine]).to(pixel_values.device)
+        local = _encode(tower, pixel_values.index_select(0, rows), image_grid_thw[mine])
+        packed = torch.cat([local.merged, *local.deepstack], dim=-1)  # [n_mine, (1 + L) h]
+    else:
+        width = tower.config.out_hidden_size * (1 + _num_deepstack_levels(tower))
+        dtype = next(tower.parameters()).dtype
+        packed = torch.zeros(0, width, dtype=dtype, device=pixel_values.device)
+    # Gradients: see the module doc (averaged over TP later, so each rank's part counts ×size).
+    gathered = _GatherImageFeatures.apply(packed, shares, tokens, tp_group, float(size))
+    levels = gathered.split(gathered.shape[-1] // (1 + _num_deepstack_levels(tower)), dim=-1)
+    return VisionFeatures(levels[0], list(levels[1:]))
+
+
+def split_images(patches: list[int], parts: int) -> list[list[int]]:
+    """Image indices per rank, balanced by patch count (largest first, each to the least loaded
+    rank, ties to the lower rank), each rank's list in image order. Deterministic: every TP rank
+    computes the same split from the batch's ``image_grid_thw``."""
+    load, shares = [0] * parts, [[] for _ in range(parts)]
+    for i in sorted(range(len(patches)), key=lambda i: (-patches[i], i)):
+        rank = min(range(parts), key=lambda r: (load[r], r))
+        load[rank] += patches[i]
+        shares[rank].append(i)
+    return [sorted(share) for share in shares]
+
+
+def _starts(counts: list[int]) -> list[int]:
+    starts = [0]
+    for n in counts[:-1]:
+        starts.append(starts[-1] + n)
+    return starts
+
+
+def _num_deepstack_levels(tower: torch.nn.Module) -> int:
+    return len(getattr(tower.config, "deepstack_visual_indexes", None) or [])
+
+
+def _encode(tower: torch.nn.Module, pixel_values: torch.Tensor,
+            image_grid_thw: torch.Tensor) -> VisionFeatures:
     dtype = next(tower.parameters()).dtype
     out = tower(pixel_values.to(dtype), grid_thw=image_grid_thw)
     return VisionFeatures(out.pooler_output, list(getattr(out, "deepstack_features", None) or []))
+
+
+class _GatherImageFeatures(torch.autograd.Function):
+    """Each rank's ``[n_rank, w]`` features -> all images' ``[n, w]`` in image order, on every
+    rank of ``group``; backward hands each rank its own images' rows of the (complete,
+    TP-replicated) gradient times ``scale``, without communication."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, shares: list[list[int]], tokens: list[int],
+                group, scale: float) -> torch.Tensor:
+        size, rank = group.size(), group.rank()
+        counts = [sum(tokens[i] for i in share) for share in shares]
+        block = max(counts)
+        padded = local.new_zeros(block, local.shape[-1])
+        padded[:counts[rank]] = local
+        blocks = [torch.empty_like(padded) for _ in range(size)]
+        torch.distributed.all_gather(blocks, padded.contiguous(), group=group)
+        # Row of each image token of the output in the gathered [size * block, w].
+        source = [None] * len(tokens)
+        for r, share in enumerate(shares):
+            offset = r * block
+            for i in share:
+                source[i] = torch.arange(offset, offset + tokens[i])
+                offset += tokens[i]
+        index = torch.cat(source).to(local.device)
+        out_starts = _starts(tokens)
+        own = [torch.arange(out_starts[i], out_starts[i] + tokens[i]) for i in shares[rank]]
+        ctx.own_rows = torch.cat(own).to(local.device) if own else index.new_zeros(0)
+        ctx.scale = scale
+        return torch.cat(blocks).index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        local = grad.index_select(0, ctx.own_rows)
+        if ctx.scale != 1.0:
+            local = local * ctx.scale
+        return local, None, None, None, None

@@ -41,11 +41,23 @@ MODELS = {
 }
 
 
+def transformer_config(name: str, **extra):
+    """The megatron-core config of model ``name`` (Qwen2 layout), with ``extra`` fields."""
+    from megatron.core.transformer import TransformerConfig
+
+    layers, hidden, heads, groups, ffn, _ = MODELS[name]
+    return TransformerConfig(
+        num_layers=layers, hidden_size=hidden, num_attention_heads=heads,
+        num_query_groups=groups, ffn_hidden_size=ffn, normalization="RMSNorm",
+        add_bias_linear=False, add_qkv_bias=True, gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu, hidden_dropout=0.0, attention_dropout=0.0,
+        use_cpu_initialization=True, params_dtype=torch.float32, init_method_std=0.05, **extra)
+
+
 def build_models(name: str, device: str):
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer import TransformerConfig
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from megatron_ease.models.qwen_vl.hf_tables import QWEN2_5_VL
@@ -53,13 +65,8 @@ def build_models(name: str, device: str):
     from megatron_ease.models.qwen_vl.param_mapping import AttentionLayout
 
     layers, hidden, heads, groups, ffn, vocab = MODELS[name]
-    config = TransformerConfig(
-        num_layers=layers, hidden_size=hidden, num_attention_heads=heads,
-        num_query_groups=groups, ffn_hidden_size=ffn, normalization="RMSNorm",
-        add_bias_linear=False, add_qkv_bias=True, gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu, hidden_dropout=0.0, attention_dropout=0.0,
-        use_cpu_initialization=True, params_dtype=torch.float32, init_method_std=0.05,
-        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size())
+    config = transformer_config(
+        name, tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size())
     torch.manual_seed(0)
     model = GPTModel(config, get_gpt_layer_local_spec(normalization="RMSNorm"), vocab, 4096,
                      position_embedding_type="rope").to(device)

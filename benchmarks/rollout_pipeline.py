@@ -25,7 +25,7 @@ import zlib
 import torch
 import torch.multiprocessing as mp
 
-from benchmarks.rollout import MODELS, make_prompts, stop_token_ids
+from benchmarks.rollout import MODELS, make_prompts, stop_token_ids, transformer_config
 
 
 def build_stage(name: str):
@@ -34,17 +34,12 @@ def build_stage(name: str):
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer import TransformerConfig
 
     from megatron_ease.models.qwen_vl.hf_weights import canonical_parameters
 
-    layers, hidden, heads, groups, ffn, vocab = MODELS[name]
-    config = TransformerConfig(
-        num_layers=layers, hidden_size=hidden, num_attention_heads=heads,
-        num_query_groups=groups, ffn_hidden_size=ffn, normalization="RMSNorm",
-        add_bias_linear=False, add_qkv_bias=True, gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu, hidden_dropout=0.0, attention_dropout=0.0,
-        use_cpu_initialization=True, params_dtype=torch.float32, pipeline_dtype=torch.float32,
+    vocab = MODELS[name][-1]
+    config = transformer_config(
+        name, pipeline_dtype=torch.float32,
         pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size())
     model = GPTModel(config, get_gpt_layer_local_spec(normalization="RMSNorm"), vocab, 4096,
                      position_embedding_type="rope", pre_process=ps.is_pipeline_first_stage(),

@@ -63,7 +63,7 @@ from megatron.core.inference.model_inference_wrappers.inference_wrapper_config i
     InferenceWrapperConfig,
 )
 from megatron.core.transformer.dot_product_attention import DotProductAttention
-from megatron.core.utils import get_model_config, unwrap_model
+from megatron.core.utils import get_attr_wrapped_model, get_model_config, unwrap_model
 
 from megatron_ease.rl.rollout_attention import RolloutAttention, additive_mask
 
@@ -238,7 +238,7 @@ class RolloutModelAdapter(AbstractModelInferenceWrapper, abc.ABC):
         """This stage's forward of ``inputs`` (``received``: the previous stage's activations,
         None on the first stage), advancing the cache: the activations to send on, or the logits
         ``[b, s, vocab]`` on the last stage. ``run_one_forward_step`` without the communication."""
-        self._get_set_input_tensor()(received)
+        get_attr_wrapped_model(self.model, "set_input_tensor")(received)
         output = self._forward(inputs)
         self.inference_context.increment_sequence_len_offset(inputs["tokens"].shape[1])
         if self.is_last_stage:
@@ -282,10 +282,6 @@ class RolloutModelAdapter(AbstractModelInferenceWrapper, abc.ABC):
         self.prep_model_for_inference()  # eval mode
         self._attention.install()
 
-    def _get_set_input_tensor(self):
-        from megatron.core.utils import get_attr_wrapped_model
-
-        return get_attr_wrapped_model(self.model, "set_input_tensor")
 
     # megatron-core's TextGenerationController protocol; the rollout engine calls prefill/decode.
 

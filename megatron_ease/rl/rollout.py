@@ -212,14 +212,12 @@ class MegatronRolloutEngine(RolloutEngine):
             logits = self.adapter.prefill(batch, params.n, params.max_new_tokens)
             for step in range(params.max_new_tokens):
                 packed = self._share(table.sample(logits, in_batch, step), len(in_batch))
-                done = table.record(in_batch, step, packed)
-                num_done = int(done.sum())
-                if num_done == len(in_batch) or step == params.max_new_tokens - 1:
+                ended, keep = table.next_batch(table.record(in_batch, step, packed), step)
+                if ended:
                     break
-                if num_done >= _DROP_FINISHED_FRACTION * len(in_batch):
-                    unfinished = (~done).nonzero()[:, 0]
-                    self.adapter.select_rows(unfinished)
-                    in_batch = in_batch[unfinished]
+                if keep is not None:
+                    self.adapter.select_rows(keep)
+                    in_batch = in_batch[keep]
                 logits = self.adapter.decode(table.tokens[in_batch, step])
         finally:
             self.adapter.release()
@@ -302,6 +300,20 @@ class _RolloutTable:
         done = ~active | packed[2].bool()
         self.finished[in_batch] = done
         return done
+
+    def next_batch(self, done: torch.Tensor,
+                   step: int) -> tuple[bool, Optional[torch.Tensor]]:
+        """After ``record`` of a decode batch's step: ``(ended, keep)``. Ended when every rollout
+        of the batch is done or ``step`` was the last; else ``keep`` are the positions in the
+        batch of its unfinished rollouts once the finished make up
+        ``_DROP_FINISHED_FRACTION`` of it (they then leave the KV cache), None to keep all. A
+        host synchronisation (how many are done)."""
+        num_done = int(done.sum())
+        if num_done == len(done) or step == self.params.max_new_tokens - 1:
+            return True, None
+        if num_done >= _DROP_FINISHED_FRACTION * len(done):
+            return False, (~done).nonzero()[:, 0]
+        return False, None
 
     def output(self) -> RolloutOutput:
         width = max(1, int(self.lengths.max()))
@@ -444,17 +456,16 @@ class _PipelinedDecode:
         """Group ``g``'s samples of ``step`` into the table; the group ends, or drops its
         finished rollouts from its cache, as the sequential decode does."""
         group = self.groups[g]
-        done = self.table.record(group.in_batch, step, samples)
+        ended, keep = self.table.next_batch(self.table.record(group.in_batch, step, samples),
+                                            step)
         group.recorded = step
-        num_done = int(done.sum())
-        if num_done == len(group.in_batch) or step == self.params.max_new_tokens - 1:
+        if ended:
             group.open, group.state = False, None  # frees its cache
-        elif num_done >= _DROP_FINISHED_FRACTION * len(group.in_batch):
-            unfinished = (~done).nonzero()[:, 0]
+        elif keep is not None:
             self.adapter.load_state(group.state)
-            self.adapter.select_rows(unfinished)
+            self.adapter.select_rows(keep)
             group.state = self.adapter.state()
-            group.in_batch = group.in_batch[unfinished]
+            group.in_batch = group.in_batch[keep]
 
     def _work(self, tick: int, inputs: Optional[dict], received: Optional[torch.Tensor]) -> None:
         """This stage's item of ``tick``: its forward, then the samples (last stage) or the

@@ -49,7 +49,11 @@ from megatron_ease.models.qwen_vl.transformer_config import (
     qwen_vl_transformer_config,
     resolve_model_config,
 )
-from megatron_ease.models.qwen_vl.vision import build_vision_tower, vision_features
+from megatron_ease.models.qwen_vl.vision import (
+    build_vision_tower,
+    image_rows,
+    vision_features,
+)
 
 
 def attention_mask_for(valid_mask: Optional[torch.Tensor], batch: int, seq_len: int,
@@ -191,13 +195,7 @@ class QwenVLModel(MegatronModule):
                              f"(image_grid_thw rows), got {image_ids.tolist()}")
         merge = self.model_cfg.vision.spatial_merge_size
         tokens = (image_grid_thw.prod(dim=-1) // merge**2).tolist()
-        starts = [0]
-        for n in tokens[:-1]:
-            starts.append(starts[-1] + n)
-        ids = image_ids.tolist()
-        if not ids:
-            return torch.zeros(0, dtype=torch.long)
-        return torch.cat([torch.arange(starts[i], starts[i] + tokens[i]) for i in ids])
+        return image_rows(tokens, image_ids.tolist())
 
     @staticmethod
     def slot_grids(image_grid_thw: Optional[torch.Tensor],

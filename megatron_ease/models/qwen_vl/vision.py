@@ -123,21 +123,20 @@ def vision_features(tower: torch.nn.Module, pixel_values: torch.Tensor,
     merge = tower.config.spatial_merge_size
     tokens = [n // merge**2 for n in patches]
     shares = split_images(patches, size)
-    patch_starts = _starts(patches)
+    levels = _num_deepstack_levels(tower)
     mine = shares[rank]
     if mine:
-        rows = torch.cat([torch.arange(patch_starts[i], patch_starts[i] + patches[i])
-                          for i in mine]).to(pixel_values.device)
+        rows = image_rows(patches, mine).to(pixel_values.device)
         local = _encode(tower, pixel_values.index_select(0, rows), image_grid_thw[mine])
         packed = torch.cat([local.merged, *local.deepstack], dim=-1)  # [n_mine, (1 + L) h]
     else:
-        width = tower.config.out_hidden_size * (1 + _num_deepstack_levels(tower))
+        width = tower.config.out_hidden_size * (1 + levels)
         dtype = next(tower.parameters()).dtype
         packed = torch.zeros(0, width, dtype=dtype, device=pixel_values.device)
     # Gradients: see the module doc (averaged over TP later, so each rank's part counts ×size).
     gathered = _GatherImageFeatures.apply(packed, shares, tokens, tp_group, float(size))
-    levels = gathered.split(gathered.shape[-1] // (1 + _num_deepstack_levels(tower)), dim=-1)
-    return VisionFeatures(levels[0], list(levels[1:]))
+    merged, *deepstack = gathered.split(gathered.shape[-1] // (1 + levels), dim=-1)
+    return VisionFeatures(merged, deepstack)
 
 
 def split_images(patches: list[int], parts: int) -> list[list[int]]:
@@ -152,11 +151,16 @@ def split_images(patches: list[int], parts: int) -> list[list[int]]:
     return [sorted(share) for share in shares]
 
 
-def _starts(counts: list[int]) -> list[int]:
+def image_rows(counts: list[int], images: list[int]) -> torch.Tensor:
+    """Rows of ``images`` (in that order, repeats allowed) in a matrix that stacks ``counts[i]``
+    rows for each image ``i`` in image order: their patches in ``pixel_values``, their tokens in
+    the features. int64, on the CPU."""
     starts = [0]
     for n in counts[:-1]:
         starts.append(starts[-1] + n)
-    return starts
+    if not images:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.cat([torch.arange(starts[i], starts[i] + counts[i]) for i in images])
 
 
 def _num_deepstack_levels(tower: torch.nn.Module) -> int:
@@ -193,9 +197,7 @@ class _GatherImageFeatures(torch.autograd.Function):
                 source[i] = torch.arange(offset, offset + tokens[i])
                 offset += tokens[i]
         index = torch.cat(source).to(local.device)
-        out_starts = _starts(tokens)
-        own = [torch.arange(out_starts[i], out_starts[i] + tokens[i]) for i in shares[rank]]
-        ctx.own_rows = torch.cat(own).to(local.device) if own else index.new_zeros(0)
+        ctx.own_rows = image_rows(tokens, shares[rank]).to(local.device)
         ctx.scale = scale
         return torch.cat(blocks).index_select(0, index)
 

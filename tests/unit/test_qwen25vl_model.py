@@ -92,11 +92,17 @@ def _log_probs_worker(seed):
     return logp.detach(), ref_logp.detach().float(), shard.grad, ref.grad.chunk(size, -1)[rank]
 
 
-def _train_step_worker(hf_dir, batch):
-    """Mean response-token NLL from our log-prob helper, and every gradient (TP-gathered)."""
+def _train_step_worker(hf_dir, batch, split_images: bool = True):
+    """Mean response-token NLL from our log-prob helper, every gradient (TP-gathered), and the
+    patches of each of this rank's vision-tower calls (``split_images``: the model's
+    ``split_images_over_tp``)."""
     from megatron_ease.models.qwen_vl import vocab_parallel_log_probs
 
     model = _build(hf_dir)
+    model.split_images_over_tp = split_images
+    calls = []
+    model.vision_model.register_forward_hook(
+        lambda module, args, output: calls.append(int(args[0].shape[0])))
     labels = torch.roll(batch["input_ids"], -1, dims=1)
     mask = batch["attention_mask"] & torch.roll(batch["attention_mask"], -1, dims=1)
     mask[:, -1] = False
@@ -107,7 +113,7 @@ def _train_step_worker(hf_dir, batch):
         return loss, {"loss": loss.detach()}
 
     out = run_schedule(model, batch, loss_fn, forward_only=False)
-    return {"loss": out[0]["loss"], "grads": gathered_grads(model)}
+    return {"loss": out[0]["loss"], "grads": gathered_grads(model), "calls": calls}
 
 
 # -- tests ----------------------------------------------------------------------------------------
@@ -154,28 +160,6 @@ def test_train_step_tensor_parallel_2_matches_single_rank(tiny):
         assert_close_dicts(out["grads"], ref["grads"], atol=1e-5)
 
 
-def _split_images_worker(hf_dir, batch, split: bool):
-    """``_train_step_worker`` with ``split_images_over_tp`` set, and the patches of each of this
-    rank's vision-tower calls."""
-    from megatron_ease.models.qwen_vl import vocab_parallel_log_probs
-
-    model = _build(hf_dir)
-    model.split_images_over_tp = split
-    calls = []
-    model.vision_model.register_forward_hook(
-        lambda module, args, output: calls.append(int(args[0].shape[0])))
-    labels = torch.roll(batch["input_ids"], -1, dims=1)
-    mask = batch["attention_mask"] & torch.roll(batch["attention_mask"], -1, dims=1)
-    mask[:, -1] = False
-
-    def loss_fn(logits):
-        loss = -(vocab_parallel_log_probs(logits, labels) * mask).sum() / mask.sum()
-        return loss, {"loss": loss.detach()}
-
-    out = run_schedule(model, batch, loss_fn, forward_only=False)
-    return {"loss": out[0]["loss"], "grads": gathered_grads(model), "calls": calls}
-
-
 def test_split_images_balances_patches_deterministically():
     from megatron_ease.models.qwen_vl.vision import split_images
 
@@ -200,12 +184,12 @@ def test_tp2_ranks_encode_a_share_of_the_images_each_with_tp1_loss_and_gradients
         batch["pixel_values"] = tiny["batch"]["pixel_values"][sum(patches[:2]):]
         batch["image_grid_thw"] = tiny["batch"]["image_grid_thw"][2:]
     patches = batch["image_grid_thw"].prod(-1).tolist()
-    ref = run_distributed(_split_images_worker, tiny["hf_dir"], batch, True)[0]
+    ref = run_distributed(_train_step_worker, tiny["hf_dir"], batch, True)[0]
     assert ref["calls"] == [sum(patches)]
     vision = [k for k in ref["grads"] if k.startswith("vision_model.")]
     assert vision and all(ref["grads"][k].abs().sum() > 0 for k in vision)
     for split in (True, False):
-        ranks = run_distributed(_split_images_worker, tiny["hf_dir"], batch, split,
+        ranks = run_distributed(_train_step_worker, tiny["hf_dir"], batch, split,
                                 tensor_model_parallel_size=2)
         for out in ranks:
             torch.testing.assert_close(out["loss"], ref["loss"], atol=1e-6, rtol=0)

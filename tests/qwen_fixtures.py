@@ -157,7 +157,8 @@ def save_tiny_hf(path, config=None, seed: int = 0, dtype=torch.float32):
     return model
 
 
-def _image_tokens(grid):
+def image_tokens(grid):
+    """Vision start, the image tokens of a (t, h, w) patch grid (merge size 2), vision end."""
     t, h, w = grid
     return [VISION_START] + [IMAGE] * (t * (h // 2) * (w // 2)) + [VISION_END]
 
@@ -170,8 +171,8 @@ def tiny_batch(seed: int = 0, patch_size: int = 14):
     def text(n):
         return torch.randint(1, 248, (n,), generator=gen).tolist()
 
-    sample0 = text(3) + _image_tokens(GRIDS[0]) + text(2) + _image_tokens(GRIDS[1]) + text(3)
-    sample1 = text(2) + _image_tokens(GRIDS[2]) + text(17)
+    sample0 = text(3) + image_tokens(GRIDS[0]) + text(2) + image_tokens(GRIDS[1]) + text(3)
+    sample1 = text(2) + image_tokens(GRIDS[2]) + text(17)
     seq = max(len(sample0), len(sample1)) + 2
     pad0, pad1 = seq - len(sample0), seq - len(sample1)
     input_ids = torch.tensor([sample0 + [PAD] * pad0, [PAD] * pad1 + sample1])

@@ -12,10 +12,12 @@ from tests.harness import run_distributed
 from tests.megatron_utils import assert_close_dicts, gathered_grads
 from tests.qwen_fixtures import (
     IMAGE,
+    PAD,
     QWEN25VL_7B_CONFIG,
     assert_rope_index_matches_hf,
     current_layout,
     hf_logits,
+    image_tokens,
     run_schedule,
     save_tiny_hf,
     tiny_batch,
@@ -128,11 +130,87 @@ def test_get_rope_index_matches_hf_with_padding_and_several_images(tiny):
     assert torch.equal(alone[:, 0], pos[:, 1, valid])
 
 
+def _random_layout(gen: torch.Generator, batch_size: int) -> dict:
+    """Samples of text and images (non-square grids, 0-3 images each, text between them),
+    padded on the left or the right, as the collator and the rollout engine lay them out."""
+    def draw(high, low=0):
+        return int(torch.randint(low, high, (), generator=gen))
+
+    samples, grids = [], []
+    for _ in range(batch_size):
+        ids = torch.randint(1, 248, (draw(4, 1),), generator=gen).tolist()
+        for _ in range(draw(4)):
+            grid = (1, 2 * draw(5, 1), 2 * draw(5, 1))
+            grids.append(grid)
+            ids += image_tokens(grid) + torch.randint(1, 248, (draw(5, 1),),
+                                                          generator=gen).tolist()
+        samples.append(ids)
+    seq = max(map(len, samples)) + draw(3)
+    input_ids = torch.full((batch_size, seq), PAD)
+    mask = torch.zeros(batch_size, seq, dtype=torch.bool)
+    for row, ids in enumerate(samples):
+        cols = slice(seq - len(ids), seq) if draw(2) else slice(0, len(ids))
+        input_ids[row, cols], mask[row, cols] = torch.tensor(ids), True
+    return {"input_ids": input_ids, "attention_mask": mask,
+            "image_grid_thw": torch.tensor(grids).reshape(-1, 3)}
+
+
+def test_get_rope_index_matches_hf_on_random_layouts():
+    """Positions and deltas as HF's on many layouts: text-only samples and batches, several
+    images per sample, non-square grids, left and right padding, one sample alone."""
+    hf_model, gen = tiny_hf_model(), torch.Generator().manual_seed(0)
+    for _ in range(40):
+        batch = _random_layout(gen, batch_size=int(torch.randint(1, 5, (), generator=gen)))
+        if not len(batch["image_grid_thw"]):
+            batch["image_grid_thw"] = None
+        assert_rope_index_matches_hf(hf_model, batch)
+
+
+def _rope(input_ids, grids, mask=None):
+    return get_rope_index(input_ids, grids, mask, spatial_merge_size=2, image_token_id=IMAGE)
+
+
+def test_get_rope_index_keeps_adjacent_images_apart():
+    """Two images in one run of image tokens (HF refuses that): each image is placed by its own
+    grid, the second starting where the first moved the position to."""
+    grids = torch.tensor([[1, 2, 4], [1, 4, 2]])
+    ids = torch.tensor([[5] + [IMAGE] * 4 + [6]])
+    pos, delta = _rope(ids, grids)
+    want = torch.tensor([[0, 1, 1, 3, 3, 5],    # t: image 1 starts at 1 + max(1, 2) = 3
+                         [0, 1, 1, 3, 4, 5],    # h: image 0 is 1 x 2, image 1 is 2 x 1
+                         [0, 1, 2, 3, 3, 5]])   # w
+    assert torch.equal(pos[:, 0], want)
+    assert delta.tolist() == [[0]]
+
+
 def test_get_rope_index_refuses_image_tokens_without_a_grid(tiny):
     batch = tiny["batch"]
-    with pytest.raises(ValueError, match="more image tokens than image_grid_thw"):
+    with pytest.raises(ValueError, match="sample 1 has more image tokens than image_grid_thw"):
         get_rope_index(batch["input_ids"], batch["image_grid_thw"][:2], batch["attention_mask"],
                        spatial_merge_size=2, image_token_id=IMAGE)
+    with pytest.raises(ValueError, match=r"sample 0 has more .* describes \(0 images\)"):
+        _rope(batch["input_ids"], None, batch["attention_mask"])
+
+
+def test_get_rope_index_names_the_image_that_does_not_fit():
+    grids = torch.tensor([[1, 4, 4], [1, 4, 4]])
+    # Image 1's four tokens are split by a text token (valid position 7 of sample 0).
+    ids = torch.tensor([[5] + [IMAGE] * 4 + [6, 6] + [IMAGE] * 2 + [6] + [IMAGE] * 2])
+    with pytest.raises(ValueError, match=r"sample 0: image 1 with grid \(1, 4, 4\) needs 4 "
+                                         r"image tokens, but only 2 follow at valid position 7"):
+        _rope(ids, grids)
+    # An image may not run on from one sample into the next.
+    ids = torch.tensor([[5, 6] + [IMAGE] * 2, [IMAGE] * 2 + [5, 6]])
+    with pytest.raises(ValueError, match="sample 0: image 0 .* only 2 follow at valid position 2"):
+        _rope(ids, grids[:1])
+    # Fewer image tokens than the grids describe.
+    with pytest.raises(ValueError, match="describes 2 images but the batch holds image tokens "
+                                         "for 1"):
+        _rope(torch.tensor([[5] + [IMAGE] * 4 + [6]]), grids)
+    # Padding is not part of the run: the last image token is masked out.
+    ids = torch.tensor([[5] + [IMAGE] * 4])
+    with pytest.raises(ValueError, match="image 0 .* needs 4 image tokens, but only 3 follow"):
+        _rope(ids, grids[:1], torch.tensor([[True] * 4 + [False]]))
 
 
 @pytest.mark.parametrize("tp, pp, first_stage_layers", [(1, 1, None), (2, 1, None), (1, 2, 1)],

@@ -60,47 +60,73 @@ def get_rope_index(
     device = input_ids.device
     valid = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
              else attention_mask.to(device=device).bool())
-    grids = [] if image_grid_thw is None else [tuple(g) for g in image_grid_thw.tolist()]
-    next_grid = 0
-    position_ids = torch.zeros(3, b, s, dtype=torch.long, device=device)
-    deltas = []
-    for i in range(b):
-        ids = input_ids[i][valid[i]]
-        is_image = (ids == image_token_id).tolist()
-        pieces, pos, j, n = [], 0, 0, len(is_image)
-        while j < n:
-            k = j
-            while k < n and is_image[k] == is_image[j]:
-                k += 1
-            if not is_image[j]:
-                pieces.append(torch.arange(pos, pos + k - j, device=device).expand(3, -1))
-                pos += k - j
-            else:
-                while j < k:
-                    if next_grid >= len(grids):
-                        raise ValueError(
-                            f"sample {i} has more image tokens than image_grid_thw describes "
-                            f"({len(grids)} images)")
-                    t, h, w = grids[next_grid]
-                    next_grid += 1
-                    gh, gw = h // spatial_merge_size, w // spatial_merge_size
-                    count = t * gh * gw
-                    if j + count > k:
-                        raise ValueError(
-                            f"sample {i}: image {next_grid - 1} with grid {(t, h, w)} needs "
-                            f"{count} image tokens, but only {k - j} follow at valid position {j}")
-                    tt, hh, ww = torch.meshgrid(torch.arange(t, device=device),
-                                                torch.arange(gh, device=device),
-                                                torch.arange(gw, device=device), indexing="ij")
-                    pieces.append(torch.stack([tt, hh, ww]).reshape(3, -1) + pos)
-                    pos += max(gh, gw)
-                    j += count
-            j = k
-        sample = torch.cat(pieces, dim=1) if pieces else torch.zeros(3, 0, dtype=torch.long,
-                                                                     device=device)
-        position_ids[:, i, valid[i]] = sample
-        deltas.append((int(sample.max()) + 1 if n else 0) - n)
-    if next_grid != len(grids):
-        raise ValueError(f"image_grid_thw describes {len(grids)} images but the batch holds image "
-                         f"tokens for {next_grid}")
-    return position_ids, torch.tensor(deltas, dtype=torch.long, device=device).unsqueeze(1)
+    # Dense tensor ops, no per-token Python: every stage derives the positions at every forward,
+    # on the GPU. One host synchronisation checks the image layout; the message of a bad layout
+    # is worked out only then (_layout_error).
+    is_image = (input_ids == image_token_id) & valid
+    advance = valid.long()  # how far each token moves the next position on: 1 for text
+    offset = torch.zeros(3, b, s, dtype=torch.long, device=device)  # (t, h, w) in its image
+    num_images = 0 if image_grid_thw is None else int(image_grid_thw.shape[0])
+    if num_images == 0:
+        if bool(is_image.any()):
+            raise _layout_error(is_image, torch.zeros(0, 3, dtype=torch.long),
+                                torch.zeros(0, dtype=torch.long), None)
+    else:
+        grids = image_grid_thw.to(device=device, dtype=torch.long).reshape(-1, 3)
+        t, gh, gw = grids[:, 0], grids[:, 1] // spatial_merge_size, grids[:, 2] // spatial_merge_size
+        counts = t * gh * gw
+        starts = counts.cumsum(0) - counts
+        # Image tokens in batch order (sample 0's first): token k belongs to the image whose
+        # [start, start + count) holds k, at offset k - start in it (row-major t, h, w).
+        ordinal = is_image.reshape(-1).cumsum(0).reshape(b, s) - 1
+        image = (torch.searchsorted(starts + counts, ordinal.clamp(min=0), right=True)
+                 .clamp(max=num_images - 1))
+        within = ordinal - starts[image]
+        # An image's tokens lie in one run of one sample: (sample, valid index - offset) is the
+        # same at all of them, that of the image's first token.
+        run_key = (torch.arange(b, device=device)[:, None] * (s + 1)
+                   + valid.long().cumsum(1) - 1 - within)
+        slot = torch.where(is_image, ordinal, b * s)  # b * s: a scratch slot for other tokens
+        key_of = torch.full((b * s + 1,), -1, dtype=torch.long, device=device).scatter_(
+            0, slot.reshape(-1), run_key.reshape(-1))
+        first_key = key_of[starts[image].clamp(max=b * s)]
+        ok = (is_image.sum() == counts.sum()) & ((run_key == first_key) | ~is_image).all()
+        if not bool(ok):
+            raise _layout_error(is_image, grids, counts, run_key[is_image])
+        hw = (gh * gw).clamp(min=1)[image]
+        offset = torch.stack([within // hw, within % hw // gw.clamp(min=1)[image],
+                              within % gw.clamp(min=1)[image]]) * is_image
+        # An image moves the next position on by max(h, w), counted at its last token.
+        last = within == counts[image] - 1
+        advance = torch.where(is_image, torch.where(last, torch.maximum(gh, gw)[image], 0),
+                              advance)
+    start = advance.cumsum(1) - advance  # where each token's (t, h, w) = (0, 0, 0) sits
+    position_ids = (start + offset) * valid
+    top = position_ids.amax(0).masked_fill(~valid, -1).amax(1)  # -1: no valid token
+    deltas = top + 1 - valid.sum(1)
+    return position_ids, deltas.unsqueeze(1)
+
+
+def _layout_error(is_image: torch.Tensor, grids: torch.Tensor, counts: torch.Tensor,
+                  run_key: Optional[torch.Tensor]) -> ValueError:
+    """Why ``get_rope_index`` refuses an image layout, for the first image (in batch order)
+    that does not fit. ``run_key``: ``get_rope_index``'s of the image tokens, in batch order.
+    Host-side, on failures only."""
+    width = is_image.shape[1] + 1  # run_key = sample * width + valid index of the image's start
+    run_key = torch.zeros(0, dtype=torch.long) if run_key is None else run_key.cpu()
+    num_tokens = run_key.numel()
+    end = 0
+    for i, count in enumerate(counts.tolist()):
+        first, end = end, end + count
+        if first >= num_tokens:
+            return ValueError(f"image_grid_thw describes {len(counts)} images but the batch "
+                              f"holds image tokens for {i}")
+        in_run = int((run_key[first:end] == run_key[first]).sum())
+        if in_run < count:
+            sample, valid_index = divmod(int(run_key[first]), width)
+            return ValueError(
+                f"sample {sample}: image {i} with grid {tuple(grids[i].tolist())} needs {count} "
+                f"image tokens, but only {in_run} follow at valid position {valid_index}")
+    sample = int(is_image.cpu().reshape(-1).nonzero()[end]) // is_image.shape[1]
+    return ValueError(f"sample {sample} has more image tokens than image_grid_thw describes "
+                      f"({len(counts)} images)")

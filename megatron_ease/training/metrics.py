@@ -53,11 +53,14 @@ class MetricsLogger:
             return
         os.makedirs(run_dir, exist_ok=True)
         self.jsonl_path = os.path.join(run_dir, "metrics.jsonl")
-        if resumed_at is not None:
+        fresh = resumed_at is None
+        if fresh:
+            _set_aside_earlier_log(self.jsonl_path)
+        else:
             _drop_records_after(self.jsonl_path, resumed_at)
         self._jsonl = open(self.jsonl_path, "a")
         if use_wandb:
-            self._wandb = _start_wandb(run_dir, config, wandb_project, wandb_mode)
+            self._wandb = _start_wandb(run_dir, config, wandb_project, wandb_mode, fresh)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -164,7 +167,25 @@ def _drop_records_after(path: str, step: int) -> None:
                 len(lines) - len(kept), step)
 
 
-def _start_wandb(run_dir: str, config: Optional[dict], project: str, mode: Optional[str]):
+def _set_aside_earlier_log(path: str) -> Optional[str]:
+    """A fresh start (no checkpoint to resume) logs from its first step on: a log already in the
+    run directory (a run killed before its first checkpoint, or an earlier experiment there) is
+    renamed to ``metrics.<n>.jsonl`` (the first free n), so that every step of metrics.jsonl is
+    this run's, once. Returns the new name, None when there was nothing to move."""
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return None
+    stem, ext = os.path.splitext(path)
+    n = 1
+    while os.path.exists(f"{stem}.{n}{ext}"):
+        n += 1
+    os.replace(path, f"{stem}.{n}{ext}")
+    logger.warning("%s is from an earlier start without a checkpoint to resume; this run logs "
+                   "from step 1, the earlier log is now %s", path, f"{stem}.{n}{ext}")
+    return f"{stem}.{n}{ext}"
+
+
+def _start_wandb(run_dir: str, config: Optional[dict], project: str, mode: Optional[str],
+                 fresh: bool):
     try:
         import wandb
     except ImportError:
@@ -173,13 +194,14 @@ def _start_wandb(run_dir: str, config: Optional[dict], project: str, mode: Optio
     # Offline unless the user asked otherwise: a cluster job must never block on a login.
     mode = mode or os.environ.get("WANDB_MODE") or "offline"
     return wandb.init(project=project, dir=run_dir, config=config or {}, mode=mode,
-                      resume="allow", id=_stable_run_id(run_dir))
+                      resume="allow", id=_stable_run_id(run_dir, new=fresh))
 
 
-def _stable_run_id(run_dir: str) -> str:
-    """Same id after a resume, so a requeued job continues its wandb run."""
+def _stable_run_id(run_dir: str, new: bool = False) -> str:
+    """Same id after a resume, so a requeued job continues its wandb run; ``new`` (a fresh
+    start, which logs from step 1 again) starts another run."""
     path = os.path.join(run_dir, "wandb_run_id")
-    if os.path.isfile(path):
+    if os.path.isfile(path) and not new:
         with open(path) as f:
             return f.read().strip()
     import uuid

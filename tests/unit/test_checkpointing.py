@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from megatron_ease.models.qwen_vl.checkpoint import resolve_checkpoint_dir
+from megatron_ease.training import metrics
 from megatron_ease.training.checkpointing import CheckpointManager, latest_checkpoint
 from megatron_ease.training.metrics import MetricsLogger
 from megatron_ease.training.preemption import PreemptionHandler
@@ -502,16 +503,36 @@ def test_resumed_metrics_log_drops_records_of_steps_after_the_checkpoint(tmp_pat
     assert [(r["split"], r["step"]) for r in kept] == [
         ("warm_start", 1), ("warm_start", 2), ("warm_start", 3), ("train", 1), ("train", 2),
         ("eval", 2)]
-    MetricsLogger(str(tmp_path), use_wandb=False).close()  # a fresh start keeps everything
-    assert len(path.read_text().splitlines()) == 6
+
+
+def test_a_fresh_start_sets_an_earlier_log_aside_and_starts_another_wandb_run(tmp_path):
+    """Killed before its first checkpoint, a requeued run starts again at step 1: without a
+    checkpoint nothing says which records are this run's, so the earlier log moves to
+    metrics.<n>.jsonl (nothing lost) and metrics.jsonl holds each step once. A resume keeps
+    its log and its wandb run id; a fresh start gets another wandb run."""
+    path = tmp_path / "metrics.jsonl"
+    attempts = []
+    for attempt in range(3):
+        log = MetricsLogger(str(tmp_path), use_wandb=False)
+        for step in (1, 2):
+            log.log(step, {"reward": attempt})
+        log.close()
+        attempts.append(metrics._stable_run_id(str(tmp_path), new=True))
+        assert metrics._stable_run_id(str(tmp_path)) == attempts[-1]  # as a resume reads it
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["step"], r["reward"]) for r in records] == [(1, 2), (2, 2)]
+    for n in (1, 2):
+        earlier = [json.loads(line) for line in (tmp_path / f"metrics.{n}.jsonl").open()]
+        assert [(r["step"], r["reward"]) for r in earlier] == [(1, n - 1), (2, n - 1)]
+    assert len(set(attempts)) == 3
+    MetricsLogger(str(tmp_path), resumed_at=2, use_wandb=False).close()
+    assert len(path.read_text().splitlines()) == 2 and not (tmp_path / "metrics.3.jsonl").exists()
 
 
 def test_wandb_gives_each_metric_prefix_its_own_step_axis(tmp_path, monkeypatch):
     """The warm start logs steps 1..W, then RL logs steps 1..N: with one shared wandb step, wandb
     drops every log below its current step (the first W RL steps). Each prefix gets its own
     x-axis instead (``define_metric``), on a real offline wandb run."""
-    from megatron_ease.training import metrics
-
     calls = []
     start = metrics._start_wandb
 

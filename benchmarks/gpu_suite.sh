@@ -12,7 +12,8 @@
 #
 # Each stage's log goes to OUT/STAGE.log; the exit status is non-zero if any stage failed. Needs
 # a CUDA GPU with torch, triton, transformers and megatron-core importable (PYTHON picks the
-# interpreter, default python3).
+# interpreter, default python3). Where megatron-core is missing (the lent GPU machine has no
+# registry), the wheels that benchmarks/gpu_wheels.sh put in .whl/ are installed into /tmp/site.
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu_suite.sh OUT [tests|slice|overhead|rollout ...]}
 shift
@@ -22,6 +23,23 @@ python=${PYTHON:-python3}
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+if ! "$python" -c "import megatron.core" 2>/dev/null; then
+    if ! ls .whl/*.whl >/dev/null 2>&1; then
+        echo "megatron-core is not importable and .whl/ holds no wheels: run" \
+             "benchmarks/gpu_wheels.sh where PyPI is reachable and carry .whl" >&2
+        exit 2
+    fi
+    "$python" -m pip install --quiet --no-index --no-deps --target /tmp/site .whl/*.whl || exit 2
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+"$python" - <<'PY' | tee "$out/versions.log"
+import megatron.core, torch, transformers, triton
+print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0)
+      if torch.cuda.is_available() else "NO CUDA")
+print("megatron-core", megatron.core.__version__, "transformers", transformers.__version__,
+      "triton", triton.__version__)
+PY
 status=0
 
 run() {  # run NAME CMD...: tee the output into OUT/NAME.log, remember a failure, go on

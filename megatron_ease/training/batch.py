@@ -57,6 +57,24 @@ def assemble_sequences(prompt_ids: Sequence[torch.Tensor], responses: torch.Tens
                           input_ids.eq(image_token_id) & prompt_part)
 
 
+def length_sorted_order(lengths: torch.Tensor, group_size: int) -> torch.Tensor:
+    """A row order that keeps every group of ``group_size`` consecutive rollouts in place and
+    sorts its rows by ``lengths``: ascending in groups 0, 2, 4, ..., descending in 1, 3, 5, ...
+
+    Micro-batches are consecutive rows cut to their own longest sequence, so rollouts of similar
+    length side by side waste fewer padded positions; a micro-batch that straddles two groups
+    joins their long ends (or short ends) rather than a long one with a short one. Groups stay
+    whole and contiguous: a micro-batch still holds few prompts, and their images are encoded
+    once (``shared_images``). Deterministic (a stable sort, reversed in descending groups)."""
+    if lengths.dim() != 1 or lengths.numel() % group_size:
+        raise ValueError(f"lengths must be [n] with n a multiple of group_size {group_size}, got "
+                         f"{tuple(lengths.shape)}")
+    order = lengths.reshape(-1, group_size).argsort(dim=1, stable=True)
+    order[1::2] = order[1::2].flip(1)
+    starts = torch.arange(0, lengths.numel(), group_size, device=lengths.device)
+    return (order + starts[:, None]).reshape(-1)
+
+
 def place_at_image_tokens(image_mask: torch.Tensor, values: Sequence[Optional[torch.Tensor]],
                           dtype=torch.float32) -> torch.Tensor:
     """``values[i]`` (one entry per visual token of sample i, or None) -> ``[n, S]`` at its image

@@ -27,6 +27,7 @@ from megatron_ease.rl.sampling import SamplingParams
 from megatron_ease.training import builders
 from megatron_ease.training.batch import (
     assemble_sequences,
+    length_sorted_order,
     place_at_image_tokens,
     shared_images,
 )
@@ -207,6 +208,11 @@ class Trainer:
         self.step += 1
         metrics = self.step_metrics(kept, sampled.stats, update_metrics,
                                     time.perf_counter() - t0, t_rollout)
+        # Share of the update's token positions that are padding (micro_batch_size's cost).
+        micro = [mb for mini in mini_batches for mb in mini]
+        slots = self._dp_sum(float(sum(mb.attention_mask.numel() for mb in micro)))
+        metrics["update_padding"] = 1.0 - self._dp_sum(
+            float(sum(int(mb.attention_mask.sum()) for mb in micro))) / max(1.0, slots)
         if cfg.ease.use_filtered_correct and extra is not None:
             metrics["ease_extra_rows"] = self._dp_sum(float(len(extra)))
         return metrics
@@ -220,12 +226,15 @@ class Trainer:
         ranks; every count that normalises a loss is global. Each micro-batch is cut to its own
         longest sequence (the sequences are right-padded; megatron-core's pipeline exchanges
         shapes per micro-batch, ``variable_seq_lengths``) and encodes each image once
-        (``shared_images``: a group's rollouts share their prompt's)."""
+        (``shared_images``: a group's rollouts share their prompt's). Each group's rollouts are
+        ordered by length first (``length_sorted_order``), which cuts the padding."""
         cfg, n = self.cfg, len(kept)
         rollouts = kept if extra is None or len(extra) == 0 else RolloutBatch.concat([kept, extra])
+        rollouts = rollouts.select(length_sorted_order(rollouts.payload["lengths"],
+                                                       rollouts.group_size))
         p, total = rollouts.payload, len(rollouts)
         advantages = torch.zeros(total)
-        advantages[:n] = group_advantages(kept.reward, cfg.dapo.group_size)
+        advantages[:n] = group_advantages(rollouts.reward[:n], cfg.dapo.group_size)
         per_mini = n // cfg.train.ppo_mini_batches
         mbs = cfg.train.micro_batch_size
         seqs = assemble_sequences(p["prompt_ids"], p["tokens"], p["lengths"], self.pad_id,

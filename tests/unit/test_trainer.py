@@ -284,6 +284,74 @@ def test_rollouts_of_one_prompt_encode_its_image_once_with_the_same_update(datas
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
+def test_length_sorted_order_sorts_within_groups_by_turns():
+    from megatron_ease.training.batch import length_sorted_order
+
+    lengths = torch.tensor([5, 1, 3, 3,  2, 9, 4, 2,  7, 7, 1, 8])
+    order = length_sorted_order(lengths, group_size=4)
+    assert order.tolist() == [1, 2, 3, 0,  5, 6, 7, 4,  10, 8, 9, 11]
+    assert lengths[order].tolist() == [1, 3, 3, 5,  9, 4, 2, 2,  1, 7, 7, 8]
+
+    # Micro-batches of 3 (two straddle groups, and join like lengths): 35 padded positions in
+    # the given order, 14 in this one.
+    def padding(values):
+        return sum(len(values[i:i + 3]) * max(values[i:i + 3]) - sum(values[i:i + 3])
+                   for i in range(0, len(values), 3))
+    assert padding(lengths.tolist()) == 35 and padding(lengths[order].tolist()) == 14
+    with pytest.raises(ValueError, match="multiple of group_size 5"):
+        length_sorted_order(lengths, group_size=5)
+
+
+def test_micro_batches_order_each_groups_rollouts_by_length():
+    """``Trainer.micro_batches`` on rollouts of unequal lengths: each group's rollouts go in
+    length order (less padding in micro-batches cut to their longest row), every row keeps its
+    own advantage, target and image, and a micro-batch encodes each of its prompts' images once."""
+    import types
+
+    from megatron_ease.rl.dapo import group_advantages
+    from megatron_ease.rl.dynamic_sampling import RolloutBatch
+    from megatron_ease.training.trainer import Trainer
+
+    cfg = load_config(CONFIG, ["dapo.group_size=4", "train.micro_batch_size=3",
+                               "train.ppo_mini_batches=1"])
+    image_token = cfg.model.image_token_id
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([5, 1, 3, 3,  2, 9, 4, 2,  7, 7, 1, 8])
+    n, groups = len(lengths), 3
+    prompts = [torch.tensor([3, image_token, image_token, image_token, image_token, 4 + g])
+               for g in range(groups)]
+    pixels = [torch.randn(16, 8, generator=gen) for _ in range(groups)]
+    tokens = torch.arange(n * 9).reshape(n, 9) + 1000  # each rollout's tokens are its own
+    kept = RolloutBatch(
+        group_size=4, group_ids=torch.arange(n) // 4, accuracy=(torch.arange(n) % 2).float(),
+        reward=torch.randn(n, generator=gen), payload={
+            "prompt_ids": [prompts[i // 4] for i in range(n)],
+            "pixel_values": [pixels[i // 4] for i in range(n)],
+            "image_grid_thw": [torch.tensor([[1, 4, 4]]) for _ in range(n)],
+            "target": [torch.full((4,), float(i)) for i in range(n)],
+            "evidence": [torch.ones(4, dtype=torch.bool) for _ in range(n)],
+            "tokens": tokens, "lengths": lengths})
+    stub = types.SimpleNamespace(cfg=cfg, pad_id=0, image_token_id=image_token)
+    [micro] = Trainer.micro_batches(stub, kept)
+    rows = [int(row[6]) - 1000 for mb in micro for row in mb.input_ids]  # first response token
+    order = [r // 9 for r in rows]
+    assert sorted(order) == list(range(n))
+    assert lengths[order].tolist() == [1, 3, 3, 5,  9, 4, 2, 2,  1, 7, 7, 8]
+    padded = sum(mb.attention_mask.numel() - int(mb.attention_mask.sum()) for mb in micro)
+    assert padded == 14  # 35 in the rollouts' own order (test_length_sorted_order_...)
+    advantages = group_advantages(kept.reward, 4)
+    targets = torch.cat([mb.ease_target.sum(1) / 4 for mb in micro])
+    assert torch.equal(torch.cat([mb.advantages for mb in micro]), advantages[order])
+    assert torch.equal(torch.cat([mb.ease_weight for mb in micro]),
+                       kept.accuracy[order])  # gated: correct and with a target
+    assert targets.tolist() == [float(i) for i in order]
+    for mb, first in zip(micro, range(0, n, 3)):
+        prompt_of = [i // 4 for i in order[first:first + 3]]
+        assert mb.image_grid_thw.shape[0] == len(set(prompt_of))  # one encoding per prompt
+        for row, g in enumerate(prompt_of):
+            assert int(mb.input_ids[row, 5]) == 4 + g  # the row's own prompt
+
+
 def _dp_invariance_update(dataset: str, use_distributed_optimizer: bool):
     """The update at DP = 2 with one micro-batch per rank, and, on every rank, on the whole
     mini-batch as one process runs it (both micro-batches, a DP group of this rank alone)."""
@@ -931,6 +999,7 @@ def _filtered_correct_run(overrides):
             # Each micro-batch is cut to its own longest sequence.
             trimmed=all(int(mb.attention_mask.sum(1).max()) == mb.input_ids.shape[1]
                         for mb in flat),
+
             # Image slots vs images encoded: a micro-batch of one group's rollouts encodes the
             # prompt's image once.
             slots=sum(int(mb.image_mask.sum()) for mb in flat),
@@ -974,6 +1043,7 @@ def test_filtered_correct_rollouts_feed_ease_but_not_dapo(dataset, tmp_path):
         assert step["shared"] and step["encoded"] * 2 <= step["slots"]
     metrics = _metrics(run_dir)
     assert all("ease_extra_rows" in record for record in metrics.values())
+    assert all(0 <= record["update_padding"] < 0.5 for record in metrics.values())
     # Capped at the step's own groups (train.prompts_per_step x G rollouts).
     cfg = load_config(CONFIG, overrides)
     cap = cfg.train.prompts_per_step * cfg.dapo.group_size

@@ -281,6 +281,46 @@ def test_training_cli_refuses_a_wrong_path_before_starting_the_process_group(
     assert status == 2 and "config error: data.train_shards" in err and "missing-" in err
 
 
+def test_a_path_only_some_ranks_miss_ends_every_rank_with_one_message(tmp_path):
+    """A path visible on some nodes only (node-local scratch, a missing mount): the ranks agree
+    over the process group and all exit 2 at once, rank 0 naming the rank, host and path; a
+    rank that exited on its own left the others waiting for the process group's timeout."""
+    import os
+    import subprocess
+    import sys
+
+    from megatron_ease.distributed import find_free_port
+
+    port = str(find_free_port())
+    (tmp_path / "a_file").write_text("not a directory")
+    procs = []
+    for rank in (0, 1):
+        # Rank 1's run_dir lies under a file; rank 0's is fine. Both would train 1 step.
+        run_dir = f"{tmp_path}/run" if rank == 0 else f"{tmp_path}/a_file/run"
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+               "CUDA_VISIBLE_DEVICES": ""}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "megatron_ease.train", "--config",
+             "examples/tiny_cpu_ease.yaml", f"logging.run_dir={run_dir}",
+             f"data.train_shards={tmp_path}/data/train/*.tar",
+             f"data.eval_shards={tmp_path}/data/eval/*.tar",
+             f"data.tokenizer={tmp_path}/data/tokenizer", "checkpoint.dir=",
+             "train.steps=1", "parallel.timeout_minutes=5"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        outputs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [2, 2], outputs
+    err0, err1 = outputs[0][1], outputs[1][1]
+    assert "config error on rank 1 (host " in err0, err0
+    assert "logging.run_dir" in err0 and "a_file" in err0 and "is a file" in err0, err0
+    assert "config error" not in err1, err1  # one report, from rank 0
+    assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()  # nothing ran
+
+
 def test_config_changes_lists_every_changed_leaf():
     from megatron_ease.config import config_changes, config_to_dict
 

@@ -226,17 +226,20 @@ class Trainer:
         ranks; every count that normalises a loss is global. Each micro-batch is cut to its own
         longest sequence (the sequences are right-padded; megatron-core's pipeline exchanges
         shapes per micro-batch, ``variable_seq_lengths``) and encodes each image once
-        (``shared_images``: a group's rollouts share their prompt's). Each group's rollouts are
-        ordered by length first (``length_sorted_order``), which cuts the padding."""
+        (``shared_images``: a group's rollouts share their prompt's). Where micro-batches cut
+        groups, each group's rollouts are put in length order first (``length_sorted_order``),
+        which cuts the padding; micro-batches of whole groups keep the rollouts' order (the
+        order inside them changes only the rounding)."""
         cfg, n = self.cfg, len(kept)
         rollouts = kept if extra is None or len(extra) == 0 else RolloutBatch.concat([kept, extra])
-        rollouts = rollouts.select(length_sorted_order(rollouts.payload["lengths"],
-                                                       rollouts.group_size))
+        per_mini = n // cfg.train.ppo_mini_batches
+        mbs = cfg.train.micro_batch_size
+        if mbs % rollouts.group_size or per_mini % rollouts.group_size:
+            rollouts = rollouts.select(length_sorted_order(rollouts.payload["lengths"],
+                                                           rollouts.group_size))
         p, total = rollouts.payload, len(rollouts)
         advantages = torch.zeros(total)
         advantages[:n] = group_advantages(rollouts.reward[:n], cfg.dapo.group_size)
-        per_mini = n // cfg.train.ppo_mini_batches
-        mbs = cfg.train.micro_batch_size
         seqs = assemble_sequences(p["prompt_ids"], p["tokens"], p["lengths"], self.pad_id,
                                   self.image_token_id)
         target = place_at_image_tokens(seqs.image_mask, p["target"])

@@ -350,6 +350,12 @@ def test_micro_batches_order_each_groups_rollouts_by_length():
         assert mb.image_grid_thw.shape[0] == len(set(prompt_of))  # one encoding per prompt
         for row, g in enumerate(prompt_of):
             assert int(mb.input_ids[row, 5]) == 4 + g  # the row's own prompt
+    # Micro-batches of whole groups: the order would change no micro-batch's length, and stays.
+    stub.cfg = load_config(CONFIG, ["dapo.group_size=4", "train.micro_batch_size=4",
+                                    "train.ppo_mini_batches=1"])
+    [micro] = Trainer.micro_batches(stub, kept)
+    assert [int(row[6]) - 1000 for mb in micro for row in mb.input_ids] == [
+        9 * i for i in range(n)]
 
 
 def _dp_invariance_update(dataset: str, use_distributed_optimizer: bool):

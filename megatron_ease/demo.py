@@ -31,6 +31,8 @@ import sys
 import torch
 
 from megatron_ease.config import load_config
+from megatron_ease.eval.evaluator import attention_maps
+from megatron_ease.eval.plots import plot_attention_overlays
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                       "examples", "tiny_cpu_ease.yaml")
@@ -172,73 +174,6 @@ def _seed(seed: int) -> None:
 
 
 @torch.no_grad()
-def attention_maps(trainer, num_samples: int) -> list[dict]:
-    """Greedy answers and the EASE layers' response→image attention for the first held-out
-    samples: per sample the image, evidence target and attention as visual-token grids (none
-    for ``num_samples`` 0)."""
-    if num_samples <= 0:
-        return []
-    from megatron_ease.training import builders
-    from megatron_ease.training.rollouts import split_prompts
-
-    cfg = trainer.cfg
-    reader = builders.build_reader(cfg, trainer.tokenizer, cfg.data.eval_shards, num_samples,
-                                   0, 1, train=False)
-    batch = next(iter(reader))
-    prompts = split_prompts(batch)[:num_samples]
-    masses = trainer.attention_for(batch, prompts)
-    merge = cfg.model.vision.spatial_merge_size
-    out = []
-    for i, prompt in enumerate(prompts):
-        _, h, w = (int(x) for x in prompt.image_grid_thw[0])
-        h, w = h // merge, w // merge
-        image_mask = batch["image_mask"][i][:batch["input_ids"].shape[1]]
-        target = batch["evidence_target"][i][image_mask][:h * w]
-        # E > 0: the target p* is smoothed with an alpha / N floor, so it is positive everywhere.
-        evidence = batch["evidence_mask"][i][image_mask][:h * w]
-        attention = masses[i][:h * w]
-        out.append({"key": batch["keys"][i], "shard": batch["shards"][i],
-                    "question": batch["records"][i]["question"],
-                    "answer": batch["answers"][i], "grid": [h, w],
-                    "target": target.reshape(h, w).tolist(),
-                    "evidence": evidence.reshape(h, w).tolist(),
-                    "attention": attention.reshape(h, w).tolist()})
-    return out
-
-
-def first_image(shard: str, key: str):
-    """The sample's first image, read back from its shard (for the overlays)."""
-    import io
-    import tarfile
-
-    from PIL import Image
-
-    with tarfile.open(shard) as tar:
-        names = sorted(m for m in tar.getnames() if m.startswith(key + ".")
-                       and m.rsplit(".", 1)[-1] in ("png", "jpg", "jpeg", "webp")
-                       and "mask" not in m)
-        return Image.open(io.BytesIO(tar.extractfile(names[0]).read())).convert("RGB")
-
-
-def normalised(grid):
-    """A grid as shares of its total (unchanged when it sums to 0)."""
-    import numpy as np
-
-    grid = np.asarray(grid, dtype=float)
-    total = grid.sum()
-    return grid / total if total > 0 else grid
-
-
-def evidence_share(attention, evidence) -> float:
-    """The share of an attention grid's mass on the evidence tokens (a bool grid, E > 0): the
-    training metric ``attn_in_evidence`` for one sample."""
-    import numpy as np
-
-    attention = np.asarray(attention, dtype=float)
-    total = attention.sum()
-    return float(attention[np.asarray(evidence, dtype=bool)].sum() / total) if total > 0 else 0.0
-
-
 def plot(args, arms: dict) -> list[str]:
     import matplotlib
 
@@ -270,41 +205,8 @@ def plot(args, arms: dict) -> list[str]:
     plt.close(fig)
     written.append(path)
 
-    names = list(arms)
-    samples = arms[names[0]]["overlays"]
-    for i, sample in enumerate(samples):
-        image = np.asarray(first_image(sample["shard"], sample["key"]))
-        extent = (0, image.shape[1], image.shape[0], 0)
-        fig, axes = plt.subplots(1, 2 + len(names), figsize=(3.2 * (2 + len(names)) + 0.8, 3.6),
-                                 layout="constrained")
-        axes[0].imshow(image)
-        axes[0].set_title("image", fontsize=9)
-        target = np.array(sample["target"], dtype=float)
-        evidence = np.array(sample["evidence"], dtype=bool)
-        panels = [("evidence target", target)]
-        for name in names:
-            attention = np.array(arms[name]["overlays"][i]["attention"], dtype=float)
-            panels.append((f"{name}: response→image attention\n"
-                           f"in evidence: {evidence_share(attention, evidence):.3f}", attention))
-        # Each panel as shares of its own mass, on one colour scale from 0 for the whole sample:
-        # scaled to its own min/max, a near-uniform attention would look as sharp as the target.
-        grids = [normalised(grid) for _, grid in panels]
-        vmax = max([float(grid.max()) for grid in grids if grid.size] + [0.0]) or 1.0
-        for ax, (title, _), grid in zip(axes[1:], panels, grids):
-            ax.imshow(image, extent=extent)
-            shown = ax.imshow(grid, cmap="magma", alpha=0.6, vmin=0.0, vmax=vmax,
-                              extent=extent, interpolation="nearest")
-            ax.set_title(title, fontsize=9)
-        for ax in axes:
-            ax.set_xticks([])
-            ax.set_yticks([])
-        fig.colorbar(shown, ax=list(axes[1:]), shrink=0.85,
-                     label="share of the panel's mass per visual token")
-        fig.suptitle(f"{sample['question']}  (answer: {sample['answer']})", fontsize=9)
-        path = os.path.join(plots, f"attention_{i}.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+    written += plot_attention_overlays({name: arm["overlays"] for name, arm in arms.items()},
+                                       plots)
     return written
 
 

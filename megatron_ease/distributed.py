@@ -285,6 +285,31 @@ def all_reduce_(tensor: torch.Tensor, group=None,
     return tensor.copy_(moved)
 
 
+def errors_of_all_ranks(error: Optional[str], others: str = "passed") -> Optional[str]:
+    """Every rank's verdict of a start-up check that may differ between nodes (a path mounted on
+    some only), agreed over the default process group: None when no rank has an ``error``, else
+    the ``config error`` lines for rank 0 to print, each naming the ranks and hosts that
+    reported it unless all did (``others``: what the other ranks did, for the message). A rank
+    that exited on its own error would leave the others waiting in their first collective
+    until the process group's timeout."""
+    reports = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(reports, (error, socket.gethostname()))
+    failing: dict[str, list[tuple[int, str]]] = {}
+    for rank, (message, host) in enumerate(reports):
+        if message is not None:
+            failing.setdefault(message, []).append((rank, host))
+    lines = []
+    for message, where in failing.items():
+        if len(where) == len(reports):
+            lines.append(f"config error: {message}")
+            continue
+        ranks = ", ".join(str(rank) for rank, _ in where)
+        hosts = ", ".join(sorted({host for _, host in where}))
+        lines.append(f"config error on rank{'s' if len(where) > 1 else ''} {ranks} "
+                     f"(host {hosts}; the other ranks {others}): {message}")
+    return "\n".join(lines) or None
+
+
 def destroy_distributed() -> None:
     """Tear down megatron-core groups and the default group (safe to call twice)."""
     from megatron.core import parallel_state

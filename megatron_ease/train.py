@@ -35,6 +35,7 @@ def main(argv=None) -> int:
 
     from megatron_ease.distributed import (
         destroy_distributed,
+        errors_of_all_ranks,
         initialize_distributed,
         read_launch_env,
     )
@@ -66,7 +67,7 @@ def main(argv=None) -> int:
     try:
         initialize_distributed(cfg.parallel, seed=cfg.train.seed, backend=cfg.parallel.backend)
         try:
-            refused = path_errors_of_all_ranks(path_error)
+            refused = errors_of_all_ranks(path_error, "see their paths")
             if refused:
                 if launch.rank == 0:
                     print(refused, file=sys.stderr)
@@ -78,33 +79,6 @@ def main(argv=None) -> int:
             destroy_distributed()
     finally:
         preemption.restore()
-
-
-def path_errors_of_all_ranks(error: str | None) -> str | None:
-    """Every rank's ``check_paths`` verdict, agreed over the process group: None when all ranks
-    see their paths, else the ``config error`` lines for rank 0 to print, each naming the ranks
-    and hosts that reported it unless all did. A rank that exited on its own error would leave
-    the others waiting in the first collective until the process group's timeout."""
-    import socket
-
-    import torch.distributed as dist
-
-    reports = [None] * dist.get_world_size()
-    dist.all_gather_object(reports, (error, socket.gethostname()))
-    failing: dict[str, list[tuple[int, str]]] = {}
-    for rank, (message, host) in enumerate(reports):
-        if message is not None:
-            failing.setdefault(message, []).append((rank, host))
-    lines = []
-    for message, where in failing.items():
-        if len(where) == len(reports):
-            lines.append(f"config error: {message}")
-            continue
-        ranks = ", ".join(str(rank) for rank, _ in where)
-        hosts = ", ".join(sorted({host for _, host in where}))
-        lines.append(f"config error on rank{'s' if len(where) > 1 else ''} {ranks} "
-                     f"(host {hosts}; the other ranks see their paths): {message}")
-    return "\n".join(lines) or None
 
 
 if __name__ == "__main__":

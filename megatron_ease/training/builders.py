@@ -203,7 +203,7 @@ def check_paths(cfg: Config) -> None:
     """The paths a run reads or writes, checked on every rank before anything is built: a wrong
     path is one line naming its config field, instead of a traceback per rank after the model
     and optimizer were built (minutes at 8B). The training CLI agrees on the verdicts over the
-    process group (``train.path_errors_of_all_ranks``: a path may be missing on some nodes).
+    process group (``distributed.errors_of_all_ranks``: a path may be missing on some nodes).
     Raises FileNotFoundError / ValueError / PermissionError. Missing shards are fine with ``data.synthetic`` (rank 0 writes them); a
     missing ``model.init_from`` is fine when the run resumes from ``checkpoint.dir`` (a requeued
     job whose initial weights were purged from scratch space still resumes). Hub tokenizer ids

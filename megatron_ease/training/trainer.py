@@ -20,10 +20,10 @@ import torch
 
 from megatron_ease.config import Config, config_changes, config_to_dict, resolve_hf_config
 from megatron_ease.distributed import all_reduce_
+from megatron_ease.eval.evaluator import Evaluator
 from megatron_ease.rl.dapo import group_advantages
 from megatron_ease.rl.dynamic_sampling import RolloutBatch
 from megatron_ease.rl.rollout import MegatronRolloutEngine
-from megatron_ease.rl.sampling import SamplingParams
 from megatron_ease.training import builders
 from megatron_ease.training.batch import (
     assemble_sequences,
@@ -37,15 +37,9 @@ from megatron_ease.training.preemption import PreemptionHandler
 from megatron_ease.training.profiling import StepProfiler
 from megatron_ease.training.rollouts import (
     RolloutCollector,
-    generate,
-    image_values,
-    progress_bar,
-    split_prompts,
-    vision_token_ids,
 )
 from megatron_ease.training.update import (
     MicroBatch,
-    _forward_backward,
     policy_update,
     supervised_step,
 )
@@ -81,6 +75,7 @@ class Trainer:
             self.model, pad_token_id=self.pad_id, detokenize=self.tokenizer.decode,
             max_rollouts_per_batch=cfg.dapo.max_rollouts_per_batch or None,
             pipelined=cfg.dapo.pipelined_rollouts)
+        self.evaluator = Evaluator(self.cfg, self.tokenizer, self.model_chunks, self.engine)
         self.train_reader = builders.build_reader(
             cfg, self.tokenizer, cfg.data.train_shards,
             cfg.train.prompts_per_step // self.dp_size, self.dp_rank, self.dp_size)
@@ -334,138 +329,15 @@ class Trainer:
             metrics[short.get(key, key)] = sum(values) / len(values)
         return metrics
 
-    # -- validation ------------------------------------------------------------------------------
+    # -- validation (megatron_ease.eval.Evaluator) ------------------------------------------------
 
-    @torch.no_grad()
     def evaluate(self, max_samples: Optional[int] = None) -> dict:
-        """Greedy accuracy (all, and anti-prior samples) and attention in evidence on the first
-        ``max_samples`` (default ``eval.samples``) samples of the held-out shards, in shard
-        order, each DP rank on its own part: the same samples whatever the DP size, loader
-        workers or batch size. Metrics are NaN if no sample could be read."""
-        from megatron_ease.rl.rewards import compute_rewards
+        """``Evaluator.evaluate`` of the current policy (``eval.samples`` by default)."""
+        return self.evaluator.evaluate(max_samples)
 
-        cfg = self.cfg
-        samples = max_samples or cfg.eval.samples
-        reader = builders.build_reader(cfg, self.tokenizer, cfg.data.eval_shards,
-                                       cfg.eval.batch_size, self.dp_rank, self.dp_size,
-                                       train=False, max_samples=samples)
-        limit = len(range(self.dp_rank, samples, self.dp_size))  # this rank's share at most
-        params = SamplingParams(max_new_tokens=cfg.dapo.max_response_length, temperature=0.0,
-                                n=1, stop_token_ids=tuple(self.stop_ids),
-                                suppress_token_ids=vision_token_ids(cfg))
-        # correct, n, anti correct, anti n, ev, ev n, skipped samples
-        totals = torch.zeros(7, dtype=torch.float64)
-        bar = progress_bar(self.is_logging_rank and cfg.logging.progress, total=limit,
-                           desc="validation", unit="sample")
-        for batch in reader:
-            prompts = split_prompts(batch)
-            out = generate(self.engine, prompts, params)
-            texts = self.tokenizer.batch_decode(
-                [out.tokens[i, :int(out.lengths[i])].tolist() for i in range(len(prompts))],
-                skip_special_tokens=True)
-            rewards = compute_rewards(texts, batch["answers"], batch["answer_types"],
-                                      batch["choices"])
-            anti = torch.tensor([not r.get("answer_is_prior", False) for r in batch["records"]],
-                                dtype=torch.float64)
-            acc = rewards.accuracy.double()
-            totals[:4] += torch.tensor([acc.sum(), len(prompts), (acc * anti).sum(), anti.sum()])
-            if cfg.ease.layers:
-                ev_sum, ev_n = self._evidence_attention(batch, prompts, out)
-                totals[4:6] += torch.tensor([ev_sum, ev_n])
-            bar.update(len(prompts))
-        bar.close()
-        totals[6] = float(sum(reader.skipped.values()))
-        if self.dp_group is not None:
-            all_reduce_(totals, group=self.dp_group)
-        c, n, ac, an, ev, evn, skipped = totals.tolist()
-        nan = float("nan")
-        metrics = {"accuracy": c / n if n else nan, "anti_prior_accuracy": ac / an if an else nan,
-                   "eval_samples": int(n), "skipped_samples": int(skipped)}
-        if evn > 0:
-            metrics["evidence_attention_mass"] = ev / evn
-        return metrics
-
-    def _eval_contexts(self, batch, prompts, out, keep_mass: bool = False):
-        """Forward (no grad, λ = 0) over prompt + response with an EASE context: the EASE layers
-        record attention-in-evidence (and with ``keep_mass`` the mass) of these samples.
-
-        The samples go through in micro-batches of ``train.micro_batch_size`` rows, each cut to
-        its own longest sequence, as in training: ``eval.batch_size`` rows at once would hold
-        that many rows' logits and activations. Returns one context and one ``[b, S_k]`` image
-        mask per micro-batch, in sample order."""
-        from megatron_ease.ease.context import EaseContext
-
-        n = len(prompts)
-        seqs = assemble_sequences([p.input_ids for p in prompts], out.tokens, out.lengths,
-                                  self.pad_id, self.image_token_id)
-        per_sample = [image_values(batch, "evidence_target", i) for i in range(n)]
-        targets = place_at_image_tokens(seqs.image_mask, per_sample)
-        evidence = place_at_image_tokens(seqs.image_mask,
-                                         [image_values(batch, "evidence_mask", i)
-                                          for i in range(n)], dtype=torch.bool)
-        has = torch.tensor([t is not None for t in per_sample], dtype=torch.float32)
-        mbs = []
-        for start in range(0, n, self.cfg.train.micro_batch_size):
-            rows, cols = seqs.cut(start, min(n, start + self.cfg.train.micro_batch_size))
-            mbs.append(MicroBatch(
-                seqs.input_ids[cols], seqs.attention_mask[cols], seqs.labels[cols],
-                seqs.response_mask[cols], seqs.image_mask[cols],
-                torch.cat([p.pixel_values for p in prompts[rows]]),
-                torch.cat([p.image_grid_thw for p in prompts[rows]]),
-                torch.zeros(rows.stop - start), targets[cols], has[rows], evidence[cols]))
-        contexts = []
-
-        def contexts_for(m):
-            ctx = EaseContext(m.image_mask, m.response_mask, m.ease_target, m.ease_weight,
-                              normalizer=1.0, num_layers=len(self.cfg.ease.layers),
-                              gradient_scale=0.0, key_valid_mask=m.attention_mask,
-                              evidence_mask=m.evidence_mask, keep_mass=keep_mass,
-                              slice_impl=self.cfg.ease.slice_impl)
-            contexts.append(ctx)
-            return ctx
-
-        def loss_fn(m, output):
-            return torch.zeros((), device=output.device), {}
-
-        for chunk in self.model_chunks:
-            chunk.eval()
-        _forward_backward(self.cfg, self.model_chunks, mbs, loss_fn, contexts_for,
-                          forward_only=True)
-        for chunk in self.model_chunks:
-            chunk.train()
-        return contexts, [m.image_mask for m in mbs]
-
-    def _evidence_attention(self, batch, prompts, out) -> tuple[float, float]:
-        """Σ over samples of attention-in-evidence (mean over EASE layers), and the count."""
-        from megatron.core import parallel_state as ps
-
-        contexts, _ = self._eval_contexts(batch, prompts, out)
-        # Per-layer sums of this stage's EASE layers, summed over pipeline stages only: DP ranks
-        # evaluate different numbers of batches, so nothing here may wait on DP peers.
-        sums = torch.zeros(2, dtype=torch.float64)
-        for record in (r for c in contexts for r in c.records.values()):
-            if record.evidence_samples is not None and float(record.evidence_samples) > 0:
-                sums += torch.tensor([float(record.evidence_attention_sum),
-                                      float(record.evidence_samples)])
-        if ps.get_pipeline_model_parallel_world_size() > 1:
-            all_reduce_(sums, group=ps.get_pipeline_model_parallel_group())
-        layers = len(self.cfg.ease.layers)
-        return float(sums[0]) / layers, float(sums[1]) / layers
-
-    @torch.no_grad()
     def attention_for(self, batch, prompts) -> list[torch.Tensor]:
-        """Greedy answers, then per sample the response→image attention mass over its visual
-        tokens, averaged over this stage's EASE layers (single-stage runs: all of them)."""
-        params = SamplingParams(max_new_tokens=self.cfg.dapo.max_response_length,
-                                temperature=0.0, n=1, stop_token_ids=tuple(self.stop_ids),
-                                suppress_token_ids=vision_token_ids(self.cfg))
-        out = generate(self.engine, prompts, params)
-        contexts, image_masks = self._eval_contexts(batch, prompts, out, keep_mass=True)
-        result = []
-        for context, image_mask in zip(contexts, image_masks):
-            masses = torch.stack([r.mass for r in context.records.values()]).mean(0).cpu()
-            result.extend(masses[i][image_mask[i]] for i in range(len(image_mask)))
-        return result
+        """``Evaluator.attention_for`` of the current policy."""
+        return self.evaluator.attention_for(batch, prompts)
 
     # -- the loop --------------------------------------------------------------------------------
 

@@ -211,6 +211,7 @@ def test_attention_overlays_share_one_colour_scale_from_zero(monkeypatch, tmp_pa
     from PIL import Image
 
     from megatron_ease import demo
+    from megatron_ease.eval import plots
 
     evidence = np.zeros((4, 4), dtype=bool)
     evidence[0, 3] = True
@@ -231,7 +232,7 @@ def test_attention_overlays_share_one_colour_scale_from_zero(monkeypatch, tmp_pa
             {"key": "k", "shard": "s", "question": "q", "answer": "a", "grid": [4, 4],
              "target": target.tolist(), "evidence": evidence.tolist(),
              "attention": attention.tolist()}]}
-    monkeypatch.setattr(demo, "first_image", lambda shard, key: Image.new("RGB", (32, 32)))
+    monkeypatch.setattr(plots, "first_image", lambda shard, key: Image.new("RGB", (32, 32)))
     shown, colorbars = [], []
     imshow, colorbar = matplotlib.axes.Axes.imshow, matplotlib.figure.FigureBase.colorbar
 

@@ -1,0 +1,112 @@
+"""``python -m megatron_ease.evaluate``: a trainer checkpoint evaluated without training gives the
+metrics the trainer's own validation logged for it, in another parallel layout too; overlays;
+one-line refusals of a bad checkpoint or path."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from megatron_ease.distributed import find_free_port
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG = os.path.join(REPO, "examples", "tiny_cpu_ease.yaml")
+METRICS = ("accuracy", "anti_prior_accuracy", "evidence_attention_mass", "eval_samples")
+
+
+def _env() -> dict:
+    # GPUs hidden: the CPU venv's torch on a GPU machine would otherwise be refused.
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="")
+
+
+def _data_overrides(data: str) -> list[str]:
+    return [f"data.train_shards={data}/train/*.tar", f"data.eval_shards={data}/eval/*.tar",
+            f"data.tokenizer={data}/tokenizer", "data.synthetic=false", "eval.batch_size=4",
+            "dapo.max_response_length=6", "dapo.overlong_buffer_length=2"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One RL step (after a short warm start) saved at step 1 and validated on 8 samples."""
+    from megatron_ease.data.synthetic import write_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("evaluate")
+    data = str(root / "data")
+    write_synthetic_dataset(data, num_train=64, num_eval=16, seed=0, samples_per_shard=32)
+    run_dir = str(root / "run")
+    result = subprocess.run(
+        [sys.executable, "-m", "megatron_ease.train", "--config", CONFIG,
+         *_data_overrides(data), f"logging.run_dir={run_dir}", f"checkpoint.dir={run_dir}/ckpt",
+         "train.steps=1", "train.warm_start_steps=8", "train.warm_start_lr=3e-3",
+         "train.prompts_per_step=4", "dapo.group_size=4", "train.micro_batch_size=8",
+         "dapo.max_gen_batches=16", "eval.interval=1", "eval.samples=8"],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        [validation] = [r for r in map(json.loads, f) if r["split"] == "eval"]
+    return {"root": root, "data": data, "ckpt": f"{run_dir}/ckpt", "validation": validation}
+
+
+def _evaluate(args: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "megatron_ease.evaluate"] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+        "--master-addr=127.0.0.1", f"--master-port={find_free_port()}",
+        "-m", "megatron_ease.evaluate"]
+    return subprocess.run([*launcher, "--config", CONFIG, *args], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_a_checkpoint_evaluates_as_the_trainer_validated_it_with_overlays(trained):
+    out = trained["root"] / "eval" / "results.json"
+    result = _evaluate(["--checkpoint", trained["ckpt"], "--samples", "8", "--out", str(out),
+                        "--overlays", "2", *_data_overrides(trained["data"])])
+    assert result.returncode == 0, result.stdout + result.stderr
+    printed = json.loads(result.stdout.strip().splitlines()[-1])
+    assert json.loads(out.read_text()) == printed
+    validation = trained["validation"]
+    assert validation["eval_samples"] == 8 and printed["skipped_samples"] == 0
+    for name in METRICS:
+        assert printed[name] == pytest.approx(validation[name], rel=1e-6), name
+    assert printed["checkpoint"].endswith("iter_0000001")
+    assert [os.path.basename(p) for p in printed["plots"]] == ["attention_0.png",
+                                                                "attention_1.png"]
+    assert all(os.path.getsize(p) > 0 and os.path.dirname(p) == str(out.parent / "plots")
+               for p in printed["plots"])
+
+
+def test_a_checkpoint_evaluates_the_same_at_pipeline_parallel_2(trained):
+    """Saved by one process, loaded into two pipeline stages: the same answers and scores, and
+    attention in evidence summed over both stages' EASE layers."""
+    result = _evaluate(["--checkpoint", trained["ckpt"], "--samples", "8",
+                        "parallel.pipeline_model_parallel_size=2",
+                        *_data_overrides(trained["data"])], nproc=2)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1  # rank 0 only
+    printed = json.loads(lines[0])
+    for name in METRICS:
+        assert printed[name] == pytest.approx(trained["validation"][name], rel=1e-5), name
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "config error: --checkpoint: no checkpoint at"),
+    ("not_a_checkpoint", "config error: --checkpoint: "),
+    ("no_shards", "config error: data.eval_shards: no shard file matches"),
+])
+def test_bad_checkpoint_or_shards_are_one_line_refusals(trained, tmp_path, case, message):
+    checkpoint, overrides = trained["ckpt"], _data_overrides(trained["data"])
+    if case == "missing":
+        checkpoint = str(tmp_path / "nowhere")
+    elif case == "not_a_checkpoint":
+        checkpoint = trained["data"]  # a directory, of shards
+    else:
+        overrides.append(f"data.eval_shards={tmp_path}/none-*.tar")
+    result = _evaluate(["--checkpoint", checkpoint, *overrides])
+    assert result.returncode == 2, result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if "config error" in line]
+    assert len(errors) == 1 and errors[0].startswith(message), result.stderr
+    assert "Traceback" not in result.stderr

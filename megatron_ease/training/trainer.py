@@ -35,9 +35,7 @@ from megatron_ease.training.checkpointing import CheckpointManager
 from megatron_ease.training.metrics import MetricsLogger
 from megatron_ease.training.preemption import PreemptionHandler
 from megatron_ease.training.profiling import StepProfiler
-from megatron_ease.training.rollouts import (
-    RolloutCollector,
-)
+from megatron_ease.training.rollouts import RolloutCollector
 from megatron_ease.training.update import (
     MicroBatch,
     policy_update,
@@ -205,9 +203,12 @@ class Trainer:
                                     time.perf_counter() - t0, t_rollout)
         # Share of the update's token positions that are padding (micro_batch_size's cost).
         micro = [mb for mini in mini_batches for mb in mini]
-        slots = self._dp_sum(float(sum(mb.attention_mask.numel() for mb in micro)))
-        metrics["update_padding"] = 1.0 - self._dp_sum(
-            float(sum(int(mb.attention_mask.sum()) for mb in micro))) / max(1.0, slots)
+        slots = torch.tensor([float(sum(mb.attention_mask.numel() for mb in micro)),
+                              float(sum(int(mb.attention_mask.sum()) for mb in micro))],
+                             dtype=torch.float64)
+        if self.dp_group is not None:
+            all_reduce_(slots, group=self.dp_group)
+        metrics["update_padding"] = 1.0 - float(slots[1]) / max(1.0, float(slots[0]))
         if cfg.ease.use_filtered_correct and extra is not None:
             metrics["ease_extra_rows"] = self._dp_sum(float(len(extra)))
         return metrics

@@ -33,6 +33,7 @@ import torch
 from megatron_ease.config import load_config
 from megatron_ease.eval.evaluator import attention_maps
 from megatron_ease.eval.plots import plot_attention_overlays
+from megatron_ease.train import int_at_least
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                       "examples", "tiny_cpu_ease.yaml")
@@ -235,13 +236,6 @@ def verdict(summary: dict, rl_steps: int, eval_samples: int) -> str:
     return text
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True,
@@ -253,7 +247,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rl-steps", type=int, default=150)
     parser.add_argument("--data", choices=list(DATASETS), default="object_colour",
                         help="synthetic task set (see the module doc)")
-    parser.add_argument("--overlay-samples", type=_non_negative_int, default=4,
+    parser.add_argument("--overlay-samples", type=int_at_least(0), default=4,
                         help="held-out samples drawn as attention overlays (0: none)")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("overrides", nargs="*", help="extra dotted config overrides for both arms")

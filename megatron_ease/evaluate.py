@@ -27,7 +27,8 @@ import os
 import sys
 from typing import Optional
 
-from megatron_ease.config import Config, ConfigError, load_config, validate_config
+from megatron_ease.config import Config
+from megatron_ease.train import int_at_least
 
 
 def check_eval_paths(cfg: Config, checkpoint: str) -> None:
@@ -92,67 +93,34 @@ def _write_json(path: str, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="YAML run config (examples/*.yaml)")
     parser.add_argument("--checkpoint", required=True,
                         help="converted HF checkpoint, trainer checkpoint dir or its iter_N")
-    parser.add_argument("--samples", type=_positive_int, default=None,
+    parser.add_argument("--samples", type=int_at_least(1), default=None,
                         help="first N held-out samples (default: eval.samples)")
     parser.add_argument("--out", default=None, help="write the results JSON here (rank 0)")
-    parser.add_argument("--overlays", type=_non_negative_int, default=0,
+    parser.add_argument("--overlays", type=int_at_least(0), default=0,
                         help="draw the attention of the first N samples (default 0: none)")
     parser.add_argument("--plots", default=None,
                         help="directory of the overlays (default: beside --out, else eval_plots)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.eval_shards=...")
     args = parser.parse_args(argv)
 
-    from megatron_ease.distributed import (
-        destroy_distributed,
-        errors_of_all_ranks,
-        initialize_distributed,
-        read_launch_env,
-    )
-    from megatron_ease.train import configure_logging
+    from megatron_ease.distributed import destroy_distributed, initialize_distributed
+    from megatron_ease.train import refused_by_any_rank, start_up
 
-    launch = read_launch_env()
-    configure_logging(launch.rank)
-    try:  # the same on every rank
-        cfg = load_config(args.config, [*args.overrides, f"model.init_from={args.checkpoint}"])
-        validate_config(cfg, world_size=launch.world_size)
-    except (ConfigError, OSError, ValueError) as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    try:  # may differ between nodes
-        check_eval_paths(cfg, args.checkpoint)
-        path_error = None
-    except (OSError, ValueError) as e:
-        path_error = str(e)
-    if path_error is not None and launch.world_size == 1:
-        print(f"config error: {path_error}", file=sys.stderr)
-        return 2
+    started = start_up(args.config, [*args.overrides, f"model.init_from={args.checkpoint}"],
+                       lambda cfg: check_eval_paths(cfg, args.checkpoint))
+    if isinstance(started, int):
+        return started
+    launch, cfg, path_error = started
     plots_dir = args.plots or (os.path.join(os.path.dirname(os.path.abspath(args.out)), "plots")
                                if args.out else None)
     initialize_distributed(cfg.parallel, seed=cfg.train.seed, backend=cfg.parallel.backend)
     try:
-        refused = errors_of_all_ranks(path_error, "see their paths")
-        if refused:
-            if launch.rank == 0:
-                print(refused, file=sys.stderr)
+        if refused_by_any_rank(launch, path_error):
             return 2
         try:
             result = evaluate_checkpoint(cfg, args.samples, args.overlays, plots_dir)

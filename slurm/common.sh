@@ -8,8 +8,11 @@
 # paths in configs and in CONFIG are repo-relative, as they are for a local run.
 #
 # Arguments: the trainer gets `--config $CONFIG` and every positional argument as a dotted
-# override (`train.steps=4 checkpoint.dir=/scratch/x`). Any other ENTRY gets the positional
-# arguments as they are, e.g. the launcher smoke test:
+# override (`train.steps=4 checkpoint.dir=/scratch/x`). The evaluation CLI gets `--config
+# $CONFIG` and the arguments; with RUN_DIR set, `--checkpoint $RUN_DIR/checkpoints` (its latest)
+# and `--out $RUN_DIR/eval/results.json` unless given:
+#   ENTRY=megatron_ease.evaluate RUN_DIR=/scratch/run sbatch slurm/train_8b.sh --samples 500
+# Any other ENTRY gets the positional arguments as they are, e.g. the launcher smoke test:
 #   ENTRY=megatron_ease.distributed sbatch slurm/train_8b.sh --tensor-model-parallel-size 8
 #
 # Environment (optional; sbatch hands the submitting shell's environment to the job):
@@ -46,6 +49,7 @@
 # dies of USR1), so data-loader workers and other helpers must ignore USR1 and TERM.
 
 TRAINER_ENTRY=megatron_ease.train
+EVAL_ENTRY=megatron_ease.evaluate
 EX_TEMPFAIL=75
 
 log() { echo "[slurm] $*" >&2; }
@@ -83,6 +87,14 @@ launch_training() {
     # ${a[@]+"${a[@]}"}: an empty array under `set -u` is an "unbound variable" in bash < 4.4
     # (RHEL/CentOS 7 login nodes still ship 4.2).
     args=(--config "$CONFIG" ${run_dir_overrides[@]+"${run_dir_overrides[@]}"} "$@")
+  elif [ "$entry" = "$EVAL_ENTRY" ]; then
+    [ -f "$CONFIG" ] || die "config $CONFIG not found (CONFIG is relative to the repo root $REPO)"
+    local given=" $* " run_dir_args=()
+    if [ -n "${RUN_DIR:-}" ]; then
+      [[ $given == *" --checkpoint"[\ =]* ]] || run_dir_args+=(--checkpoint "$RUN_DIR/checkpoints")
+      [[ $given == *" --out"[\ =]* ]] || run_dir_args+=(--out "$RUN_DIR/eval/results.json")
+    fi
+    args=(--config "$CONFIG" ${run_dir_args[@]+"${run_dir_args[@]}"} "$@")
   fi
 
   local nodes=${SLURM_JOB_NUM_NODES:-1}

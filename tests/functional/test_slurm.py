@@ -8,6 +8,7 @@ repo root), shrunk to one node, two CPU tasks and no GPU from the command line.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -195,3 +196,17 @@ def test_requeued_training_resumes_from_latest_checkpoint(local_slurm, tmp_path)
     first, second = _job_log(tmp_path / "first"), _job_log(tmp_path / "second")
     assert "resumed from" not in first, first
     assert re.search(rf"resumed from {re.escape(str(checkpoints))}\S* at step 2\b", second), second
+    # The same script evaluates the run (ENTRY=megatron_ease.evaluate): with RUN_DIR it reads
+    # the run's latest checkpoint and writes RUN_DIR/eval/results.json; two ranks share the
+    # samples (data parallel), rank 0 reports.
+    workdir = tmp_path / "eval"
+    workdir.mkdir()
+    rc, out = _finish(_sbatch("slurm/train_8b.sh", workdir,
+                              {**env, "ENTRY": "megatron_ease.evaluate"}, CPU_SHRINK,
+                              ["--samples", "8", *small]), timeout=600)
+    log = _job_log(workdir)
+    assert rc == 0, f"evaluation: sbatch exited {rc}: {out}\n{log}"
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert results["checkpoint"] == str(checkpoints / "iter_0000004")
+    assert results["eval_samples"] == 8 and 0.0 <= results["accuracy"] <= 1.0
+    assert [json.loads(line) for line in log.splitlines() if line.startswith("{")] == [results]

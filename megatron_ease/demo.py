@@ -38,8 +38,8 @@ from megatron_ease.train import int_at_least
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                       "examples", "tiny_cpu_ease.yaml")
 # The demo's recipe on top of the config, for both arms (command-line overrides come after it).
-# Measured on 2 CPU cores (README, "The demo", 7 runs): at the config's lr 1e-4 nothing moves in
-# the demo's budget; at 3e-4 and at 1e-3 EASE takes attention onto the evidence within 20-30
+# Measured on 2 CPU cores (README, "The demo", 9 runs): at the config's lr 1e-4 nothing moves in
+# the demo's budget; at 3e-4, 5e-4 and 1e-3 EASE takes attention onto the evidence within 20-30
 # steps in every run, and accuracy rises in some runs only; at 1e-3 arms often stop early (a
 # policy near-deterministic on most prompts leaves dynamic sampling too few mixed groups), at
 # 3e-4 none did and DAPO alone stays at chance: the cleaner comparison.

@@ -34,18 +34,12 @@ from megatron_ease.train import int_at_least
 def check_eval_paths(cfg: Config, checkpoint: str) -> None:
     """What an evaluation reads, checked before anything is built: shards, tokenizer and the
     checkpoint (each error names its flag or config field)."""
-    from megatron_ease.models.qwen_vl.checkpoint import resolve_checkpoint_dir
     from megatron_ease.training import builders
 
     if not cfg.data.synthetic:
         builders.shard_files(cfg.data.eval_shards, "data.eval_shards")
-        builders._check_tokenizer_name(cfg.data.tokenizer)
-    if not os.path.exists(checkpoint):
-        raise FileNotFoundError(f"--checkpoint: no checkpoint at {checkpoint!r}")
-    try:
-        resolve_checkpoint_dir(checkpoint)
-    except (FileNotFoundError, ValueError) as e:
-        raise ValueError(f"--checkpoint: {e}") from None
+        builders.check_tokenizer_name(cfg.data.tokenizer)
+    builders.check_checkpoint(checkpoint, "--checkpoint")
 
 
 def evaluate_checkpoint(cfg: Config, samples: Optional[int], overlays: int = 0,
@@ -58,7 +52,6 @@ def evaluate_checkpoint(cfg: Config, samples: Optional[int], overlays: int = 0,
     from megatron_ease.config import resolve_hf_config
     from megatron_ease.eval.evaluator import Evaluator, attention_maps
     from megatron_ease.models.qwen_vl import load_model_checkpoint
-    from megatron_ease.rl.rollout import MegatronRolloutEngine
     from megatron_ease.training import builders
 
     cfg = resolve_hf_config(cfg)
@@ -67,10 +60,7 @@ def evaluate_checkpoint(cfg: Config, samples: Optional[int], overlays: int = 0,
     builders.check_tokenizer_fits(cfg, tokenizer)
     model = builders.build_model(cfg)
     path = load_model_checkpoint(model, cfg.model.init_from)
-    engine = MegatronRolloutEngine(
-        model, pad_token_id=tokenizer.pad_token_id, detokenize=tokenizer.decode,
-        max_rollouts_per_batch=cfg.dapo.max_rollouts_per_batch or None,
-        pipelined=cfg.dapo.pipelined_rollouts)
+    engine = builders.build_rollout_engine(cfg, model, tokenizer)
     evaluator = Evaluator(cfg, tokenizer, [model], engine)
     result = {"checkpoint": path, "eval_shards": cfg.data.eval_shards,
               **evaluator.evaluate(samples or cfg.eval.samples)}
@@ -85,12 +75,10 @@ def evaluate_checkpoint(cfg: Config, samples: Optional[int], overlays: int = 0,
 
 
 def _write_json(path: str, payload: dict) -> None:
-    """Atomically: a reader never sees half a file, a failed write leaves the old one."""
+    from megatron_ease.training.checkpointing import write_atomic
+
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(payload, indent=1))
 
 
 def main(argv=None) -> int:

@@ -29,6 +29,7 @@ from megatron_ease.training.rollouts import (
     image_values,
     progress_bar,
     split_prompts,
+    stop_token_ids,
     vision_token_ids,
 )
 from megatron_ease.training.update import MicroBatch, _forward_backward
@@ -45,10 +46,15 @@ class Evaluator:
                                                                     engine)
         self.pad_id = tokenizer.pad_token_id
         self.image_token_id = cfg.model.image_token_id
-        self.stop_ids = [cfg.model.eos_token_id, *cfg.model.stop_token_ids]
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self.dp_group = ps.get_data_parallel_group() if self.dp_size > 1 else None
         self.is_logging_rank = torch.distributed.get_rank() == 0
+
+    def _greedy(self) -> SamplingParams:
+        """Evaluation's decoding: greedy, one answer per prompt, up to the training length."""
+        return SamplingParams(max_new_tokens=self.cfg.dapo.max_response_length, temperature=0.0,
+                              n=1, stop_token_ids=stop_token_ids(self.cfg),
+                              suppress_token_ids=vision_token_ids(self.cfg))
 
     @torch.no_grad()
     def evaluate(self, max_samples: Optional[int] = None) -> dict:
@@ -64,9 +70,7 @@ class Evaluator:
                                        cfg.eval.batch_size, self.dp_rank, self.dp_size,
                                        train=False, max_samples=samples)
         limit = len(range(self.dp_rank, samples, self.dp_size))  # this rank's share at most
-        params = SamplingParams(max_new_tokens=cfg.dapo.max_response_length, temperature=0.0,
-                                n=1, stop_token_ids=tuple(self.stop_ids),
-                                suppress_token_ids=vision_token_ids(cfg))
+        params = self._greedy()
         # correct, n, anti correct, anti n, ev, ev n, skipped samples
         totals = torch.zeros(7, dtype=torch.float64)
         bar = progress_bar(self.is_logging_rank and cfg.logging.progress, total=limit,
@@ -170,10 +174,7 @@ class Evaluator:
     def attention_for(self, batch, prompts) -> list[torch.Tensor]:
         """Greedy answers, then per sample the response→image attention mass over its visual
         tokens, averaged over this stage's EASE layers (single-stage runs: all of them)."""
-        params = SamplingParams(max_new_tokens=self.cfg.dapo.max_response_length,
-                                temperature=0.0, n=1, stop_token_ids=tuple(self.stop_ids),
-                                suppress_token_ids=vision_token_ids(self.cfg))
-        out = generate(self.engine, prompts, params)
+        out = generate(self.engine, prompts, self._greedy())
         contexts, image_masks = self._eval_contexts(batch, prompts, out, keep_mass=True)
         result = []
         for context, image_mask in zip(contexts, image_masks):

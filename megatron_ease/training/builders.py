@@ -83,7 +83,8 @@ def build_scheduler(cfg: Config, optimizer):
         wd_incr_steps=steps, wd_incr_style="constant")
 
 
-def _check_tokenizer_name(name: str) -> None:
+def check_tokenizer_name(name: str) -> None:
+    """``data.tokenizer`` names a directory or a Hugging Face model id (resolved later)."""
     if not name:
         raise ValueError("data.tokenizer is empty: give a tokenizer directory or a Hugging Face "
                          "model id")
@@ -96,7 +97,7 @@ def load_tokenizer(name: str):
     resolved as ``from_pretrained`` does (the HF cache; offline with ``HF_HUB_OFFLINE=1``)."""
     from transformers import AutoTokenizer
 
-    _check_tokenizer_name(name)
+    check_tokenizer_name(name)
     if os.path.isdir(name):
         try:
             return AutoTokenizer.from_pretrained(name)
@@ -197,6 +198,8 @@ def check_tokenizer_fits(cfg: Config, tokenizer) -> None:
                          f"model.stop_token_ids {m.stop_token_ids} is data.tokenizer {name!r}'s "
                          f"<|im_end|> ({special.im_end}), which ends the chat template's "
                          f"answers: rollouts would never stop before dapo.max_response_length")
+    if tokenizer.pad_token_id is None:
+        raise ValueError(f"data.tokenizer {name} has no pad token")
 
 
 def check_paths(cfg: Config) -> None:
@@ -211,21 +214,14 @@ def check_paths(cfg: Config) -> None:
     if not cfg.data.synthetic:
         shard_files(cfg.data.train_shards, "data.train_shards")
         check_eval_shards(cfg)
-        _check_tokenizer_name(cfg.data.tokenizer)
-    from megatron_ease.models.qwen_vl.checkpoint import resolve_checkpoint_dir
+        check_tokenizer_name(cfg.data.tokenizer)
     from megatron_ease.training.checkpointing import LATEST
 
     ckpt = cfg.checkpoint.dir
     resumable = bool(ckpt and cfg.checkpoint.resume
                      and os.path.isfile(os.path.join(ckpt, LATEST)))  # as the trainer resumes
-    init = cfg.model.init_from
-    if init and not resumable:
-        if not os.path.exists(init):
-            raise FileNotFoundError(f"model.init_from: no checkpoint at {init!r}")
-        try:  # what the load will read: a checkpoint, or a directory pointing to one
-            resolve_checkpoint_dir(init)
-        except (FileNotFoundError, ValueError) as e:  # a directory of another kind
-            raise ValueError(f"model.init_from: {e}") from None
+    if cfg.model.init_from and not resumable:
+        check_checkpoint(cfg.model.init_from, "model.init_from")
     for field, path in (("checkpoint.dir", ckpt), ("logging.run_dir", cfg.logging.run_dir)):
         if not path:
             continue
@@ -237,6 +233,29 @@ def check_paths(cfg: Config) -> None:
                                      f"(from {path!r})")
         if not os.access(existing, os.W_OK | os.X_OK):
             raise PermissionError(f"{field}: {existing!r} is not writable (from {path!r})")
+
+
+def check_checkpoint(path: str, field: str) -> None:
+    """``path`` is what a weights load reads: a checkpoint, or a directory pointing to one
+    (``resolve_checkpoint_dir``). Errors name ``field`` (a config field or a flag)."""
+    from megatron_ease.models.qwen_vl.checkpoint import resolve_checkpoint_dir
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{field}: no checkpoint at {path!r}")
+    try:
+        resolve_checkpoint_dir(path)
+    except (FileNotFoundError, ValueError) as e:  # a directory of another kind
+        raise ValueError(f"{field}: {e}") from None
+
+
+def build_rollout_engine(cfg: Config, model: torch.nn.Module, tokenizer):
+    """The rollout engine over ``model`` (this rank's chunk) with the ``dapo`` settings."""
+    from megatron_ease.rl.rollout import MegatronRolloutEngine
+
+    return MegatronRolloutEngine(
+        model, pad_token_id=tokenizer.pad_token_id, detokenize=tokenizer.decode,
+        max_rollouts_per_batch=cfg.dapo.max_rollouts_per_batch or None,
+        pipelined=cfg.dapo.pipelined_rollouts)
 
 
 def ensure_synthetic_data(cfg: Config) -> None:

@@ -75,7 +75,9 @@ def _layout() -> Optional[dict]:
             "dp": ps.get_data_parallel_world_size()}
 
 
-def _write_atomic(path: str, text: str) -> None:
+def write_atomic(path: str, text: str) -> None:
+    """``text`` to ``path`` through a synced temporary file and a rename: a reader sees the old
+    file or the whole new one."""
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w") as f:
         f.write(text)
@@ -366,7 +368,7 @@ class CheckpointManager:
             os.makedirs(os.path.join(tmp, "rank_state"))
         _barrier()
         state = {"rng": rng_state(), **(rank_state or {})}
-        _write_atomic(os.path.join(tmp, "rank_state", f"rank_{_rank():05d}.json"),
+        write_atomic(os.path.join(tmp, "rank_state", f"rank_{_rank():05d}.json"),
                       json.dumps(state))
         if _rank() == 0:
             meta = {"step": step, "world_size": torch.distributed.get_world_size()
@@ -376,7 +378,7 @@ class CheckpointManager:
                     "distributed_optimizer": optimizer is not None and
                     _is_distributed_optimizer(optimizer),
                     **(trainer_state or {})}
-            _write_atomic(os.path.join(tmp, "trainer_state.json"), json.dumps(meta, indent=1))
+            write_atomic(os.path.join(tmp, "trainer_state.json"), json.dumps(meta, indent=1))
         _barrier()
         if _rank() == 0:
             if os.path.isdir(final):  # a re-save of the same step (e.g. after a resume)
@@ -386,7 +388,7 @@ class CheckpointManager:
                 self._discard(step_dir_name(step))
             os.rename(tmp, final)
             _fsync_dir(self.directory)  # iter_N is on disk before latest names it
-            _write_atomic(os.path.join(self.directory, LATEST), step_dir_name(step) + "\n")
+            write_atomic(os.path.join(self.directory, LATEST), step_dir_name(step) + "\n")
             _fsync_dir(self.directory)
             logger.info("saved checkpoint %s", final)
         _barrier()

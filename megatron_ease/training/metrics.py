@@ -178,10 +178,11 @@ def _set_aside_earlier_log(path: str) -> Optional[str]:
     n = 1
     while os.path.exists(f"{stem}.{n}{ext}"):
         n += 1
-    os.replace(path, f"{stem}.{n}{ext}")
+    aside = f"{stem}.{n}{ext}"
+    os.replace(path, aside)
     logger.warning("%s is from an earlier start without a checkpoint to resume; this run logs "
-                   "from step 1, the earlier log is now %s", path, f"{stem}.{n}{ext}")
-    return f"{stem}.{n}{ext}"
+                   "from step 1, the earlier log is now %s", path, aside)
+    return aside
 
 
 def _start_wandb(run_dir: str, config: Optional[dict], project: str, mode: Optional[str],

@@ -49,6 +49,11 @@ def image_values(batch: dict, key: str, i: int):
     return batch[key][i][batch["image_mask"][i]]
 
 
+def stop_token_ids(cfg: Config) -> tuple[int, ...]:
+    """The tokens that end a response: ``model.eos_token_id`` and ``model.stop_token_ids``."""
+    return (cfg.model.eos_token_id, *cfg.model.stop_token_ids)
+
+
 def vision_token_ids(cfg: Config) -> tuple[int, ...]:
     """Placeholders only the processor writes; a response must not contain them."""
     m = cfg.model

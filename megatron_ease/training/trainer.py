@@ -23,7 +23,6 @@ from megatron_ease.distributed import all_reduce_
 from megatron_ease.eval.evaluator import Evaluator
 from megatron_ease.rl.dapo import group_advantages
 from megatron_ease.rl.dynamic_sampling import RolloutBatch
-from megatron_ease.rl.rollout import MegatronRolloutEngine
 from megatron_ease.training import builders
 from megatron_ease.training.batch import (
     assemble_sequences,
@@ -35,7 +34,7 @@ from megatron_ease.training.checkpointing import CheckpointManager
 from megatron_ease.training.metrics import MetricsLogger
 from megatron_ease.training.preemption import PreemptionHandler
 from megatron_ease.training.profiling import StepProfiler
-from megatron_ease.training.rollouts import RolloutCollector
+from megatron_ease.training.rollouts import RolloutCollector, stop_token_ids
 from megatron_ease.training.update import (
     MicroBatch,
     policy_update,
@@ -56,12 +55,9 @@ class Trainer:
 
         builders.ensure_synthetic_data(cfg)
         self.tokenizer = builders.load_tokenizer(cfg.data.tokenizer)
-        builders.check_tokenizer_fits(cfg, self.tokenizer)
+        builders.check_tokenizer_fits(cfg, self.tokenizer)  # and that it has a pad token
         self.pad_id = self.tokenizer.pad_token_id
-        if self.pad_id is None:
-            raise ValueError(f"data.tokenizer {cfg.data.tokenizer} has no pad token")
         self.image_token_id = cfg.model.image_token_id
-        self.stop_ids = [cfg.model.eos_token_id, *cfg.model.stop_token_ids]
         builders.check_eval_shards(cfg)  # the CLI checked before; the demo and tests did not
 
         self.model = builders.build_model(cfg)
@@ -69,17 +65,14 @@ class Trainer:
         self.model_chunks = [self.ddp]
         self.optimizer = builders.build_optimizer(cfg, self.model_chunks)
         self.scheduler = builders.build_scheduler(cfg, self.optimizer)
-        self.engine = MegatronRolloutEngine(
-            self.model, pad_token_id=self.pad_id, detokenize=self.tokenizer.decode,
-            max_rollouts_per_batch=cfg.dapo.max_rollouts_per_batch or None,
-            pipelined=cfg.dapo.pipelined_rollouts)
+        self.engine = builders.build_rollout_engine(cfg, self.model, self.tokenizer)
         self.evaluator = Evaluator(self.cfg, self.tokenizer, self.model_chunks, self.engine)
         self.train_reader = builders.build_reader(
             cfg, self.tokenizer, cfg.data.train_shards,
             cfg.train.prompts_per_step // self.dp_size, self.dp_rank, self.dp_size)
         self.train_iter = iter(self.train_reader)
         self.collector = RolloutCollector(cfg, self.engine, self.tokenizer, self.train_iter,
-                                          self.stop_ids, self.dp_rank,
+                                          stop_token_ids(cfg), self.dp_rank,
                                           progress=self.is_logging_rank and cfg.logging.progress)
         self.checkpoints = CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.keep_last) \
             if cfg.checkpoint.dir else None

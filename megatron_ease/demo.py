@@ -186,7 +186,7 @@ def plot(args, arms: dict) -> list[str]:
     plots = os.path.join(args.out, "plots")
     os.makedirs(plots, exist_ok=True)
     written = []
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
     for name, arm in arms.items():
         records = [json.loads(line) for line in open(os.path.join(arm["run_dir"], "metrics.jsonl"))]
         train = [r for r in records if r["split"] == "train"]
@@ -196,7 +196,8 @@ def plot(args, arms: dict) -> list[str]:
         for ax, (key, title) in zip(axes, (
                 ("generated_reward", "reward (all generated rollouts)"),
                 ("generated_accuracy", "accuracy (all generated rollouts)"),
-                ("attn_in_evidence", "attention in evidence"))):
+                ("attn_in_evidence", "attention in evidence"),
+                ("entropy", "policy entropy (nats / response token)"))):
             ax.plot(steps, [r.get(key, np.nan) for r in train], label=name)
             ax.set_title(title)
             ax.set_xlabel("RL step")

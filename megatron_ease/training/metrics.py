@@ -22,7 +22,7 @@ CONSOLE_FIELDS = (
     ("generated_accuracy", "gen_acc"), ("kept_groups", "kept"),
     ("gen_batches", "gen"),
     ("dapo_loss", "dapo"), ("ease_loss", "ease"), ("attn_in_evidence", "attn_ev"),
-    ("clip_frac", "clip"), ("grad_norm", "gnorm"), ("lr", "lr"), ("tokens_per_s", "tok/s"),
+    ("entropy", "ent"), ("clip_frac", "clip"), ("grad_norm", "gnorm"), ("lr", "lr"), ("tokens_per_s", "tok/s"),
     ("step_time", "time"), ("max_rss_gb", "mem_gb"),
 )
 

@@ -274,7 +274,8 @@ class Trainer:
             float(sum(t is None for t in kept.payload["target"])),
             float(sum(self.train_reader.skipped.values())),
         ] + [sum(u["_policy_sums"][k] for u in updates) for k in
-             ("dapo_loss", "clip_low", "clip_high", "clip_dual", "approx_kl", "tokens")],
+             ("dapo_loss", "clip_low", "clip_high", "clip_dual", "approx_kl", "entropy",
+              "tokens")],
             dtype=torch.float64)
         policy = local[7:].clone()
         if ps.get_pipeline_model_parallel_world_size() > 1:
@@ -283,7 +284,7 @@ class Trainer:
         if self.dp_group is not None:
             all_reduce_(local, group=self.dp_group)
         reward, acc, n, tokens, unparsed, no_target, skipped = local[:7].tolist()
-        dapo_loss, clip_low, clip_high, clip_dual, kl, resp_tokens = local[7:].tolist()
+        dapo_loss, clip_low, clip_high, clip_dual, kl, entropy, resp_tokens = local[7:].tolist()
         n_updates = max(1, len(updates))
         metrics = {
             "reward": reward / n, "accuracy": acc / n, "response_length": tokens / n,
@@ -307,6 +308,9 @@ class Trainer:
             "clip_frac": (clip_low + clip_high) / max(1.0, resp_tokens),
             "clip_dual_frac": clip_dual / max(1.0, resp_tokens),
             "approx_kl": kl / max(1.0, resp_tokens),
+            # Mean per-token entropy of π at the sampling temperature over the updates' response
+            # tokens (nats); a fall towards 0 is the policy collapsing onto one answer.
+            "entropy": entropy / max(1.0, resp_tokens),
             "grad_norm": sum(u["grad_norm"] for u in updates) / n_updates,
             "lr": self.optimizer.param_groups[0]["lr"],
             "tokens_per_s": tokens / max(step_time, 1e-9),

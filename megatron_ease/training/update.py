@@ -27,7 +27,7 @@ from megatron_ease.ease.context import (
     global_gated_count,
     reduce_ease_metrics,
 )
-from megatron_ease.models.qwen_vl.logprobs import vocab_parallel_log_probs
+from megatron_ease.models.qwen_vl.logprobs import vocab_parallel_entropy, vocab_parallel_log_probs
 from megatron_ease.rl.dapo import dapo_policy_loss_and_metrics
 
 
@@ -163,6 +163,9 @@ def train_mini_batch(cfg: Config, model_chunks, optimizer, micro_batches: list[M
         loss, sums = dapo_policy_loss_and_metrics(
             log_probs, old, mb.advantages, mb.policy_mask, d.clip_low, d.clip_high, d.clip_c,
             num_tokens=global_tokens)
+        # The policy's entropy at the response tokens (DAPO's collapse signal), a metric sum.
+        entropy = vocab_parallel_entropy(output, mb.policy_mask, d.temperature)
+        sums["entropy"] = entropy.double().sum()
         return loss * undo, {"dapo_loss": loss.detach().double(), "old_log_probs": old, **sums}
 
     contexts = []
@@ -194,7 +197,7 @@ def train_mini_batch(cfg: Config, model_chunks, optimizer, micro_batches: list[M
         for mb, out in zip(micro_batches, outputs or []):  # had device copies of them)
             mb.old_log_probs = out["old_log_probs"]
     sums = {"dapo_loss": 0.0, "clip_low": 0.0, "clip_high": 0.0, "clip_dual": 0.0,
-            "approx_kl": 0.0, "ratio": 0.0, "tokens": 0.0}
+            "approx_kl": 0.0, "ratio": 0.0, "entropy": 0.0, "tokens": 0.0}
     for out in outputs or []:
         for k in sums:
             sums[k] += float(out[k])

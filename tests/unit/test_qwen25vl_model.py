@@ -94,6 +94,24 @@ def _log_probs_worker(seed):
     return logp.detach(), ref_logp.detach().float(), shard.grad, ref.grad.chunk(size, -1)[rank]
 
 
+def _entropy_worker(seed, chunk_rows):
+    from megatron.core import parallel_state as ps
+
+    from megatron_ease.models.qwen_vl import vocab_parallel_entropy
+
+    gen = torch.Generator().manual_seed(seed)
+    full = torch.randn(3, 7, 16, generator=gen, dtype=torch.float64) * 4
+    full[0, 1, 3] = 60.0  # a near-deterministic row: the TP-global max keeps it finite
+    mask = torch.rand(3, 7, generator=gen) < 0.6
+    mask[0, 1] = True
+    rank, size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    shard = full.chunk(size, dim=-1)[rank].float()
+    entropy = vocab_parallel_entropy(shard, mask, temperature=0.7, chunk_rows=chunk_rows)
+    p = torch.softmax(full / 0.7, dim=-1)  # naive float64: -Σ p log p over the full vocab
+    ref = -(p * torch.log(p.clamp_min(1e-300))).sum(-1)[mask]
+    return entropy, ref.float()
+
+
 def _train_step_worker(hf_dir, batch, split_images: bool = True):
     """Mean response-token NLL from our log-prob helper, every gradient (TP-gathered), and the
     patches of each of this rank's vision-tower calls (``split_images``: the model's
@@ -306,6 +324,16 @@ def test_vocab_parallel_log_probs_equal_log_softmax_with_temperature():
                                                      tensor_model_parallel_size=2):
         torch.testing.assert_close(logp, ref, atol=1e-5, rtol=0)
         torch.testing.assert_close(grad, ref_grad.float(), atol=1e-5, rtol=0)
+
+
+def test_vocab_parallel_entropy_equals_full_vocab_entropy():
+    for chunk_rows in (2, 1024):
+        for tp in (1, 2):
+            for entropy, ref in run_distributed(_entropy_worker, 1, chunk_rows,
+                                                tensor_model_parallel_size=tp):
+                assert entropy.shape == ref.shape and ref.numel() > 3
+                torch.testing.assert_close(entropy, ref, atol=1e-5, rtol=1e-5)
+                assert 0.0 <= float(ref.min()) < 1e-3 and float(ref.max()) > 1.0
 
 
 def _meta_param_count(hf_config_dict):

@@ -96,6 +96,7 @@ def test_training_steps_run_at_tp2_and_pp2(dataset, tmp_path, layout):
         assert record["kept_groups"] == 4
         for name in ("reward", "dapo_loss", "ease_loss", "grad_norm", "attn_in_evidence"):
             assert math.isfinite(record[name]), (name, record)
+        assert 0.0 < record["entropy"] < math.log(cfg_vocab_size())
         assert 0.0 <= record["accuracy"] <= 1.0 and 0.0 <= record["attn_in_evidence"] <= 1.0
         # Over all generated rollouts: the kept (mixed) groups' plus the filtered ones'.
         generated = record["generated_groups"]
@@ -221,7 +222,9 @@ def _one_update(cfg, micro, dp_group, dp_size: int) -> dict:
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     compute_old_log_probs(cfg, [ddp], micro)
     metrics = train_mini_batch(cfg, [ddp], optimizer, micro, dp_group, dp_size, ease_active=True)
+    sums = metrics["_policy_sums"]
     return {"grad_norm": metrics["grad_norm"], "ease_loss": metrics["ease/loss"],
+            "entropy": sums["entropy"] / sums["tokens"],
             "delta": {n: p.detach() - before[n] for n, p in model.named_parameters()},
             "tensor_parallel": {n for n, p in model.named_parameters()
                                 if getattr(p, "tensor_model_parallel", False)}}
@@ -400,6 +403,10 @@ def test_data_parallel_update_equals_one_process_on_the_global_batch(dataset,
         assert torch.equal(delta, results[1]["dp2"]["delta"][name]), name
 
 
+def cfg_vocab_size() -> int:
+    return load_config(CONFIG).model.vocab_size
+
+
 def _qwen3_update(dataset: str, layout: str):
     """The tiny Qwen3-VL's update on the whole mini-batch at the ``layout`` override's TP or PP."""
     cfg = load_config(CONFIG, _overrides(dataset, "unused", 1) + QWEN3_VL + [layout])
@@ -437,6 +444,9 @@ def test_tp2_update_with_images_split_over_tp_equals_tp1_qwen3_vl(dataset):
     tp2 = run_distributed(_qwen3_update, dataset, "parallel.tensor_model_parallel_size=2",
                           tensor_model_parallel_size=2, timeout_s=600)[0]
     assert tp2["grad_norm"] == pytest.approx(tp1["grad_norm"], rel=1e-5)
+    # The policy's entropy, from vocab shards at TP = 2: the full vocabulary's (0 < H < ln V).
+    assert 0.0 < tp1["entropy"] < math.log(cfg_vocab_size()) - 1e-3
+    assert tp2["entropy"] == pytest.approx(tp1["entropy"], rel=1e-5)
     vision = [n for n in tp1["delta"] if n.startswith("vision_model.")]
     assert any("deepstack" in n for n in vision) and len(vision) > 10
     for name in vision:

@@ -85,7 +85,10 @@ from megatron_ease.models.qwen_vl.hf_weights import (
     load_hf_weights,
     save_hf_weights,
 )
-from megatron_ease.models.qwen_vl.logprobs import vocab_parallel_log_probs
+from megatron_ease.models.qwen_vl.logprobs import (
+    vocab_parallel_entropy,
+    vocab_parallel_log_probs,
+)
 from megatron_ease.models.qwen_vl.model import (
     QwenVLModel,
     attention_mask_for,
@@ -118,5 +121,6 @@ __all__ = [
     "pack_deepstack", "unpack_deepstack", "qwen_vl_block_spec",
     "qwen_vl_layer_spec", "qwen_vl_layer_specs", "qwen_vl_transformer_config",
     "resolve_checkpoint_dir", "resolve_model_config", "save_hf_weights", "save_model_checkpoint",
-    "transformer_engine_available", "vocab_parallel_log_probs", "weight_table",
+    "transformer_engine_available", "vocab_parallel_entropy", "vocab_parallel_log_probs",
+    "weight_table",
 ]

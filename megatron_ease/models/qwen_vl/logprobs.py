@@ -1,4 +1,5 @@
-"""Per-token log-probabilities from vocab-parallel logits (the policy's ``log π(token)``)."""
+"""Per-token log-probabilities and entropies from vocab-parallel logits (the policy's
+``log π(token)`` and ``H(π(· | prefix))``)."""
 
 from __future__ import annotations
 
@@ -25,3 +26,44 @@ def vocab_parallel_log_probs(logits: torch.Tensor, labels: torch.Tensor,
         raise ValueError(f"temperature must be > 0, got {temperature}")
     scaled = logits.float() / temperature  # always a new tensor
     return -vocab_parallel_cross_entropy(scaled, labels)
+
+
+@torch.no_grad()
+def vocab_parallel_entropy(logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0,
+                           chunk_rows: int = 1024) -> torch.Tensor:
+    """``H(softmax(logits / temperature))`` at the ``mask`` positions: ``[mask.sum()]`` float32,
+    exact over the full vocab, no gradient (a metric: the policy's entropy, whose collapse is
+    DAPO's failure mode to watch).
+
+    Args:
+        logits: ``[b, s, vocab / TP]``, this rank's vocab shard.
+        mask: ``[b, s]`` bool, the positions to measure (the response tokens).
+        temperature: the sampling temperature the rollout used.
+        chunk_rows: rows converted to fp32 at a time, so the extra memory is
+            ``chunk_rows · vocab / TP`` floats, not a second copy of the logits.
+
+    ``H = log Z − Σ p z`` with ``Z = Σ exp(z − m)`` and the max ``m`` taken over all TP ranks:
+    three all-reduces (max, then the two sums stacked) over the tensor-parallel group.
+    """
+    from megatron.core import parallel_state as ps
+
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    rows = logits[mask]
+    tp = ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
+    group = ps.get_tensor_model_parallel_group() if tp > 1 else None
+    out = []
+    for start in range(0, rows.shape[0], chunk_rows):
+        z = rows[start:start + chunk_rows].float() / temperature
+        m = z.max(dim=-1, keepdim=True).values
+        if group is not None:
+            torch.distributed.all_reduce(m, op=torch.distributed.ReduceOp.MAX, group=group)
+        z = z - m
+        e = z.exp()
+        sums = torch.stack([e.sum(-1), (e * z).sum(-1)])
+        if group is not None:
+            torch.distributed.all_reduce(sums, group=group)
+        out.append(sums[0].log() - sums[1] / sums[0])
+    if not out:
+        return rows.new_zeros(0, dtype=torch.float32)
+    return torch.cat(out)

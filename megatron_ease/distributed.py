@@ -264,6 +264,17 @@ def initialize_distributed(parallel, seed: int = 1234, backend: Optional[str] = 
     return launch
 
 
+def data_parallel_layout():
+    """``(rank, size, group, is_logging_rank)`` of this process's data-parallel replica, for the
+    trainer and the evaluator: ``group`` is None at DP = 1 (no collective to run), the logging
+    rank is global rank 0."""
+    from megatron.core import parallel_state as ps
+
+    rank, size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    return (rank, size, ps.get_data_parallel_group() if size > 1 else None,
+            torch.distributed.get_rank() == 0)
+
+
 def collective_device(group=None) -> torch.device:
     """Where a tensor must live for a collective on ``group``: NCCL reduces CUDA tensors only,
     gloo CPU ones (the trainer's bookkeeping tensors are built on the CPU)."""

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from megatron_ease.config import Config
-from megatron_ease.distributed import all_reduce_
+from megatron_ease.distributed import all_reduce_, data_parallel_layout
 from megatron_ease.rl.rollout import RolloutEngine
 from megatron_ease.rl.sampling import SamplingParams
 from megatron_ease.training import builders
@@ -40,15 +40,11 @@ class Evaluator:
     ``engine`` generates with, on ``cfg.data.eval_shards``."""
 
     def __init__(self, cfg: Config, tokenizer, model_chunks: list, engine: RolloutEngine):
-        from megatron.core import parallel_state as ps
-
         self.cfg, self.tokenizer, self.model_chunks, self.engine = (cfg, tokenizer, model_chunks,
                                                                     engine)
         self.pad_id = tokenizer.pad_token_id
         self.image_token_id = cfg.model.image_token_id
-        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-        self.dp_group = ps.get_data_parallel_group() if self.dp_size > 1 else None
-        self.is_logging_rank = torch.distributed.get_rank() == 0
+        self.dp_rank, self.dp_size, self.dp_group, self.is_logging_rank = data_parallel_layout()
 
     def _greedy(self) -> SamplingParams:
         """Evaluation's decoding: greedy, one answer per prompt, up to the training length."""

@@ -19,7 +19,7 @@ import psutil
 import torch
 
 from megatron_ease.config import Config, config_changes, config_to_dict, resolve_hf_config
-from megatron_ease.distributed import all_reduce_
+from megatron_ease.distributed import all_reduce_, data_parallel_layout
 from megatron_ease.eval.evaluator import Evaluator
 from megatron_ease.rl.dapo import group_advantages
 from megatron_ease.rl.dynamic_sampling import RolloutBatch
@@ -46,12 +46,8 @@ logger = logging.getLogger(__name__)
 
 class Trainer:
     def __init__(self, cfg: Config):
-        from megatron.core import parallel_state as ps
-
         self.cfg = resolve_hf_config(cfg)  # model.hf_config's sizes, for every part of the run
-        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-        self.dp_group = ps.get_data_parallel_group() if self.dp_size > 1 else None
-        self.is_logging_rank = torch.distributed.get_rank() == 0
+        self.dp_rank, self.dp_size, self.dp_group, self.is_logging_rank = data_parallel_layout()
 
         builders.ensure_synthetic_data(cfg)
         self.tokenizer = builders.load_tokenizer(cfg.data.tokenizer)

@@ -12,8 +12,9 @@ language prior makes the data answerable above chance *without* looking:
 - object colour ("What color is the object?", one object in the image; off by default): red with
   probability ``prior_bias``, else one of the other colours. The choices are always the five
   colours in one order, so the answer letter names the colour; ``prior_bias = 0.2`` makes the
-  colours uniform (a blind policy is right 1 time in 5). The demo's task (README): the tiny
-  model has to find and read one visual token, which it learns with EASE and not without.
+  colours uniform (a blind policy is right 1 time in 5). The demo's task (README, with
+  ``min_object_size`` = the slot, so the object fills one visual token): the tiny model has to
+  find and read that token, which it does sooner and more fully with EASE than without.
 
 Each record stores ``prior_answer`` (what a blind model exploiting the prior says) and
 ``answer_is_prior``, so evaluation can report accuracy on the anti-prior subset, where only a

@@ -36,6 +36,20 @@ def test_demo_runs_end_to_end_at_reduced_size(tmp_path):
         lines = (out / "runs" / arm / "metrics.jsonl").read_text().splitlines()
         steps = [json.loads(line) for line in lines if json.loads(line)["split"] == "train"]
         assert [s["step"] for s in steps] == [1, 2]
+    # The default data: one object per image, filling one 28 px slot (one visual token), whose
+    # box is the evidence.
+    import tarfile
+    boxes = []
+    for shard in sorted((out / "data" / "train").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".json"):
+                    record = json.load(tar.extractfile(member))
+                    assert record["task"] == "object_colour" and len(record["evidence"]) == 1
+                    boxes.append(record["evidence"][0]["box"])
+    assert len(boxes) == 128
+    for x0, y0, x1, y1 in boxes:
+        assert x0 % 28 == 0 and y0 % 28 == 0 and (x1 - x0, y1 - y0) == (28, 28), (x0, y0, x1, y1)
     # Idempotent: a second run in the same directory reuses the data, warm start and arms.
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -79,7 +79,17 @@ def protect_checkpoint_writer() -> None:
     from multiprocessing.managers import SyncManager
 
     manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-    manager.start(initializer=_serve_checkpoint_writer, initargs=(os.getpid(),))
+    try:
+        manager.start(initializer=_serve_checkpoint_writer, initargs=(os.getpid(),))
+    except (EOFError, RuntimeError) as e:
+        # The usual cause: the spawned process re-imports the main module, and a script without
+        # a main guard runs its training again in there, up to this save (which cannot spawn
+        # while bootstrapping); all the parent saw was an EOFError from the broken pipe.
+        raise RuntimeError(
+            "checkpoint save: the checkpoint writer's helper process did not start "
+            f"({type(e).__name__}: {e}). multiprocessing 'spawn' re-imports the main module, so "
+            "a script that saves checkpoints (Trainer.train, CheckpointManager.save) must run "
+            "them under `if __name__ == \"__main__\":`") from e
     _writer_manager = {"manager": manager, "queue": manager.Queue()}
     filesystem_async._results_queue = _writer_manager["queue"]
 

@@ -418,6 +418,31 @@ def test_checkpoint_writer_helper_dies_with_a_killed_trainer():
                 helper.kill()
 
 
+@pytest.mark.parametrize("guarded", [True, False], ids=["main_guard", "no_main_guard"])
+def test_a_script_without_a_main_guard_gets_a_clear_error_at_its_first_save(tmp_path, guarded):
+    """The writer's helper is spawned, and spawn re-imports the script: one without a main guard
+    ran its training again in the helper, and the save failed with a bare EOFError."""
+    import subprocess
+    import sys
+    import textwrap
+
+    body = "protect_checkpoint_writer()\nprint('helper started', flush=True)\n"
+    script = tmp_path / "train_script.py"
+    script.write_text("from megatron_ease.training.preemption import protect_checkpoint_writer\n"
+                      + ("if __name__ == '__main__':\n" + textwrap.indent(body, "    ")
+                         if guarded else body))
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=repo, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    if guarded:
+        assert result.returncode == 0 and "helper started" in result.stdout, result.stderr[-2000:]
+    else:
+        assert result.returncode != 0
+        assert "the checkpoint writer's helper process did not start" in result.stderr
+        assert "if __name__ == \"__main__\":" in result.stderr
+
+
 def test_checkpoint_writer_helpers_survive_the_preemption_signals(tmp_path):
     """megatron-core's torch_dist writer keeps a spawned Manager process for its results; USR1
     killed it and the preemption save then failed on a broken pipe (exit 1, no requeue)."""

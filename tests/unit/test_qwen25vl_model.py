@@ -106,6 +106,8 @@ def _entropy_worker(seed, chunk_rows):
     mask[0, 1] = True
     rank, size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
     shard = full.chunk(size, dim=-1)[rank].float()
+    shard = shard.transpose(0, 1).contiguous().transpose(0, 1)  # a [b, s] view of [s, b]
+    assert not shard.is_contiguous()
     entropy = vocab_parallel_entropy(shard, mask, temperature=0.7, chunk_rows=chunk_rows)
     p = torch.softmax(full / 0.7, dim=-1)  # naive float64: -Σ p log p over the full vocab
     ref = -(p * torch.log(p.clamp_min(1e-300))).sum(-1)[mask]

@@ -39,22 +39,25 @@ def vocab_parallel_entropy(logits: torch.Tensor, mask: torch.Tensor, temperature
         logits: ``[b, s, vocab / TP]``, this rank's vocab shard.
         mask: ``[b, s]`` bool, the positions to measure (the response tokens).
         temperature: the sampling temperature the rollout used.
-        chunk_rows: rows converted to fp32 at a time, so the extra memory is
-            ``chunk_rows · vocab / TP`` floats, not a second copy of the logits.
+        chunk_rows: rows gathered and converted to fp32 at a time, so the extra memory is
+            ``chunk_rows · vocab / TP`` floats, not a copy of the response rows' logits.
 
     ``H = log Z − Σ p z`` with ``Z = Σ exp(z − m)`` and the max ``m`` taken over all TP ranks:
-    three all-reduces (max, then the two sums stacked) over the tensor-parallel group.
+    two all-reduces a chunk over the tensor-parallel group (the max, then the two sums stacked).
     """
     from megatron.core import parallel_state as ps
 
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    rows = logits[mask]
+    # Row indices, gathered a chunk at a time: the logits may be a transposed view, which a
+    # reshape would copy whole.
+    rows, cols = mask.nonzero(as_tuple=True)
     tp = ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
     group = ps.get_tensor_model_parallel_group() if tp > 1 else None
     out = []
-    for start in range(0, rows.shape[0], chunk_rows):
-        z = rows[start:start + chunk_rows].float() / temperature
+    for start in range(0, rows.numel(), chunk_rows):
+        chunk = slice(start, start + chunk_rows)
+        z = logits[rows[chunk], cols[chunk]].float() / temperature
         m = z.max(dim=-1, keepdim=True).values
         if group is not None:
             torch.distributed.all_reduce(m, op=torch.distributed.ReduceOp.MAX, group=group)
@@ -65,5 +68,5 @@ def vocab_parallel_entropy(logits: torch.Tensor, mask: torch.Tensor, temperature
             torch.distributed.all_reduce(sums, group=group)
         out.append(sums[0].log() - sums[1] / sums[0])
     if not out:
-        return rows.new_zeros(0, dtype=torch.float32)
+        return logits.new_zeros(0, dtype=torch.float32)
     return torch.cat(out)

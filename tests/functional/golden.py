@@ -113,6 +113,15 @@ class FunctionalCase:
         return self.directory / ENVIRONMENT_FILE
 
 
+NIGHTLY_COMMAND = "bash tools/run_tests.sh -m nightly tests/functional"
+
+
+def nightly_selected(config) -> bool:
+    """Whether pytest runs with ``-m nightly`` (the nightly set), from its ``config``."""
+    expression = config.option.markexpr or ""
+    return "nightly" in expression and "not nightly" not in expression
+
+
 def discover_cases() -> list[FunctionalCase]:
     return [FunctionalCase.load(d) for d in sorted(CASES_DIR.iterdir())
             if (d / "case.yaml").is_file()]

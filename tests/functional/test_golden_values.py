@@ -20,14 +20,8 @@ from tests.functional import golden
 
 pytestmark = pytest.mark.nightly
 
-NIGHTLY_COMMAND = "bash tools/run_tests.sh -m nightly tests/functional"
 FAST_CASE = "qwen25vl_dapo_ease_tp1_pp1"
 CASES = golden.discover_cases()
-
-
-def _nightly_selected(config) -> bool:
-    expression = config.option.markexpr or ""
-    return "nightly" in expression and "not nightly" not in expression
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +41,8 @@ def case_runs(tmp_path_factory):
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_case_matches_its_golden_values(case, case_runs, request):
-    if "ci" not in case.scope and not _nightly_selected(request.config):
-        pytest.skip(f"nightly case; run the full set with `{NIGHTLY_COMMAND}`")
+    if "ci" not in case.scope and not golden.nightly_selected(request.config):
+        pytest.skip(f"nightly case; run the full set with `{golden.NIGHTLY_COMMAND}`")
     golden.check_against_golden(case, case_runs(case))
 
 

@@ -224,7 +224,8 @@ def _one_update(cfg, micro, dp_group, dp_size: int) -> dict:
     metrics = train_mini_batch(cfg, [ddp], optimizer, micro, dp_group, dp_size, ease_active=True)
     sums = metrics["_policy_sums"]
     return {"grad_norm": metrics["grad_norm"], "ease_loss": metrics["ease/loss"],
-            "entropy": sums["entropy"] / sums["tokens"],
+            # Last pipeline stage only (the others compute no loss: no tokens).
+            "entropy": sums["entropy"] / sums["tokens"] if sums["tokens"] else None,
             "delta": {n: p.detach() - before[n] for n, p in model.named_parameters()},
             "tensor_parallel": {n for n, p in model.named_parameters()
                                 if getattr(p, "tensor_model_parallel", False)}}

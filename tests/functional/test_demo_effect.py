@@ -2,7 +2,7 @@
 
 The golden values pin what 4 RL steps compute; this pins what 150 steps are for. Measured on
 2026-12-04 in 6 seeds (README, "The demo"): DAPO+EASE attention in evidence 0.65-0.69 and
-held-out accuracy 0.79-1.00, DAPO alone 0.11-0.22 and 0.39-0.53. The thresholds below sit well
+held-out accuracy 0.79-1.00, DAPO alone 0.11-0.23 and 0.39-0.53. The thresholds below sit well
 inside those ranges, so a change of platform or kernel that moves the trajectory does not fail
 them; a change that breaks the attention supervision, its gating or the policy update does (an
 EASE arm that never reads stays at 0.2, the blind policy's accuracy). About 6 minutes on one core.

@@ -35,6 +35,14 @@ from megatron_ease.training.rollouts import (
 from megatron_ease.training.update import MicroBatch, _forward_backward
 
 
+def source_name(record: dict) -> str:
+    """The sample's benchmark or dataset name (its JSON ``source``, DESIGN §6), for per-source
+    metrics; ``unspecified`` where the record has none."""
+    source = record.get("source")
+    name = "" if source is None else str(source).strip()
+    return name or "unspecified"
+
+
 class Evaluator:
     """Evaluation of the policy ``model_chunks`` (this rank's chunks, wrapped or not) that
     ``engine`` generates with, on ``cfg.data.eval_shards``."""
@@ -69,6 +77,7 @@ class Evaluator:
         params = self._greedy()
         # correct, n, anti correct, anti n, ev, ev n, skipped samples
         totals = torch.zeros(7, dtype=torch.float64)
+        by_source: dict[str, list[float]] = {}  # the record's "source": [correct, n]
         bar = progress_bar(self.is_logging_rank and cfg.logging.progress, total=limit,
                            desc="validation", unit="sample")
         for batch in reader:
@@ -83,6 +92,10 @@ class Evaluator:
                                 dtype=torch.float64)
             acc = rewards.accuracy.double()
             totals[:4] += torch.tensor([acc.sum(), len(prompts), (acc * anti).sum(), anti.sum()])
+            for record, correct in zip(batch["records"], acc.tolist()):
+                counts = by_source.setdefault(source_name(record), [0.0, 0.0])
+                counts[0] += correct
+                counts[1] += 1.0
             if cfg.ease.layers:
                 ev_sum, ev_n = self._evidence_attention(batch, prompts, out)
                 totals[4:6] += torch.tensor([ev_sum, ev_n])
@@ -97,7 +110,26 @@ class Evaluator:
                    "eval_samples": int(n), "skipped_samples": int(skipped)}
         if evn > 0:
             metrics["evidence_attention_mass"] = ev / evn
+        metrics.update(self._per_source(by_source))
         return metrics
+
+    def _per_source(self, by_source: dict[str, list[float]]) -> dict:
+        """``accuracy/<source>`` and ``eval_samples/<source>`` for every source any DP rank saw
+        (an evaluation set that mixes benchmarks, as verl reports per data source)."""
+        names = sorted(by_source)
+        if self.dp_group is not None:  # a rank may not have seen every source
+            gathered = [None] * self.dp_size
+            torch.distributed.all_gather_object(gathered, names, group=self.dp_group)
+            names = sorted({name for part in gathered for name in part})
+        counts = torch.tensor([by_source.get(name, [0.0, 0.0]) for name in names],
+                              dtype=torch.float64).reshape(len(names), 2)
+        if self.dp_group is not None and names:
+            all_reduce_(counts, group=self.dp_group)
+        out = {}
+        for name, (correct, n) in zip(names, counts.tolist()):
+            out[f"accuracy/{name}"] = correct / n
+            out[f"eval_samples/{name}"] = int(n)
+        return out
 
     def _eval_contexts(self, batch, prompts, out, keep_mass: bool = False):
         """Forward (no grad, λ = 0) over prompt + response with an EASE context: the EASE layers

@@ -636,6 +636,46 @@ def test_evaluation_scores_exactly_the_requested_samples_over_data_parallel_rank
     assert results[0] == results[1] and results[0]["eval_samples"] == 7
 
 
+def _two_source_eval_set(dataset: str, root) -> str:
+    """The dataset with its eval samples relabelled: sample i's ``source`` is ``bench_a`` for
+    even i, ``bench_b`` for odd i (so at DP = 2 each rank sees one source only)."""
+    root.mkdir()
+    for sub in ("train", "tokenizer"):
+        os.symlink(f"{dataset}/{sub}", root / sub)
+    (root / "eval").mkdir()
+    index = 0
+    for shard in sorted(glob.glob(f"{dataset}/eval/*.tar")):
+        with tarfile.open(shard) as src, tarfile.open(root / "eval" / os.path.basename(shard),
+                                                      "w") as dst:
+            for member in src.getmembers():
+                data = src.extractfile(member).read()
+                if member.name.endswith(".json"):
+                    record = json.loads(data)
+                    record["source"] = "bench_a" if index % 2 == 0 else "bench_b"
+                    index += 1
+                    data = json.dumps(record).encode()
+                info = tarfile.TarInfo(member.name)
+                info.size = len(data)
+                dst.addfile(info, io.BytesIO(data))
+    return str(root)
+
+
+def test_evaluation_reports_accuracy_per_source_over_data_parallel_ranks(dataset, tmp_path):
+    """``accuracy/<source>`` for each benchmark of a mixed evaluation set (verl's per data
+    source): at DP = 2 each rank sees one of the two sources, and every rank reports both, with
+    the values one process computes."""
+    root = _two_source_eval_set(dataset, tmp_path / "data")
+    overrides = _overrides(root, str(tmp_path / "run"), 1, "eval.batch_size=4")
+    dp2 = run_distributed(_evaluate_only, overrides, 8, timeout_s=600)
+    dp1 = run_distributed(_evaluate_only, overrides, 8, world_size=1, timeout_s=600)[0]
+    assert dp2[0] == dp2[1] == dp1
+    assert dp1["eval_samples/bench_a"] == dp1["eval_samples/bench_b"] == 4
+    assert dp1["accuracy"] == pytest.approx(
+        (dp1["accuracy/bench_a"] + dp1["accuracy/bench_b"]) / 2)
+    assert not any(k.startswith("accuracy/") and k not in ("accuracy/bench_a",
+                                                           "accuracy/bench_b") for k in dp1)
+
+
 def _evaluate_in_micro_batches(overrides):
     from megatron_ease.training import builders
     from megatron_ease.training.rollouts import split_prompts

@@ -78,7 +78,7 @@ class Trainer:
             cfg.logging.run_dir, config_to_dict(cfg), use_wandb=cfg.logging.wandb,
             wandb_project=cfg.logging.wandb_project, wandb_mode=cfg.logging.wandb_mode,
             tensorboard=cfg.logging.tensorboard, enabled=self.is_logging_rank,
-            resumed_at=self.step if self.step > 0 else None,
+            resumed_at=self.step if self.resumed else None,  # step 0: a saved warm start
             console_interval=cfg.logging.log_interval)
         if self._validation_due:
             # The checkpoint was saved before its step's validation; if that validation ran and
@@ -368,6 +368,11 @@ class Trainer:
                     and not cfg.model.init_from):
                 self.warm_start()
                 self.optimizer.reload_model_params()  # the warm start had its own optimizer
+                if preemption.should_stop() and self.step < cfg.train.steps:
+                    # Signalled during the warm start: save it (step 0) and go, rather than
+                    # after an RL step more; the requeued run starts RL from it.
+                    self.save()
+                    return self._preempted()
             if self._validation_due:
                 self._validation_due = False
                 self.metrics.log(self.step, self.evaluate(), cfg.train.steps, prefix="eval")

@@ -821,6 +821,15 @@ def _wait_for(predicate, proc, timeout=300):
         time.sleep(0.2)
 
 
+def _records(run_dir: str, split: str) -> list[dict]:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [r for r in map(json.loads, [line for line in f if line.endswith("\n")])
+                if r["split"] == split]
+
+
 def _latest(run_dir):
     path = os.path.join(run_dir, "ckpt", "latest")
     return open(path).read().strip() if os.path.isfile(path) else None
@@ -853,6 +862,35 @@ def test_kill_9_then_resume_reproduces_an_uninterrupted_run(dataset, tmp_path):
             assert a[step][name] == b[step][name], (step, name, a[step][name], b[step][name])
 
 
+def test_a_signal_during_the_warm_start_saves_it_and_the_requeued_run_goes_on_from_it(
+        dataset, tmp_path):
+    """USR1 while the supervised warm start runs: the run saved after the next RL step (one
+    step late, up to a whole RL step into the time the signal leaves). Now the finished warm
+    start is saved as step 0 and the run exits 75; the requeued run does not warm-start again,
+    and its RL steps are those of a run never stopped."""
+    steps, warm = 2, "train.warm_start_steps=300"
+    full_dir, cut_dir = str(tmp_path / "full"), str(tmp_path / "cut")
+    full = _launch(_overrides(dataset, full_dir, steps, warm))
+    cut = _launch(_overrides(dataset, cut_dir, steps, warm))
+    _wait_for(lambda: _records(cut_dir, "warm_start"), cut)
+    cut.send_signal(signal.SIGUSR1)
+    out, _ = cut.communicate(timeout=600)
+    assert cut.returncode == 75, out
+    assert "preempted: saved step 0" in out and _latest(cut_dir) == "iter_0000000", out
+    assert [r["step"] for r in _records(cut_dir, "warm_start")] == list(range(1, 301))
+    assert _records(cut_dir, "train") == []
+    again = _launch(_overrides(dataset, cut_dir, steps, warm))
+    out, _ = again.communicate(timeout=600)
+    assert again.returncode == 0, out
+    assert "at step 0" in out and len(_records(cut_dir, "warm_start")) == 300, out
+    assert full.wait(timeout=600) == 0, full.stdout.read()
+    a, b = _metrics(full_dir), _metrics(cut_dir)
+    assert sorted(a) == sorted(b) == [1, 2]
+    for step in (1, 2):
+        for name in COMPARED:
+            assert a[step][name] == b[step][name], (step, name, a[step][name], b[step][name])
+
+
 def _eval_steps(run_dir: str) -> list[int]:
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [r["step"] for r in map(json.loads, f) if r["split"] == "eval"]
@@ -864,8 +902,7 @@ def test_sigterm_saves_exits_75_and_the_next_run_resumes(dataset, tmp_path):
     run_dir = str(tmp_path / "run")
     validation = ("eval.interval=1", "eval.samples=2", "eval.batch_size=2")
     proc = _launch(_overrides(dataset, run_dir, 50, *validation))
-    _wait_for(lambda: os.path.isfile(os.path.join(run_dir, "metrics.jsonl"))
-              and os.path.getsize(os.path.join(run_dir, "metrics.jsonl")) > 0, proc)
+    _wait_for(lambda: _records(run_dir, "train"), proc)  # past the warm start: an RL step
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 75, out
@@ -918,15 +955,22 @@ def test_signal_while_the_model_loads_is_kept_and_a_run_at_its_last_step_ends_no
         dataset, tmp_path):
     """SIGTERM before the first step (the handler is installed before the model is built, so it
     is not fatal) with ``train.steps=1``: the one step runs, the run is complete, so it saves and
-    exits 0 instead of asking for a requeue that would only load and exit."""
+    exits 0 instead of asking for a requeue that would only load and exit. The run resumes a
+    saved warm start (``train.steps=0`` runs the warm start alone and saves it as step 0): a
+    signal during a warm start is honoured after it, at step 0 (see the warm-start test)."""
     run_dir = str(tmp_path / "run")
-    proc = _launch(_overrides(dataset, run_dir, 1))
-    _wait_for(lambda: os.path.isdir(run_dir), proc)
+    warm = _launch(_overrides(dataset, run_dir, 0))
+    out, _ = warm.communicate(timeout=300)
+    assert warm.returncode == 0 and _latest(run_dir) == "iter_0000000", out
+    log_dir = str(tmp_path / "log")  # created once the handler is in place
+    proc = _launch(_overrides(dataset, run_dir, 1) + [f"logging.run_dir={log_dir}"])
+    _wait_for(lambda: os.path.isdir(log_dir), proc)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     assert "preempted" not in out and _latest(run_dir) == "iter_0000001"
-    assert sorted(_metrics(run_dir)) == [1]
+    assert "resumed from" in out and "at step 0" in out, out
+    assert sorted(_metrics(log_dir)) == [1]
 
 
 def _bf16_run(overrides):

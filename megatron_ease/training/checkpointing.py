@@ -369,7 +369,7 @@ class CheckpointManager:
         _barrier()
         state = {"rng": rng_state(), **(rank_state or {})}
         write_atomic(os.path.join(tmp, "rank_state", f"rank_{_rank():05d}.json"),
-                      json.dumps(state))
+                     json.dumps(state))
         if _rank() == 0:
             meta = {"step": step, "world_size": torch.distributed.get_world_size()
                     if torch.distributed.is_initialized() else 1, "layout": _layout(),

@@ -22,8 +22,8 @@ CONSOLE_FIELDS = (
     ("generated_accuracy", "gen_acc"), ("kept_groups", "kept"),
     ("gen_batches", "gen"),
     ("dapo_loss", "dapo"), ("ease_loss", "ease"), ("attn_in_evidence", "attn_ev"),
-    ("entropy", "ent"), ("clip_frac", "clip"), ("grad_norm", "gnorm"), ("lr", "lr"), ("tokens_per_s", "tok/s"),
-    ("step_time", "time"), ("max_rss_gb", "mem_gb"),
+    ("entropy", "ent"), ("clip_frac", "clip"), ("grad_norm", "gnorm"), ("lr", "lr"),
+    ("tokens_per_s", "tok/s"), ("step_time", "time"), ("max_rss_gb", "mem_gb"),
 )
 
 

@@ -48,25 +48,32 @@ def _overrides(dataset: str, run_dir: str, steps: int, *extra: str) -> list[str]
             "train.warm_start_steps=30", "train.warm_start_lr=3e-3", *extra]
 
 
+def _records(run_dir: str, split: str) -> list[dict]:
+    """The ``split`` records of the run's metrics.jsonl, in order ([] before it exists; a line
+    still being written is left out)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [r for r in map(json.loads, [line for line in f if line.endswith("\n")])
+                if r["split"] == split]
+
+
 def _metrics(run_dir: str) -> dict[int, dict]:
     """Last record of every training step (a killed run may have logged a step twice)."""
-    out = {}
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        for line in f:
-            record = json.loads(line)
-            if record["split"] == "train":
-                out[record["step"]] = record
-    return out
+    return {record["step"]: record for record in _records(run_dir, "train")}
+
+
+def _vocab_size() -> int:
+    return load_config(CONFIG).model.vocab_size
 
 
 def _first_sft_loss(run_dir: str) -> float:
     """The warm start's step-1 loss: about log(vocab) = 5.5 from the random init, on every rank
     and layout (it was half that at DP = 2 and 0 at PP = 2 before the loss was reduced)."""
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        for line in f:
-            record = json.loads(line)
-            if record["split"] == "warm_start" and record["step"] == 1:
-                return record["sft_loss"]
+    for record in _records(run_dir, "warm_start"):
+        if record["step"] == 1:
+            return record["sft_loss"]
     raise AssertionError(f"no warm-start step 1 in {run_dir}/metrics.jsonl")
 
 
@@ -96,7 +103,7 @@ def test_training_steps_run_at_tp2_and_pp2(dataset, tmp_path, layout):
         assert record["kept_groups"] == 4
         for name in ("reward", "dapo_loss", "ease_loss", "grad_norm", "attn_in_evidence"):
             assert math.isfinite(record[name]), (name, record)
-        assert 0.0 < record["entropy"] < math.log(cfg_vocab_size())
+        assert 0.0 < record["entropy"] < math.log(_vocab_size())
         assert 0.0 <= record["accuracy"] <= 1.0 and 0.0 <= record["attn_in_evidence"] <= 1.0
         # Over all generated rollouts: the kept (mixed) groups' plus the filtered ones'.
         generated = record["generated_groups"]
@@ -404,10 +411,6 @@ def test_data_parallel_update_equals_one_process_on_the_global_batch(dataset,
         assert torch.equal(delta, results[1]["dp2"]["delta"][name]), name
 
 
-def cfg_vocab_size() -> int:
-    return load_config(CONFIG).model.vocab_size
-
-
 def _qwen3_update(dataset: str, layout: str):
     """The tiny Qwen3-VL's update on the whole mini-batch at the ``layout`` override's TP or PP."""
     cfg = load_config(CONFIG, _overrides(dataset, "unused", 1) + QWEN3_VL + [layout])
@@ -446,7 +449,7 @@ def test_tp2_update_with_images_split_over_tp_equals_tp1_qwen3_vl(dataset):
                           tensor_model_parallel_size=2, timeout_s=600)[0]
     assert tp2["grad_norm"] == pytest.approx(tp1["grad_norm"], rel=1e-5)
     # The policy's entropy, from vocab shards at TP = 2: the full vocabulary's (0 < H < ln V).
-    assert 0.0 < tp1["entropy"] < math.log(cfg_vocab_size()) - 1e-3
+    assert 0.0 < tp1["entropy"] < math.log(_vocab_size()) - 1e-3
     assert tp2["entropy"] == pytest.approx(tp1["entropy"], rel=1e-5)
     vision = [n for n in tp1["delta"] if n.startswith("vision_model.")]
     assert any("deepstack" in n for n in vision) and len(vision) > 10
@@ -821,15 +824,6 @@ def _wait_for(predicate, proc, timeout=300):
         time.sleep(0.2)
 
 
-def _records(run_dir: str, split: str) -> list[dict]:
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        return [r for r in map(json.loads, [line for line in f if line.endswith("\n")])
-                if r["split"] == split]
-
-
 def _latest(run_dir):
     path = os.path.join(run_dir, "ckpt", "latest")
     return open(path).read().strip() if os.path.isfile(path) else None
@@ -892,8 +886,7 @@ def test_a_signal_during_the_warm_start_saves_it_and_the_requeued_run_goes_on_fr
 
 
 def _eval_steps(run_dir: str) -> list[int]:
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [r["step"] for r in map(json.loads, f) if r["split"] == "eval"]
+    return [r["step"] for r in _records(run_dir, "eval")]
 
 
 def test_sigterm_saves_exits_75_and_the_next_run_resumes(dataset, tmp_path):

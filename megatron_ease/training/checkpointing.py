@@ -77,13 +77,15 @@ def _layout() -> Optional[dict]:
 
 def write_atomic(path: str, text: str) -> None:
     """``text`` to ``path`` through a synced temporary file and a rename: a reader sees the old
-    file or the whole new one."""
+    file or the whole new one, and after a node crash too (the directory holding the new name is
+    synced before this returns)."""
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path) or ".")
 
 
 def _read_json(path: str) -> dict:
@@ -381,6 +383,9 @@ class CheckpointManager:
             write_atomic(os.path.join(tmp, "trainer_state.json"), json.dumps(meta, indent=1))
         _barrier()
         if _rank() == 0:
+            # megatron-core fsyncs its files, not the folder holding their names: the folder's
+            # entries reach the disk before the rename publishes it.
+            _fsync_dir(tmp)
             if os.path.isdir(final):  # a re-save of the same step (e.g. after a resume)
                 # Moved aside, not deleted first: ``latest`` may name it, and the new one takes
                 # its place with the next rename (a crash in between leaves the old one under a
@@ -389,7 +394,6 @@ class CheckpointManager:
             os.rename(tmp, final)
             _fsync_dir(self.directory)  # iter_N is on disk before latest names it
             write_atomic(os.path.join(self.directory, LATEST), step_dir_name(step) + "\n")
-            _fsync_dir(self.directory)
             logger.info("saved checkpoint %s", final)
         _barrier()
         # The checkpoint is complete and named by ``latest``: removing old ones is rank 0's

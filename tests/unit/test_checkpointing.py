@@ -155,6 +155,55 @@ def test_saving_the_same_step_again_keeps_latest_valid(tmp_path):
     assert listing == ["iter_0000002", "latest"] and latest.endswith("iter_0000002")
 
 
+def _save_recording_syncs(directory: str):
+    """One save, recording in order the renames and the directory fsyncs each rank makes."""
+    from megatron_ease.training import checkpointing
+
+    ddp, opt, sched = _train_objects()
+    events = []
+    real_sync, real_rename, real_replace = checkpointing._fsync_dir, os.rename, os.replace
+
+    def rel(path):
+        return os.path.relpath(path, directory)
+
+    def sync(path):
+        events.append(("fsync", rel(path)))
+        real_sync(path)
+
+    def rename(src, dst, *args, **kwargs):
+        events.append(("rename", rel(dst)))
+        real_rename(src, dst, *args, **kwargs)
+
+    def replace(src, dst, *args, **kwargs):
+        events.append(("rename", rel(dst)))
+        real_replace(src, dst, *args, **kwargs)
+
+    checkpointing._fsync_dir, os.rename, os.replace = sync, rename, replace
+    try:
+        CheckpointManager(directory, keep_last=2).save(3, [ddp], opt, sched)
+    finally:
+        checkpointing._fsync_dir, os.rename, os.replace = real_sync, real_rename, real_replace
+    return [e for e in events if "distcp" not in e[1]]  # megatron-core's own files
+
+
+def test_a_save_syncs_every_new_name_before_latest_names_the_checkpoint(tmp_path):
+    """Renames are atomic but only durable once their directory is synced: after a node crash
+    ``latest`` must not name a folder, or a folder hold a rank file, that the disk lost."""
+    directory = str(tmp_path / "ckpt")
+    rank0, rank1 = run_distributed(_save_recording_syncs, directory)
+    tmp, final = ".tmp_iter_0000003", "iter_0000003"
+    for rank, events in enumerate((rank0, rank1)):
+        mine = ("rename", f"{tmp}/rank_state/rank_{rank:05d}.json")
+        assert mine in events, events
+        assert events[events.index(mine) + 1] == ("fsync", f"{tmp}/rank_state"), events
+    assert [e for e in rank1 if e[1] in (".", "latest", final, tmp)] == []
+    order = [e for e in rank0 if e[1] in (".", "latest", final, tmp)
+             or e == ("rename", f"{tmp}/trainer_state.json")]
+    assert order == [("rename", f"{tmp}/trainer_state.json"), ("fsync", tmp),
+                     ("fsync", tmp), ("rename", final), ("fsync", "."), ("rename", "latest"),
+                     ("fsync", ".")], order
+
+
 def _save_recording_deletions(directory: str):
     """Save 1, then 2 with ``keep_last=1``, recording on each rank when (after how many of the
     save's barriers) and on which thread checkpoint folders are deleted."""

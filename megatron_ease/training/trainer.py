@@ -36,6 +36,7 @@ from megatron_ease.training.preemption import PreemptionHandler
 from megatron_ease.training.profiling import StepProfiler
 from megatron_ease.training.rollouts import RolloutCollector, stop_token_ids
 from megatron_ease.training.update import (
+    POLICY_SUMS,
     MicroBatch,
     policy_update,
     supervised_step,
@@ -269,9 +270,7 @@ class Trainer:
             float(lengths.sum()), float((~kept.payload["parse_ok"]).sum()),
             float(sum(t is None for t in kept.payload["target"])),
             float(sum(self.train_reader.skipped.values())),
-        ] + [sum(u["_policy_sums"][k] for u in updates) for k in
-             ("dapo_loss", "clip_low", "clip_high", "clip_dual", "approx_kl", "entropy",
-              "tokens")],
+        ] + [sum(u["_policy_sums"][k] for u in updates) for k in POLICY_SUMS],
             dtype=torch.float64)
         policy = local[7:].clone()
         if ps.get_pipeline_model_parallel_world_size() > 1:
@@ -280,7 +279,8 @@ class Trainer:
         if self.dp_group is not None:
             all_reduce_(local, group=self.dp_group)
         reward, acc, n, tokens, unparsed, no_target, skipped = local[:7].tolist()
-        dapo_loss, clip_low, clip_high, clip_dual, kl, entropy, resp_tokens = local[7:].tolist()
+        policy = dict(zip(POLICY_SUMS, local[7:].tolist()))
+        resp_tokens = max(1.0, policy["tokens"])
         n_updates = max(1, len(updates))
         metrics = {
             "reward": reward / n, "accuracy": acc / n, "response_length": tokens / n,
@@ -300,13 +300,13 @@ class Trainer:
             "filtered_all_correct": stats.get("filtered_all_correct"),
             "filtered_all_wrong": stats.get("filtered_all_wrong"),
             "trimmed_groups": stats.get("trimmed_groups"),
-            "dapo_loss": dapo_loss / n_updates,
-            "clip_frac": (clip_low + clip_high) / max(1.0, resp_tokens),
-            "clip_dual_frac": clip_dual / max(1.0, resp_tokens),
-            "approx_kl": kl / max(1.0, resp_tokens),
+            "dapo_loss": policy["dapo_loss"] / n_updates,
+            "clip_frac": (policy["clip_low"] + policy["clip_high"]) / resp_tokens,
+            "clip_dual_frac": policy["clip_dual"] / resp_tokens,
+            "approx_kl": policy["approx_kl"] / resp_tokens,
             # Mean per-token entropy of π at the sampling temperature over the updates' response
             # tokens (nats); a fall towards 0 is the policy collapsing onto one answer.
-            "entropy": entropy / max(1.0, resp_tokens),
+            "entropy": policy["entropy"] / resp_tokens,
             "grad_norm": sum(u["grad_norm"] for u in updates) / n_updates,
             "lr": self.optimizer.param_groups[0]["lr"],
             "tokens_per_s": tokens / max(step_time, 1e-9),
@@ -371,8 +371,7 @@ class Trainer:
                 if preemption.should_stop() and self.step < cfg.train.steps:
                     # Signalled during the warm start: save it (step 0) and go, rather than
                     # after an RL step more; the requeued run starts RL from it.
-                    self.save()
-                    return self._preempted()
+                    return self._save_preempted()
             if self._validation_due:
                 self._validation_due = False
                 self.metrics.log(self.step, self.evaluate(), cfg.train.steps, prefix="eval")
@@ -385,11 +384,11 @@ class Trainer:
                 preempted = stop and self.step < cfg.train.steps  # else the run is complete
                 # Saved before validating: a validation that fails (or runs into the time limit)
                 # must not cost the step. A preempted run skips the validation of its last step.
-                if preempted or self.step >= cfg.train.steps or (
+                if preempted:
+                    return self._save_preempted()
+                if self.step >= cfg.train.steps or (
                         cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0):
                     self.save()
-                if preempted:
-                    return self._preempted()
                 if cfg.eval.interval and self.step % cfg.eval.interval == 0:
                     self.metrics.log(self.step, self.evaluate(), cfg.train.steps, prefix="eval")
                 if stop:
@@ -406,8 +405,11 @@ class Trainer:
             if own_handler:
                 preemption.restore()
 
-    def _preempted(self) -> int:
+    def _save_preempted(self) -> int:
+        """Save the current step (with ``checkpoint.dir``) and return the preempted exit status."""
         from megatron_ease.training.preemption import EXIT_REQUEUE, EXIT_STOPPED_UNSAVED
+
+        self.save()
 
         if self.checkpoints is None:
             message = (f"preempted at step {self.step}: checkpoint.dir is not set, nothing "

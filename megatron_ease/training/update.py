@@ -196,8 +196,7 @@ def train_mini_batch(cfg: Config, model_chunks, optimizer, micro_batches: list[M
     if old_from_forward:  # kept for later epochs, on the stored micro-batches (the forward step
         for mb, out in zip(micro_batches, outputs or []):  # had device copies of them)
             mb.old_log_probs = out["old_log_probs"]
-    sums = {"dapo_loss": 0.0, "clip_low": 0.0, "clip_high": 0.0, "clip_dual": 0.0,
-            "approx_kl": 0.0, "ratio": 0.0, "entropy": 0.0, "tokens": 0.0}
+    sums = dict.fromkeys(POLICY_SUMS, 0.0)
     for out in outputs or []:
         for k in sums:
             sums[k] += float(out[k])
@@ -207,6 +206,12 @@ def train_mini_batch(cfg: Config, model_chunks, optimizer, micro_batches: list[M
         metrics.update(reduce_ease_metrics(contexts, cfg.ease.layers,
                                            data_parallel_group=dp_group))
     return metrics
+
+
+# The per-update metric sums ``train_mini_batch`` returns under ``_policy_sums`` (the trainer
+# reduces them over PP and DP and divides by the step's response tokens).
+POLICY_SUMS = ("dapo_loss", "clip_low", "clip_high", "clip_dual", "approx_kl", "ratio",
+               "entropy", "tokens")
 
 
 def supervised_step(cfg: Config, model_chunks, optimizer, micro_batches: list[MicroBatch],

@@ -23,6 +23,33 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping: PyYAML keeps the last
+    silently, so a second ``train:`` section would drop every key of the first."""
+
+    def construct_mapping(self, node, deep=False):
+        lines = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *base": later keys override
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = lines.get(key)
+            except TypeError:  # an unhashable key: SafeLoader's own error names it below
+                break
+            if first is not None:
+                raise ConfigError(f"duplicate key {key!r} (lines {first} and {line}): the later "
+                                  f"one would silently replace the earlier; merge them")
+            lines[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text):
+    """YAML as ``yaml.safe_load`` reads it, but a duplicate key is a ``ConfigError``."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 @dataclass
 class VisionConfig:
     """Vision tower sizes (HF ``vision_config`` names)."""
@@ -237,7 +264,10 @@ def _field_types(cls) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def _unknown_key(path: str, key: str, known) -> ConfigError:
+def _unknown_key(path: str, key: Any, known) -> ConfigError:
+    if not isinstance(key, str):  # YAML 1.1 reads on / off / yes / no / 1 as non-strings
+        return ConfigError(f"unknown config key '{path}{key}' (YAML read the key as "
+                           f"{type(key).__name__} {key!r}; config keys are names: quote it)")
     close = difflib.get_close_matches(key, list(known), n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return ConfigError(f"unknown config key '{path}{key}'{hint}")
@@ -274,7 +304,11 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         raise ConfigError(f"config field '{path}' must be an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an integer beyond float range
+                raise ConfigError(f"config field '{path}' is beyond the float range, got "
+                                  f"{str(value)[:20]}... ({len(str(value))} digits)") from None
         if isinstance(value, str):  # YAML 1.1 reads "1e-6" (no dot) as a string
             try:
                 return float(value)
@@ -340,7 +374,9 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
         tp = types[leaf]
         textual = _is_text_field(tp)
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = _load_yaml(raw) if raw.strip() else None
+        except ConfigError as e:
+            raise ConfigError(f"override {item!r}: {e}") from None
         except yaml.YAMLError as e:
             if not textual:
                 raise ConfigError(f"override {item!r}: the value is not valid YAML: "
@@ -348,6 +384,9 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             value = raw.strip()  # "data.train_shards=*.tar": a path, not a YAML alias
         if textual and value is not None and not isinstance(value, str):
             value = raw.strip()  # "logging.run_dir=2025-01-01" is a name, not a date
+        if dataclasses.is_dataclass(tp) and value is None:
+            raise ConfigError(f"override {item!r}: '{path}{leaf}' is a config section, not a "
+                              f"value; set its keys ({path}{leaf}.<key>=...)")
         if dataclasses.is_dataclass(tp) and isinstance(value, dict):
             # "dapo={group_size: 16}" changes that key: the section's others stay as they are.
             value = _merged(getattr(target, leaf), value, path + leaf + ".")
@@ -370,8 +409,9 @@ def _merged(current, data: dict, path: str):
     for key, value in data.items():
         if key not in types:
             raise _unknown_key(path, key, types)
-        if dataclasses.is_dataclass(types[key]) and isinstance(value, dict):
-            value = _merged(getattr(current, key), value, path + key + ".")
+        if dataclasses.is_dataclass(types[key]) and (value is None or isinstance(value, dict)):
+            # An empty section ("vision: null", as "vision:" in a YAML file) changes nothing.
+            value = _merged(getattr(current, key), value or {}, path + key + ".")
         changes[key] = _coerce(value, types[key], path + key)
     return dataclasses.replace(current, **changes)
 
@@ -384,9 +424,11 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
             raise ConfigError(f"config file not found: {path}")
         with open(path) as f:
             try:
-                data = yaml.safe_load(f) or {}
+                data = _load_yaml(f) or {}
             except yaml.YAMLError as e:
                 raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+            except ConfigError as e:
+                raise ConfigError(f"config file {path}: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
     try:
@@ -416,6 +458,17 @@ def data_parallel_size(cfg: Config, world_size: int) -> int:
                           * p.context_parallel_size)
 
 
+def _float_fields(section, prefix: str = ""):
+    """``(dotted name, value)`` of every float field of a config tree."""
+    types = _field_types(type(section))
+    for f in dataclasses.fields(section):
+        value, tp = getattr(section, f.name), types[f.name]
+        if dataclasses.is_dataclass(value):
+            yield from _float_fields(value, f"{prefix}{f.name}.")
+        elif tp is float or tp == Optional[float]:
+            yield f"{prefix}{f.name}", value
+
+
 def validate_config(cfg: Config, world_size: int = 1) -> None:
     """Fail fast, before any process group starts, with the offending field in the message."""
     m, p, e, d, t = cfg.model, cfg.parallel, cfg.ease, cfg.dapo, cfg.train
@@ -424,10 +477,19 @@ def validate_config(cfg: Config, world_size: int = 1) -> None:
         if not ok:
             raise ConfigError(msg)
 
+    # NaN passes every range check below (each comparison is False) and inf some of them.
+    for name, value in _float_fields(cfg):
+        check(value is None or math.isfinite(value),
+              f"{name} must be a finite number, got {value}")
+
     for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
                  "context_parallel_size"):
         check(getattr(p, name) >= 1, f"parallel.{name} must be >= 1, got {getattr(p, name)}")
     tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
+    # Checked here too (the model refuses it at build time), so a job fails before it starts.
+    check(cp == 1, "parallel.context_parallel_size > 1 is not supported yet: the Qwen-VL "
+                   "model's mrope positions and image scatter assume the whole sequence on every "
+                   "rank, and EASE's softmax row normaliser would have to span CP ranks")
     check(m.family in ("qwen2_5_vl", "qwen3_vl"),
           f"model.family must be qwen2_5_vl or qwen3_vl, got {m.family!r}")
     check(m.num_attention_heads % tp == 0,
@@ -513,11 +575,23 @@ def validate_config(cfg: Config, world_size: int = 1) -> None:
                              f"{t.ppo_epochs}")
     check(math.isfinite(t.lr) and t.lr >= 0, f"train.lr must be a finite number >= 0, got {t.lr}")
     check(t.lr_warmup_steps >= 0, f"train.lr_warmup_steps must be >= 0, got {t.lr_warmup_steps}")
+    check(0 <= t.min_lr <= t.lr, f"train.min_lr must be in [0, train.lr ({t.lr})], got {t.min_lr}")
+    check(t.clip_grad >= 0, f"train.clip_grad must be >= 0 (0 = no clipping), got {t.clip_grad}")
+    check(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
+    for name in ("adam_beta1", "adam_beta2"):
+        check(0 <= getattr(t, name) < 1, f"train.{name} must be in [0, 1), got {getattr(t, name)}")
+    check(t.warm_start_steps >= 0,
+          f"train.warm_start_steps must be >= 0 (0 = no warm start), got {t.warm_start_steps}")
+    check(t.warm_start_lr >= 0, f"train.warm_start_lr must be >= 0, got {t.warm_start_lr}")
+    check(p.timeout_minutes > 0,
+          f"parallel.timeout_minutes must be > 0, got {p.timeout_minutes}")
     head_dim = m.kv_channels or m.hidden_size // m.num_attention_heads
     check(2 * sum(m.mrope_section) == head_dim,
           f"model.mrope_section {m.mrope_section} must sum to half the head dimension "
           f"({head_dim} = model.kv_channels or hidden_size / num_attention_heads)")
     pixels = cfg.data.min_pixels, cfg.data.max_pixels
+    for name, value in zip(("min_pixels", "max_pixels"), pixels):
+        check(value is None or value >= 1, f"data.{name} must be >= 1 or null, got {value}")
     check(None in pixels or pixels[0] <= pixels[1],
           f"data.min_pixels ({pixels[0]}) must be <= data.max_pixels ({pixels[1]})")
     check(cfg.data.num_workers >= 0, f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
@@ -535,13 +609,16 @@ def validate_config(cfg: Config, world_size: int = 1) -> None:
           f"data.max_prompt_tokens must be >= 1 or null, got {cfg.data.max_prompt_tokens}")
     check(t.lr_decay_style in ("constant", "linear", "cosine"),
           f"train.lr_decay_style must be constant, linear or cosine, got {t.lr_decay_style!r}")
-    if e.enabled:
+    # The capturing layers exist whenever ease.layers is set (with ease.enabled false too: the
+    # DAPO baseline logs its attention in evidence), so their settings are checked then too.
+    if e.enabled or e.layers:
         bad = [i for i in e.layers if not 0 <= i < m.num_layers]
         check(not bad, f"ease.layers {bad} out of range: the model has {m.num_layers} layers "
                        f"(0-based indices 0..{m.num_layers - 1})")
         check(len(set(e.layers)) == len(e.layers), f"ease.layers has duplicates: {e.layers}")
-        check(cp == 1, "ease.enabled with parallel.context_parallel_size > 1 is not supported yet: "
-                       "the softmax row normaliser would have to span CP ranks")
+        check(e.chunk_size is None or e.chunk_size >= 1,
+              f"ease.chunk_size must be >= 1 or null (all response rows at once), got "
+              f"{e.chunk_size}")
         check(e.loss_coeff >= 0, f"ease.loss_coeff must be >= 0, got {e.loss_coeff}")
         check(e.sigma >= 0, f"ease.sigma must be >= 0, got {e.sigma}")
         check(0 <= e.alpha <= 1, f"ease.alpha must be in [0, 1], got {e.alpha}")

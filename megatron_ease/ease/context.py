@@ -23,9 +23,10 @@ The trainer builds one ``EaseContext`` per micro-batch and runs that micro-batch
     forward_backward_func(forward_step_func=forward_step, ...)
     metrics = reduce_ease_metrics(contexts, cfg.ease.layers)      # {"ease/loss": ..., ...}
 
-With ``ease.enabled = false`` the model has no EASE layers (no spec override) and the context is
-None; with ``ease.loss_coeff = 0`` the layers still record their metrics while the gradients stay
-bit-identical to the plain model's.
+With ``ease.layers`` empty the model has no EASE layers (no spec override) and the context is
+None; with ``ease.enabled = false`` or ``ease.loss_coeff = 0`` the layers still record their
+metrics (the DAPO baseline's attention in evidence) while the gradients stay bit-identical to the
+plain model's.
 
 Scaling invariant. Each layer's term uses the *global* gated count, so summing the terms of all
 micro-batches and DP ranks gives exactly ``L_EASE``; megatron must not rescale their gradients.

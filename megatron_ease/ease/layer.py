@@ -173,8 +173,8 @@ def _check_supported(config, layer_number: int) -> None:
         raise ValueError(
             f"{where}: context parallelism (context_parallel_size="
             f"{config.context_parallel_size}) is not supported with EASE: the softmax row "
-            f"normaliser would have to span CP ranks. Set parallel.context_parallel_size=1 or "
-            f"ease.enabled=false")
+            f"normaliser would have to span CP ranks. Set parallel.context_parallel_size=1, or "
+            f"ease.layers=[] (no EASE layers)")
     if getattr(config, "softmax_type", "vanilla") != "vanilla":
         raise ValueError(
             f"{where}: softmax_type={config.softmax_type!r} adds a sink to the softmax that the "

@@ -4,7 +4,7 @@ import glob
 
 import pytest
 
-from megatron_ease.config import ConfigError, load_config, validate_config
+from megatron_ease.config import ConfigError, _load_yaml, load_config, validate_config
 
 SEVEN_B = "examples/qwen25vl_7b_ease.yaml"
 
@@ -76,6 +76,43 @@ def test_a_section_left_empty_in_yaml_takes_its_defaults(tmp_path):
     assert cfg.train.steps == 3 and cfg.eval == load_config(None).eval
 
 
+def test_a_key_given_twice_in_a_yaml_file_is_an_error(tmp_path):
+    """PyYAML keeps the last of two equal keys: a second 'train:' section dropped the first's
+    steps and lr without a word."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  steps: 500\n  lr: 1.0e-5\ncheckpoint:\n  interval: 5\n"
+                    "train:\n  seed: 7\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: duplicate key 'train' \(lines 1 and 6\)"):
+        load_config(str(path))
+    path.write_text("ease:\n  layers: [1]\n  sigma: 1.0\n  layers: [2]\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'layers' \(lines 2 and 4\)"):
+        load_config(str(path))
+    with pytest.raises(ConfigError, match=r"override .*: duplicate key 'group_size'"):
+        _cfg("dapo={group_size: 4, group_size: 8}")
+    # YAML merge keys stay what they are: the keys after '<<' override the merged ones.
+    assert _load_yaml("base: &b {steps: 3, seed: 5}\ntrain:\n  <<: *b\n  steps: 4\n") == {
+        "base": {"steps": 3, "seed": 5}, "train": {"steps": 4, "seed": 5}}
+
+
+def test_a_section_set_to_null_by_an_override_is_refused_or_left_as_it_is():
+    """'train=null' reset every train key (of the YAML and earlier overrides) to its default."""
+    with pytest.raises(ConfigError, match=r"override 'train=null': 'train' is a config "
+                                          r"section, not a value; set its keys"):
+        _cfg("train.steps=100", "train=null")
+    cfg = load_config(SEVEN_B, ["model={vision: null}"])
+    assert cfg.model.vision == load_config(SEVEN_B).model.vision
+
+
+def test_odd_yaml_keys_and_huge_numbers_name_the_field(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  on: 3\n")  # YAML 1.1: 'on' is the boolean true
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.True' \(YAML read the "
+                                          r"key as bool True; config keys are names: quote it\)"):
+        load_config(str(path))
+    with pytest.raises(ConfigError, match=r"'train.lr' is beyond the float range"):
+        _cfg("train.lr=1" + "0" * 400)
+
+
 def test_invalid_yaml_file_names_the_file(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  steps: [3\n")
@@ -117,8 +154,30 @@ def test_missing_config_file():
      r"model.vision.num_position_embeddings must be a positive square for model.family qwen3_vl"),
     (["model.vision.fullatt_block_indexes=[5]"], 1,
      r"model.vision.fullatt_block_indexes \[5\] out of range"),
-    (["train.lr=nan"], 1, r"train.lr must be a finite number >= 0, got nan"),
-    (["train.lr=.inf"], 1, r"train.lr must be a finite number >= 0, got inf"),
+    (["train.lr=nan"], 1, r"train.lr must be a finite number, got nan"),
+    (["train.lr=.inf"], 1, r"train.lr must be a finite number, got inf"),
+    # NaN passes any range check written as a comparison; inf some of them.
+    (["train.clip_grad=nan"], 1, r"train.clip_grad must be a finite number, got nan"),
+    (["ease.loss_coeff=.inf"], 1, r"ease.loss_coeff must be a finite number, got inf"),
+    (["dapo.format_reward=nan"], 1, r"dapo.format_reward must be a finite number"),
+    (["train.clip_grad=-1"], 1, r"train.clip_grad must be >= 0 \(0 = no clipping\), got -1"),
+    (["train.adam_beta2=1.5"], 1, r"train.adam_beta2 must be in \[0, 1\), got 1.5"),
+    (["train.adam_beta1=-0.1"], 1, r"train.adam_beta1 must be in \[0, 1\)"),
+    (["train.weight_decay=-0.1"], 1, r"train.weight_decay must be >= 0"),
+    (["train.lr=1e-6", "train.min_lr=5"], 1, r"train.min_lr must be in \[0, train.lr"),
+    (["train.warm_start_steps=-3"], 1, r"train.warm_start_steps must be >= 0"),
+    (["train.warm_start_lr=-1"], 1, r"train.warm_start_lr must be >= 0"),
+    (["parallel.timeout_minutes=-1"], 1, r"parallel.timeout_minutes must be > 0"),
+    (["data.min_pixels=0"], 1, r"data.min_pixels must be >= 1 or null, got 0"),
+    (["data.max_pixels=-1"], 1, r"data.max_pixels must be >= 1 or null, got -1"),
+    (["ease.chunk_size=0"], 1, r"ease.chunk_size must be >= 1 or null"),
+    # The capturing layers exist with ease.enabled false too (the DAPO arm's metrics): their
+    # settings are checked then as well.
+    (["ease.enabled=false", "ease.layers=[0,0]"], 1, r"ease.layers has duplicates"),
+    (["ease.enabled=false", "ease.layers=[99]"], 1, r"ease.layers \[99\] out of range"),
+    (["ease.enabled=false", "ease.layers=[0]", "ease.divergence=klx"], 1, r"ease.divergence"),
+    (["ease.enabled=false", "ease.layers=[]", "parallel.context_parallel_size=2"], 2,
+     r"context_parallel_size > 1 is not supported yet: the Qwen-VL model"),
     (["train.lr_warmup_steps=-5"], 1, r"train.lr_warmup_steps must be >= 0"),
     (["model.kv_channels=64"], 1, r"model.mrope_section \[2, 3, 3\] must sum to half"),
     (["data.min_pixels=5000", "data.max_pixels=1000"], 1,
@@ -158,7 +217,6 @@ def test_valid_layouts_pass():
                          "ease.layers=[1,3]"), world_size=2)
     validate_config(_cfg("model.num_layers=5", "parallel.pipeline_model_parallel_size=3",
                          "parallel.first_pipeline_stage_layers=1"), world_size=3)
-    validate_config(_cfg("ease.enabled=false", "parallel.context_parallel_size=2"), world_size=2)
 
 
 def test_example_configs_load_and_validate():

@@ -94,7 +94,8 @@ def smoothed_evidence_coverage(
 
 
 def _check_size(size: Sequence[int], name: str) -> tuple[int, int]:
-    if len(size) != 2 or any(int(v) != v or v <= 0 for v in size):
+    # A NaN or inf fails ``isfinite`` before ``int`` (which would raise its own message).
+    if len(size) != 2 or any(not math.isfinite(v) or int(v) != v or v <= 0 for v in size):
         raise ValueError(f"{name} must be (W, H) positive integers, got {size}")
     return int(size[0]), int(size[1])
 

@@ -119,8 +119,9 @@ def latest_checkpoint(directory: Optional[str]) -> Optional[str]:
     pointer = os.path.join(directory, LATEST)
     if not os.path.isfile(pointer):
         return None
-    with open(pointer) as f:
-        name = f.read().strip()
+    with open(pointer, "rb") as f:
+        # Bytes decoded leniently: a garbled pointer gets the error below, which names it.
+        name = f.read().decode("utf-8", errors="replace").strip()
     path = os.path.join(directory, name)
     if not _STEP_DIR.match(name) or not os.path.isdir(path):
         # The one way our saves leave this: killed between moving a re-saved step's previous

@@ -407,6 +407,10 @@ def test_latest_pointing_nowhere_is_a_clear_error(tmp_path):
     with pytest.raises(RuntimeError, match="iter_0000009"):
         latest_checkpoint(str(tmp_path))
     assert latest_checkpoint(str(tmp_path / "missing")) is None
+    (tmp_path / "latest").write_bytes(b"iter_\xff\xfe\n")  # garbled: named, not a decode error
+    with pytest.raises(RuntimeError, match=r"latest names 'iter_\ufffd\ufffd', which is not a "
+                                           r"checkpoint"):
+        latest_checkpoint(str(tmp_path))
 
 
 def _save_signal_helpers_then_save_again(directory: str):

@@ -253,3 +253,6 @@ def test_bad_sizes_and_parameters_raise():
         evidence_token_target((56, 56), (56, 56), 28, [[0, 0, 5, 5]], alpha=1.5)
     with pytest.raises(ValueError, match="mask"):
         evidence_token_target((56, 56), (56, 56), 28, mask=np.zeros((2, 3, 4)))
+    for size in ((float("nan"), 56), (56, float("inf")), (0, 56), (56.5, 56)):
+        with pytest.raises(ValueError, match=r"image_size must be \(W, H\) positive integers"):
+            evidence_token_target(size, (56, 56), 28, [[0, 0, 5, 5]])

@@ -56,6 +56,10 @@ class Trainer:
         self.pad_id = self.tokenizer.pad_token_id
         self.image_token_id = cfg.model.image_token_id
         builders.check_eval_shards(cfg)  # the CLI checked before; the demo and tests did not
+        if cfg.ease.enabled and not cfg.ease.layers and self.is_logging_rank:
+            logger.warning("ease.enabled is true but ease.layers is empty: no layer captures "
+                           "attention, so this run trains DAPO alone; set ease.layers (e.g. "
+                           "[0, 1]) for EASE, or ease.enabled=false to say so")
 
         self.model = builders.build_model(cfg)
         self.ddp = builders.wrap_ddp(cfg, self.model)

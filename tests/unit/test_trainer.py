@@ -1049,15 +1049,29 @@ def test_bf16_resume_from_a_checkpoint_without_optimizer_state_keeps_its_weights
         assert kept, "the first RL update overwrote the loaded weights"
 
 
+def _train_in_pool_recording_warnings(overrides):
+    import logging
+
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: records.append(record.getMessage())
+    logging.getLogger("megatron_ease.training.trainer").addHandler(handler)
+    return (*_train_in_pool(overrides), records)
+
+
 def test_ease_enabled_without_layers_trains_as_dapo(dataset, tmp_path):
     """``ease.enabled: true`` with no ``ease.layers`` (EaseConfig's defaults) is plain DAPO: no
-    capture layers, no EASE contexts (this combination used to crash the update)."""
+    capture layers, no EASE contexts (this combination used to crash the update), and the
+    logging rank says so."""
     run_dir = str(tmp_path / "run")
     overrides = _overrides(dataset, run_dir, 1, "ease.enabled=true", "ease.layers=[]",
                            "eval.samples=8")
-    results = run_distributed(_train_in_pool, overrides, timeout_s=600)
-    assert [status for status, _ in results] == [0, 0]
+    results = run_distributed(_train_in_pool_recording_warnings, overrides, timeout_s=600)
+    assert [status for status, _, _ in results] == [0, 0]
     assert "evidence_attention_mass" not in results[0][1]
+    said = [m for m in results[0][2] if "ease.layers is empty" in m]
+    assert len(said) == 1 and "trains DAPO alone" in said[0], results[0][2]
+    assert not any("ease.layers is empty" in m for m in results[1][2])  # once, not per rank
     record = _metrics(run_dir)[1]
     assert "ease_loss" not in record and "attn_in_evidence" not in record
     assert math.isfinite(record["dapo_loss"]) and math.isfinite(record["grad_norm"])

@@ -17,7 +17,8 @@ key starting with ``__``, which webdataset reserves, are dropped); without a key
 ``null``/``""``) a line gets ``line<N>``. A line whose key sanitises to nothing (``bad_key``) or
 to the key of a sample already written (``duplicate_key``, e.g. a manifest keyed by image id with
 several questions per image, or ``x.1`` and ``x_1``) is skipped, counted and logged with its
-line, as is a line that is not a usable object (``bad_manifest_line``, e.g. ``"image": null``).
+line, as is a line that is not a usable object (``bad_manifest_line``: not UTF-8, not JSON,
+or e.g. ``"image": null``).
 
 Images in a format the reader does not take are re-encoded losslessly to PNG; modes PNG cannot
 store (CMYK, LAB, F, 32-bit I, ...) are first converted to RGB as the processor does. Masks that
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import logging
 import os
@@ -67,25 +69,57 @@ class ManifestError(ValueError):
         super().__init__(detail)
 
 
+class ManifestFileError(ValueError):
+    """A manifest that cannot be read at all (a JSON array file that does not parse)."""
+
+
+def _not_utf8(text: str) -> Optional[str]:
+    """Where ``text`` (decoded with errors="surrogateescape") held a byte that is not UTF-8."""
+    bad = re.search("[\udc80-\udcff]", text)
+    if bad is None:
+        return None
+    return f"byte 0x{ord(bad.group()) - 0xDC00:02x} at character {bad.start() + 1} is not UTF-8"
+
+
 def read_manifest(path: str) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed object or the JSONDecodeError) for a JSONL file or a JSON array file."""
+    """(line number, parsed object or the error) for a JSONL file or a JSON array file.
+
+    A JSONL line that is not UTF-8 or not JSON (also one nested too deeply, or with an integer
+    of more digits than Python converts) yields its error, for the caller to count as a bad
+    line; a JSON array file that does not parse raises ManifestFileError naming the file.
+    """
     # utf-8-sig: a byte-order mark (Windows editors, PowerShell) is not part of the first line
     # (which would otherwise fail to parse) nor hides a JSON array's opening bracket.
-    with open(path, encoding="utf-8-sig") as f:
+    # surrogateescape: a byte that is not UTF-8 spoils its line only (checked per line), not
+    # the whole read; lines split as in text mode (\n, \r\n or \r), so line numbers are an
+    # editor's.
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
         head = f.read(1)
         while head.isspace():
             head = f.read(1)
         f.seek(0)
         if head == "[":
-            for i, item in enumerate(json.load(f)):
+            text = f.read()
+            try:
+                problem = _not_utf8(text)
+                if problem:
+                    raise ValueError(problem)
+                items = json.loads(text)
+            except (ValueError, RecursionError) as e:
+                raise ManifestFileError(f"{path}: not a readable JSON array manifest: {type(e).__name__}: {e}") from None
+            for i, item in enumerate(items):
                 yield i + 1, item
             return
         for i, line in enumerate(f):
             if line.strip():
                 try:
-                    yield i + 1, json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield i + 1, e
+                    problem = _not_utf8(line)
+                    if problem:
+                        raise ValueError(problem)
+                    item = json.loads(line)
+                except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+                    item = e
+                yield i + 1, item
 
 
 def _image_bytes(path: str) -> tuple[str, bytes]:
@@ -252,12 +286,19 @@ def build_shards(
     convert = CONVERTERS[fmt]
     manifest_problems: Counter = Counter()
     key_lines: dict[str, int] = {}  # key of each written sample -> its manifest line
+    # The manifest is opened (and a JSON array parsed) before the writer clears --out under
+    # ``overwrite``: a manifest that cannot be read leaves the old shards in place.
+    lines = read_manifest(manifest)
+    first = next(lines, None)
+    lines = itertools.chain([] if first is None else [first], lines)
     with EvidenceShardWriter(out_dir, prefix, samples_per_shard, strict=strict, overwrite=overwrite) as writer:
-        for count, (line, item) in enumerate(tqdm(read_manifest(manifest), desc="samples", unit="", file=sys.stderr)):
+        for count, (line, item) in enumerate(tqdm(lines, desc="samples", unit="", file=sys.stderr)):
             if limit is not None and count >= limit:
                 break
             try:
-                if isinstance(item, Exception) or not isinstance(item, dict):
+                if isinstance(item, Exception):
+                    raise ManifestError("bad_manifest_line", f"not a JSON object: {type(item).__name__}: {item}")
+                if not isinstance(item, dict):
                     raise ManifestError("bad_manifest_line", f"not a JSON object: {item}")
                 try:
                     key, files = convert(item, line, image_root)
@@ -299,7 +340,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         summary = build_shards(args.manifest, args.image_root, args.out, args.format, args.prefix,
                                args.samples_per_shard, args.strict, args.limit, args.overwrite)
-    except FileExistsError as e:
+    except (FileExistsError, ManifestFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for reason, n in sorted(summary["skipped"].items()):

@@ -79,7 +79,9 @@ def build_shard_index(shards: Sequence[str]) -> ShardIndex:
     """Group tar members by key (consecutive members, as webdataset does) for random access.
 
     A truncated or corrupt tar keeps the samples before the damage; its last, possibly
-    incomplete sample is dropped and the shard is reported in ``errors``.
+    incomplete sample is dropped and the shard is reported in ``errors``. So is a tar with data
+    after its end-of-archive marker (a zeroed block inside it, or tars concatenated), whose
+    samples after the marker cannot be found.
     """
     entries, errors = [], []
     for shard_id, path in enumerate(shards):
@@ -100,11 +102,7 @@ def build_shard_index(shards: Sequence[str]) -> ShardIndex:
                     if not groups or groups[-1][0] != key:
                         groups.append((key, []))
                     groups[-1][1].append((ext, info.offset_data, info.size))
-                # tarfile reads a file cut at a member boundary as a complete archive; only the
-                # missing end-of-archive zero block tells the two apart.
-                tar.fileobj.seek(tar.offset)
-                if tar.fileobj.read(512) != bytes(512):
-                    raise tarfile.ReadError("no end-of-archive marker: the file was cut short")
+                _check_archive_end(tar.fileobj, tar.offset)
         except (tarfile.TarError, OSError) as e:
             # The last sample may have lost members to the damage -- unless the member cut off
             # opened a new sample, which leaves the one before complete.
@@ -113,6 +111,36 @@ def build_shard_index(shards: Sequence[str]) -> ShardIndex:
             errors.append(f"{path}: {type(e).__name__}: {e} (after {len(groups)} samples)")
         entries.extend(IndexEntry(shard_id, key, tuple(members)) for key, members in groups)
     return ShardIndex(tuple(shards), tuple(entries), tuple(errors))
+
+
+def _check_archive_end(f, end: int) -> None:
+    """Raise unless the tar iteration stopped at a real end of the archive.
+
+    tarfile ends its iteration silently at the first zero block, an invalid header or a header
+    cut by the end of the file, and reads a file cut at a member boundary as complete. So the
+    block at ``end`` must be the end-of-archive zero block, and everything after it zeros too
+    (the padding up to the record size, normally under 10 KiB): data there means a zeroed block
+    inside the shard (crash damage, a sparse hole) or tars concatenated (``cat a.tar b.tar``),
+    and without this check every sample after it would vanish without being counted.
+    """
+    f.seek(end)
+    block = f.read(512)
+    if len(block) < 512:
+        raise tarfile.ReadError("no end-of-archive marker: the file was cut short")
+    if block != bytes(512):
+        raise tarfile.ReadError(f"invalid tar header at byte {end}: the file is corrupt")
+    position = end + 512
+    while True:  # reads only what follows the marker, and stops at its first non-zero byte
+        chunk = f.read(1 << 20)
+        if not chunk:
+            return
+        rest = chunk.lstrip(b"\0")
+        if rest:
+            raise tarfile.ReadError(
+                f"data at byte {position + len(chunk) - len(rest)} after the end-of-archive marker "
+                f"at byte {end} (a zeroed block inside the shard, or tar files concatenated): "
+                "the rest of the shard is unreadable")
+        position += len(chunk)
 
 
 @dataclass(frozen=True)

@@ -246,6 +246,71 @@ def test_shard_cut_inside_the_first_member_of_a_sample_keeps_every_sample_before
     assert [e.key for e in index.entries] == [f"good-{i:03d}" for i in range(5)]
 
 
+def _zero_from_sample(path, key, length=4096):
+    """Zero ``length`` bytes from the header of sample ``key``'s first member (crash damage, a
+    sparse hole): tarfile takes the zeros for the end-of-archive marker."""
+    with tarfile.open(path) as tar:
+        first = next(m for m in tar.getmembers() if m.name.startswith(key + "."))
+    with open(path, "r+b") as f:
+        f.seek(first.offset)
+        f.write(bytes(length))
+
+
+def _damage(kind, path, tmp_path):
+    """A shard of good-000..good-009 damaged so that tarfile stops early without an error."""
+    if kind == "concatenated":  # cat a.tar b.tar: the second archive follows the first's end
+        write_tar(tmp_path / "first.tar", good_samples(5))
+        write_tar(tmp_path / "second.tar", good_samples(10)[5:])
+        path.write_bytes((tmp_path / "first.tar").read_bytes() + (tmp_path / "second.tar").read_bytes())
+        return
+    write_tar(path, good_samples(10))
+    _zero_from_sample(path, {"zeroed-block": "good-005", "zeroed-first-block": "good-000"}[kind])
+
+
+@pytest.mark.parametrize("kind", ["zeroed-block", "concatenated", "zeroed-first-block"])
+def test_data_after_the_end_of_archive_marker_makes_the_shard_unreadable(tmp_path, tokenizer, kind):
+    """tarfile stops at the first zero block; the samples after it used to vanish without a
+    count, a log line or an error under strict."""
+    shard = tmp_path / "damaged.tar"
+    _damage(kind, shard, tmp_path)
+    write_tar(tmp_path / "clean.tar", good_samples(3, "clean"))
+    index = build_shard_index([str(shard)])
+    assert len(index.errors) == 1 and index.errors[0].startswith(f"{shard}: ")
+    assert "after the end-of-archive marker" in index.errors[0]
+    kept = [e.key for e in index.entries]  # a prefix; the last sample may have lost members
+    assert kept == [f"good-{i:03d}" for i in range(len(kept))] and len(kept) <= 5
+    spec = [str(shard), str(tmp_path / "clean.tar")]
+    loader = EvidenceDataLoader(make_dataset(spec, tokenizer, shuffle=False, num_epochs=1, even_ranks=False))
+    keys, _ = collect(loader)
+    assert sorted(keys) == sorted(kept + [f"clean-{i:03d}" for i in range(3)])
+    assert loader.skipped == Counter(unreadable_shard=1)
+    with pytest.raises(ValueError, match=r"unreadable shard: .*damaged\.tar: .*end-of-archive marker"):
+        make_dataset(spec, tokenizer, strict=True)
+
+
+def test_zero_padding_after_the_end_of_archive_marker_is_not_damage(tmp_path):
+    """Extra zeros at the end (a larger record size, a preallocated file) are padding."""
+    shard = tmp_path / "a.tar"
+    write_tar(shard, good_samples(3))
+    with open(shard, "ab") as f:
+        f.write(bytes(3 << 20))  # more than one read chunk
+    index = build_shard_index([str(shard)])
+    assert not index.errors and len(index.entries) == 3
+
+
+def test_corrupt_tar_header_inside_a_shard_makes_it_unreadable(tmp_path):
+    shard = tmp_path / "a.tar"
+    write_tar(shard, good_samples(10))
+    with tarfile.open(shard) as tar:
+        first = next(m for m in tar.getmembers() if m.name.startswith("good-005."))
+    with open(shard, "r+b") as f:
+        f.seek(first.offset)
+        f.write(b"garbage" * 10)
+    index = build_shard_index([str(shard)])
+    assert len(index.errors) == 1 and "invalid tar header" in index.errors[0]
+    assert [e.key for e in index.entries] == [f"good-{i:03d}" for i in range(4)]
+
+
 def test_an_uneven_finite_pass_may_leave_a_rank_without_samples(tmp_path, tokenizer):
     """1 sample, 2 ranks (evaluation: even_ranks=False): rank 1 reads nothing instead of
     raising while rank 0 goes on into the evaluation's all-reduce alone (a hang). A stream

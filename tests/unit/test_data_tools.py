@@ -271,6 +271,53 @@ def test_read_manifest_ignores_utf8_bom(tmp_path):
         assert summary["written"] == 3 and summary["skipped"] == {}, name
 
 
+def test_build_shards_counts_unparsable_manifest_lines_and_builds_the_rest(tmp_path, caplog):
+    """A byte that is not UTF-8 (UnicodeDecodeError at read), a line nested past the recursion
+    limit (RecursionError) or an int over 4300 digits (ValueError) aborted the whole build
+    without naming the manifest line; each is now one counted bad line."""
+    build = load_tool("build_shards")
+    root = tmp_path / "img"
+    _save(str(root / "a.png"), Image.new("RGB", (56, 56), (200, 30, 30)))
+    good = [json.dumps(dict(QA, key=f"good{i}", image="a.png")).encode() for i in range(3)]
+    lines = [
+        good[0],  # 1
+        json.dumps(dict(QA, key="latin1", image="a.png", question="Ist es rot?")).encode()
+        .replace(b"Ist", b"\xcdst"),  # 2: Latin-1, not UTF-8
+        b'{"key": "deep", "image": "a.png", "meta": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # 3
+        good[1],  # 4
+        b'{"key": "bigint", "image": "a.png", "n": ' + b"1" * 5000 + b"}",  # 5
+        good[2],  # 6
+    ]
+    (tmp_path / "m.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    manifest = str(tmp_path / "m.jsonl")
+    assert [n for n, item in build.read_manifest(manifest) if isinstance(item, Exception)] == [2, 3, 5]
+    with caplog.at_level("WARNING", logger="build_shards"):
+        summary = build.build_shards(manifest, str(root), str(tmp_path / "out"))
+    assert summary["written"] == 3 and summary["skipped"] == {"bad_manifest_line": 3}
+    assert sorted(_read_built(summary["shards"])) == ["good0", "good1", "good2"]
+    for line, what in ((2, "not UTF-8"), (3, "RecursionError"), (5, "ValueError")):
+        assert f"m.jsonl:{line}: bad_manifest_line" in caplog.text and what in caplog.text
+    with pytest.raises(ValueError, match="m.jsonl:2: bad_manifest_line.*byte 0xcd"):
+        build.build_shards(manifest, str(root), str(tmp_path / "strict"), strict=True)
+
+
+@pytest.mark.parametrize("content", [b'[{"key": "a"}, {oops}]', b'[{"key": "\xff"}]',
+                                     b"[" * 100_000 + b"]" * 100_000])
+def test_unreadable_json_array_manifest_is_an_error_naming_the_file(tmp_path, capsys, content):
+    build = load_tool("build_shards")
+    (tmp_path / "m.json").write_bytes(content)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"m\.json: not a readable JSON array manifest"):
+        build.build_shards(str(tmp_path / "m.json"), str(tmp_path), str(out))
+    # Refused before --overwrite clears the shards of the last build.
+    os.makedirs(out, exist_ok=True)
+    (out / "shard-000000.tar").write_bytes(b"old")
+    args = ["--manifest", str(tmp_path / "m.json"), "--out", str(out), "--overwrite"]
+    assert build.main(args) == 2
+    assert "m.json: not a readable JSON array manifest" in capsys.readouterr().err
+    assert (out / "shard-000000.tar").read_bytes() == b"old"
+
+
 @pytest.fixture(scope="module")
 def tiny_tokenizer_dir(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("tok"))

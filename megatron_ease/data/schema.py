@@ -45,7 +45,8 @@ SKIP_REASONS = (
     "malformed_evidence",  # evidence not a list of {"image": int, "box": [...]} objects
     "malformed_box",  # box not four finite numbers (NaN, inf, wrong length, strings)
     "evidence_image_missing",  # evidence or mask for an image index the sample lacks
-    "undecodable_mask",  # also a mask that is not 8- or 16-bit (a 32-bit integer 'I' image)
+    # also a mask that is not 8- or 16-bit (a 32-bit integer 'I' image), or not a PNG
+    "undecodable_mask",
     "mask_size_mismatch",
     "prompt_too_long",  # reader only: over the configured token budget
     "special_token_in_text",  # reader only: question or appended answer holds an image placeholder
@@ -133,6 +134,11 @@ def decode_sample(files: Mapping[str, bytes], key: str, shard: str) -> EvidenceS
     masks: list[Optional[np.ndarray]] = [None] * len(images)
     for ext in files:
         if ext != MASK_EXTENSION and not ext.endswith("." + MASK_EXTENSION):
+            prefix, _, suffix = ext.rpartition(".")
+            if prefix == "mask" or prefix.endswith(".mask"):  # mask.jpg: its evidence would be
+                raise fail("undecodable_mask",  # silently lost (and JPEG artefacts are not)
+                           f"mask member {_brief(ext)} is not a PNG: evidence masks are stored "
+                           f"lossless as {MASK_EXTENSION} (tools/build_shards.py re-encodes them)")
             continue
         index = _member_index(ext[: -len(MASK_EXTENSION) - 1])
         if index is None:

@@ -120,6 +120,12 @@ BAD = {  # key -> (members, expected skip reason)
                    "undecodable_mask"),
     "lab-mask": (members(record(), masks=mask_member(Image.new("LAB", (56, 56)), "TIFF")),
                  "undecodable_mask"),
+    # A mask in another format was neither an image nor a mask: its evidence vanished uncounted.
+    "jpeg-mask": (members(record(), masks=mask_member(Image.new("L", (56, 56), 255), "JPEG",
+                                                      name="mask.jpg")), "undecodable_mask"),
+    "indexed-jpeg-mask": (members(record(), masks=mask_member(Image.new("L", (56, 56)), "JPEG",
+                                                              name="0.mask.jpg")),
+                          "undecodable_mask"),
 }
 
 VALID_WITHOUT_TARGET = {

@@ -9,12 +9,16 @@ when it was cut off has no answer): the last complete `\\boxed{...}`, else
 the text after the last "Answer:" / "The answer is" that states one (not "the answer is
 supported by ..."), else the last non-empty line. When
 `<answer>...</answer>` tags are present the same search runs on the tag content alone, falling
-back to that content as a whole. The span is then parsed for the sample's `answer_type`; a
-reference answer that does not parse for its type is compared as normalised text instead.
-A span that does not commit to one answer earns no reward: several options, a rejected or hedged
-option ("B (not sure)", "Probably B"), yes and no together or a hedge ("Probably yes", "Not
-necessarily"), numbers offered as alternatives, ranges or bounds. Decimal commas ("2,5") are not
-read (they cannot be told from a list).
+back to that content as a whole. An adverb before the answer goes ("the answer is clearly 12"),
+and a cue with nothing after it does not replace an earlier one. The span is then parsed for the
+sample's `answer_type`; a reference answer that does not parse for its type is compared as
+normalised text instead (a `number` reference such as "4\\sqrt{2}" or "10:45").
+A span that does not commit to one answer earns no reward: several options ("A, C", "A C",
+"A. B. C."), a rejected or hedged option ("B (not sure)", "Probably B"), yes and no together
+("yes no", "True False") or a hedge ("Probably yes", "Not necessarily"), numbers offered as
+alternatives ("5 or 6", "5, 6, 7", "5 6 7"), ranges or bounds. A numeral that is part of an
+expression ("2\\sqrt{3}", "3\\pi", "x^2", "\\log_2 8") or of a time or ratio ("10:45", "3:2")
+states no number. Decimal commas ("2,5") are not read (they cannot be told from a list).
 """
 
 import math
@@ -68,11 +72,21 @@ _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _ANSWER_MARKER = re.compile(
     r"(?:\bthe\s+)?(?:\bfinal\s+)?\banswer\b\**\s*(?:\bis\b\s*:?|:)", re.IGNORECASE
 )
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
-# What follows "the answer is" when the sentence talks about the answer instead of giving it.
+# Not before a bare option letter: "A. B. C." lists options rather than ending a sentence.
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])(?![A-Z][)\]]?(?:[.,;:]|\s*$))")
+# What follows "the answer is" when the sentence talks about the answer instead of giving it
+# ("the answer is clear from ...", "the answer is clearly shown ...").
 _NOT_AN_ANSWER = re.compile(
     r"(?:supported|based|derived|determined|found|given|shown|confirmed|justified|consistent"
-    r"|because|that|clear|clearly|obvious|obviously|evident|visible|reached)\b")
+    r"|because|that|clear|obvious|evident|apparent|visible|reached|seen|stated|indicated"
+    r"|displayed|depicted|marked|labell?ed|written|illustrated|demonstrated|established"
+    r"|implied|suggested|mentioned|provided|described|explained|noticeable|observable)\b")
+# An adverb before the answer itself goes ("the answer is clearly 12" -> "12"); not the
+# affirming ones, which answer a yes/no question on their own ("Answer: Definitely").
+_ANSWER_ADVERB = re.compile(
+    r"(?:clearly|obviously|evidently|undoubtedly|unquestionably)\b[\s,]*", re.IGNORECASE)
+# A cue with nothing after it ("Answer: 5\nAnswer:") states no answer: the earlier one stands.
+_NO_CONTENT = re.compile(r"[\s.,;:!?*]*")
 _WHITESPACE_RUN = re.compile(r"\s{2,}")
 # NFKC reads "1½" as "11⁄2" (5.5) and "3²" as "32": before it, a vulgar fraction becomes LaTeX
 # ("1\frac{1}{2}", a mixed number after a digit) and superscript digits an exponent ("3^{2}").
@@ -150,11 +164,15 @@ def _after_answer_marker(text: str) -> Optional[str]:
     for marker in reversed(list(_ANSWER_MARKER.finditer(text))):
         # "Answer:\n12" puts the answer on the next line.
         rest = text[marker.end() :].lstrip(" \t\r\n*:")
+        if adverb := _ANSWER_ADVERB.match(rest):
+            rest = rest[adverb.end() :]
         if _NOT_AN_ANSWER.match(rest):
             continue
         line = rest.split("\n", 1)[0]
         # "The answer is B. Because ..." -> "B."
-        return _SENTENCE_END.split(line, 1)[0] or None
+        span = _SENTENCE_END.split(line, 1)[0]
+        if not _NO_CONTENT.fullmatch(span):
+            return span
     return None
 
 
@@ -246,11 +264,15 @@ _CAPITAL_WORD = re.compile(r"\b(?![AI]\s+(?!(?:or|and|is|was)\b)[a-z])([A-Z])\b"
 # "I think B"), or one of several options ("A or B", "A, C").
 _CHOICE_CUED = re.compile(r"[(\[]?([A-Z])[)\]]?(?![\w'])")
 _CHOICE_ARTICLE = re.compile(r"\s+(?!(?:because|since|as|is|was|seems|fits|matches)\b)[a-z]")
-# Another option right after the named one: "A or B", "(A) (B)", "A; B", "A|B", "A-D", "A (or B)".
+# Another option right after the named one: "A or B", "(A) (B)", "A; B", "A|B", "A-D", "A (or B)",
+# "A+B", "A, also B", and a bare letter after a space or a full stop ("A C", "A. B. C.") unless
+# a sentence about it follows ("A. B is too small").
 _CHOICE_ANOTHER = re.compile(
-    r"(?:\s*(?:,|/|&|;|\||-|\(\s*or\b|\bor\b|\band\b)\s*(?:(?:maybe|possibly|perhaps)\s+)?"
+    r"(?:\s*(?:,|/|&|;|\||-|\+|\(\s*or\b|\bor\b|\band\b)\s*"
+    r"(?:(?:maybe|possibly|perhaps|also)\s+)?"
     r"(?:[(\[][A-Za-z][)\]]|(?![AI]\s+[a-z])[A-Z](?![\w']))"
-    r"|\s*[(\[][A-Za-z][)\]])"
+    r"|\s*[(\[][A-Za-z][)\]]"
+    r"|\.?\s+[(\[]?[A-Z][)\]]?(?![\w'])(?!\s*[a-z]))"
 )
 # The named option rejected by the words right after it: "B is incorrect", "B is not correct",
 # "(D) can be ruled out", an elimination list's "(D) yellow - no". Narrow on purpose: option
@@ -467,7 +489,7 @@ def parse_yesno(span: Optional[str]) -> Optional[str]:
     if not words or _BOTH_POLARITIES.search(joined) or _HEDGE.search(joined):
         return None
     answers = _clause_answers(span)
-    if len(answers) > 1:  # "Yes/No", "Yes. No.", "No, wait, yes."
+    if len(answers) > 1 or _both_answer_words(words):  # "Yes/No", "No, wait, yes.", "yes no"
         return None
     if _HEDGED_ANSWER.search(joined):  # "Probably yes", "Yes, most likely", "Likely not"
         return None
@@ -497,6 +519,25 @@ def _clause_answers(span: str) -> set:
                 len(words) == 1 or words[1] in _CLAUSE_SUBJECTS)):
             answers.add(words[0])
     return answers
+
+
+_POLAR_WORDS = {**dict.fromkeys(_YES_WORDS, "yes"),
+                **dict.fromkeys(_NO_WORDS - {"not", "never"}, "no")}
+
+
+def _both_answer_words(words: list[str]) -> bool:
+    """Whether the answer words opening a span give both answers ("yes no", "True False",
+    "correct, incorrect"). A "no" that opens a phrase ("Yes, no one is there", "Yes, no doubt")
+    is no answer word."""
+    polarities = set()
+    for i, word in enumerate(words):
+        if word in _CLAUSE_MARKERS:
+            continue
+        if word not in _POLAR_WORDS or (word == "no" and i + 1 < len(words) and (
+                words[i + 1] not in _POLAR_WORDS and words[i + 1] not in _CLAUSE_SUBJECTS)):
+            break
+        polarities.add(_POLAR_WORDS[word])
+    return len(polarities) > 1
 
 
 def _yesno_from_words(words: list[str]) -> Optional[str]:
@@ -568,6 +609,32 @@ _ZERO_WORDS = re.compile(_ZERO_PHRASES, re.IGNORECASE)
 
 
 _THOUSANDS_LATEX = re.compile(r"(?<=\d)(?:\\,|\{,\})(?=\d{3}(?!\d))")
+# Thousands separated by spaces ("1 000 000", "12 345"): groups of exactly three digits.
+_THOUSANDS_SPACED = re.compile(r"(?<![\d.,])\d{1,3}(?: \d{3})+(?![\d.,/^-])")
+# A mixed number in plain text ("2 1/2"), a proper fraction after the whole part.
+_MIXED_PLAIN = re.compile(r"(?<![\d.,/])(\d+) (\d+)\s*/\s*(\d+)(?![\d.,/])")
+# LaTeX commands that leave a numeral next to them a number: units, styling, arrows, "\approx".
+_NOT_OPERATORS = (
+    r"(?:text[a-z]*|math(?:rm|it|bf|sf|tt|normal)|[mh]box|rm|it|bf|operatorname|unit|si|SI|qty"
+    r"|mu[a-z]?|Omega|ohm|AA|circ|degree|quad|qquad|approx|sim|simeq|displaystyle|textstyle"
+    r"|boxed|fbox|underline|[Rr]ightarrow|Longrightarrow|implies|to|therefore|colon|pounds|euro"
+    r"|yen|dollar|cent|[Bb]igg?[lr]?)(?![A-Za-z])")
+# A numeral inside an expression states no number: one followed by a root, pi, a power or
+# subscript, a factorial or an operator command ("2\sqrt{3}", "3\pi", "2^x", "5!", "2 \times 3",
+# "1 + \sqrt{2}"; not "30^o", a degree) ...
+_EXPRESSION_AFTER = re.compile(
+    rf"!|\s*(?:\^(?!\s*\{{?\s*o\s*\}}?(?![A-Za-z]))|_|[\u221a\u221b\u03c0]"
+    rf"|\\(?!{_NOT_OPERATORS})[A-Za-z]"
+    rf"|[-+*/]\s*(?:\\(?!{_NOT_OPERATORS})[A-Za-z]|[\u221a\u221b\u03c0]))")
+# ... or one that is an exponent, a subscript, a function's or root's argument, glued to a
+# variable, or after a variable and an operator ("x^2", "e^{-2}", "\log_2 8", "\sqrt{9}", "x2",
+# "x + 5"; not "approximately -5").
+_EXPRESSION_BEFORE = re.compile(
+    rf"(?:[\^_]\s*\{{?|\\(?!{_NOT_OPERATORS})[A-Za-z]+\s*(?:\[[^\]]{0,16}\]\s*)?\{{?"
+    r"|[\u221a\u221b]\s*\{?)\s*[-+]?\s*$"
+    r"|[A-Za-z\u0370-\u03ff]$|[A-Za-z\u0370-\u03ff})](?:[-+*/]\s*|\s+[-+*/]\s+)$")
+# A time or a ratio ("10:45", "3:2") is not one number.
+_RATIO = re.compile(r"\s*:\s*\d")
 _DASH_MINUS = re.compile(r"(?<![\w)}])[\u2013\u2012](?=\s*\d)")
 # A negated number or a bound commits to no count ("not 5", "at least 5", "5 or more", "5+").
 _NUMBER_NEGATED = re.compile(r"^\s*(?:not|never)\b", re.IGNORECASE)
@@ -587,7 +654,8 @@ class Number:
 
 
 def _plain_number_text(span: str) -> str:
-    """LaTeX numerals as text: \\frac{3}{4} -> 3/4, 2\\frac{1}{2} -> 2.5, 3\\times10^{4} -> 3e4."""
+    """LaTeX numerals as text: \\frac{3}{4} -> 3/4, 2\\frac{1}{2} and 2 1/2 -> 2.5,
+    3\\times10^{4} -> 3e4, 1 000 000 -> 1000000."""
     # Thousands written 1\,000 or 1{,}000 (LaTeX), and an en dash used as a minus sign ("–3").
     span = _THOUSANDS_LATEX.sub(lambda m: "," if "{" in m.group() else "", span)
     span = _DASH_MINUS.sub("-", span)
@@ -599,7 +667,13 @@ def _plain_number_text(span: str) -> str:
         whole, num, den = (float(g) for g in m.groups())
         return f" {whole + num / den!r} " if den else " "  # x/0 states no number
 
+    def mixed_plain(m: re.Match) -> str:
+        whole, num, den = (float(g) for g in m.groups())
+        return f" {whole + num / den!r} " if num < den else m.group()
+
     span = _MIXED_FRACTION.sub(mixed, span)
+    span = _MIXED_PLAIN.sub(mixed_plain, span)
+    span = _THOUSANDS_SPACED.sub(lambda m: m.group().replace(" ", ""), span)
     span = _FRACTION.sub(r" \1/\2 ", span)
     span = _FRACTION_SHORT.sub(r" \1/\2 ", span)
     return _POWER.sub(_power, _TIMES_POWER_OF_TEN.sub(r"e\1", span))
@@ -634,11 +708,13 @@ def parse_number(span: Optional[str], strict: bool = False) -> Optional[Number]:
     is taken, so units and trailing words are ignored; number words (zero..twenty, and "no one" /
     "nobody" / "none" as zero) only count when no numeral is present, and "one" not when it is a
     pronoun ("anyone", "every one", "the one on the left", "one another"). Integer powers of
-    numerals are evaluated ("2^{10}", "3²" -> 9; "1½" -> 1.5). A span that offers
-    two numbers as alternatives or a range ("5 or 6", "5-6", "between 5 and 6") or negates its
-    number ("not 5") states none. `strict` requires the whole span to be one number, after at
-    most one "x =" (used for `math`, where "2x", "\\sqrt{2}" or "x = 2 or x = 3" must not read
-    as a number).
+    numerals are evaluated ("2^{10}", "3²" -> 9; "1½" and "1 1/2" -> 1.5; "1 000" -> 1000). A
+    span that offers numbers as alternatives or a range ("5 or 6", "5, 6, 7", "5-6", "between 5
+    and 6"), negates its number ("not 5"), or whose first numeral is part of an expression
+    ("2\\sqrt{3}", "3\\pi", "x^2", "e^{2}", "\\sqrt{9}", "5!", "x + 5") or of a time or ratio
+    ("10:45") states none; units after it do not make one ("5 cm", "5\\,\\mu m", "45°").
+    `strict` requires the whole span to be one number, after at most one "x =" (used for
+    `math`, where "2x", "\\sqrt{2}" or "x = 2 or x = 3" must not read as a number).
     """
     if not span:
         return None
@@ -665,7 +741,9 @@ def parse_number(span: Optional[str], strict: bool = False) -> Optional[Number]:
         return None  # "at least 5", "5 or more", "5+": a bound, not a count
     m = _NUMBER.search(text)
     if m:
-        if _offers_alternatives(text, m):
+        if (_EXPRESSION_AFTER.match(text, m.end()) or _RATIO.match(text, m.end())
+                or _EXPRESSION_BEFORE.search(text[max(0, m.start("num") - 64):m.start("num")])
+                or _offers_alternatives(text, m)):
             return None
         return _to_number(m)
     pronouns = [p.span() for p in _PRONOUN_ONE.finditer(text)]
@@ -683,24 +761,51 @@ def _strict_number(text: str) -> Optional[Number]:
 
 
 def _offers_alternatives(text: str, m: re.Match) -> bool:
-    """Whether the first number ``m`` is one of two offered as alternatives or a range, with
-    nothing but a unit after the second: "5 or 6", "5 to 6 apples", "5-6", "1, 2",
-    "between 5 and 6". Not "4, 2 on each side", "2 - 1 red and 1 blue", "3, and 2 are red"."""
-    after = _NUMBER.search(text, m.end())
-    if after is None:
+    """Whether the first number ``m`` is one of several offered as alternatives or a range:
+    three or more joined by list separators ("5, 6, 7", "5 or 6 or 7", "5; 6; 7", "5 6 7"); two
+    joined by "or" / "to" ("5 or 6 red apples"); by a dash, "and", or a space with nothing but a
+    unit after the second ("5-6", "5 and 6", "5 6"); by a comma or semicolon with nothing after
+    ("1, 2"); "between 5 and 6". Not "4, 2 on each side", "2 - 1 red and 1 blue",
+    "3, and 2 are red"."""
+    items, separators = [m], []
+    while len(items) < 3 and (after := _NUMBER.search(text, items[-1].end())) is not None:
+        # The match may open with the spaces before the second number: "5 6" is "5", " 6".
+        sign = after.start("sign") if after.group("sign") else after.start("num")
+        separator = _list_separator(text[items[-1].end():sign], after)
+        if separator not in _LIST_SEPARATORS:
+            break
+        items.append(after)
+        separators.append(separator)
+    if len(items) > 2:
+        return True
+    if len(items) < 2:
         return False
-    separator = " ".join(text[m.end():after.start()].lower().replace("and/or", "or").split())
-    separator = re.sub(r"\s*\b(?:maybe|perhaps|possibly)$", "", separator.lstrip("("))
-    separator = re.sub(r"^[,(]\s*(?=or$)", "", separator)  # ", or possibly", "(or"
-    if not separator and after.group("sign") == "-":
-        separator = "-"  # "5-6", "5 -6": the range's dash reads as the second number's sign
-    tail = text[after.end():].strip(" .!)")
+    separator = separators[0]
+    tail = text[items[1].end():].strip(" .!)")
     only_unit = len(tail.split()) <= 1
     if re.search(r"\bbetween\s*$", text[:m.start()], re.IGNORECASE):
         return separator == "and" and only_unit
-    if separator in ("-", "\u2013", "\u2014", "or", "to"):  # "~" became " to " already
-        return only_unit  # "5-6", "5 \u2014 6", "5 or 6"; not "10 \u2013 3 on the left and 7 ..."
-    return separator == "," and not tail
+    if separator in ("or", "to"):  # "~" became " to " already
+        return True
+    if separator in (",", ";"):
+        return not tail
+    return only_unit  # "5-6", "5 \u2014 6", "5 and 6"; not "10 \u2013 3 on the left and 7 ..."
+
+
+# What joins the numbers of a list, a range or alternatives (" " for a space alone).
+_LIST_SEPARATORS = {",", ";", "or", "to", "and", "-", "\u2013", "\u2014", " "}
+
+
+def _list_separator(between: str, after: re.Match) -> str:
+    """The separator ``between`` two numbers, normalised ("and/or", ", or possibly", "(or")."""
+    if not between.strip():  # "5-6", "5 -6": the range's dash reads as the second number's sign
+        return after.group("sign") or (" " if between else "")  # "5 +6" is no list
+    separator = " ".join(between.lower().replace("and/or", "or").split())
+    separator = re.sub(r"\s*\b(?:maybe|perhaps|possibly)$", "", separator.lstrip("("))
+    separator = re.sub(r"^[,(]\s*(?=or$|and$)", "", separator)  # ", or", "(or", ", and"
+    if not separator and after.group("sign") == "-":
+        return "-"
+    return separator
 
 
 def numbers_equal(response: Number, reference: Number) -> bool:
@@ -773,9 +878,12 @@ def _judge(
         parsed, reference = parse_yesno(span), parse_yesno(answer)
     elif answer_type == "number":
         number, ref_number = parse_number(span), parse_number(answer)
-        parsed = None if number is None else str(number)
-        if number is not None and ref_number is not None:
-            return parsed, numbers_equal(number, ref_number)
+        if ref_number is None:  # "4\sqrt{2}", "10:45": compared as text (below), parsed or not
+            parsed = str(number) if number is not None else normalize_text(span or "") or None
+        elif number is None:
+            return None, False
+        else:
+            return str(number), numbers_equal(number, ref_number)
         reference = None
     elif answer_type == "math":
         if not span:

@@ -331,7 +331,8 @@ def destroy_distributed() -> None:
 
 
 def _self_check(argv=None) -> int:
-    """``python -m megatron_ease.distributed [tp] [pp]``: start the runtime, all-reduce, report.
+    """``python -m megatron_ease.distributed [--tensor-model-parallel-size N]
+    [--pipeline-model-parallel-size N]``: start the runtime, all-reduce, report.
 
     A launcher smoke test (torchrun, srun, or one process): every rank prints one line with its
     place in the layout; rank 0 prints ``world=<n> allreduce_ok``.

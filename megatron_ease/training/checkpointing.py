@@ -33,6 +33,7 @@ import random
 import re
 import shutil
 import threading
+import time
 import uuid
 from typing import Any, Optional, Sequence
 
@@ -350,6 +351,7 @@ class CheckpointManager:
 
         final = os.path.join(self.directory, step_dir_name(step))
         tmp = os.path.join(self.directory, ".tmp_" + step_dir_name(step))
+        started = time.monotonic()
         if _rank() == 0:
             os.makedirs(self.directory, exist_ok=True)
             if self._to_delete:
@@ -395,7 +397,8 @@ class CheckpointManager:
             os.rename(tmp, final)
             _fsync_dir(self.directory)  # iter_N is on disk before latest names it
             write_atomic(os.path.join(self.directory, LATEST), step_dir_name(step) + "\n")
-            logger.info("saved checkpoint %s", final)
+            # The duration sizes Slurm's --signal=USR1@<seconds> margin (README).
+            logger.info("saved checkpoint %s in %.1f s", final, time.monotonic() - started)
         _barrier()
         # The checkpoint is complete and named by ``latest``: removing old ones is rank 0's
         # alone, and nobody waits for it (see the module doc).

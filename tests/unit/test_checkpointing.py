@@ -179,10 +179,17 @@ def _save_recording_syncs(directory: str):
         real_replace(src, dst, *args, **kwargs)
 
     checkpointing._fsync_dir, os.rename, os.replace = sync, rename, replace
+    logs = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: logs.append(record.getMessage())
+    checkpointing.logger.addHandler(handler)
+    checkpointing.logger.setLevel(logging.INFO)
     try:
         CheckpointManager(directory, keep_last=2).save(3, [ddp], opt, sched)
     finally:
         checkpointing._fsync_dir, os.rename, os.replace = real_sync, real_rename, real_replace
+        checkpointing.logger.removeHandler(handler)
+    events.extend(("log", message) for message in logs)
     return [e for e in events if "distcp" not in e[1]]  # megatron-core's own files
 
 
@@ -197,6 +204,11 @@ def test_a_save_syncs_every_new_name_before_latest_names_the_checkpoint(tmp_path
         assert mine in events, events
         assert events[events.index(mine) + 1] == ("fsync", f"{tmp}/rank_state"), events
     assert [e for e in rank1 if e[1] in (".", "latest", final, tmp)] == []
+    # Its duration is logged: it sizes Slurm's --signal=USR1@<seconds> margin.
+    saved = [e[1] for e in rank0 if e[0] == "log" and e[1].startswith("saved checkpoint")]
+    assert len(saved) == 1 and re.fullmatch(rf"saved checkpoint .*{final} in \d+\.\d s",
+                                            saved[0]), saved
+    rank0 = [e for e in rank0 if e[0] != "log"]
     order = [e for e in rank0 if e[1] in (".", "latest", final, tmp)
              or e == ("rename", f"{tmp}/trainer_state.json")]
     assert order == [("rename", f"{tmp}/trainer_state.json"), ("fsync", tmp),

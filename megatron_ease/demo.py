@@ -167,7 +167,8 @@ def run_arm(args, data_dir: str, name: str, ease: bool, init_from: str) -> dict:
     result = trainer.evaluate(max_samples=args.eval_samples)
     if stopped_at is not None:
         result["stopped_early_at_step"] = stopped_at
-    trainer.metrics.log(trainer.step, result, prefix="eval")
+    if not trainer.metrics.has_record(trainer.step, "eval"):  # a re-run of a finished arm
+        trainer.metrics.log(trainer.step, result, prefix="eval")
     overlays = attention_maps(trainer, args.overlay_samples)
     trainer.metrics.close()
     return {"eval": result, "overlays": overlays, "run_dir": cfg.logging.run_dir}

@@ -71,6 +71,10 @@ def evaluate_checkpoint(cfg: Config, samples: Optional[int], overlays: int = 0,
 
             name = os.path.basename(os.path.normpath(path))
             result["plots"] = plot_attention_overlays({name: maps}, plots_dir or "eval_plots")
+            # The numbers behind the pictures: per sample its grids of target and attention.
+            result["attention_maps"] = os.path.join(plots_dir or "eval_plots",
+                                                    "attention_maps.json")
+            _write_json(result["attention_maps"], {name: maps})
     return result
 
 
@@ -104,6 +108,12 @@ def main(argv=None) -> int:
     if isinstance(started, int):
         return started
     launch, cfg, path_error = started
+    if args.overlays and not cfg.ease.layers:  # refused before the evaluation, not after it
+        if launch.rank == 0:
+            print("config error: --overlays draws the attention of the EASE layers, and "
+                  "ease.layers is empty: set ease.layers (e.g. ease.layers=[0,1]) or drop "
+                  "--overlays", file=sys.stderr)
+        return 2
     plots_dir = args.plots or (os.path.join(os.path.dirname(os.path.abspath(args.out)), "plots")
                                if args.out else None)
     initialize_distributed(cfg.parallel, seed=cfg.train.seed, backend=cfg.parallel.backend)

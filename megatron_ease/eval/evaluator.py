@@ -201,12 +201,23 @@ class Evaluator:
     @torch.no_grad()
     def attention_for(self, batch, prompts) -> list[torch.Tensor]:
         """Greedy answers, then per sample the response→image attention mass over its visual
-        tokens, averaged over this stage's EASE layers (single-stage runs: all of them)."""
+        tokens, averaged over all EASE layers (summed over pipeline stages: a stage may hold
+        none of them), on every rank."""
+        from megatron.core import parallel_state as ps
+
+        if not self.cfg.ease.layers:
+            raise ValueError("attention overlays show the EASE layers' attention: set "
+                             "ease.layers (the layers to read, e.g. ease.layers=[0,1])")
         out = generate(self.engine, prompts, self._greedy())
         contexts, image_masks = self._eval_contexts(batch, prompts, out, keep_mass=True)
         result = []
         for context, image_mask in zip(contexts, image_masks):
-            masses = torch.stack([r.mass for r in context.records.values()]).mean(0).cpu()
+            total = torch.zeros(image_mask.shape, dtype=torch.float32)
+            for record in context.records.values():  # this stage's EASE layers
+                total += record.mass.float().cpu()
+            if ps.get_pipeline_model_parallel_world_size() > 1:
+                all_reduce_(total, group=ps.get_pipeline_model_parallel_group())
+            masses = total / len(self.cfg.ease.layers)
             result.extend(masses[i][image_mask[i]] for i in range(len(image_mask)))
         return result
 

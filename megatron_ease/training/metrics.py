@@ -65,7 +65,11 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+                tb_dir = os.path.join(run_dir, "tensorboard")
+                if fresh:  # as metrics.jsonl: an earlier start's curves are set aside
+                    _set_aside_earlier_tensorboard(tb_dir)
+                # Resumed: events of steps after the checkpoint (logged again now) are purged.
+                self._tb = SummaryWriter(tb_dir, purge_step=None if fresh else resumed_at + 1)
             except ImportError:
                 logger.warning("logging.tensorboard is on but tensorboard is not installed")
 
@@ -157,8 +161,8 @@ def _drop_records_after(path: str, step: int) -> None:
     kept = [line if line.endswith("\n") else line + "\n" for line, record in lines
             if record is not None and (record.get("split") == "warm_start"
                                        or record.get("step", 0) <= step)]
-    if len(kept) == len(lines):
-        return
+    if len(kept) == len(lines) and (not lines or lines[-1][0].endswith("\n")):
+        return  # (a last line that lost its newline would join the next record)
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w") as f:
         f.writelines(kept)
@@ -183,6 +187,18 @@ def _set_aside_earlier_log(path: str) -> Optional[str]:
     logger.warning("%s is from an earlier start without a checkpoint to resume; this run logs "
                    "from step 1, the earlier log is now %s", path, aside)
     return aside
+
+
+def _set_aside_earlier_tensorboard(directory: str) -> Optional[str]:
+    """A fresh start's TensorBoard folder: an earlier one in the run directory is renamed to
+    ``tensorboard.<n>`` (the first free n), else both runs' curves would be drawn as one."""
+    if not os.path.isdir(directory) or not os.listdir(directory):
+        return None
+    n = 1
+    while os.path.exists(f"{directory}.{n}"):
+        n += 1
+    os.replace(directory, f"{directory}.{n}")
+    return f"{directory}.{n}"
 
 
 def _start_wandb(run_dir: str, config: Optional[dict], project: str, mode: Optional[str],

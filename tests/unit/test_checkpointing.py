@@ -596,6 +596,53 @@ def test_resumed_metrics_log_drops_records_of_steps_after_the_checkpoint(tmp_pat
         ("eval", 2)]
 
 
+def test_a_resumed_log_whose_last_record_lost_its_newline_keeps_records_apart(tmp_path):
+    """Nothing to drop, but the kill cut the last line's newline: the next record was appended
+    to that line, and neither parsed again."""
+    path = tmp_path / "metrics.jsonl"
+    log = MetricsLogger(str(tmp_path), use_wandb=False)
+    for step in (1, 2):
+        log.log(step, {"reward": step})
+    log.close()
+    path.write_text(path.read_text().rstrip("\n"))
+    log = MetricsLogger(str(tmp_path), resumed_at=2, use_wandb=False)
+    log.log(3, {"reward": 3})
+    log.close()
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_tensorboard_purges_steps_after_a_resume_and_a_fresh_start_sets_its_events_aside(
+        tmp_path, monkeypatch):
+    """Resumed at step 2, TensorBoard kept the crashed run's points of steps 3.. beside the
+    re-logged ones; a fresh start drew its curves on the earlier run's."""
+    import sys
+    import types
+
+    writers = []
+
+    class Writer:
+        def __init__(self, log_dir, purge_step=None):
+            os.makedirs(log_dir, exist_ok=True)
+            open(os.path.join(log_dir, f"events.{len(writers)}"), "w").close()
+            writers.append((os.path.relpath(log_dir, tmp_path), purge_step))
+
+        def add_scalar(self, *args):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard",
+                        types.SimpleNamespace(SummaryWriter=Writer))
+    MetricsLogger(str(tmp_path), use_wandb=False, tensorboard=True).close()
+    MetricsLogger(str(tmp_path), use_wandb=False, tensorboard=True, resumed_at=2).close()
+    assert writers == [("tensorboard", None), ("tensorboard", 3)]
+    assert sorted(os.listdir(tmp_path / "tensorboard")) == ["events.0", "events.1"]
+    MetricsLogger(str(tmp_path), use_wandb=False, tensorboard=True).close()  # a fresh start
+    assert os.listdir(tmp_path / "tensorboard") == ["events.2"]
+    assert sorted(os.listdir(tmp_path / "tensorboard.1")) == ["events.0", "events.1"]
+
+
 def test_a_fresh_start_sets_an_earlier_log_aside_and_starts_another_wandb_run(tmp_path):
     """Killed before its first checkpoint, a requeued run starts again at step 1: without a
     checkpoint nothing says which records are this run's, so the earlier log moves to

@@ -88,7 +88,7 @@ def test_an_arm_whose_dynamic_sampling_gives_up_is_evaluated_where_it_stopped(mo
         def __init__(self, cfg):
             self.cfg, self.step = cfg, 0
             self.metrics = SimpleNamespace(log=lambda step, m, prefix: logged.append((step, m)),
-                                           close=lambda: None)
+                                           close=lambda: None, has_record=lambda *a: False)
 
         def train(self):
             self.step = 5
@@ -105,6 +105,34 @@ def test_an_arm_whose_dynamic_sampling_gives_up_is_evaluated_where_it_stopped(mo
     result = demo.run_arm(args, "/tmp/data", "dapo", False, "/tmp/init")
     assert result["eval"] == {"accuracy": 0.1, "eval_samples": 7, "stopped_early_at_step": 5}
     assert logged == [(5, result["eval"])]
+
+
+def test_a_rerun_of_a_finished_arm_logs_its_evaluation_once(monkeypatch, tmp_path):
+    """Run again into the same --out, a finished arm resumes at its last step and trains
+    nothing; its evaluation was logged a second time at that step."""
+    from megatron_ease import demo
+    from megatron_ease.training import trainer as trainer_module
+    from megatron_ease.training.metrics import MetricsLogger
+
+    class FinishedTrainer:
+        def __init__(self, cfg):
+            self.cfg, self.step = cfg, 3
+            self.metrics = MetricsLogger(cfg.logging.run_dir, use_wandb=False, resumed_at=3)
+
+        def train(self):
+            return 0
+
+        def evaluate(self, max_samples):
+            return {"accuracy": 0.1, "eval_samples": max_samples}
+
+    monkeypatch.setattr(trainer_module, "Trainer", FinishedTrainer)
+    monkeypatch.setattr(demo, "_seed", lambda seed: None)
+    args = SimpleNamespace(out=str(tmp_path), rl_steps=3, seed=1, warm_start_steps=0,
+                           overrides=[], eval_samples=7, overlay_samples=0)
+    for _ in range(2):
+        demo.run_arm(args, "/tmp/data", "dapo", False, "/tmp/init")
+    with open(tmp_path / "runs" / "dapo" / "metrics.jsonl") as f:
+        assert [(r["step"], r["split"]) for r in map(json.loads, f)] == [(3, "eval")]
 
 
 @pytest.fixture
@@ -190,7 +218,8 @@ def test_overlay_samples_zero_gives_an_arm_no_overlays(monkeypatch, tmp_path):
         def __init__(self, cfg):
             self.cfg, self.step = cfg, 3
             self.tokenizer = builders.load_tokenizer(cfg.data.tokenizer)
-            self.metrics = SimpleNamespace(log=lambda *a, **k: None, close=lambda: None)
+            self.metrics = SimpleNamespace(log=lambda *a, **k: None, close=lambda: None,
+                                           has_record=lambda *a: False)
 
         def train(self):
             return 0

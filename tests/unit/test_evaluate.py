@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from megatron_ease.distributed import find_free_port
@@ -92,10 +93,35 @@ def test_a_checkpoint_evaluates_the_same_at_pipeline_parallel_2(trained):
         assert printed[name] == pytest.approx(trained["validation"][name], rel=1e-5), name
 
 
+def test_overlays_at_pipeline_parallel_2_average_every_stages_ease_layers(trained, tmp_path):
+    """Overlays read the masses of the EASE layers on the logging rank's stage only, and raised
+    on a stage without any: with ease.layers=[1, 3] at PP 2 each stage holds one, with [3] the
+    first holds none. Either way the grids equal one process's."""
+    maps = {}
+    for layers in ("[1,3]", "[3]"):
+        for pp in (1, 2):
+            out = tmp_path / f"pp{pp}_{layers}" / "results.json"
+            result = _evaluate(["--checkpoint", trained["ckpt"], "--samples", "4", "--out",
+                                str(out), "--overlays", "2", f"ease.layers={layers}",
+                                f"parallel.pipeline_model_parallel_size={pp}",
+                                *_data_overrides(trained["data"])], nproc=pp)
+            assert result.returncode == 0, result.stdout + result.stderr
+            [grids] = json.loads(open(json.loads(out.read_text())["attention_maps"]).read(
+                )).values()
+            maps[pp, layers] = grids
+        assert len(maps[1, layers]) == 2
+        for one, two in zip(maps[1, layers], maps[2, layers]):
+            assert one["grid"] == two["grid"] and one["key"] == two["key"]
+            np.testing.assert_allclose(one["attention"], two["attention"], rtol=1e-5, atol=1e-7)
+    assert not np.allclose(maps[1, "[1,3]"][0]["attention"], maps[1, "[3]"][0]["attention"])
+
+
 @pytest.mark.parametrize("case, message", [
     ("missing", "config error: --checkpoint: no checkpoint at"),
     ("not_a_checkpoint", "config error: --checkpoint: "),
     ("no_shards", "config error: data.eval_shards: no shard file matches"),
+    # Refused before the evaluation (it failed after it, losing the results).
+    ("overlays_without_layers", "config error: --overlays draws the attention of the EASE"),
 ])
 def test_bad_checkpoint_or_shards_are_one_line_refusals(trained, tmp_path, case, message):
     checkpoint, overrides = trained["ckpt"], _data_overrides(trained["data"])
@@ -103,6 +129,8 @@ def test_bad_checkpoint_or_shards_are_one_line_refusals(trained, tmp_path, case,
         checkpoint = str(tmp_path / "nowhere")
     elif case == "not_a_checkpoint":
         checkpoint = trained["data"]  # a directory, of shards
+    elif case == "overlays_without_layers":
+        overrides += ["ease.layers=[]", "ease.enabled=false", "--overlays", "1"]
     else:
         overrides.append(f"data.eval_shards={tmp_path}/none-*.tar")
     result = _evaluate(["--checkpoint", checkpoint, *overrides])

@@ -16,8 +16,10 @@ published models: ~16.6 GB for Qwen2.5-VL-7B's 8.3B parameters), copies the HF t
 a time (``safe_open``; only one HF tensor in memory beyond the model) and writes a torch_dist
 checkpoint that loads at any TP/PP, model keys under ``model.``. Next to the tensors it writes
 ``hf_conversion.json``: the HF naming convention, every tensor's dtype and any copies a tied
-checkpoint stores (an ``lm_head.weight`` equal to the embeddings), so megatron-to-hf writes the
-same names and dtypes back (a bit-exact round trip).
+checkpoint stores (an ``lm_head.weight`` equal to the embeddings; a tied checkpoint whose
+``lm_head.weight`` differs is refused), so megatron-to-hf writes the same names and dtypes back
+(a bit-exact round trip). Both go to ``OUT.tmp-<pid>`` next to OUT, renamed to OUT when complete:
+a conversion that fails or is killed leaves no OUT (a kill may leave the temporary directory).
 
 megatron-to-hf builds no model: it streams the checkpoint's tensors a few keys at a time (a
 layer-stacked key whole: at most ~7.6 GB for 7B's fc1, plus one <= 5 GB output shard) through the
@@ -26,10 +28,13 @@ distributed checkpoint, or a directory whose ``latest_checkpointed_iteration.txt
 names ``iter_NNNNNNN`` (see ``megatron_ease/models/qwen_vl/checkpoint.py``). Without
 ``hf_conversion.json`` it writes transformers' default names in the HF config's dtype.
 ``--hf-config`` may hold only ``config.json``; every non-weight file in it (config, generation
-config, tokenizer) is copied to the output. Without it, a checkpoint the trainer wrote is
-exported with its run's config (``trainer_state.json``): the run's ``model.hf_config`` when that
-directory exists, else a ``config.json`` made from the run's model section and the files of its
-``data.tokenizer`` directory.
+config, tokenizer) is copied to the output. Shards are written under temporary names and renamed
+when all are written, the index last, so an export cut off part way leaves no shard under its
+own name, also in an existing directory (``--out`` = ``--hf-config``). Without
+``--hf-config``, a checkpoint the trainer wrote is exported with its run's config
+(``trainer_state.json``): the run's ``model.hf_config`` when that directory exists, else a
+``config.json`` made from the run's model section and the files of its ``data.tokenizer``
+directory.
 
 Memory, measured on a 1.4B-parameter model (2.9 GB bf16): hf-to-megatron peaks at the model
 + 1.0 GB of anonymous memory (plus reclaimable page cache of the mapped safetensors),
@@ -49,14 +54,15 @@ one at a time (4 bytes x parameters), plus an fp32 copy of the FC1 weights while
 checkpoint loads (~1.45x the fp32 model: ~48 GB for 7B, ~50 GB for 8B). Progress bars and logs
 go to stderr.
 
-The model family comes from ``config.json``'s ``model_type``; an unsupported one is refused.
+The model family comes from ``config.json``'s ``model_type``; an unsupported one is refused. A
+malformed input file (invalid JSON, a truncated safetensors file, an index without
+``weight_map``, a tensor stored in two shards) is an error naming it (exit status 2).
 Runs on CPU in one process (GPUs are hidden: the work is I/O, and it keeps one code path).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -135,11 +141,38 @@ def _build(model_cfg, dtype):
 
 
 def _require_empty(path: str, what: str) -> None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise FileExistsError(f"{what} {path} exists and is not a directory; pass a new one")
     if os.path.isdir(path) and os.listdir(path):
         raise FileExistsError(f"{what} {path} exists and is not empty; pass a new directory")
 
 
+def _write_record(ckpt_dir: str, record: dict) -> None:
+    from megatron_ease.models.qwen_vl.hf_weights import write_json_atomic
+
+    write_json_atomic(os.path.join(ckpt_dir, CONVERSION_RECORD), record, indent=1,
+                      sort_keys=True)
+
+
+def _publish(staging: str, out: str) -> None:
+    """Move the finished ``staging`` directory to ``out`` (absent, or an empty directory) in one
+    rename: until then nothing at ``out`` looks like a checkpoint."""
+    try:
+        os.replace(staging, out)  # replaces an empty directory too (rename(2))
+    except OSError as e:
+        if os.path.isdir(out) and os.listdir(out):
+            raise FileExistsError(f"--out {out} was filled by something else during the "
+                                  f"conversion; the checkpoint is left in {staging}") from e
+        raise
+    from megatron_ease.training.checkpointing import fsync_dir
+
+    fsync_dir(os.path.dirname(os.path.abspath(out)))
+
+
 def hf_to_megatron(hf_dir: str, out: str) -> None:
+    """Writes into ``<out>.tmp-<pid>`` next to ``out`` (the checkpoint, then its conversion
+    record) and renames it to ``out`` when complete: a conversion that fails or is killed leaves
+    no ``out`` that looks like a checkpoint (a kill may leave the temporary directory)."""
     from megatron_ease.models.qwen_vl import (
         HFCheckpoint,
         load_hf_config,
@@ -158,18 +191,27 @@ def hf_to_megatron(hf_dir: str, out: str) -> None:
     logger.info("building %s (%d layers) in %s", hf_config.model_type, model_cfg.num_layers, dtype)
     model = _build(model_cfg, dtype)
     record = load_hf_weights(model, hf, table, progress=True)
-    logger.info("writing megatron checkpoint to %s", out)
-    save_model_checkpoint(model, out)
-    with open(os.path.join(out, CONVERSION_RECORD), "w") as f:
-        json.dump({"model_type": hf_config.model_type, **record}, f, indent=1, sort_keys=True)
+    # Same filesystem as --out (a rename, not a copy); this process is the only writer.
+    staging = f"{os.path.abspath(out).rstrip(os.sep)}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    logger.info("writing megatron checkpoint to %s (then renamed to %s)", staging, out)
+    try:
+        save_model_checkpoint(model, staging)
+        _write_record(staging, {"model_type": hf_config.model_type, **record})
+        _publish(staging, os.path.abspath(out))
+    except BaseException:
+        if os.path.isdir(staging):
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def _conversion_record(ckpt_dir: str, ckpt_arg: str) -> dict:
+    from megatron_ease.models.qwen_vl.hf_config import read_json_file
+
     for where in (ckpt_dir, ckpt_arg):
         path = os.path.join(where, CONVERSION_RECORD)
         if os.path.isfile(path):
-            with open(path) as f:
-                return json.load(f)
+            return read_json_file(path, "conversion record")
     return {}
 
 
@@ -178,7 +220,13 @@ def _copy_config_files(hf_config_dir: str, out: str, skip: tuple = ()) -> None:
         src, dst = os.path.join(hf_config_dir, entry), os.path.join(out, entry)
         if os.path.isfile(src) and not entry.endswith(_WEIGHT_SUFFIXES) and entry not in skip \
                 and not (os.path.exists(dst) and os.path.samefile(src, dst)):  # --out = --hf-config
-            shutil.copy2(src, dst)
+            temp = os.path.join(out, f".{entry}.tmp-{os.getpid()}")
+            try:
+                shutil.copy2(src, temp)
+                os.replace(temp, dst)  # never a cut-off config or tokenizer file under its name
+            finally:
+                if os.path.exists(temp):
+                    os.remove(temp)
 
 
 def _run_config_of(ckpt: str):
@@ -346,6 +394,7 @@ def main(argv=None) -> int:
                         format="%(asctime)s %(name)s: %(message)s")
     from megatron_ease.distributed import destroy_distributed
     from megatron_ease.models.qwen_vl import UnsupportedModelError, WeightMismatchError
+    from megatron_ease.models.qwen_vl.hf_config import UnreadableFileError
 
     _start_single_process()
     try:
@@ -356,7 +405,8 @@ def main(argv=None) -> int:
             return _report_verify(args.hf_dir, args.ckpt)
         megatron_to_hf(args.ckpt, args.hf_config, args.out)
         return 0
-    except (UnsupportedModelError, WeightMismatchError, FileNotFoundError, FileExistsError) as e:
+    except (UnsupportedModelError, WeightMismatchError, UnreadableFileError, FileNotFoundError,
+            FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

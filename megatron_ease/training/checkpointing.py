@@ -86,7 +86,7 @@ def write_atomic(path: str, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path) or ".")
+    fsync_dir(os.path.dirname(path) or ".")
 
 
 def _read_json(path: str) -> dict:
@@ -101,9 +101,10 @@ def _read_json(path: str) -> dict:
                            f"earlier iter_* folder, or start afresh") from e
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
     """Persist a directory's entries (renames in it): a rename is atomic, but only durable
-    once its directory is synced; a node crash could otherwise bring back the old name."""
+    once its directory is synced; a node crash could otherwise bring back the old name. (Given
+    a file, its data.)"""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -388,14 +389,14 @@ class CheckpointManager:
         if _rank() == 0:
             # megatron-core fsyncs its files, not the folder holding their names: the folder's
             # entries reach the disk before the rename publishes it.
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             if os.path.isdir(final):  # a re-save of the same step (e.g. after a resume)
                 # Moved aside, not deleted first: ``latest`` may name it, and the new one takes
                 # its place with the next rename (a crash in between leaves the old one under a
                 # name ``latest_checkpoint``'s error points to).
                 self._discard(step_dir_name(step))
             os.rename(tmp, final)
-            _fsync_dir(self.directory)  # iter_N is on disk before latest names it
+            fsync_dir(self.directory)  # iter_N is on disk before latest names it
             write_atomic(os.path.join(self.directory, LATEST), step_dir_name(step) + "\n")
             # The duration sizes Slurm's --signal=USR1@<seconds> margin (README).
             logger.info("saved checkpoint %s in %.1f s", final, time.monotonic() - started)
@@ -443,7 +444,7 @@ class CheckpointManager:
         for name in mine[:-self.keep_last]:
             self._discard(name)
         if mine[:-self.keep_last]:
-            _fsync_dir(self.directory)  # a node crash must not bring back a half-deleted iter_*
+            fsync_dir(self.directory)  # a node crash must not bring back a half-deleted iter_*
 
     def _discard(self, name: str) -> None:
         """Rank 0: take folder ``name`` out of use at once (one rename); ``_delete_discarded``

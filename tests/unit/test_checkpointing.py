@@ -161,7 +161,7 @@ def _save_recording_syncs(directory: str):
 
     ddp, opt, sched = _train_objects()
     events = []
-    real_sync, real_rename, real_replace = checkpointing._fsync_dir, os.rename, os.replace
+    real_sync, real_rename, real_replace = checkpointing.fsync_dir, os.rename, os.replace
 
     def rel(path):
         return os.path.relpath(path, directory)
@@ -178,7 +178,7 @@ def _save_recording_syncs(directory: str):
         events.append(("rename", rel(dst)))
         real_replace(src, dst, *args, **kwargs)
 
-    checkpointing._fsync_dir, os.rename, os.replace = sync, rename, replace
+    checkpointing.fsync_dir, os.rename, os.replace = sync, rename, replace
     logs = []
     handler = logging.Handler(logging.INFO)
     handler.emit = lambda record: logs.append(record.getMessage())
@@ -187,7 +187,7 @@ def _save_recording_syncs(directory: str):
     try:
         CheckpointManager(directory, keep_last=2).save(3, [ddp], opt, sched)
     finally:
-        checkpointing._fsync_dir, os.rename, os.replace = real_sync, real_rename, real_replace
+        checkpointing.fsync_dir, os.rename, os.replace = real_sync, real_rename, real_replace
         checkpointing.logger.removeHandler(handler)
     events.extend(("log", message) for message in logs)
     return [e for e in events if "distcp" not in e[1]]  # megatron-core's own files

@@ -447,3 +447,168 @@ def test_nested_hf_names_are_read_and_written_back(converted, tmp_path):
     naming = record["naming"]
     assert naming == "nested" and back.keys() == nested.keys()
     assert all(torch.equal(back[k], v) for k, v in nested.items())
+
+
+# -- malformed inputs, tied-but-different lm_head, interrupted writes ----------------------------
+
+def _sharded(src: str, dst: Path) -> tuple[dict, list[str]]:
+    """A copy of ``src`` with its weights split over two shards and an index; (weight_map,
+    shard names)."""
+    shutil.copytree(src, dst)
+    tensors = load_file(dst / "model.safetensors")
+    (dst / "model.safetensors").unlink()
+    names = sorted(tensors)
+    files = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    weight_map = {}
+    for file, part in zip(files, (names[:len(names) // 2], names[len(names) // 2:]), strict=True):
+        save_file({n: tensors[n] for n in part}, dst / file, metadata={"format": "pt"})
+        weight_map.update({n: file for n in part})
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return weight_map, files
+
+
+@pytest.mark.parametrize("how", ["truncated", "bad_index", "index_without_weight_map",
+                                 "bad_config", "tensor_in_two_shards"])
+def test_malformed_input_files_are_refused_naming_the_file(converted, tmp_path, how):
+    """Raw tracebacks (SafetensorError, JSONDecodeError, KeyError) without the path before; a
+    tensor stored in two shards was taken from the last one, silently."""
+    bad = tmp_path / "hf"
+    if how == "truncated":
+        shutil.copytree(converted["hf_dir"], bad)
+        named = bad / "model.safetensors"
+        os.truncate(named, named.stat().st_size // 2)
+    elif how == "bad_config":
+        shutil.copytree(converted["hf_dir"], bad)
+        named = bad / "config.json"
+        named.write_text(named.read_text()[:40])
+    else:
+        weight_map, files = _sharded(converted["hf_dir"], bad)
+        named = bad / "model.safetensors.index.json"
+        if how == "bad_index":
+            named.write_text(named.read_text()[:-10])
+        elif how == "index_without_weight_map":
+            named.write_text(json.dumps({"metadata": {}}))
+        else:
+            name = "model.embed_tokens.weight"
+            second = load_file(bad / files[1])
+            assert weight_map[name] == files[0] and name not in second
+            second[name] = torch.zeros_like(load_file(bad / files[0])[name])
+            save_file(second, bad / files[1], metadata={"format": "pt"})
+    out = tmp_path / "ckpt"
+    result = convert("hf-to-megatron", "--hf-dir", str(bad), "--out", str(out))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: "), error
+    if how == "tensor_in_two_shards":
+        assert all(f in error for f in files) and "'model.embed_tokens.weight'" in error, error
+    else:
+        assert str(named) in error, error
+        if how == "index_without_weight_map":
+            assert "'weight_map'" in error, error
+    assert not out.exists()
+
+
+def test_tied_checkpoint_whose_lm_head_differs_from_the_embeddings_is_refused(converted,
+                                                                              tmp_path):
+    """With tie_word_embeddings, a stored lm_head.weight was taken for a copy of the embeddings
+    unchecked: exported with the embeddings in its place (exit 0, round trip not exact)."""
+    tied = tmp_path / "hf_tied"
+    shutil.copytree(converted["hf_dir"], tied)
+    config = json.loads((tied / "config.json").read_text())
+    config["tie_word_embeddings"] = True
+    (tied / "config.json").write_text(json.dumps(config))
+    tensors = load_file(tied / "model.safetensors")
+    assert not torch.equal(tensors["lm_head.weight"], tensors["model.embed_tokens.weight"])
+    out = tmp_path / "ckpt"
+    result = convert("hf-to-megatron", "--hf-dir", str(tied), "--out", str(out))
+    assert result.returncode == 2, result.stderr[-3000:]
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: ") and "'lm_head.weight'" in error, error
+    assert "tie_word_embeddings" in error, error
+    assert not out.exists()
+
+
+_KILLED_AFTER_THE_SAVE = """
+import sys
+sys.path.insert(0, "tools")
+import convert_hf_checkpoint as tool
+
+def killed(ckpt_dir, record):
+    raise KeyboardInterrupt("killed between the checkpoint and its record")
+
+tool._write_record = killed
+tool.main(sys.argv[1:])
+"""
+
+
+def test_conversion_killed_before_its_record_leaves_no_checkpoint_at_out(converted, tmp_path):
+    """The dist checkpoint went straight into --out, the record after it: a kill in between left
+    a directory that passes for a checkpoint, exported later with default names and the
+    config's dtype."""
+    import subprocess
+    import sys
+
+    from megatron_ease.models.qwen_vl.checkpoint import is_dist_checkpoint
+    from tests.qwen_fixtures import CONVERTER
+
+    out = tmp_path / "ckpt"
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED_AFTER_THE_SAVE, "hf-to-megatron", "--hf-dir",
+         converted["hf_dir"], "--out", str(out)], capture_output=True, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=CONVERTER.parents[1], timeout=300)
+    assert killed.returncode != 0 and "killed between" in killed.stderr, killed.stderr[-3000:]
+    assert not out.exists() and not is_dist_checkpoint(str(out))
+    assert os.listdir(tmp_path) == []  # the temporary directory is gone too
+    out.mkdir()  # an empty --out is accepted
+    retry = convert("hf-to-megatron", "--hf-dir", converted["hf_dir"], "--out", str(out))
+    assert retry.returncode == 0, retry.stderr[-3000:]
+    assert is_dist_checkpoint(str(out)) and (out / "hf_conversion.json").is_file()
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+    # A conversion record cut off (by an older version, a full disk) is named, not a traceback.
+    record = out / "hf_conversion.json"
+    record.write_text(record.read_text()[:50])
+    result = convert("megatron-to-hf", "--ckpt", str(out), "--hf-config", converted["hf_dir"],
+                     "--out", str(tmp_path / "hf"))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"error: conversion record {record} is not valid JSON" in result.stderr
+
+
+def test_export_whose_shard_write_fails_leaves_no_shard_under_its_name(tmp_path, monkeypatch):
+    """Shards went straight to their names: into an existing directory (--out = --hf-config,
+    config.json already there) a cut-off model.safetensors looked complete."""
+    import errno
+
+    import safetensors.torch
+
+    from megatron_ease.models.qwen_vl import save_hf_weights
+
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    tensors = [(f"t{i}", torch.full((4, 4), float(i))) for i in range(3)]
+    plan = [(name, tuple(t.shape), t.dtype) for name, t in tensors]
+    real_save = safetensors.torch.save_file
+    calls = []
+
+    def disk_full(tensor_dict, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) < 2:
+            return real_save(tensor_dict, filename, metadata=metadata)
+        Path(filename).write_bytes(b"\0" * 10)  # a partial file, then ENOSPC
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_hf_weights(iter(tensors), str(out), plan, max_shard_bytes=64)
+    assert len(calls) == 2
+    assert sorted(os.listdir(out)) == ["config.json"]  # no shard, no index, no temporary file
+    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
+    written = save_hf_weights(iter(tensors), str(out), plan, max_shard_bytes=64)
+    assert written == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)] + [
+        "model.safetensors.index.json"]
+    assert sorted(os.listdir(out)) == sorted(["config.json", *written])
+    back = read_safetensors(out)
+    assert all(torch.equal(back[name], t) for name, t in tensors)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == {f"t{i}": written[i] for i in range(3)}

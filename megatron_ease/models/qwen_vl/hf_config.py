@@ -38,6 +38,29 @@ class UnsupportedModelError(ValueError):
     """The HF config describes a model family this package has no implementation for."""
 
 
+class UnreadableFileError(ValueError):
+    """An input file is malformed (invalid JSON, a truncated safetensors file, a missing
+    field): the message names the file."""
+
+
+def read_json_file(path: str, what: str = "JSON file", required: tuple = ()) -> dict:
+    """The JSON object in ``path``; malformed JSON, a non-object or a missing ``required`` key is
+    an ``UnreadableFileError`` naming the file."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UnreadableFileError(f"{what} {path} is not valid JSON ({e}): a truncated or "
+                                  f"corrupted file?") from e
+    if not isinstance(data, dict):
+        raise UnreadableFileError(f"{what} {path} holds a JSON {type(data).__name__}, not an "
+                                  f"object")
+    missing = [key for key in required if key not in data]
+    if missing:
+        raise UnreadableFileError(f"{what} {path} has no {missing[0]!r} field")
+    return data
+
+
 def load_hf_config(source: Union[str, os.PathLike, dict, Any]):
     """A transformers config from a directory holding ``config.json``, the file itself, a dict,
     or an existing config object (returned as is). Only ``config.json`` is needed."""
@@ -52,8 +75,7 @@ def load_hf_config(source: Union[str, os.PathLike, dict, Any]):
             path = os.path.join(path, "config.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no HF config at {path}: pass a directory holding config.json")
-        with open(path) as f:
-            data = json.load(f)
+        data = read_json_file(path, "HF config")
         where = path
     model_type = data.get("model_type")
     check_supported_model_type(model_type, where)

@@ -20,8 +20,10 @@ from typing import Optional
 import torch
 
 from megatron_ease.config import ModelConfig
+from megatron_ease.models.qwen_vl.hf_config import UnreadableFileError, read_json_file
 from megatron_ease.models.qwen_vl.hf_tables import HFWeightTable, weight_table
 from megatron_ease.models.qwen_vl.param_mapping import AttentionLayout
+from megatron_ease.training.checkpointing import fsync_dir, write_atomic
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -53,8 +55,12 @@ class HFCheckpoint:
         index = os.path.join(hf_dir, SAFETENSORS_INDEX)
         single = os.path.join(hf_dir, SAFETENSORS_SINGLE)
         if os.path.isfile(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
+            weight_map = read_json_file(index, "safetensors index", required=("weight_map",))[
+                "weight_map"]
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(v, str) for v in weight_map.values()):
+                raise UnreadableFileError(f"safetensors index {index}: 'weight_map' is not a "
+                                          f"mapping of tensor names to file names")
         elif os.path.isfile(single):
             weight_map = None
         else:
@@ -66,6 +72,10 @@ class HFCheckpoint:
         for file in files:
             handle = self._open(file)
             for name in handle.keys():
+                if name in self._file_of:
+                    raise WeightMismatchError(
+                        f"HF checkpoint {hf_dir}: tensor {name!r} is stored in both "
+                        f"{self._file_of[name]} and {file}")
                 piece = handle.get_slice(name)
                 self._file_of[name] = file
                 dtype = _DTYPES.get(piece.get_dtype())
@@ -80,15 +90,25 @@ class HFCheckpoint:
             if missing:
                 raise WeightMismatchError(f"{index} lists tensors that are in no shard: "
                                           f"{missing[:5]}")
+            elsewhere = sorted(name for name, file in weight_map.items()
+                               if self._file_of[name] != file)
+            if elsewhere:
+                name = elsewhere[0]
+                raise WeightMismatchError(f"{index} puts tensor {name!r} in {weight_map[name]} "
+                                          f"but it is in {self._file_of[name]}")
 
     def _open(self, file: str):
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         if file not in self._handles:
             path = os.path.join(self.hf_dir, file)
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{path}: shard listed in {SAFETENSORS_INDEX} is missing")
-            self._handles[file] = safe_open(path, framework="pt")
+            try:
+                self._handles[file] = safe_open(path, framework="pt")
+            except SafetensorError as e:
+                raise UnreadableFileError(f"{path} is not a readable safetensors file ({e}): a "
+                                          f"truncated or corrupted download?") from e
         return self._handles[file]
 
     @property
@@ -108,6 +128,24 @@ class HFCheckpoint:
         if name not in self._info:
             raise WeightMismatchError(f"HF checkpoint {self.hf_dir} has no tensor '{name}'")
         return self._open(self._file_of[name]).get_tensor(name)
+
+    def equal(self, name: str, other: str, max_chunk_bytes: int = 256 * 1024 ** 2) -> bool:
+        """Whether tensor ``name`` equals ``other`` cast to ``name``'s dtype (what an export
+        writing ``other`` as ``name`` gives), compared a block of rows at a time."""
+        shape = self.shape(name)
+        if shape != self.shape(other):
+            return False
+        if not shape:
+            return torch.equal(self.get(name), self.get(other).to(self.dtype(name)))
+        row_bytes = max(1, torch.Size(shape[1:]).numel() * 8)
+        step = max(1, max_chunk_bytes // row_bytes)
+        a = self._open(self._file_of[name]).get_slice(name)
+        b = self._open(self._file_of[other]).get_slice(other)
+        for start in range(0, shape[0], step):
+            stop = min(start + step, shape[0])
+            if not torch.equal(a[start:stop], b[start:stop].to(self.dtype(name))):
+                return False
+        return True
 
 
 def attention_layout(model_cfg: ModelConfig) -> AttentionLayout:
@@ -205,6 +243,15 @@ def load_hf_weights(model: torch.nn.Module, hf: HFCheckpoint, table: Optional[HF
     if tied:
         tied_copies = {copy: source for copy, source in table.tied_hf_names(naming).items()
                        if copy in hf and copy not in used}
+        for copy, source in tied_copies.items():
+            # Only an exact copy may be dropped here and written back from its source.
+            if not hf.equal(copy, source):
+                how = (f"has shape {list(hf.shape(copy))}, '{source}' {list(hf.shape(source))}"
+                       if hf.shape(copy) != hf.shape(source) else f"differs from '{source}'")
+                raise WeightMismatchError(
+                    f"HF checkpoint {hf.hf_dir}: the config says tie_word_embeddings=true but "
+                    f"tensor '{copy}' {how}: the config and the weights disagree (an untied "
+                    f"model's config should say tie_word_embeddings=false)")
         used.update({copy: hf.dtype(copy) for copy in tied_copies})
     if strict_unused:
         unused = sorted(set(hf.names) - set(used))
@@ -258,6 +305,8 @@ def save_hf_weights(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str,
     """Write safetensors shards (HF layout: ``model.safetensors`` or ``model-0000i-of-0000n``
     + index). ``plan`` (``(name, shape, dtype)``, e.g. ``hf_tensors`` of meta tensors)
     fixes the shard split before any tensor exists, so only one shard is in memory at a time.
+    Shards are written under temporary names and renamed once all exist, the index (written
+    atomically) last: an export that fails or is killed leaves no shard under its own name.
     Returns the files written."""
     from safetensors.torch import save_file
 
@@ -274,6 +323,9 @@ def save_hf_weights(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str,
                   [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
     shard_of = {name: i for i, names in enumerate(shards) for name in names}
     os.makedirs(out_dir, exist_ok=True)
+    # Shards go to hidden temporary names and get their own names only once all are written,
+    # the index last: an export cut off part way leaves nothing that looks like a model.
+    temp_names = [f".{name}.tmp-{os.getpid()}" for name in file_names]
     pending: dict[int, dict[str, torch.Tensor]] = {}
     written = []
     total_bytes = 0
@@ -281,23 +333,38 @@ def save_hf_weights(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str,
         from tqdm import tqdm
 
         tensors = tqdm(tensors, total=len(plan), desc="megatron -> hf", unit="tensor")
-    for name, tensor in tensors:
-        if name not in shard_of:
-            raise ValueError(f"tensor '{name}' is not in the export plan")
-        i = shard_of[name]
-        pending.setdefault(i, {})[name] = tensor
-        total_bytes += tensor.numel() * tensor.element_size()
-        if len(pending[i]) == len(shards[i]):
-            save_file(pending.pop(i), os.path.join(out_dir, file_names[i]),
-                      metadata={"format": "pt"})
-            written.append(file_names[i])
-    if pending:
-        missing = [name for i in pending for name in shards[i] if name not in pending[i]]
-        raise ValueError(f"export produced no tensor for {missing[:5]}")
-    if n > 1:
-        index = {"metadata": {"total_size": total_bytes},
-                 "weight_map": {name: file_names[i] for name, i in sorted(shard_of.items())}}
-        with open(os.path.join(out_dir, SAFETENSORS_INDEX), "w") as f:
-            json.dump(index, f, indent=2)
-        written.append(SAFETENSORS_INDEX)
-    return written
+    try:
+        for name, tensor in tensors:
+            if name not in shard_of:
+                raise ValueError(f"tensor '{name}' is not in the export plan")
+            i = shard_of[name]
+            pending.setdefault(i, {})[name] = tensor
+            total_bytes += tensor.numel() * tensor.element_size()
+            if len(pending[i]) == len(shards[i]):
+                path = os.path.join(out_dir, temp_names[i])
+                save_file(pending.pop(i), path, metadata={"format": "pt"})
+                fsync_dir(path)  # (a file's data too)
+                written.append(i)
+        if pending or len(written) != n:
+            missing = [name for i in range(n) if i not in written for name in shards[i]
+                       if name not in pending.get(i, {})]
+            raise ValueError(f"export produced no tensor for {missing[:5]}")
+        for i in range(n):
+            os.replace(os.path.join(out_dir, temp_names[i]), os.path.join(out_dir, file_names[i]))
+        if n > 1:
+            index = {"metadata": {"total_size": total_bytes},
+                     "weight_map": {name: file_names[i] for name, i in sorted(shard_of.items())}}
+            write_json_atomic(os.path.join(out_dir, SAFETENSORS_INDEX), index, indent=2)
+        fsync_dir(out_dir)
+    finally:
+        for temp in temp_names:
+            try:
+                os.remove(os.path.join(out_dir, temp))
+            except FileNotFoundError:
+                pass
+    return file_names + ([SAFETENSORS_INDEX] if n > 1 else [])
+
+
+def write_json_atomic(path: str, data, **dump_kwargs) -> None:
+    """``path`` holds all of ``data`` as JSON or keeps what it held (``write_atomic``)."""
+    write_atomic(path, json.dumps(data, **dump_kwargs))

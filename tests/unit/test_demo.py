@@ -107,17 +107,17 @@ def test_an_arm_whose_dynamic_sampling_gives_up_is_evaluated_where_it_stopped(mo
     assert logged == [(5, result["eval"])]
 
 
-def test_a_rerun_of_a_finished_arm_logs_its_evaluation_once(monkeypatch, tmp_path):
-    """Run again into the same --out, a finished arm resumes at its last step and trains
-    nothing; its evaluation was logged a second time at that step."""
-    from megatron_ease import demo
-    from megatron_ease.training import trainer as trainer_module
-    from megatron_ease.training.metrics import MetricsLogger
+def _finished_trainer(metrics, tokenizer: bool = False):
+    """A ``Trainer`` stand-in whose run is done at step 3 (``train`` returns 0); ``metrics(cfg)``
+    makes its logger."""
+    from megatron_ease.training import builders
 
     class FinishedTrainer:
         def __init__(self, cfg):
             self.cfg, self.step = cfg, 3
-            self.metrics = MetricsLogger(cfg.logging.run_dir, use_wandb=False, resumed_at=3)
+            self.metrics = metrics(cfg)
+            if tokenizer:
+                self.tokenizer = builders.load_tokenizer(cfg.data.tokenizer)
 
         def train(self):
             return 0
@@ -125,12 +125,29 @@ def test_a_rerun_of_a_finished_arm_logs_its_evaluation_once(monkeypatch, tmp_pat
         def evaluate(self, max_samples):
             return {"accuracy": 0.1, "eval_samples": max_samples}
 
-    monkeypatch.setattr(trainer_module, "Trainer", FinishedTrainer)
+    return FinishedTrainer
+
+
+def _run_finished_arm(monkeypatch, trainer_class, out: str, data_dir: str = "/tmp/data"):
+    from megatron_ease import demo
+    from megatron_ease.training import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "Trainer", trainer_class)
     monkeypatch.setattr(demo, "_seed", lambda seed: None)
-    args = SimpleNamespace(out=str(tmp_path), rl_steps=3, seed=1, warm_start_steps=0,
+    args = SimpleNamespace(out=out, rl_steps=3, seed=1, warm_start_steps=0,
                            overrides=[], eval_samples=7, overlay_samples=0)
+    return demo.run_arm(args, data_dir, "dapo", False, "/tmp/init")
+
+
+def test_a_rerun_of_a_finished_arm_logs_its_evaluation_once(monkeypatch, tmp_path):
+    """Run again into the same --out, a finished arm resumes at its last step and trains
+    nothing; its evaluation was logged a second time at that step."""
+    from megatron_ease.training.metrics import MetricsLogger
+
+    trainer_class = _finished_trainer(
+        lambda cfg: MetricsLogger(cfg.logging.run_dir, use_wandb=False, resumed_at=3))
     for _ in range(2):
-        demo.run_arm(args, "/tmp/data", "dapo", False, "/tmp/init")
+        _run_finished_arm(monkeypatch, trainer_class, str(tmp_path))
     with open(tmp_path / "runs" / "dapo" / "metrics.jsonl") as f:
         assert [(r["step"], r["split"]) for r in map(json.loads, f)] == [(3, "eval")]
 
@@ -206,33 +223,15 @@ def test_an_out_with_results_but_no_recorded_arguments_is_refused(tmp_path, stub
 
 
 def test_overlay_samples_zero_gives_an_arm_no_overlays(monkeypatch, tmp_path):
-    from megatron_ease import demo
     from megatron_ease.data.synthetic import write_synthetic_dataset
-    from megatron_ease.training import builders
-    from megatron_ease.training import trainer as trainer_module
 
     data_dir = str(tmp_path / "data")
     write_synthetic_dataset(data_dir, 8, 4)
-
-    class TrainedTrainer:
-        def __init__(self, cfg):
-            self.cfg, self.step = cfg, 3
-            self.tokenizer = builders.load_tokenizer(cfg.data.tokenizer)
-            self.metrics = SimpleNamespace(log=lambda *a, **k: None, close=lambda: None,
-                                           has_record=lambda *a: False)
-
-        def train(self):
-            return 0
-
-        def evaluate(self, max_samples):
-            return {"accuracy": 0.1, "eval_samples": max_samples}
-
-    monkeypatch.setattr(trainer_module, "Trainer", TrainedTrainer)
-    monkeypatch.setattr(demo, "_seed", lambda seed: None)
-    args = SimpleNamespace(out=str(tmp_path), rl_steps=3, seed=1, warm_start_steps=0,
-                           overrides=[], eval_samples=7, overlay_samples=0)
+    trainer_class = _finished_trainer(lambda cfg: SimpleNamespace(
+        log=lambda *a, **k: None, close=lambda: None, has_record=lambda *a: False),
+        tokenizer=True)
     # Used to fail after the arm trained: ValueError: batch_size must be positive.
-    result = demo.run_arm(args, data_dir, "dapo", False, "/tmp/init")
+    result = _run_finished_arm(monkeypatch, trainer_class, str(tmp_path), data_dir)
     assert result["overlays"] == [] and result["eval"]["accuracy"] == 0.1
 
 

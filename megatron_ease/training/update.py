@@ -128,7 +128,10 @@ def policy_update(cfg: Config, model_chunks, optimizer, mini_batches: list[list[
     compute saved. ``train.recompute_old_log_probs`` runs the pass for all of them (π_old in eval
     mode, the update in train mode: they differ only if the model has dropout)."""
     from_forward = not cfg.train.recompute_old_log_probs
-    separate = [mb for mini in (mini_batches[1:] if from_forward else mini_batches) for mb in mini]
+    # Micro-batches without DAPO tokens (only EASE-feeding rows, ease.use_filtered_correct) need
+    # no π_old: their policy term is empty.
+    separate = [mb for mini in (mini_batches[1:] if from_forward else mini_batches) for mb in mini
+                if mb.num_response_tokens > 0]
     if separate:
         compute_old_log_probs(cfg, model_chunks, separate)
     for chunk in model_chunks:  # recomputation (layers, vision tower) runs in train mode only
@@ -157,6 +160,8 @@ def train_mini_batch(cfg: Config, model_chunks, optimizer, micro_batches: list[M
     def loss_fn(mb, output):
         log_probs = vocab_parallel_log_probs(output, mb.labels, d.temperature)
         old = log_probs.detach() if old_from_forward else mb.old_log_probs
+        if old is None and mb.num_response_tokens == 0:  # an EASE-only micro-batch: any π_old
+            old = log_probs.detach()
         if old is None:
             raise RuntimeError("train_mini_batch: micro-batch without old_log_probs; run "
                                "compute_old_log_probs first or pass old_from_forward=True")

@@ -489,6 +489,8 @@ def _policy_update_both_ways(dataset: str):
             "parallel.pipeline_model_parallel_size=2", "train.ppo_epochs=2",
             "train.ppo_mini_batches=2", f"train.recompute_old_log_probs={str(recompute).lower()}"])
         micro_batch = _update_batch(cfg)
+        # Rows that only feed EASE (ease.use_filtered_correct): no π_old pass for them.
+        ease_only = dataclasses.replace(micro_batch(2, 4), policy_rows=torch.zeros(2, dtype=bool))
         torch.manual_seed(0)
         model = builders.build_model(cfg)
         ddp = builders.wrap_ddp(cfg, model)
@@ -506,8 +508,8 @@ def _policy_update_both_ways(dataset: str):
         update.MicroBatch.to = lambda self, device: dataclasses.replace(self)
         try:
             updates = update.policy_update(cfg, [ddp], optimizer,
-                                           [[micro_batch(0, 2)], [micro_batch(2, 4)]], None, 1,
-                                           ease_active=True)
+                                           [[micro_batch(0, 2)], [micro_batch(2, 4), ease_only]],
+                                           None, 1, ease_active=True)
         finally:
             update.compute_old_log_probs, update.MicroBatch.to = original, to
         results[recompute] = {

@@ -117,31 +117,47 @@ def read_launch_env(environ: Optional[Mapping[str, str]] = None) -> LaunchEnv:
             world_size=int(env["WORLD_SIZE"]),
             local_rank=int(env.get("LOCAL_RANK", 0)),
             master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-            master_port=int(env.get("MASTER_PORT", 29500)),
+            master_port=_port(env.get("MASTER_PORT") or "29500"),
             launcher="torchrun",
         )
     # A task of an srun step only: a batch script's own shell also has SLURM_PROCID=0 and
     # SLURM_NTASKS (the job's task count), but no step id, and runs as one process (measured).
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env:
-        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        # The step's nodes: rank 0 runs on the first of them, which is not the allocation's
+        # first node when srun runs on some of them (srun -w / -r).
+        nodelist = (env.get("SLURM_STEP_NODELIST") or env.get("SLURM_NODELIST")
+                    or env.get("SLURM_JOB_NODELIST"))
         if not nodelist:
-            raise RuntimeError("Slurm task without SLURM_JOB_NODELIST: cannot find the master host")
-        if "MASTER_PORT" in env:
-            port = int(env["MASTER_PORT"])
+            raise RuntimeError("Slurm task without SLURM_STEP_NODELIST or SLURM_JOB_NODELIST: "
+                               "cannot find the master host")
+        if env.get("MASTER_PORT"):
+            port = _port(env["MASTER_PORT"])
         elif "SLURM_JOB_ID" in env:
             port = port_from_job_id(env["SLURM_JOB_ID"])
         else:
             raise RuntimeError("Slurm task without SLURM_JOB_ID or MASTER_PORT: cannot pick a port")
         return LaunchEnv(
             rank=int(env["SLURM_PROCID"]),
-            world_size=int(env["SLURM_NTASKS"]),
+            # The step's task count (SLURM_NTASKS may be the allocation's, kept by --preserve-env).
+            world_size=int(env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"]),
             local_rank=int(env.get("SLURM_LOCALID", 0)),
             master_addr=env.get("MASTER_ADDR") or expand_hostlist(nodelist)[0],
             master_port=port,
             launcher="slurm",
         )
-    return LaunchEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or find_free_port(),
+    return LaunchEnv(0, 1, 0, "127.0.0.1",
+                     _port(env["MASTER_PORT"]) if env.get("MASTER_PORT") else find_free_port(),
                      "single")
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 < port < 65536:
+        raise RuntimeError(f"MASTER_PORT={text!r} is not a TCP port (1-65535)")
+    return port
 
 
 def default_backend() -> str:

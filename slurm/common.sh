@@ -106,7 +106,9 @@ launch_training() {
 
   # Rendezvous: the first host of the allocation and a port every task derives alike from the
   # job id (the formula of megatron_ease.distributed.port_from_job_id, which reads these first).
-  MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+  # All of scontrol's output is read (sed, not head): head's early exit would SIGPIPE scontrol
+  # on a long host list, and pipefail would end the script before srun, without a message.
+  MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)
   MASTER_PORT=$((12000 + SLURM_JOB_ID % 20000))
   export MASTER_ADDR MASTER_PORT
   export PYTHONUNBUFFERED=1

@@ -12,9 +12,11 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 PYTHON=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
+# venv writes bin/python before ensurepip installs pip: a set-up killed in between (or a
+# python3 without ensurepip) left a .venv without pip that no re-run repaired.
+if ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
   echo "[setup] creating .venv with $($PYTHON --version 2>&1)" >&2
-  "$PYTHON" -m venv .venv
+  "$PYTHON" -m venv --clear .venv
 fi
 stamp=.venv/.megatron_ease-installed
 want=$(cat setup.py constraints.txt | sha256sum | cut -d' ' -f1)

@@ -55,6 +55,28 @@ def test_slurm_env_explicit_master_wins():
     assert (launch.master_addr, launch.master_port) == ("head", 30000)
 
 
+def test_an_srun_step_on_some_of_the_allocations_nodes_meets_on_its_own_first_node():
+    """``salloc -N4`` then ``srun -w n[3-4]``: rank 0 runs on n3, and the rendezvous waited on
+    n1 (the allocation's first node) until the timeout; the step's task count is the world."""
+    env = {"SLURM_PROCID": "1", "SLURM_NTASKS": "16", "SLURM_STEP_NUM_TASKS": "2",
+           "SLURM_JOB_NODELIST": "n[1-4]", "SLURM_STEP_NODELIST": "n[3-4]",
+           "SLURM_JOB_ID": "7", "SLURM_STEP_ID": "2"}
+    launch = read_launch_env(env)
+    assert (launch.master_addr, launch.world_size, launch.rank) == ("n3", 2, 1)
+
+
+@pytest.mark.parametrize("port", ["", "abc", "70000", "0"])
+def test_a_master_port_that_is_no_port_is_named(port):
+    env = {"RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": port}
+    if port == "":  # unset in effect: torchrun's default
+        assert read_launch_env(env).master_port == 29500
+        assert read_launch_env({"MASTER_PORT": ""}).master_port > 0
+        return
+    for environ in (env, {"MASTER_PORT": port}):
+        with pytest.raises(RuntimeError, match=f"MASTER_PORT='{port}' is not a TCP port"):
+            read_launch_env(environ)
+
+
 def test_slurm_env_without_nodelist_is_a_clear_error():
     with pytest.raises(RuntimeError, match="SLURM_JOB_NODELIST"):
         read_launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "1",

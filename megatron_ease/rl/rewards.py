@@ -626,13 +626,13 @@ _EXPRESSION_AFTER = re.compile(
     rf"!|\s*(?:\^(?!\s*\{{?\s*o\s*\}}?(?![A-Za-z]))|_|[\u221a\u221b\u03c0]"
     rf"|\\(?!{_NOT_OPERATORS})[A-Za-z]"
     rf"|[-+*/]\s*(?:\\(?!{_NOT_OPERATORS})[A-Za-z]|[\u221a\u221b\u03c0]))")
-# ... or one that is an exponent, a subscript, a function's or root's argument, glued to a
-# variable, or after a variable and an operator ("x^2", "e^{-2}", "\log_2 8", "\sqrt{9}", "x2",
-# "x + 5"; not "approximately -5").
+# ... or one that is an exponent, a subscript, a function's or root's argument, or after a
+# variable and an operator ("x^2", "e^{-2}", "\log_2 8", "\sqrt{9}", "x + 5"; not
+# "approximately -5"; a numeral glued to a word, "cho3R", is still read).
 _EXPRESSION_BEFORE = re.compile(
     rf"(?:[\^_]\s*\{{?|\\(?!{_NOT_OPERATORS})[A-Za-z]+\s*(?:\[[^\]]{0,16}\]\s*)?\{{?"
     r"|[\u221a\u221b]\s*\{?)\s*[-+]?\s*$"
-    r"|[A-Za-z\u0370-\u03ff]$|[A-Za-z\u0370-\u03ff})](?:[-+*/]\s*|\s+[-+*/]\s+)$")
+    r"|[A-Za-z\u0370-\u03ff})](?:[-+*/]\s*|\s+[-+*/]\s+)$")
 # A time or a ratio ("10:45", "3:2") is not one number.
 _RATIO = re.compile(r"\s*:\s*\d")
 _DASH_MINUS = re.compile(r"(?<![\w)}])[\u2013\u2012](?=\s*\d)")

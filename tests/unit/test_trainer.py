@@ -44,7 +44,7 @@ def _overrides(dataset: str, run_dir: str, steps: int, *extra: str) -> list[str]
             f"logging.run_dir={run_dir}", f"checkpoint.dir={run_dir}/ckpt",
             f"train.steps={steps}", "train.prompts_per_step=4", "dapo.group_size=4",
             "train.micro_batch_size=8", "dapo.max_response_length=6",
-            "dapo.overlong_buffer_length=2", "dapo.max_gen_batches=16",
+            "dapo.overlong_buffer_length=2", "dapo.max_gen_batches=48",
             "train.warm_start_steps=30", "train.warm_start_lr=3e-3", *extra]
 
 

@@ -175,22 +175,26 @@ def test_get_rope_index_matches_hf_qwen3vl_with_padding_and_several_images(tiny)
 @pytest.mark.parametrize("tp, pp, first_stage_layers", [(1, 1, None), (2, 1, None), (1, 2, 1)],
                          ids=["tp1_pp1", "tp2", "pp2_deepstack_on_stage_1"])
 def test_logits_match_hf_with_deepstack(tiny, tp, pp, first_stage_layers):
-    """Two images + one image, padded both sides; text-only batch too (no DeepStack add)."""
-    batches = [tiny["batch"], tiny["text_only"]]
+    """Two images + one image, padded both sides; text-only batch too (no DeepStack add), also
+    given as an empty image set (the tower raised on it)."""
+    no_images = {**tiny["text_only"], "pixel_values": tiny["batch"]["pixel_values"][:0],
+                 "image_grid_thw": tiny["batch"]["image_grid_thw"][:0]}
+    batches = [tiny["batch"], tiny["text_only"], no_images]
     results = run_distributed(_logits_worker, tiny["hf_dir"], batches, first_stage_layers,
                               tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     last = [logits for logits, _ in results if logits[0] is not None]
     assert len(last) == (2 if pp == 1 else 1)
     valid = tiny["batch"]["attention_mask"]
-    for logits, text_logits in last:
+    for logits, text_logits, empty_set_logits in last:
         torch.testing.assert_close(logits[valid], tiny["logits"][valid], atol=1e-4, rtol=0)
         torch.testing.assert_close(text_logits[valid], tiny["text_logits"][valid], atol=1e-4,
                                    rtol=0)
+        assert torch.equal(empty_set_logits, text_logits)
     if pp == 2:
         # Stage 1 holds layers 1..3: it receives levels 1 and 2 packed after the hidden states
         # with the images, plain hidden states without (as ``input_hidden_size`` predicts).
-        assert results[0][1] == [4 * HIDDEN, HIDDEN, None, None]
-        assert results[1][1] == [3 * HIDDEN, HIDDEN] * 2
+        assert results[0][1] == [4 * HIDDEN, HIDDEN, None, None, None]
+        assert results[1][1] == [3 * HIDDEN, HIDDEN] * 2 + [HIDDEN]
 
 
 def test_train_step_pp2_with_deepstack_on_stage_1_matches_single_stage(tiny):

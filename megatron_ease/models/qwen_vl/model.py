@@ -162,7 +162,9 @@ class QwenVLModel(MegatronModule):
         embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=None)
         image_mask = self.image_token_mask(input_ids)  # [b, s]
         num_tokens = int(image_mask.sum())
-        if pixel_values is None:
+        # No images: none given, or an empty set (a micro-batch of text-only sequences, which the
+        # tower cannot encode: it raised inside HF's code).
+        if pixel_values is None or (image_grid_thw is not None and image_grid_thw.shape[0] == 0):
             if num_tokens:
                 raise ValueError(f"input_ids hold {num_tokens} image tokens but no pixel_values "
                                  f"were given")

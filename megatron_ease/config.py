@@ -573,7 +573,7 @@ def validate_config(cfg: Config, world_size: int = 1) -> None:
     check(t.steps >= 0, f"train.steps must be >= 0, got {t.steps}")
     check(t.ppo_epochs >= 1, f"train.ppo_epochs must be >= 1 (0 would never update), got "
                              f"{t.ppo_epochs}")
-    check(math.isfinite(t.lr) and t.lr >= 0, f"train.lr must be a finite number >= 0, got {t.lr}")
+    check(t.lr >= 0, f"train.lr must be >= 0, got {t.lr}")  # (finite: checked above)
     check(t.lr_warmup_steps >= 0, f"train.lr_warmup_steps must be >= 0, got {t.lr_warmup_steps}")
     check(0 <= t.min_lr <= t.lr, f"train.min_lr must be in [0, train.lr ({t.lr})], got {t.min_lr}")
     check(t.clip_grad >= 0, f"train.clip_grad must be >= 0 (0 = no clipping), got {t.clip_grad}")

@@ -63,6 +63,7 @@ Runs on CPU in one process (GPUs are hidden: the work is I/O, and it keeps one c
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -148,10 +149,10 @@ def _require_empty(path: str, what: str) -> None:
 
 
 def _write_record(ckpt_dir: str, record: dict) -> None:
-    from megatron_ease.models.qwen_vl.hf_weights import write_json_atomic
+    from megatron_ease.training.checkpointing import write_atomic
 
-    write_json_atomic(os.path.join(ckpt_dir, CONVERSION_RECORD), record, indent=1,
-                      sort_keys=True)
+    write_atomic(os.path.join(ckpt_dir, CONVERSION_RECORD),
+                 json.dumps(record, indent=1, sort_keys=True))
 
 
 def _publish(staging: str, out: str) -> None:

@@ -178,12 +178,7 @@ def _set_aside_earlier_log(path: str) -> Optional[str]:
     this run's, once. Returns the new name, None when there was nothing to move."""
     if not os.path.isfile(path) or os.path.getsize(path) == 0:
         return None
-    stem, ext = os.path.splitext(path)
-    n = 1
-    while os.path.exists(f"{stem}.{n}{ext}"):
-        n += 1
-    aside = f"{stem}.{n}{ext}"
-    os.replace(path, aside)
+    aside = _set_aside(path)
     logger.warning("%s is from an earlier start without a checkpoint to resume; this run logs "
                    "from step 1, the earlier log is now %s", path, aside)
     return aside
@@ -194,11 +189,18 @@ def _set_aside_earlier_tensorboard(directory: str) -> Optional[str]:
     ``tensorboard.<n>`` (the first free n), else both runs' curves would be drawn as one."""
     if not os.path.isdir(directory) or not os.listdir(directory):
         return None
+    return _set_aside(directory)
+
+
+def _set_aside(path: str) -> str:
+    """Rename ``path`` (``a/metrics.jsonl``, ``a/tensorboard``) to the first free
+    ``a/metrics.<n>.jsonl`` / ``a/tensorboard.<n>``; returns the new name."""
+    stem, ext = os.path.splitext(path)
     n = 1
-    while os.path.exists(f"{directory}.{n}"):
+    while os.path.exists(f"{stem}.{n}{ext}"):
         n += 1
-    os.replace(directory, f"{directory}.{n}")
-    return f"{directory}.{n}"
+    os.replace(path, f"{stem}.{n}{ext}")
+    return f"{stem}.{n}{ext}"
 
 
 def _start_wandb(run_dir: str, config: Optional[dict], project: str, mode: Optional[str],

@@ -276,10 +276,10 @@ class Trainer:
             float(sum(self.train_reader.skipped.values())),
         ] + [sum(u["_policy_sums"][k] for u in updates) for k in POLICY_SUMS],
             dtype=torch.float64)
-        policy = local[7:].clone()
+        policy_sums = local[7:].clone()
         if ps.get_pipeline_model_parallel_world_size() > 1:
-            all_reduce_(policy, group=ps.get_pipeline_model_parallel_group())
-        local[7:] = policy
+            all_reduce_(policy_sums, group=ps.get_pipeline_model_parallel_group())
+        local[7:] = policy_sums
         if self.dp_group is not None:
             all_reduce_(local, group=self.dp_group)
         reward, acc, n, tokens, unparsed, no_target, skipped = local[:7].tolist()

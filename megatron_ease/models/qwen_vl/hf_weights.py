@@ -354,7 +354,7 @@ def save_hf_weights(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str,
         if n > 1:
             index = {"metadata": {"total_size": total_bytes},
                      "weight_map": {name: file_names[i] for name, i in sorted(shard_of.items())}}
-            write_json_atomic(os.path.join(out_dir, SAFETENSORS_INDEX), index, indent=2)
+            write_atomic(os.path.join(out_dir, SAFETENSORS_INDEX), json.dumps(index, indent=2))
         fsync_dir(out_dir)
     finally:
         for temp in temp_names:
@@ -363,8 +363,3 @@ def save_hf_weights(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str,
             except FileNotFoundError:
                 pass
     return file_names + ([SAFETENSORS_INDEX] if n > 1 else [])
-
-
-def write_json_atomic(path: str, data, **dump_kwargs) -> None:
-    """``path`` holds all of ``data`` as JSON or keeps what it held (``write_atomic``)."""
-    write_atomic(path, json.dumps(data, **dump_kwargs))

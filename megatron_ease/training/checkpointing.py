@@ -12,7 +12,9 @@ Layout of ``checkpoint.dir``::
 
 Every rank writes into ``.tmp_iter_N``; after a barrier rank 0 renames it to ``iter_N`` (atomic on
 one filesystem) and only then points ``latest`` at it, so a checkpoint interrupted mid-write is
-never picked up. Old checkpoints beyond ``keep_last`` are removed once the save is complete on
+never picked up. Each of these steps ends in a barrier that also agrees on failures: a rank
+that fails one (a full disk, a refused rename) raises, and so does every other rank, instead of
+waiting for the collective timeout. Old checkpoints beyond ``keep_last`` are removed once the save is complete on
 every rank: renamed out of the ``iter_*`` namespace (one metadata operation each, so a kill
 mid-delete never leaves a half-deleted ``iter_*``) and deleted by a background thread on rank 0.
 Deleting ~100 GB can take longer than the collective timeout on a slow filesystem; no rank waits
@@ -26,6 +28,7 @@ directory as they read a converted one (``megatron_ease.models.qwen_vl.checkpoin
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -58,9 +61,36 @@ def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
-def _barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+@contextlib.contextmanager
+def _all_ranks_agree(what: str):
+    """A barrier after the block that also agrees on whether it worked: when the block raises
+    on some ranks, every rank raises (the failing ones their own error, the others one naming
+    the lowest failing rank). A rank raising alone between a save's barriers (a full disk, a
+    rename refused) left the others waiting for the collective timeout, 10+ minutes of a job
+    that had already failed."""
+    error = None
+    try:
+        yield
+    except Exception as e:  # re-raised by _agree, once the others know
+        error = e
+    _agree(error, what)
+
+
+def _agree(error: Optional[BaseException], what: str) -> None:
+    """Collective over the default group (a barrier): raise ``error`` on its rank, and on the
+    others an error naming the lowest rank that failed ``what``."""
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        from megatron_ease.distributed import all_reduce_
+
+        world = torch.distributed.get_world_size()
+        failed = all_reduce_(torch.tensor([float(world if error is None else _rank())],
+                                          dtype=torch.float64),
+                             op=torch.distributed.ReduceOp.MIN)
+        if error is None and failed.item() < world:
+            raise RuntimeError(f"rank {int(failed.item())} failed while {what} (its error is in "
+                               f"its log); this rank stops too")
+    if error is not None:
+        raise error
 
 
 def _layout() -> Optional[dict]:
@@ -353,54 +383,60 @@ class CheckpointManager:
         final = os.path.join(self.directory, step_dir_name(step))
         tmp = os.path.join(self.directory, ".tmp_" + step_dir_name(step))
         started = time.monotonic()
-        if _rank() == 0:
-            os.makedirs(self.directory, exist_ok=True)
-            if self._to_delete:
-                logger.warning("%d old checkpoint folder(s) in %s are still being deleted: "
-                               "deleting is slower than the checkpoint interval, the filesystem "
-                               "may fill up", len(self._to_delete), self.directory)
-            for stale in os.listdir(self.directory):
-                if stale.startswith(".tmp_iter_"):  # left by a save that was killed
-                    self._discard(stale)
-            self._delete_discarded()  # these, and what a killed run left half-deleted
-            os.makedirs(tmp)
-        _barrier()
+        with _all_ranks_agree(f"preparing checkpoint folder {tmp}"):
+            if _rank() == 0:
+                os.makedirs(self.directory, exist_ok=True)
+                if self._to_delete:
+                    logger.warning("%d old checkpoint folder(s) in %s are still being deleted: "
+                                   "deleting is slower than the checkpoint interval, the "
+                                   "filesystem may fill up", len(self._to_delete),
+                                   self.directory)
+                for stale in os.listdir(self.directory):
+                    if stale.startswith(".tmp_iter_"):  # left by a save that was killed
+                        self._discard(stale)
+                self._delete_discarded()  # these, and what a killed run left half-deleted
+                os.makedirs(tmp)
         protect_checkpoint_writer()  # megatron-core's writer must outlive Slurm's USR1 / TERM
         # A never-stepped optimizer has nothing to save (and megatron-core cannot describe it).
         if optimizer is not None and not _optimizer_has_state(optimizer):
             optimizer = None
+        # Failures inside are megatron-core's: its writer gathers every rank's write result and
+        # raises everywhere, but a rank failing before that gather (or rank 0 failing to write
+        # the metadata) leaves the others in its collectives, as upstream. Each step of ours
+        # is a block that every rank agrees on.
         dist_checkpointing.save(_sharded_state(model_chunks, optimizer, is_loading=False), tmp)
-        if _rank() == 0:
-            os.makedirs(os.path.join(tmp, "rank_state"))
-        _barrier()
-        state = {"rng": rng_state(), **(rank_state or {})}
-        write_atomic(os.path.join(tmp, "rank_state", f"rank_{_rank():05d}.json"),
-                     json.dumps(state))
-        if _rank() == 0:
-            meta = {"step": step, "world_size": torch.distributed.get_world_size()
-                    if torch.distributed.is_initialized() else 1, "layout": _layout(),
-                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                    "has_optimizer": optimizer is not None,
-                    "distributed_optimizer": optimizer is not None and
-                    _is_distributed_optimizer(optimizer),
-                    **(trainer_state or {})}
-            write_atomic(os.path.join(tmp, "trainer_state.json"), json.dumps(meta, indent=1))
-        _barrier()
-        if _rank() == 0:
-            # megatron-core fsyncs its files, not the folder holding their names: the folder's
-            # entries reach the disk before the rename publishes it.
-            fsync_dir(tmp)
-            if os.path.isdir(final):  # a re-save of the same step (e.g. after a resume)
-                # Moved aside, not deleted first: ``latest`` may name it, and the new one takes
-                # its place with the next rename (a crash in between leaves the old one under a
-                # name ``latest_checkpoint``'s error points to).
-                self._discard(step_dir_name(step))
-            os.rename(tmp, final)
-            fsync_dir(self.directory)  # iter_N is on disk before latest names it
-            write_atomic(os.path.join(self.directory, LATEST), step_dir_name(step) + "\n")
-            # The duration sizes Slurm's --signal=USR1@<seconds> margin (README).
-            logger.info("saved checkpoint %s in %.1f s", final, time.monotonic() - started)
-        _barrier()
+        with _all_ranks_agree(f"creating {os.path.join(tmp, 'rank_state')}"):
+            if _rank() == 0:
+                os.makedirs(os.path.join(tmp, "rank_state"))
+        with _all_ranks_agree(f"writing the rank and trainer state of {tmp}"):
+            state = {"rng": rng_state(), **(rank_state or {})}
+            write_atomic(os.path.join(tmp, "rank_state", f"rank_{_rank():05d}.json"),
+                         json.dumps(state))
+            if _rank() == 0:
+                meta = {"step": step, "world_size": torch.distributed.get_world_size()
+                        if torch.distributed.is_initialized() else 1, "layout": _layout(),
+                        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                        "has_optimizer": optimizer is not None,
+                        "distributed_optimizer": optimizer is not None and
+                        _is_distributed_optimizer(optimizer),
+                        **(trainer_state or {})}
+                write_atomic(os.path.join(tmp, "trainer_state.json"),
+                             json.dumps(meta, indent=1))
+        with _all_ranks_agree(f"publishing {final}"):
+            if _rank() == 0:
+                # megatron-core fsyncs its files, not the folder holding their names: the
+                # folder's entries reach the disk before the rename publishes it.
+                fsync_dir(tmp)
+                if os.path.isdir(final):  # a re-save of the same step (e.g. after a resume)
+                    # Moved aside, not deleted first: ``latest`` may name it, and the new one
+                    # takes its place with the next rename (a crash in between leaves the old
+                    # one under a name ``latest_checkpoint``'s error points to).
+                    self._discard(step_dir_name(step))
+                os.rename(tmp, final)
+                fsync_dir(self.directory)  # iter_N is on disk before latest names it
+                write_atomic(os.path.join(self.directory, LATEST), step_dir_name(step) + "\n")
+                # The duration sizes Slurm's --signal=USR1@<seconds> margin (README).
+                logger.info("saved checkpoint %s in %.1f s", final, time.monotonic() - started)
         # The checkpoint is complete and named by ``latest``: removing old ones is rank 0's
         # alone, and nobody waits for it (see the module doc).
         if _rank() == 0:

@@ -225,10 +225,10 @@ def _save_recording_deletions(directory: str):
     manager = CheckpointManager(directory, keep_last=1)
     manager.save(1, [ddp], opt, sched)
     barriers, deletions = [], []
-    real_barrier, real_rmtree = checkpointing._barrier, shutil.rmtree
+    real_agree, real_rmtree = checkpointing._agree, shutil.rmtree
 
-    def barrier():
-        real_barrier()
+    def agree(error, what):  # the save's barriers
+        real_agree(error, what)
         barriers.append(True)
 
     def rmtree(path, *args, **kwargs):
@@ -237,12 +237,12 @@ def _save_recording_deletions(directory: str):
                               threading.current_thread() is threading.main_thread()))
         real_rmtree(path, *args, **kwargs)
 
-    checkpointing._barrier, shutil.rmtree = barrier, rmtree
+    checkpointing._agree, shutil.rmtree = agree, rmtree
     try:
         manager.save(2, [ddp], opt, sched)
         manager.wait_for_deletions()
     finally:
-        checkpointing._barrier, shutil.rmtree = real_barrier, real_rmtree
+        checkpointing._agree, shutil.rmtree = real_agree, real_rmtree
     return len(barriers), deletions, sorted(os.listdir(directory))
 
 
@@ -412,6 +412,72 @@ def test_resume_at_another_world_size_starts_rank_state_afresh_on_every_rank(tmp
     meta.update(world_size=2, layout={"tp": 2, "pp": 1, "cp": 1, "dp": 1})
     open(meta_path, "w").write(json.dumps(meta))
     assert run_distributed(_resume_from, path) == [(3, []), (3, [])]
+
+
+def _save_failing_on(directory: str, failing_rank: int, where: str):
+    """Save step 1, then step 2 with ``where`` failing on ``failing_rank`` only: each rank's
+    error (or None), and what ``latest`` names afterwards."""
+    import errno
+    import unittest.mock
+
+    ddp, opt, sched = _train_objects()
+    manager = CheckpointManager(directory, keep_last=2)
+    manager.save(1, [ddp], opt, sched)
+    rank = torch.distributed.get_rank()
+    real_rename, real_makedirs = os.rename, os.makedirs
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def failing_rename(src, dst):  # only the publishing rename of the new checkpoint
+        if os.fspath(src).endswith(".tmp_iter_0000002"):
+            disk_full()
+        return real_rename(src, dst)
+
+    def failing_makedirs(path, *args, **kwargs):
+        if os.fspath(path).endswith(".tmp_iter_0000002"):
+            disk_full()
+        return real_makedirs(path, *args, **kwargs)
+
+    if rank == failing_rank:
+        if where == "publish":
+            os.rename = failing_rename
+        elif where == "prepare":
+            os.makedirs = failing_makedirs
+        elif where == "rank_state":
+            patcher = unittest.mock.patch("megatron_ease.training.checkpointing.write_atomic",
+                                          side_effect=disk_full)
+            patcher.start()
+    error = None
+    try:
+        _step(ddp, opt, sched)
+        manager.save(2, [ddp], opt, sched)
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"
+    finally:
+        os.rename, os.makedirs = real_rename, real_makedirs
+        if where == "rank_state" and rank == failing_rank:
+            patcher.stop()
+    return error, os.path.basename(latest_checkpoint(directory))
+
+
+@pytest.mark.parametrize("failing_rank,where", [(0, "prepare"), (0, "publish"),
+                                                (1, "rank_state"), (0, "rank_state")])
+def test_a_save_failing_on_one_rank_fails_on_every_rank_at_once(tmp_path, failing_rank, where):
+    """Rank 0 failing to create the folder or to publish it (a full disk, a rename refused), or
+    any rank failing to write its state, raised on that rank alone while the others waited in
+    the save's next barrier until the collective timeout (here the 120 s guard). Every rank
+    now raises: the failing one its own error, the others one naming it; ``latest`` still names
+    the previous checkpoint."""
+    results = run_distributed(_save_failing_on, str(tmp_path / "ckpt"), failing_rank, where,
+                              timeout_s=120)
+    for rank, (error, latest) in enumerate(results):
+        assert latest == "iter_0000001"
+        assert error is not None, f"rank {rank} saved although rank {failing_rank} failed"
+        if rank == failing_rank:
+            assert "No space left on device" in error, error
+        else:
+            assert f"rank {failing_rank} failed while" in error, error
 
 
 def test_latest_pointing_nowhere_is_a_clear_error(tmp_path):

@@ -359,12 +359,16 @@ class QwenVLRolloutAdapter(RolloutModelAdapter):
         super().__init__(model, pg_collection, **options)
         self._with_images = False  # the step being run embeds images (prefill of image prompts)
 
+    def _embeds_images(self, inputs) -> bool:
+        return unwrap_model(self.model).has_images(inputs.get("pixel_values"),
+                                                   inputs.get("image_grid_thw"))
+
     def run_one_forward_step(self, inference_input, recv_buffer_seq_len=None):
-        self._with_images = inference_input.get("pixel_values") is not None
+        self._with_images = self._embeds_images(inference_input)
         return super().run_one_forward_step(inference_input, recv_buffer_seq_len)
 
     def recv_buffer_for(self, inputs):
-        self._with_images = inputs.get("pixel_values") is not None
+        self._with_images = self._embeds_images(inputs)
         return super().recv_buffer_for(inputs)
 
     def _allocate_recv_buffer(self, batch_size, seq_len):

@@ -585,6 +585,36 @@ def tiny_qwen3vl(tmp_path_factory):
     return str(path), save_tiny_hf(path, tiny_qwen3vl_config())
 
 
+def _qwen3vl_text_only_worker(hf_dir: str, empty_image_sets: bool):
+    """Greedy rollouts of two text-only prompts, their images given as None or as empty sets
+    (``[0, D]`` patches, ``[0, 3]`` grids: what ``training.rollouts.split_prompts`` builds)."""
+    from megatron.core import parallel_state as ps
+
+    from tests.unit.test_qwen25vl_model import _build
+
+    model = _build(hf_dir, first_stage_layers=1
+                   if ps.get_pipeline_model_parallel_world_size() > 1 else None)
+    patch_dim = 3 * 2 * 16 * 16  # channels x temporal patch x patch 16 x 16
+    prompts = [Prompt(torch.tensor(ids), *((torch.zeros(0, patch_dim),
+                                           torch.zeros(0, 3, dtype=torch.long))
+                                          if empty_image_sets else (None, None)))
+               for ids in ([5, 6, 7, 8, 9], [11, 12, 13])]
+    return _engine(model).generate(prompts, SamplingParams(max_new_tokens=4, temperature=0.0,
+                                                           n=1, seed=0)).tokens
+
+
+def test_qwen3vl_text_only_prompts_with_empty_image_sets_at_pipeline_parallel_2(tiny_qwen3vl):
+    """Stage 0 sent plain hidden states for an empty image set (no images to embed) while
+    stage 1, counting the set as images, received DeepStack-wide buffers: garbage tokens, no
+    error. Empty sets are now no images everywhere."""
+    reference = run_distributed(_qwen3vl_text_only_worker, tiny_qwen3vl[0], False,
+                                world_size=1)[0]
+    for empty in (False, True):
+        for tokens in run_distributed(_qwen3vl_text_only_worker, tiny_qwen3vl[0], empty,
+                                      pipeline_model_parallel_size=2):
+            assert torch.equal(tokens, reference), (empty, tokens, reference)
+
+
 def test_qwen3vl_pipeline_parallel_2_with_deepstack_across_stages_matches_hf_generate(tiny_qwen3vl):
     """Stage 0 holds decoder layer 0 only, so the prefill sends the hidden states with DeepStack
     levels 1 and 2 packed after them (3h wide) to the layers that add them on stage 1; decode

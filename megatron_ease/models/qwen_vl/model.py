@@ -148,6 +148,17 @@ class QwenVLModel(MegatronModule):
                               spatial_merge_size=self.model_cfg.vision.spatial_merge_size,
                               image_token_id=self.model_cfg.image_token_id)[0]
 
+    @staticmethod
+    def has_images(pixel_values: Optional[torch.Tensor],
+                   image_grid_thw: Optional[torch.Tensor]) -> bool:
+        """Whether a step embeds images: not when none are given, nor for an empty set (text-only
+        sequences, which the tower cannot encode: it raised inside HF's code). One predicate for
+        ``embed`` and for the pipeline's receive width (``input_hidden_size``): a stage that
+        counted an empty set as images received DeepStack-wide buffers that stage 0 never sent
+        (garbage rollouts, no error)."""
+        return pixel_values is not None and not (image_grid_thw is not None
+                                                 and image_grid_thw.shape[0] == 0)
+
     def embed(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor] = None,
               image_grid_thw: Optional[torch.Tensor] = None,
               image_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -162,9 +173,7 @@ class QwenVLModel(MegatronModule):
         embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=None)
         image_mask = self.image_token_mask(input_ids)  # [b, s]
         num_tokens = int(image_mask.sum())
-        # No images: none given, or an empty set (a micro-batch of text-only sequences, which the
-        # tower cannot encode: it raised inside HF's code).
-        if pixel_values is None or (image_grid_thw is not None and image_grid_thw.shape[0] == 0):
+        if not self.has_images(pixel_values, image_grid_thw):
             if num_tokens:
                 raise ValueError(f"input_ids hold {num_tokens} image tokens but no pixel_values "
                                  f"were given")

@@ -206,7 +206,7 @@ class TrainConfig:
     recompute_old_log_probs: bool = False
     lr: float = 1e-6
     min_lr: float = 0.0
-    lr_warmup_steps: int = 0
+    lr_warmup_steps: int = 0  # RL steps (the schedule steps once per RL step, as verl)
     lr_decay_style: str = "constant"  # constant | linear | cosine
     weight_decay: float = 0.01
     adam_beta1: float = 0.9

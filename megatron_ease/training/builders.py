@@ -68,7 +68,28 @@ def build_optimizer(cfg: Config, model_chunks: list, lr: Optional[float] = None)
         adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, clip_grad=t.clip_grad,
         bf16=cfg.model.bf16, params_dtype=torch.bfloat16 if cfg.model.bf16 else torch.float32,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
-    return get_megatron_optimizer(opt_config, model_chunks)
+    optimizer = get_megatron_optimizer(opt_config, model_chunks)
+    # megatron-core gives biases and 1-D weights (norms) wd_mult 0, but only the scheduler
+    # applies the multipliers: an optimizer stepped without one (the warm start) decayed them.
+    for group in optimizer.param_groups:
+        group["lr"] = opt_config.lr * group.get("lr_mult", 1.0)
+        group["weight_decay"] = opt_config.weight_decay * group.get("wd_mult", 1.0)
+    return optimizer
+
+
+def apply_optimizer_config(cfg: Config, optimizer, scheduler=None) -> None:
+    """The config's optimizer hyper-parameters over those a loaded checkpoint brought back:
+    torch's ``load_state_dict`` restores each group's ``betas`` and megatron-core's per-group
+    ``max_lr`` / ``min_lr`` (which its scheduler reads before its own), so a resumed run kept
+    the checkpoint's whatever the config said. Then the scheduler sets each group's lr and weight
+    decay again, at the step it is at."""
+    for group in optimizer.param_groups:
+        if "betas" in group:
+            group["betas"] = (cfg.train.adam_beta1, cfg.train.adam_beta2)
+        if "max_lr" in group:
+            group["max_lr"], group["min_lr"] = cfg.train.lr, cfg.train.min_lr
+    if scheduler is not None:
+        scheduler.step(0)
 
 
 def build_scheduler(cfg: Config, optimizer):
@@ -80,7 +101,11 @@ def build_scheduler(cfg: Config, optimizer):
         optimizer, init_lr=0.0 if t.lr_warmup_steps else t.lr, max_lr=t.lr, min_lr=t.min_lr,
         lr_warmup_steps=t.lr_warmup_steps, lr_decay_steps=max(steps, t.lr_warmup_steps + 1),
         lr_decay_style=t.lr_decay_style, start_wd=t.weight_decay, end_wd=t.weight_decay,
-        wd_incr_steps=steps, wd_incr_style="constant")
+        wd_incr_steps=steps, wd_incr_style="constant",
+        # A resumed run follows its config's schedule at the checkpoint's step (Megatron-LM's
+        # --override-opt_param-scheduler): megatron-core's default kept the checkpoint's max_lr,
+        # decay steps and style, so raising train.steps to go on trained at min_lr.
+        use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True)
 
 
 def check_tokenizer_name(name: str) -> None:

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import time
 from typing import Optional
 
-import psutil
 import torch
 
 from megatron_ease.config import Config, config_changes, config_to_dict, resolve_hf_config
@@ -106,6 +106,7 @@ class Trainer:
         if latest:
             self.step, meta, rank_state = self.checkpoints.load(
                 latest, self.model_chunks, self.optimizer, self.scheduler)
+            builders.apply_optimizer_config(self.cfg, self.optimizer, self.scheduler)
             self.resumed = True
             self._saved_step = self.step
             self._validation_due = bool(meta.get("validation_due")) and self._is_validation_step()
@@ -191,10 +192,11 @@ class Trainer:
         with torch.profiler.record_function("megatron_ease/update"):
             update_metrics = policy_update(cfg, self.model_chunks, self.optimizer, mini_batches,
                                            self.dp_group, self.dp_size, ease_active=ease_active)
+        lr = self.optimizer.param_groups[0]["lr"]  # this step's (the scheduler sets the next)
         self.scheduler.step(1)
         self.step += 1
         metrics = self.step_metrics(kept, sampled.stats, update_metrics,
-                                    time.perf_counter() - t0, t_rollout)
+                                    time.perf_counter() - t0, t_rollout, lr)
         # Share of the update's token positions that are padding (micro_batch_size's cost).
         micro = [mb for mini in mini_batches for mb in mini]
         slots = torch.tensor([float(sum(mb.attention_mask.numel() for mb in micro)),
@@ -264,7 +266,7 @@ class Trainer:
         return float(total)
 
     def step_metrics(self, kept: RolloutBatch, stats: dict, updates: list[dict],
-                     step_time: float, rollout_time: float) -> dict:
+                     step_time: float, rollout_time: float, lr: float) -> dict:
         from megatron.core import parallel_state as ps
 
         # Rollout statistics: identical on TP/PP peers, summed over DP.
@@ -312,10 +314,10 @@ class Trainer:
             # tokens (nats); a fall towards 0 is the policy collapsing onto one answer.
             "entropy": policy["entropy"] / resp_tokens,
             "grad_norm": sum(u["grad_norm"] for u in updates) / n_updates,
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "lr": lr,
             "tokens_per_s": tokens / max(step_time, 1e-9),
             "step_time": step_time, "rollout_time": rollout_time,
-            "max_rss_gb": psutil.Process().memory_info().rss / 2**30,
+            "max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # KiB
         }
         # EASE: the headline values under short names (console, golden values), and every
         # per-layer and gated value under its own, averaged over the step's updates.

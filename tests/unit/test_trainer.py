@@ -1260,3 +1260,65 @@ def test_rollout_collector_caps_filtered_correct_groups_at_this_ranks_share_of_b
         assert collector.collect(step=0, dp_group=object()) == "sampled"
     kwargs = sample.call_args.kwargs
     assert kwargs["keep_filtered_correct"] is True and kwargs["max_filtered_correct_groups"] == 4
+
+
+def _resume_with_a_new_schedule(overrides):
+    from megatron_ease.training.trainer import Trainer
+
+    first = Trainer(load_config(CONFIG, overrides + ["train.steps=2", "train.lr=1e-4"]))
+    assert first.train() == 0
+    first.metrics.close()
+    resumed = Trainer(load_config(CONFIG, overrides + ["train.steps=4", "train.lr=2e-4",
+                                                       "train.adam_beta2=0.95"]))
+    s = resumed.scheduler
+    schedule = (s.max_lr, s.min_lr, s.lr_decay_steps, s.lr_decay_style, s.num_steps)
+    betas = {tuple(g["betas"]) for g in resumed.optimizer.param_groups}
+    assert resumed.train() == 0
+    resumed.metrics.close()
+    return schedule, betas
+
+
+def test_a_resumed_run_follows_its_configs_schedule_and_logs_the_lr_each_step_used(dataset,
+                                                                                     tmp_path):
+    """Resumed with train.steps raised (the trainer's own advice to go on) and a new lr,
+    megatron-core's scheduler kept the checkpoint's max_lr and decay length, so the new steps
+    trained at min_lr; Adam kept the checkpoint's betas. The config's schedule now applies at the
+    checkpoint's step, and the logged lr is the one the step trained with (it was the next
+    step's: a warmup's first step trains at 0)."""
+    run_dir = str(tmp_path / "run")
+    overrides = [o for o in _overrides(dataset, run_dir, 1, "train.warm_start_steps=2",
+                                       "train.lr_decay_style=linear", "train.min_lr=0.0",
+                                       "train.lr_warmup_steps=0")
+                 if not o.startswith("train.steps")]
+    schedule, betas = run_distributed(_resume_with_a_new_schedule, overrides, world_size=1,
+                                      timeout_s=600)[0]
+    assert schedule == (2e-4, 0.0, 4, "linear", 2)
+    assert betas == {(0.9, 0.95)}
+    logged = {step: record["lr"] for step, record in _metrics(run_dir).items()}
+    # linear decay from max_lr at step 0 to 0 at the last: lr(n) = max_lr (1 - n / steps)
+    assert logged == pytest.approx({1: 1e-4, 2: 0.5e-4, 3: 2e-4 * 2 / 4, 4: 2e-4 * 1 / 4}), logged
+
+
+def _warm_start_optimizer_decay(overrides):
+    from megatron_ease.training import builders
+
+    cfg = load_config(CONFIG, overrides)
+    model = builders.build_model(cfg)
+    ddp = builders.wrap_ddp(cfg, model)
+    optimizer = builders.build_optimizer(cfg, [ddp], lr=0.1)  # no scheduler, as the warm start
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    ddp.zero_grad_buffer()
+    optimizer.zero_grad()
+    optimizer.step()  # zero gradients: Adam moves nothing, only weight decay acts
+    return {n: bool(torch.equal(p.detach(), before[n])) for n, p in model.named_parameters()
+            if n in before}
+
+
+def test_an_optimizer_without_a_scheduler_does_not_decay_biases_and_norms(dataset, tmp_path):
+    """megatron-core gives biases and 1-D weights wd_mult 0, which only its scheduler applied:
+    the warm start's optimizer (no scheduler) decayed norm weights and biases."""
+    kept = run_distributed(_warm_start_optimizer_decay, _overrides(
+        dataset, str(tmp_path / "run"), 1, "train.weight_decay=0.5"), world_size=1)[0]
+    one_d = [n for n in kept if n.endswith(("bias", "layernorm.weight", "norm.weight"))]
+    assert one_d and all(kept[n] for n in one_d), [n for n in one_d if not kept[n]]
+    assert not kept["language_model.decoder.layers.0.mlp.linear_fc1.weight"]

@@ -65,6 +65,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -306,6 +307,16 @@ def megatron_to_hf(ckpt: str, hf_config_dir: Optional[str], out: str) -> None:
         # The tokenizer directory's own config files (a full HF model's) are not this model's.
         _copy_config_files(extra_files, out, skip=("config.json", "generation_config.json")
                            if made_config else ())
+    if made_config:
+        # The weights' dtype (the most elements), as a published config gives it: what
+        # from_pretrained(dtype="auto") and serving engines load the model in.
+        sizes: dict = {}
+        for _, shape, dtype in plan:
+            sizes[dtype] = sizes.get(dtype, 0) + math.prod(shape)
+        weights_dtype = max(sizes, key=sizes.get)
+        for config in (hf_config, getattr(hf_config, "text_config", None)):
+            if config is not None:
+                config.dtype = weights_dtype
     if made_config or not os.path.isfile(os.path.join(out, "config.json")):
         hf_config.save_pretrained(out)
     logger.info("wrote %s", out)

@@ -129,8 +129,12 @@ def test_megatron_to_hf_without_hf_config_takes_the_runs_saved_config(converted,
     result = convert("megatron-to-hf", "--ckpt", str(trainer), "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "tokenizer_config.json").read_text() == "{}"
-    assert json.loads((out / "config.json").read_text())["model_type"] == "qwen2_5_vl"
+    made = json.loads((out / "config.json").read_text())
+    assert made["model_type"] == "qwen2_5_vl"
     original, back = read_safetensors(converted["hf_dir"]), read_safetensors(out)
+    # what loaders dispatch on (vLLM reads architectures) and load in (dtype="auto")
+    assert made["architectures"] == ["Qwen2_5_VLForConditionalGeneration"]
+    assert made["dtype"] == str(original["lm_head.weight"].dtype).removeprefix("torch.")
     assert original.keys() == back.keys()
     assert all(torch.equal(back[k], v) for k, v in original.items())
     torch.testing.assert_close(hf_logits(_from_pretrained_fp32(out), converted["batch"]),

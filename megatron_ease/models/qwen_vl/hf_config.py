@@ -263,6 +263,7 @@ def hf_config_from_model_config(model_cfg: ModelConfig):
         from transformers import Qwen3VLConfig
 
         return Qwen3VLConfig(
+            architectures=["Qwen3VLForConditionalGeneration"],  # what loaders (vLLM) dispatch on
             text_config=dict(**_text_config_common(model_cfg), head_dim=head_dim,
                              attention_bias=False,
                              rope_parameters={**rope, "mrope_interleaved": True}),
@@ -275,6 +276,7 @@ def hf_config_from_model_config(model_cfg: ModelConfig):
         raise UnsupportedModelError("Qwen2.5-VL needs kv_channels = hidden_size / "
                                     "num_attention_heads")
     return Qwen2_5_VLConfig(
+        architectures=["Qwen2_5_VLForConditionalGeneration"],
         text_config=dict(**_text_config_common(model_cfg), rope_parameters=rope),
         vision_config=_hf_vision_fields(model_cfg),
         **tokens,

@@ -95,10 +95,17 @@ _TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 def _use_triton(impl: str, query: torch.Tensor, key: torch.Tensor) -> bool:
     if impl == "torch":
         return False
+    # The kernels' dot precisions (tf32 / tf32x3) are NVIDIA's: on ROCm (where ``is_cuda`` is
+    # True too) Triton refuses to compile them.
+    rocm = torch.version.hip is not None
     if impl == "auto":
-        return (query.is_cuda and query.dtype in _TRITON_DTYPES and key.dtype == query.dtype
-                and _triton_attention() is not None)
+        return (query.is_cuda and not rocm and query.dtype in _TRITON_DTYPES
+                and key.dtype == query.dtype and _triton_attention() is not None)
     if impl == "triton":
+        if rocm:
+            raise NotImplementedError(
+                "image_attention_mass(impl='triton'): the kernels are written for NVIDIA GPUs "
+                "(tf32 dots), not ROCm; use impl='torch' or 'auto' (ease.slice_impl)")
         if _triton_attention() is None:
             raise ImportError(
                 "image_attention_mass(impl='triton') needs the triton package (pip install "

@@ -9,6 +9,7 @@ and compares. ``test_compiled_kernels_on_cuda_*`` run the real compiled kernels 
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -249,6 +250,19 @@ def test_forcing_triton_on_cpu_tensors_outside_the_interpreter_says_what_to_do()
     query, key, image, response, valid = make_case(dtype=torch.float32)
     with pytest.raises(ValueError, match="runs on CUDA tensors.*TRITON_INTERPRET=1.*impl='torch'"):
         image_attention_mass(query, key, image, response, key_valid_mask=valid, impl="triton")
+
+
+def test_auto_picks_triton_on_nvidia_gpus_only_and_forcing_it_on_rocm_says_why(monkeypatch):
+    """ROCm tensors are ``is_cuda`` too, and the kernels' tf32 dots do not compile there: auto
+    picked Triton on AMD GPUs. Stand-ins for GPU tensors (this machine has none)."""
+    pytest.importorskip("triton")
+    gpu_bf16 = types.SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert attention._use_triton("auto", gpu_bf16, gpu_bf16) is True
+    monkeypatch.setattr(torch.version, "hip", "6.4.0")
+    assert attention._use_triton("auto", gpu_bf16, gpu_bf16) is False
+    with pytest.raises(NotImplementedError, match="NVIDIA GPUs.*not ROCm.*impl='torch'"):
+        attention._use_triton("triton", gpu_bf16, gpu_bf16)
 
 
 def test_rejects_unknown_impl_and_unsupported_dtypes():

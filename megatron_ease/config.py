@@ -241,7 +241,7 @@ class LoggingConfig:
 
 @dataclass
 class EvalConfig:
-    interval: int = 0  # 0 = no periodic validation
+    interval: int = 0  # validate every N RL steps and at the last one; 0 = no validation
     samples: int = 64
     batch_size: int = 16
 

@@ -354,8 +354,11 @@ class Trainer:
         self._saved_step = self.step
 
     def _is_validation_step(self) -> bool:
+        """Every ``eval.interval`` steps, and the last step (as verl): a run whose length is not
+        a multiple of the interval ends validated."""
         interval = self.cfg.eval.interval
-        return bool(interval and self.step > 0 and self.step % interval == 0)
+        return bool(interval and self.step > 0 and (self.step % interval == 0
+                                                    or self.step == self.cfg.train.steps))
 
     def train(self, preemption: Optional[PreemptionHandler] = None) -> int:
         """Run to ``train.steps``; returns the process exit status: 0 when done, 75 when
@@ -395,7 +398,7 @@ class Trainer:
                 if self.step >= cfg.train.steps or (
                         cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0):
                     self.save()
-                if cfg.eval.interval and self.step % cfg.eval.interval == 0:
+                if self._is_validation_step():
                     self.metrics.log(self.step, self.evaluate(), cfg.train.steps, prefix="eval")
                 if stop:
                     break  # signalled at the last step: finish as usual, nothing to requeue

@@ -1322,3 +1322,14 @@ def test_an_optimizer_without_a_scheduler_does_not_decay_biases_and_norms(datase
     one_d = [n for n in kept if n.endswith(("bias", "layernorm.weight", "norm.weight"))]
     assert one_d and all(kept[n] for n in one_d), [n for n in one_d if not kept[n]]
     assert not kept["language_model.decoder.layers.0.mlp.linear_fc1.weight"]
+
+
+def test_validation_runs_every_interval_and_at_the_last_step(dataset, tmp_path):
+    """eval.interval=2 over 3 steps validated at step 2 only: the run's final policy went
+    unmeasured whenever train.steps was not a multiple of the interval."""
+    run_dir = str(tmp_path / "run")
+    overrides = _overrides(dataset, run_dir, 3, "train.warm_start_steps=2", "eval.interval=2",
+                           "eval.samples=2", "eval.batch_size=2", "checkpoint.dir=null")
+    status, _ = run_distributed(_train_in_pool, overrides, world_size=1, timeout_s=600)[0]
+    assert status == 0
+    assert [record["step"] for record in _records(run_dir, "eval")] == [2, 3]

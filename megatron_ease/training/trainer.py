@@ -373,8 +373,12 @@ class Trainer:
                                 os.path.join(cfg.logging.run_dir, "profile"),
                                 torch.distributed.get_rank())
         try:
-            if (self.step == 0 and not self.resumed and cfg.train.warm_start_steps > 0
-                    and not cfg.model.init_from):
+            fresh = self.step == 0 and not self.resumed and cfg.train.warm_start_steps > 0
+            if fresh and cfg.model.init_from and self.is_logging_rank:
+                print(f"no warm start: the policy starts from model.init_from "
+                      f"({cfg.model.init_from}); train.warm_start_steps="
+                      f"{cfg.train.warm_start_steps} is for a random initialisation", flush=True)
+            if fresh and not cfg.model.init_from:
                 self.warm_start()
                 self.optimizer.reload_model_params()  # the warm start had its own optimizer
                 if preemption.should_stop() and self.step < cfg.train.steps:

@@ -1333,3 +1333,31 @@ def test_validation_runs_every_interval_and_at_the_last_step(dataset, tmp_path):
     status, _ = run_distributed(_train_in_pool, overrides, world_size=1, timeout_s=600)[0]
     assert status == 0
     assert [record["step"] for record in _records(run_dir, "eval")] == [2, 3]
+
+
+def _init_from_with_warm_start_steps(first, second):
+    import contextlib
+
+    from megatron_ease.training.trainer import Trainer
+
+    status, _ = _train_in_pool(first)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        trainer = Trainer(load_config(CONFIG, second))
+        warm_starts = []
+        trainer.warm_start = lambda: warm_starts.append(1)
+        status2 = trainer.train()
+        trainer.metrics.close()
+    return status, status2, len(warm_starts), out.getvalue()
+
+
+def test_init_from_skips_the_warm_start_and_says_so(dataset, tmp_path):
+    """model.init_from with train.warm_start_steps > 0 skipped the warm start without a word."""
+    first = _overrides(dataset, str(tmp_path / "first"), 1, "train.warm_start_steps=2")
+    second = _overrides(dataset, str(tmp_path / "second"), 1, "train.warm_start_steps=5",
+                        f"model.init_from={tmp_path}/first/ckpt")
+    status, status2, warm_starts, printed = run_distributed(
+        _init_from_with_warm_start_steps, first, second, world_size=1, timeout_s=600)[0]
+    assert (status, status2, warm_starts) == (0, 0, 0)
+    assert "no warm start: the policy starts from model.init_from" in printed
+    assert "train.warm_start_steps=5" in printed

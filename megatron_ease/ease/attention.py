@@ -95,12 +95,13 @@ _TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 def _use_triton(impl: str, query: torch.Tensor, key: torch.Tensor) -> bool:
     if impl == "torch":
         return False
-    # The kernels' dot precisions (tf32 / tf32x3) are NVIDIA's: on ROCm (where ``is_cuda`` is
-    # True too) Triton refuses to compile them.
+    # The kernels' dot precisions (tf32 / tf32x3) are NVIDIA's, from Ampere on: on ROCm (where
+    # ``is_cuda`` is True too) Triton refuses to compile them; auto leaves older GPUs to torch.
     rocm = torch.version.hip is not None
     if impl == "auto":
         return (query.is_cuda and not rocm and query.dtype in _TRITON_DTYPES
-                and key.dtype == query.dtype and _triton_attention() is not None)
+                and key.dtype == query.dtype and _triton_attention() is not None
+                and torch.cuda.get_device_capability(query.device) >= (8, 0))
     if impl == "triton":
         if rocm:
             raise NotImplementedError(

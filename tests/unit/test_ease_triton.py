@@ -252,13 +252,19 @@ def test_forcing_triton_on_cpu_tensors_outside_the_interpreter_says_what_to_do()
         image_attention_mass(query, key, image, response, key_valid_mask=valid, impl="triton")
 
 
-def test_auto_picks_triton_on_nvidia_gpus_only_and_forcing_it_on_rocm_says_why(monkeypatch):
-    """ROCm tensors are ``is_cuda`` too, and the kernels' tf32 dots do not compile there: auto
-    picked Triton on AMD GPUs. Stand-ins for GPU tensors (this machine has none)."""
+def test_auto_picks_triton_on_nvidia_ampere_and_later_only_and_forcing_it_on_rocm_says_why(monkeypatch):
+    """ROCm tensors are ``is_cuda`` too, and the kernels' tf32 dots do not compile there (nor
+    before Ampere): auto picked Triton on AMD GPUs. Stand-ins for GPU tensors (this machine has
+    none)."""
     pytest.importorskip("triton")
-    gpu_bf16 = types.SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)
+    gpu_bf16 = types.SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, device="cuda:0")
     monkeypatch.setattr(torch.version, "hip", None)
+    capability = {"cuda:0": (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability[device])
     assert attention._use_triton("auto", gpu_bf16, gpu_bf16) is True
+    capability["cuda:0"] = (7, 0)  # before Ampere: no tf32 dots
+    assert attention._use_triton("auto", gpu_bf16, gpu_bf16) is False
+    capability["cuda:0"] = (9, 0)
     monkeypatch.setattr(torch.version, "hip", "6.4.0")
     assert attention._use_triton("auto", gpu_bf16, gpu_bf16) is False
     with pytest.raises(NotImplementedError, match="NVIDIA GPUs.*not ROCm.*impl='torch'"):

@@ -1,12 +1,15 @@
 """Config: YAML + dotted overrides, and validation that names the offending field."""
 
 import glob
+import os
 
 import pytest
 
 from megatron_ease.config import ConfigError, _load_yaml, load_config, validate_config
 
-SEVEN_B = "examples/qwen25vl_7b_ease.yaml"
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "examples")
+SEVEN_B = os.path.join(EXAMPLES, "qwen25vl_7b_ease.yaml")
 
 
 def _cfg(*overrides):
@@ -220,7 +223,8 @@ def test_valid_layouts_pass():
 
 
 def test_example_configs_load_and_validate():
-    paths = sorted(glob.glob("examples/*.yaml"))
+    paths = sorted(glob.glob(os.path.join(EXAMPLES, "*.yaml")))
+    assert len(paths) >= 4, paths  # the tiny CPU config and the three recipes at least
     for path in paths:
         cfg = load_config(path)
         p = cfg.parallel
@@ -248,7 +252,7 @@ def test_hf_config_sizes_reach_every_part_of_the_run(tmp_path):
     from tests.qwen_fixtures import tiny_qwen3vl_config
 
     tiny_qwen3vl_config(num_layers=6).save_pretrained(str(tmp_path / "hf"))
-    yaml_cfg = "examples/tiny_cpu_ease.yaml"
+    yaml_cfg = os.path.join(EXAMPLES, "tiny_cpu_ease.yaml")
     cfg = load_config(yaml_cfg, [f"model.hf_config={tmp_path / 'hf'}"])
     assert cfg.model.family == "qwen3_vl" and cfg.model.num_layers == 6
     assert cfg.model.vision.patch_size == 16 and image_config(cfg).patch_size == 16

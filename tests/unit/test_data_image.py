@@ -13,17 +13,34 @@ from megatron_ease.data.image import (
     preprocess_image,
 )
 
+# The published preprocessor_config.json of each family (Qwen/Qwen2.5-VL-7B-Instruct,
+# Qwen/Qwen3-VL-8B-Instruct): the reference processor is built from these, not from the config
+# under test, so wrong family defaults cannot reach both sides of the comparison.
+PUBLISHED = {
+    "qwen2_5_vl": dict(patch_size=14, merge_size=2, temporal_patch_size=2,
+                       image_mean=[0.48145466, 0.4578275, 0.40821073],
+                       image_std=[0.26862954, 0.26130258, 0.27577711],
+                       min_pixels=3136, max_pixels=12845056),
+    "qwen3_vl": dict(patch_size=16, merge_size=2, temporal_patch_size=2,
+                     image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+                     min_pixels=65536, max_pixels=16777216),
+}
 
-def hf_processor(cfg: ImageProcessingConfig) -> Qwen2VLImageProcessorPil:
-    return Qwen2VLImageProcessorPil(
-        patch_size=cfg.patch_size,
-        merge_size=cfg.merge_size,
-        temporal_patch_size=cfg.temporal_patch_size,
-        image_mean=list(cfg.image_mean),
-        image_std=list(cfg.image_std),
-        min_pixels=cfg.min_pixels,
-        max_pixels=cfg.max_pixels,
-    )
+
+def hf_processor(family: str, **overrides) -> Qwen2VLImageProcessorPil:
+    return Qwen2VLImageProcessorPil(**{**PUBLISHED[family], **overrides})
+
+
+@pytest.mark.parametrize("family", sorted(PUBLISHED))
+def test_family_defaults_are_the_published_preprocessor_configs(family):
+    cfg = ImageProcessingConfig.for_family(family)
+    published = PUBLISHED[family]
+    assert {k: getattr(cfg, k) for k in published} == {
+        k: tuple(v) if isinstance(v, list) else v for k, v in published.items()}
+    # HF's own class defaults are Qwen2-VL's, the same normalisation as Qwen2.5-VL's
+    defaults = Qwen2VLImageProcessorPil()
+    assert list(PUBLISHED["qwen2_5_vl"]["image_mean"]) == list(defaults.image_mean)
+    assert list(PUBLISHED["qwen2_5_vl"]["image_std"]) == list(defaults.image_std)
 
 
 def _noise(mode, size, seed=0):
@@ -57,7 +74,7 @@ CASES = [
 def test_preprocess_image_equals_hf_pil_processor(family, mode, size, overrides):
     cfg = ImageProcessingConfig.for_family(family, **overrides)
     image = _noise(mode, size)
-    want = hf_processor(cfg)(images=[image], return_tensors="np")
+    want = hf_processor(family, **overrides)(images=[image], return_tensors="np")
     pixel_values, grid = preprocess_image(image, cfg)
     assert pixel_values.dtype.is_floating_point and pixel_values.numpy().dtype == want["pixel_values"].dtype
     assert list(grid) == want["image_grid_thw"][0].tolist()

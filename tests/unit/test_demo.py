@@ -51,8 +51,23 @@ def test_demo_runs_end_to_end_at_reduced_size(tmp_path):
     for x0, y0, x1, y1 in boxes:
         assert x0 % 28 == 0 and y0 % 28 == 0 and (x1 - x0, y1 - y0) == (28, 28), (x0, y0, x1, y1)
     # Idempotent: a second run in the same directory reuses the data, warm start and arms.
+    def snapshot():  # every file of the data, the warm start and the arms' checkpoints
+        kept = [out / "data", out / "warm_start"] + [out / "runs" / arm / "checkpoints"
+                                                     for arm in ("dapo_ease", "dapo")]
+        files = {p: p.stat().st_mtime_ns for root in kept for p in root.rglob("*")
+                 if p.is_file()}
+        assert any("warm_start" in str(p) for p in files) and any(
+            "checkpoints" in str(p) for p in files), sorted(map(str, files))[:20]
+        return files
+
+    before = snapshot()
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
+    assert snapshot() == before, "the rerun rewrote data, the warm start or an arm's checkpoint"
+    for arm in ("dapo_ease", "dapo"):
+        assert not (out / "runs" / arm / "metrics.1.jsonl").exists(), f"{arm} started afresh"
+        lines = (out / "runs" / arm / "metrics.jsonl").read_text().splitlines()
+        assert [r["step"] for r in map(json.loads, lines) if r["split"] == "train"] == [1, 2]
 
 
 def test_verdict_names_both_effects_within_noise_bands_and_a_collapsed_arm():

@@ -109,8 +109,8 @@ def test_overlays_at_pipeline_parallel_2_average_every_stages_ease_layers(traine
             [grids] = json.loads(open(json.loads(out.read_text())["attention_maps"]).read(
                 )).values()
             maps[pp, layers] = grids
-        assert len(maps[1, layers]) == 2
-        for one, two in zip(maps[1, layers], maps[2, layers]):
+        assert len(maps[1, layers]) == len(maps[2, layers]) == 2
+        for one, two in zip(maps[1, layers], maps[2, layers], strict=True):
             assert one["grid"] == two["grid"] and one["key"] == two["key"]
             np.testing.assert_allclose(one["attention"], two["attention"], rtol=1e-5, atol=1e-7)
     assert not np.allclose(maps[1, "[1,3]"][0]["attention"], maps[1, "[3]"][0]["attention"])

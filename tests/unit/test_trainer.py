@@ -716,17 +716,18 @@ def test_evaluation_forward_runs_in_micro_batches_with_the_same_results(dataset,
     overrides = _overrides(dataset, str(tmp_path / "run"), 1, "eval.batch_size=8",
                            "train.warm_start_steps=0",
                            *(f"parallel.{key}={size}" for key, size in layout.items()))
-    results = run_distributed(_evaluate_in_micro_batches, overrides, timeout_s=600,
-                              **layout)[-1]
-    (whole, masses_whole, rows_whole), (split, masses_split, rows_split) = results[8], results[3]
-    assert rows_whole == 8 and rows_split == 3
-    assert whole["accuracy"] == split["accuracy"] and whole["eval_samples"] == 8
-    assert math.isclose(whole["evidence_attention_mass"], split["evidence_attention_mass"],
-                        rel_tol=1e-5)
-    assert len(masses_whole) == len(masses_split) == 8
-    for a, b in zip(masses_whole, masses_split):
-        assert a.shape == b.shape and a.sum() > 0
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    for results in run_distributed(_evaluate_in_micro_batches, overrides, timeout_s=600,
+                                   **layout):  # every rank: each DP rank, each PP stage
+        (whole, masses_whole, rows_whole), (split, masses_split, rows_split) = (results[8],
+                                                                                results[3])
+        assert rows_whole == 8 and rows_split == 3
+        assert whole["accuracy"] == split["accuracy"] and whole["eval_samples"] == 8
+        assert math.isclose(whole["evidence_attention_mass"], split["evidence_attention_mass"],
+                            rel_tol=1e-5)
+        assert len(masses_whole) == len(masses_split) == 8
+        for a, b in zip(masses_whole, masses_split, strict=True):
+            assert a.shape == b.shape and a.sum() > 0
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def _train_reporting_reader_start(overrides):

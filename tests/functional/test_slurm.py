@@ -172,9 +172,6 @@ def test_cancelled_job_is_not_requeued(local_slurm, tmp_path):
 
 
 def test_requeued_training_resumes_from_latest_checkpoint(local_slurm, tmp_path):
-    # Activates by itself once the trainer exists.
-    if not (REPO / "megatron_ease" / "train.py").exists():
-        pytest.skip("megatron_ease/train.py does not exist yet (the trainer issue)")
     run_dir = tmp_path / "run"
     env = _job_env(CONFIG="examples/tiny_cpu_ease.yaml", RUN_DIR=str(run_dir))
     checkpoints = run_dir / "checkpoints"

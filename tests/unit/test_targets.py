@@ -162,12 +162,12 @@ def test_float_mask_at_resized_size_is_exact():
 
 def test_int_mask_at_original_size_is_resized():
     mask = (_blob(150, 201, 140, 60, 25) * 255).astype(np.int32)
-    check((201, 150), (196, 140), 28, mask=mask, atol=1e-2)
+    check((201, 150), (196, 140), 28, mask=mask, atol=1e-6)
 
 
 def test_float_mask_smaller_than_resized_is_upsampled():
     mask = _blob(30, 40, 30, 10, 6).astype(np.float32)
-    check((40, 30), (112, 84), 28, mask=mask, atol=1e-2)
+    check((40, 30), (112, 84), 28, mask=mask, atol=1e-6)
 
 
 def test_mask_and_boxes_take_pixelwise_max():

@@ -28,16 +28,16 @@ _APPLIED = False
 
 # Modules that allocate small tensors with a literal ``device="cuda"``: token counters in the
 # pipeline schedules, grad-norm buffers in clip_grads and in the local multi-tensor l2-norm of
-# megatron.core.utils, loss-scale tensors in the optimizer and grad scaler, the warm-up tensor of
-# the grad buffer, broadcast helpers of tensor_parallel.data, causal masks of transformer.utils,
-# and the exchange buffers of dist_checkpointing's fully-parallel strategies.
+# megatron.core.utils, loss-scale tensors in the optimizer and grad scaler, broadcast helpers of
+# tensor_parallel.data, causal masks of transformer.utils, and the exchange buffers of
+# dist_checkpointing's fully-parallel strategies. (The grad buffer's only "cuda" literal, its
+# NCCL warm-up tensor, runs with ddp_config.nccl_ub only, which needs CUDA anyway.)
 # They see a ``torch`` whose factory functions map "cuda" to "cpu"; nothing else changes for them.
 _CUDA_LITERAL_MODULES = (
     "megatron.core.pipeline_parallel.schedules",
     "megatron.core.optimizer.clip_grads",
     "megatron.core.optimizer.optimizer",
     "megatron.core.optimizer.grad_scaler",
-    "megatron.core.distributed.param_and_grad_buffer",
     "megatron.core.tensor_parallel.data",
     "megatron.core.utils",
     "megatron.core.transformer.utils",

@@ -242,6 +242,9 @@ class LoggingConfig:
 @dataclass
 class EvalConfig:
     interval: int = 0  # validate every N RL steps and at the last one; 0 = no validation
+    # With interval > 0, also validate the starting policy (after the warm start) at step 0, the
+    # curve's first point (verl's trainer.val_before_train); once per run, not again on resume.
+    before_train: bool = False
     samples: int = 64
     batch_size: int = 16
 

@@ -85,10 +85,13 @@ class Trainer:
             tensorboard=cfg.logging.tensorboard, enabled=self.is_logging_rank,
             resumed_at=self.step if self.resumed else None,  # step 0: a saved warm start
             console_interval=cfg.logging.log_interval)
+        if self.step == 0 and self.cfg.eval.interval and self.cfg.eval.before_train:
+            self._validation_due = True  # the starting policy, after the warm start
         if self._validation_due:
-            # The checkpoint was saved before its step's validation; if that validation ran and
-            # was logged (a later crash, a finished run extended), it is not run again. Rank 0
-            # holds the log: every rank takes its answer (evaluate is collective).
+            # The checkpoint was saved before its step's validation (or this is step 0's
+            # validation before training); if that validation ran and was logged (a later
+            # crash, a finished run extended), it is not run again. Rank 0 holds the log:
+            # every rank takes its answer (evaluate is collective).
             logged = torch.tensor([float(self.metrics.has_record(self.step, "eval"))])
             if torch.distributed.is_initialized():
                 all_reduce_(logged, op=torch.distributed.ReduceOp.MAX)

@@ -1336,6 +1336,20 @@ def test_validation_runs_every_interval_and_at_the_last_step(dataset, tmp_path):
     assert [record["step"] for record in _records(run_dir, "eval")] == [2, 3]
 
 
+def test_before_train_validates_the_starting_policy_once(dataset, tmp_path):
+    """eval.before_train (verl's val_before_train): the policy after the warm start is validated
+    at step 0, the curve's first point; the run extended from its checkpoint does not repeat it."""
+    run_dir = str(tmp_path / "run")
+    validation = ("train.warm_start_steps=2", "eval.interval=2", "eval.before_train=true",
+                  "eval.samples=2", "eval.batch_size=2", "checkpoint.interval=1")
+    for steps in (1, 2):
+        proc = _launch(_overrides(dataset, run_dir, steps, *validation))
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out
+    assert "resumed from" in out
+    assert _eval_steps(run_dir) == [0, 1, 2]
+
+
 def _init_from_with_warm_start_steps(first, second):
     import contextlib
 

@@ -16,7 +16,8 @@ normalised text instead (a `number` reference such as "4\\sqrt{2}" or "10:45").
 A span that does not commit to one answer earns no reward: several options ("A, C", "A C",
 "A. B. C."), a rejected or hedged option ("B (not sure)", "Probably B"), yes and no together
 ("yes no", "True False") or a hedge ("Probably yes", "Not necessarily"), numbers offered as
-alternatives ("5 or 6", "5, 6, 7", "5 6 7"), ranges or bounds. A numeral that is part of an
+alternatives ("5 or 6", "5, 6, 7", "5 6 7"), ranges or bounds ("at least 5", "< 5", "over 5"),
+boxes side by side with different contents ("\\boxed{5} or \\boxed{6}", "\\boxed{A} \\boxed{B}"). A numeral that is part of an
 expression ("2\\sqrt{3}", "3\\pi", "x^2", "\\log_2 8") or of a time or ratio ("10:45", "3:2")
 states no number. Decimal commas ("2,5") are not read (they cannot be told from a list).
 """
@@ -36,8 +37,10 @@ ANSWER_FORMATS = ("boxed", "answer", "boxed_or_answer")
 # on degenerate, very long outputs (it runs on the trainer's critical path).
 _MAX_SCAN_CHARS = 16384
 
+# Relative only: an absolute tolerance credits "0" for any small reference (6.67e-11, 1.6e-19).
+# Integers below 2**53 (exact in a float) compare exactly: 1000001 is not 1000000.
 _NUMBER_REL_TOL = 1e-6
-_NUMBER_ABS_TOL = 1e-9
+_EXACT_INTEGER_LIMIT = 2.0**53
 
 
 @dataclass(frozen=True)
@@ -133,9 +136,11 @@ def _response_tail(text) -> str:
 
 
 def _last_boxed(text: str) -> Optional[str]:
-    """Content of the last complete `\\boxed{...}` (nested braces allowed), or None."""
-    starts = [m.end() - 1 for m in _BOXED.finditer(text)]  # index of each opening brace
-    if not starts:
+    """Content of the last complete `\\boxed{...}` (nested braces allowed), or None. Boxes
+    side by side ("\\boxed{5} or \\boxed{6}", "$\\boxed{A}$, $\\boxed{B}$") are one answer
+    ("5 or 6", "A, B") unless they all hold the same: the parsers then see the alternatives."""
+    boxes = list(_BOXED.finditer(text))
+    if not boxes:
         return None
     # One pass pairs every brace, so many (possibly unclosed) \boxed{ stay linear in cost.
     closing, stack = {}, []
@@ -144,10 +149,29 @@ def _last_boxed(text: str) -> Optional[str]:
             stack.append(m.start())
         elif stack:
             closing[stack.pop()] = m.start()
-    for start in reversed(starts):
-        if start in closing:
-            return text[start + 1 : closing[start]]
-    return None
+    complete = [(m.start(), m.end() - 1) for m in boxes if m.end() - 1 in closing]
+    if not complete:
+        return None
+    box, brace = complete[-1]  # walked back to the first box of the run; lists in reverse
+    contents, joiners = [text[brace + 1 : closing[brace]]], [""]
+    for previous, previous_brace in reversed(complete[:-1]):
+        gap = closing[previous_brace] + 1
+        joiner = _BOX_JOINER.fullmatch(text, gap, box) if 0 <= box - gap <= 32 else None
+        if joiner is None:
+            break
+        contents.append(text[previous_brace + 1 : closing[previous_brace]])
+        joiners.append(" or " if joiner.group(1) else ", ")
+        box = previous
+    if len({"".join(content.split()) for content in contents}) == 1:
+        return contents[0]
+    return "".join(c + j for c, j in zip(reversed(contents), reversed(joiners)))
+
+
+# What may stand between boxes that together state one answer: spaces, "$", a comma, "and",
+# "or" ("\\text{ or }"), a slash.
+_BOX_JOINER = re.compile(
+    r"[\s$]*(?:(?:\\text\s*\{\s*)?(?:(\bor\b|/)|,|;|&|\band\b|\\quad|\\qquad)\s*\}?)?[\s$]*",
+    re.IGNORECASE)
 
 
 def _answer_tag(text: str) -> Optional[str]:
@@ -344,8 +368,8 @@ def _parse_choice(
 
 def _hedges_choice(span: str, letter: str, choices: Optional[Sequence[str]]) -> bool:
     """Whether a span that names ``letter`` hedges it: the speaker's doubt anywhere ("B (not
-    sure)", "B, I guess") or a hedge word right next to the letter ("Probably B", "B (most
-    likely)"). Words of the options' own texts ("(C) Not sure", "(B) Possibly red") and hedges
+    sure)", "B, I guess"), a hedge word right next to the letter ("Probably B", "B (most
+    likely)") or a negation right before it ("It is not B", "Neither A nor B"). Words of the options' own texts ("(C) Not sure", "(B) Possibly red") and hedges
     about the image ("the rim is unclear", "it is probably a cup, so A") do not count."""
     for option in choices or ():
         if str(option).strip():
@@ -355,7 +379,9 @@ def _hedges_choice(span: str, letter: str, choices: Optional[Sequence[str]]) -> 
     if _CHOICE_DOUBT.search(" ".join(_yesno_words(span))):
         return True
     named = rf"[(\[]?{letter}[)\]]?(?![\w'])"  # case-sensitive: "probably a cup" is no "A"
-    return re.search(rf"{_CHOICE_HEDGE_BEFORE}\s+(?:(?i:option|choice)\s+)?{named}"
+    # A negation before the letter rejects it ("It is not A", "Neither A nor B").
+    return re.search(rf"(?:{_CHOICE_HEDGE_BEFORE}|(?i:\b(?:not|never|neither|nor)))\s+"
+                     rf"(?:(?i:option|choice)\s+)?{named}"
                      rf"|(?<![\w']){named}[\s,.:;\-\u2013\u2014]*\(?{_CHOICE_HEDGE_AFTER}",
                      span) is not None
 
@@ -540,6 +566,9 @@ def _both_answer_words(words: list[str]) -> bool:
     return len(polarities) > 1
 
 
+_TRUTH_WORDS = {"true": "yes", "correct": "yes", "false": "no", "incorrect": "no"}
+
+
 def _yesno_from_words(words: list[str]) -> Optional[str]:
     if not words:
         return None
@@ -553,6 +582,9 @@ def _yesno_from_words(words: list[str]) -> Optional[str]:
             return decided
         # "Definitely, I think so" affirms; "Sure, nothing" is no clear answer.
         return None if _NEGATIONS.intersection(rest) else "yes"
+    if words[0] in ("not", "never") and _POLAR_WORDS.get(words[1] if len(words) > 1 else "") \
+            == "no":
+        return None  # "Not no", "The answer is not false": a negated no commits to nothing
     if words[0] in _NO_WORDS or words[0] in _NOBODY or words[:2] == ["neither", "of"]:
         return "no"  # "None of the people are wearing hats", "Neither of them is"
     has_yes, has_no = "yes" in words, "no" in words
@@ -563,6 +595,11 @@ def _yesno_from_words(words: list[str]) -> Optional[str]:
     verb = next((i for i, w in enumerate(words[1:4], start=1) if w in _AUXILIARIES), None)
     if verb is None or _SPEAKERS.intersection(words[:verb]):
         return None
+    # A statement's truth value answers: "It's false", "The statement is incorrect" -> no.
+    negated = words[verb + 1 : verb + 2] == ["not"]
+    truth = _TRUTH_WORDS.get(" ".join(words[verb + 1 + negated : verb + 2 + negated]))
+    if truth is not None and len(words) <= verb + 3 + negated:
+        return {"yes": "no", "no": "yes"}[truth] if negated else truth
     # A negation anywhere answers no: "There is a dog, but no cat" reads as an answer about the
     # cat. Which clause answers depends on the question, which the verifier does not see; a
     # negation in a statement far more often answers it ("The man, however, is not wearing a hat").
@@ -623,7 +660,8 @@ _NOT_OPERATORS = (
 # subscript, a factorial or an operator command ("2\sqrt{3}", "3\pi", "2^x", "5!", "2 \times 3",
 # "1 + \sqrt{2}"; not "30^o", a degree) ...
 _EXPRESSION_AFTER = re.compile(
-    rf"!|\s*(?:\^(?!\s*\{{?\s*o\s*\}}?(?![A-Za-z]))|_|[\u221a\u221b\u03c0]"
+    rf"!|\s*(?:\^(?!\s*\{{?\s*o\s*\}}?(?![A-Za-z]))|_|[\u221a\u221b\u03c0\u00b1\u2213]"
+    rf"|\)\s*[\^_!]"  # "(-2)^2" is 4, not -2
     rf"|\\(?!{_NOT_OPERATORS})[A-Za-z]"
     rf"|[-+*/]\s*(?:\\(?!{_NOT_OPERATORS})[A-Za-z]|[\u221a\u221b\u03c0]))")
 # ... or one that is an exponent, a subscript, a function's or root's argument, or after a
@@ -631,7 +669,7 @@ _EXPRESSION_AFTER = re.compile(
 # "approximately -5"; a numeral glued to a word, "cho3R", is still read).
 _EXPRESSION_BEFORE = re.compile(
     rf"(?:[\^_]\s*\{{?|\\(?!{_NOT_OPERATORS})[A-Za-z]+\s*(?:\[[^\]]{0,16}\]\s*)?\{{?"
-    r"|[\u221a\u221b]\s*\{?)\s*[-+]?\s*$"
+    r"|[\u221a\u221b]\s*\{?|[\u00b1\u2213])\s*[-+]?\s*$"
     r"|[A-Za-z\u0370-\u03ff})](?:[-+*/]\s*|\s+[-+*/]\s+)$")
 # A time or a ratio ("10:45", "3:2") is not one number.
 _RATIO = re.compile(r"\s*:\s*\d")
@@ -640,8 +678,17 @@ _DASH_MINUS = re.compile(r"(?<![\w)}])[\u2013\u2012](?=\s*\d)")
 _NUMBER_NEGATED = re.compile(r"^\s*(?:not|never)\b", re.IGNORECASE)
 _NUMBER_BOUND = re.compile(
     r"\b(?:at\s+(?:least|most)|(?:more|fewer|less|greater)\s+than|no\s+(?:more|fewer|less)"
-    r"\s+than|up\s+to)\s+[-+]?\d|\d\s*(?:\+(?!\s*\d)|\s+or\s+(?:more|fewer|less)\b)",
+    r"\s+than|up\s+to|under|over|below|above)\s+[-+]?\.?\d"
+    r"|\d\s*(?:\+(?!\s*\d)|\s+or\s+(?:more|fewer|less)\b)"
+    # "<5", "x >= 5", "≤ 5", "5 < x": a comparison, not a value ("->" is an arrow)
+    r"|(?<![-=<>])[<>\u2264\u2265\u2a7d\u2a7e]=?\s*[-+]?\.?\d"
+    r"|\d\s*[<>\u2264\u2265\u2a7d\u2a7e]=?\s*(?:[-+]?\d|\\?[A-Za-z](?![A-Za-z]))",  # not "5 <br>"
     re.IGNORECASE)
+# An equals sign, not part of a comparison ("x >= 5", "x != 5", "5 => 6").
+_EQUALS = re.compile(r"(?<![<>!=])=(?![=>])")
+# A sign spelled out ("negative 5", "minus 3 degrees").
+_SIGN_WORD = re.compile(r"\b(?:negative|minus)\s+(?=\.?\d)", re.IGNORECASE)
+_SIGN_WORD_BEFORE = re.compile(r"\b(?:negative|minus)\s+$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -659,6 +706,7 @@ def _plain_number_text(span: str) -> str:
     # Thousands written 1\,000 or 1{,}000 (LaTeX), and an en dash used as a minus sign ("–3").
     span = _THOUSANDS_LATEX.sub(lambda m: "," if "{" in m.group() else "", span)
     span = _DASH_MINUS.sub("-", span)
+    span = _SIGN_WORD.sub("-", span)
     span = re.sub(r"(?<=\d)\s*~\s*(?=\d)", " to ", span)  # "5~6" (LaTeX's ~ is a space)
     span = _unwrap_latex(span).replace("\\%", "%").replace("\u2044", "/")
     span = _DEGREES.sub(" ", span)
@@ -710,16 +758,19 @@ def parse_number(span: Optional[str], strict: bool = False) -> Optional[Number]:
     pronoun ("anyone", "every one", "the one on the left", "one another"). Integer powers of
     numerals are evaluated ("2^{10}", "3²" -> 9; "1½" and "1 1/2" -> 1.5; "1 000" -> 1000). A
     span that offers numbers as alternatives or a range ("5 or 6", "5, 6, 7", "5-6", "between 5
-    and 6"), negates its number ("not 5"), or whose first numeral is part of an expression
-    ("2\\sqrt{3}", "3\\pi", "x^2", "e^{2}", "\\sqrt{9}", "5!", "x + 5") or of a time or ratio
-    ("10:45") states none; units after it do not make one ("5 cm", "5\\,\\mu m", "45°").
-    `strict` requires the whole span to be one number, after at most one "x =" (used for
-    `math`, where "2x", "\\sqrt{2}" or "x = 2 or x = 3" must not read as a number).
+    and 6"), negates its number ("not 5"), bounds it ("at least 5", "under 5", "x >= 5"), or
+    whose first numeral is part of an expression ("2\\sqrt{3}", "3\\pi", "x^2", "e^{2}",
+    "\\sqrt{9}", "5!", "x + 5", "(-2)^2", "5 ± 1") or of a time or ratio ("10:45") states none;
+    units after it do not make one ("5 cm", "5\\,\\mu m", "45°"). "negative 5" and "minus
+    five" are -5. `strict` requires the whole span to be one number, after at most one "x ="
+    (used for `math`, where "2x", "\\sqrt{2}" or "x = 2 or x = 3" must not read as a number).
     """
     if not span:
         return None
     text = _plain_number_text(span)
     if strict:  # the last side of "x = 5", "\\theta = 30", "3 \\times 4 = 12"; not of "x = 2 or
+        if re.search("[<>!\u2264\u2265\u2a7d\u2a7e]", text):
+            return None  # "x >= 5", "x != 5": a comparison
         if "=" in text:  # x = 3" (a side lists answers) or "2 = 3" (two different numbers)
             sides = [side.strip().rstrip(".") for side in text.split("=")]
             # Prose before the first "=" may hold commas ("Thus, x = 4"); a middle side that
@@ -732,8 +783,7 @@ def parse_number(span: Optional[str], strict: bool = False) -> Optional[Number]:
                 return None
             text = sides[-1]
         return _strict_number(text.strip().rstrip("."))
-    if "=" in text:
-        text = text.rsplit("=", 1)[1]
+    text = _EQUALS.split(text)[-1]
     text = text.strip().rstrip(".")
     if _NUMBER_NEGATED.match(text):
         return None  # "not 5"
@@ -751,7 +801,8 @@ def parse_number(span: Optional[str], strict: bool = False) -> Optional[Number]:
         if _ZERO_WORDS.fullmatch(word.group(1)):
             return Number(0.0)
         if not any(start <= word.start() < end for start, end in pronouns):
-            return Number(_NUMBER_WORDS[word.group(1).lower()])
+            value = _NUMBER_WORDS[word.group(1).lower()]
+            return Number(-value if _SIGN_WORD_BEFORE.search(text[:word.start()]) else value)
     return None
 
 
@@ -809,15 +860,20 @@ def _list_separator(between: str, after: re.Match) -> str:
 
 
 def numbers_equal(response: Number, reference: Number) -> bool:
-    """Equal within tolerance; a percent on exactly one side may also mean value/100."""
+    """Equal within a relative tolerance (integers exactly; no absolute slack, so 0 equals only
+    0); a percent on exactly one side may also mean value/100."""
     candidates = [(response.value, reference.value)]
     if response.percent and not reference.percent:
         candidates.append((response.value / 100.0, reference.value))
     elif reference.percent and not response.percent:
         candidates.append((response.value, reference.value / 100.0))
-    return any(
-        math.isclose(a, b, rel_tol=_NUMBER_REL_TOL, abs_tol=_NUMBER_ABS_TOL) for a, b in candidates
-    )
+    return any(_close(a, b) for a, b in candidates)
+
+
+def _close(a: float, b: float) -> bool:
+    if all(x.is_integer() and abs(x) < _EXACT_INTEGER_LIMIT for x in (a, b)):
+        return a == b
+    return math.isclose(a, b, rel_tol=_NUMBER_REL_TOL, abs_tol=0.0)
 
 
 # --- math -------------------------------------------------------------------------------------

@@ -412,6 +412,58 @@ HEDGES_AND_FORMATS = [
     ("Answer: 4, 2 on each side", "4", "number", None, True, "4"),
     ("Answer: A. B is too small.", "A", "choice", COLORS, True, "A"),
     ("Answer: Yes, no doubt.", "yes", "yesno", None, True, "yes"),
+    # A fourth review (tolerance edges, hedges outside the span). Numeric tolerance: no absolute
+    # slack ("0" matched any reference below 1e-9, e.g. G = 6.67e-11), integers exactly (a
+    # relative 1e-6 let 1000001 pass for 1000000); floats keep the relative tolerance.
+    ("\\boxed{0}", "6.67 \\times 10^{-11}", "number", None, False, "0"),
+    ("Answer: 0", "1.6e-19", "number", None, False, "0"),
+    ("\\boxed{0}", "6.67e-11", "math", None, False, ANY),
+    ("Answer: 1e-10", "0", "number", None, False, "1e-10"),
+    ("Answer: 1000001", "1000000", "number", None, False, "1000001"),
+    ("Answer: 123456789", "123456790", "number", None, False, "123456789"),
+    ("\\boxed{1000001}", "1000000", "math", None, False, ANY),
+    ("\\boxed{6.674 \\times 10^{-11}}", "6.674e-11", "number", None, True, "6.674e-11"),
+    ("Answer: 6.0200001e23", "6.02e23", "number", None, True, ANY),
+    ("Answer: -0", "0", "number", None, True, ANY),
+    # A sign in words is a sign, not dropped.
+    ("Answer: negative 5", "5", "number", None, False, "-5"),
+    ("Answer: minus 3 degrees", "-3", "number", None, True, "-3"),
+    ("Answer: negative five", "5", "number", None, False, "-5"),
+    # Bounds and comparisons state no value; "±" and a parenthesised base are expressions.
+    ("Answer: under 5", "5", "number", None, False, None),
+    ("There are over 20 people.", "20", "number", None, False, None),
+    ("Answer: <5", "5", "number", None, False, None),
+    ("Answer: x > 5", "5", "number", None, False, None),
+    ("Answer: x >= 5", "5", "number", None, False, None),
+    ("\\boxed{x >= 5}", "5", "math", None, False, ANY),
+    ("Answer: 3 < x < 5", "3", "number", None, False, None),
+    ("Answer: 5 \u00b1 1", "5", "number", None, False, None),
+    ("Answer: (-2)^2", "-2", "number", None, False, None),
+    ("Answer: 5 <br>", "5", "number", None, True, "5"),
+    ("Answer: 5 under the table", "5", "number", None, True, "5"),
+    # Boxes side by side are one answer: alternatives earn nothing, the same box twice stands,
+    # and a multi-part answer in separate boxes compares as a list.
+    ("\\boxed{5} or \\boxed{6}", "6", "number", None, False, None),
+    ("$\\boxed{A}$ or $\\boxed{B}$", "B", "choice", COLORS, False, None),
+    ("\\boxed{A} \\boxed{B}", "B", "choice", COLORS, False, None),
+    ("\\boxed{yes} \\text{ or } \\boxed{no}", "no", "yesno", None, False, None),
+    ("\\boxed{red} or \\boxed{blue}", "blue", "text", None, False, "red or blue"),
+    ("\\boxed{5}, \\boxed{6}", "6", "math", None, False, ANY),
+    ("\\boxed{2} and \\boxed{3}", "2, 3", "math", None, True, ANY),
+    ("\\boxed{B} \\boxed{B}", "B", "choice", COLORS, True, "B"),
+    ("Step 1 gives \\boxed{3}. Final: \\boxed{5}", "5", "number", None, True, "5"),
+    # A negation right before the option rejects it.
+    ("Answer: It is not A", "A", "choice", COLORS, False, None),
+    ("Answer: Neither A nor B", "B", "choice", COLORS, False, None),
+    ("Answer: B, not A", "B", "choice", COLORS, True, "B"),
+    # A negated "no" commits to nothing; a statement's truth value answers.
+    ("The answer is not no.", "no", "yesno", None, False, None),
+    ("Answer: not no", "no", "yesno", None, False, None),
+    ("The answer is not yes.", "no", "yesno", None, True, "no"),
+    ("Answer: It's false.", "yes", "yesno", None, False, "no"),
+    ("Answer: The statement is incorrect.", "no", "yesno", None, True, "no"),
+    ("Answer: It is not false.", "yes", "yesno", None, True, "yes"),
+    ("It is true that there is no dog.", "no", "yesno", None, True, "no"),
 ]
 
 
@@ -431,10 +483,12 @@ def test_hedges_rejections_and_unfinished_answers_are_not_credited(response, ans
 def test_long_runs_of_whitespace_or_digits_are_verified_quickly(filler, answer_type):
     """Some patterns restarted at every character of a long whitespace or digit run: seconds
     per rollout (quadratic within the scanned tail); a degenerate 0.3333... rollout costs that."""
-    start = time.perf_counter()
+    # This process's CPU time, not wall time: ~60 ms here, and a shared machine's load must not
+    # push it past the limit (a quadratic pattern takes seconds).
+    start = time.process_time()
     for response in (f"Answer: x{filler}x", f"Answer: 1{filler}\\frac{{1}}{{2}}", filler + "B"):
         compute_reward(response, "1", answer_type, COLORS if answer_type == "choice" else None)
-    assert time.perf_counter() - start < 0.5
+    assert time.process_time() - start < 0.5
 
 
 @pytest.mark.parametrize(

@@ -603,10 +603,10 @@ def test_random_unicode_never_crashes():
 
 def test_huge_response_is_verified_quickly_from_its_tail():
     response = "blah " * 2_000_000 + "\nThe answer is \\boxed{42}."
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time: load elsewhere does not count
     result = compute_reward(response, "42", "number")
     assert result.correct
-    assert time.perf_counter() - start < 2.0
+    assert time.process_time() - start < 2.0
 
 
 # --- batched ----------------------------------------------------------------------------------

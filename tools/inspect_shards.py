@@ -27,10 +27,10 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pa
 
 import numpy as np  # noqa: E402
 
-from megatron_ease.data.image import ImageProcessingConfig  # noqa: E402
+from megatron_ease.data.image import ImageProcessingConfig, to_rgb  # noqa: E402
 from megatron_ease.data.processing import ProcessedSample, SampleProcessor  # noqa: E402
 from megatron_ease.data.prompt import PromptConfig  # noqa: E402
-from megatron_ease.data.reader import EvidenceShardDataset, expand_shards  # noqa: E402
+from megatron_ease.data.reader import EvidenceShardDataset, build_shard_index, expand_shards  # noqa: E402
 from megatron_ease.ease.targets import _mask_weights  # noqa: E402
 
 logger = logging.getLogger("inspect_shards")
@@ -76,7 +76,7 @@ def write_overlay(sample: ProcessedSample, cell: int, path: str) -> None:
         width, height = image.size
         r_width, r_height = sample.resized_sizes[i]
         h, w = r_height // cell, r_width // cell
-        ax.imshow(image.convert("RGB"), extent=(0, width, height, 0))
+        ax.imshow(to_rgb(image), extent=(0, width, height, 0))
         if sample.evidence_target is not None:
             heat = sample.evidence_target[offset : offset + h * w].view(h, w).numpy()
             ax.imshow(heat, extent=(0, width, height, 0), cmap="inferno", alpha=0.5, interpolation="nearest", vmin=0)
@@ -124,13 +124,22 @@ def main(argv: Optional[list[str]] = None) -> int:
         max_prompt_tokens=args.max_prompt_tokens,
         keep_source=overlay_count > 0,
     )
-    dataset = EvidenceShardDataset(shards, processor, batch_size=1, shuffle=False, num_epochs=1, even_ranks=False)
+    try:
+        dataset = EvidenceShardDataset(shards, processor, batch_size=1, shuffle=False, num_epochs=1, even_ranks=False)
+        index = dataset.index
+    except ValueError:
+        # The reader refuses shards without a sample (every one damaged, compressed or empty);
+        # that is a finding to report here, not a traceback.
+        index = build_shard_index(shards)
+        if index.entries:
+            raise
+        dataset = None
     if overlay_dir:
         os.makedirs(overlay_dir, exist_ok=True)
 
-    skipped = Counter({"unreadable_shard": len(dataset.index.errors)}) if dataset.index.errors else Counter()
+    skipped = Counter({"unreadable_shard": len(index.errors)}) if index.errors else Counter()
     valid = with_target = overlays = 0
-    for _, sample, error in dataset.iter_samples():
+    for _, sample, error in dataset.iter_samples() if dataset is not None else ():
         if error is not None:
             skipped[error.reason] += 1
             continue
@@ -140,8 +149,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             write_overlay(sample, image_config.cell, os.path.join(overlay_dir, f"{overlays:04d}_{sample.key.replace('/', '_')}.png"))
             overlays += 1
 
-    print(f"shards={len(shards)} samples_indexed={len(dataset.index.entries)}")
-    for error in dataset.index.errors:
+    print(f"shards={len(shards)} samples_indexed={len(index.entries)}")
+    for error in index.errors:
         print(f"unreadable: {error}")
     for reason, n in sorted(skipped.items()):
         print(f"skipped[{reason}]={n}")

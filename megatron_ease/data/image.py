@@ -81,8 +81,24 @@ class ImageProcessingConfig:
         return (r_width // self.cell) * (r_height // self.cell)
 
 
+_16BIT_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB as HF's ``convert_to_rgb``: transparency is composited onto white."""
+    """RGB as HF's ``convert_to_rgb``: transparency is composited onto white.
+
+    16-bit grayscale (the I;16 modes, and mode I from a PNG, as older Pillow versions open
+    16-bit PNGs) keeps the high byte of each value, as PIL decodes 16-bit colour PNGs: PIL's
+    own conversion clips every value above 255, which turned such images white.
+    """
+    if image.mode in _16BIT_GRAY_MODES or (image.mode == "I" and image.format == "PNG"):
+        values = np.asarray(image).astype(np.int64)
+        gray = Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8))
+        if image.info.get("transparency") is None:
+            return gray.convert("RGB")
+        # A tRNS gray value marks transparent pixels: composite those onto white, as below.
+        opaque = values != image.info["transparency"]
+        return Image.fromarray(np.where(opaque, np.asarray(gray), np.uint8(255))).convert("RGB")
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

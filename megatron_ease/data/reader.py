@@ -58,7 +58,16 @@ def expand_shards(spec: Union[str, Sequence[str]]) -> list[str]:
             paths.update(matches)
     if not paths:
         raise FileNotFoundError(f"no shards in {spec!r}")
-    return sorted(paths)
+    # One file under two names (``d/a.tar`` and ``./d/a.tar`` or an absolute path, a symlink)
+    # is one shard: indexed twice, every sample in it would be read twice per epoch.
+    by_file: dict[str, str] = {}
+    for path in sorted(paths):
+        real = os.path.realpath(path)
+        if real in by_file:
+            logger.warning("shard %s is %s again (same file): read once", path, by_file[real])
+            continue
+        by_file[real] = path
+    return sorted(by_file.values())
 
 
 @dataclass(frozen=True)
@@ -89,6 +98,13 @@ def build_shard_index(shards: Sequence[str]) -> ShardIndex:
         size = os.path.getsize(path)
         broken_key = None  # the key of a member cut off by the end of the file
         try:
+            with open(path, "rb") as f:
+                compression = _compression(f.read(10))
+            if compression:
+                # tarfile reads its first block as a "truncated header", which says damage.
+                raise tarfile.ReadError(
+                    f"the shard is {compression}-compressed: this reader seeks to samples in an "
+                    f"uncompressed tar (decompress it, or write shards with build_shards.py)")
             with tarfile.open(path, "r:") as tar:
                 for info in tar:
                     if not info.isfile():
@@ -111,6 +127,18 @@ def build_shard_index(shards: Sequence[str]) -> ShardIndex:
             errors.append(f"{path}: {type(e).__name__}: {e} (after {len(groups)} samples)")
         entries.extend(IndexEntry(shard_id, key, tuple(members)) for key, members in groups)
     return ShardIndex(tuple(shards), tuple(entries), tuple(errors))
+
+
+_COMPRESSION_MAGIC = ((b"\x1f\x8b", "gzip"), (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"))
+
+
+def _compression(head: bytes) -> Optional[str]:
+    """The compression whose magic number ``head`` (a file's first 10 bytes) starts with, if
+    any. A tar's first bytes are a member name, which never starts with these non-text bytes;
+    bzip2's "BZh" could start one, so its block magic is matched too."""
+    if head[:3] == b"BZh" and head[3:4].isdigit() and head[4:10] == b"1AY&SY":
+        return "bzip2"
+    return next((name for magic, name in _COMPRESSION_MAGIC if head.startswith(magic)), None)
 
 
 def _check_archive_end(f, end: int) -> None:
@@ -182,6 +210,9 @@ class EvidenceShardDataset(IterableDataset):
             raise ValueError(f"rank {rank} not in [0, {world_size})")
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if shuffle and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+            # numpy's generator refused it only at the first batch, inside a loader worker.
+            raise ValueError(f"seed (data.shuffle_seed) must be a non-negative integer, got {seed!r}")
         self.index = build_shard_index(expand_shards(shards))
         for error in self.index.errors:
             if strict:
@@ -482,6 +513,13 @@ class EvidenceDataLoader:
         if not states or not mine["even_ranks"]:
             raise ValueError("no reader state of this layout to continue from")
         old_world = states[0]["world_size"]
+        ranks = {s.get("rank") for s in states}
+        if {s["world_size"] for s in states} != {old_world} or ranks != set(range(old_world)):
+            # The new start lies past what the given ranks delivered: a rank left out would
+            # have its delivered samples read again.
+            raise ValueError(f"reader states of ranks {sorted(ranks, key=str)} of data-parallel "
+                             f"size(s) {sorted({s['world_size'] for s in states})}: need the "
+                             f"states of every rank of one data-parallel layout to continue it")
         old_length = mine["num_samples"] // old_world
         # First position past every sample the rank delivered (skip holds delivered ones > base).
         end = max(max([s["base"] - 1, *s["skip"]]) + 1 for s in states)

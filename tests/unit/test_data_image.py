@@ -11,6 +11,7 @@ from megatron_ease.data.image import (
     normalise_patches,
     patchify_image,
     preprocess_image,
+    to_rgb,
 )
 
 # The published preprocessor_config.json of each family (Qwen/Qwen2.5-VL-7B-Instruct,
@@ -107,3 +108,34 @@ def test_normalise_patches_refuses_what_is_not_raw_patches():
         normalise_patches(torch.zeros(4, 588), cfg)
     with pytest.raises(ValueError, match=r"got torch.uint8 \(4, 1176\)"):
         normalise_patches(torch.zeros(4, 1176, dtype=torch.uint8), cfg)
+
+
+def _png_bytes(image):
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_16bit_grayscale_image_is_scaled_to_8_bits_not_clipped_to_white():
+    """A 16-bit grayscale PNG (opened as I;16) is read like PIL reads a 16-bit colour PNG: the
+    high byte of each value. PIL's convert("RGB") clipped every value above 255, so a
+    full-range 16-bit photo reached the model almost entirely white."""
+    from megatron_ease.data.schema import decode_sample
+
+    cfg = ImageProcessingConfig.for_family("qwen2_5_vl", max_pixels=28 * 28 * 16)
+    values = np.linspace(0, 65535, 60 * 80).reshape(60, 80).astype(np.uint16)
+    record = b'{"question": "q?", "answer": "a", "answer_type": "text"}'
+    image = decode_sample({"json": record, "png": _png_bytes(Image.fromarray(values))}, "k", "s").images[0]
+    assert image.mode.startswith("I")
+    want = Image.fromarray((values >> 8).astype(np.uint8), mode="L")
+    np.testing.assert_array_equal(np.asarray(to_rgb(image)), np.asarray(want.convert("RGB")))
+    pixel_values, grid = preprocess_image(image, cfg)
+    want_values, want_grid = preprocess_image(want, cfg)
+    assert grid == want_grid
+    np.testing.assert_array_equal(pixel_values.numpy(), want_values.numpy())
+    # mode I with 16-bit values (how older Pillow versions open a 16-bit PNG) reads the same
+    as_i = Image.fromarray(values.astype(np.int32), mode="I")
+    as_i.format = "PNG"
+    np.testing.assert_array_equal(np.asarray(to_rgb(as_i)), np.asarray(want.convert("RGB")))

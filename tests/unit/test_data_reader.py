@@ -601,6 +601,12 @@ def test_resume_at_another_data_parallel_size_continues_the_stream(clean_shards,
     other_seed = EvidenceDataLoader(make_dataset(shards, tokenizer, batch_size=2, rank=0, world_size=2, seed=8))
     with pytest.raises(ValueError, match="seed=7"):
         other_seed.load_resharded_state_dict([state])
+    # Continuing DP = 2 at DP = 1 from rank 1's state alone restarted past rank 1's samples
+    # only: rank 0's delivered ones could come again. Every rank's state is required.
+    one = EvidenceDataLoader(make_dataset(shards, tokenizer, batch_size=2, **kwargs))
+    with pytest.raises(ValueError, match=r"reader states of ranks \[1\] .*every rank"):
+        one.load_resharded_state_dict(states[1:])
+    assert one.load_resharded_state_dict(states) is False
 
 
 def test_state_from_other_data_is_refused(clean_shards, tokenizer):
@@ -610,6 +616,56 @@ def test_state_from_other_data_is_refused(clean_shards, tokenizer):
     other = EvidenceDataLoader(make_dataset(shards, tokenizer, seed=2))
     with pytest.raises(ValueError, match="seed=1"):
         other.load_state_dict(state)
+
+
+
+
+@pytest.mark.parametrize("compression", ["gzip", "bz2", "xz"])
+def test_compressed_shard_is_named_as_compressed_not_as_damaged(tmp_path, tokenizer, compression):
+    """A .tar.gz (which webdataset streams) cannot be seeked into: the shard is unreadable, and
+    the message says why; it said "truncated header", i.e. damage."""
+    import bz2
+    import gzip
+    import lzma
+
+    write_tar(tmp_path / "a.tar", good_samples(3))
+    module = {"gzip": gzip, "bz2": bz2, "xz": lzma}[compression]
+    (tmp_path / "a.tar.x").write_bytes(module.compress((tmp_path / "a.tar").read_bytes()))
+    index = build_shard_index([str(tmp_path / "a.tar.x"), str(tmp_path / "a.tar")])
+    assert len(index.entries) == 3 and len(index.errors) == 1
+    name = {"bz2": "bzip2"}.get(compression, compression)
+    assert f"a.tar.x: ReadError: the shard is {name}-compressed" in index.errors[0]
+    with pytest.raises(ValueError, match=f"unreadable shard: .*a.tar.x: .*{name}-compressed"):
+        make_dataset(str(tmp_path / "a.tar.x"), tokenizer, strict=True)
+    # a sample key that starts like bzip2's magic is not compression
+    write_tar(tmp_path / "b.tar", good_samples(2, prefix="BZh9"))
+    assert not build_shard_index([str(tmp_path / "b.tar")]).errors
+
+
+def test_one_shard_named_twice_is_read_once(tmp_path, tokenizer, monkeypatch):
+    """The same file under two spellings (relative and absolute, ./, a symlink) is one shard:
+    it was indexed twice and each of its samples read twice per epoch."""
+    write_tar(tmp_path / "s-000000.tar", good_samples(4))
+    write_tar(tmp_path / "s-000001.tar", good_samples(3, prefix="other"))
+    os.symlink(tmp_path / "s-000000.tar", tmp_path / "s-link.tar")
+    monkeypatch.chdir(tmp_path)
+    spec = ["s-*.tar", str(tmp_path / "s-000000.tar"), "./s-000001.tar"]
+    files = reader.expand_shards(spec)
+    assert files == sorted(files) and len(files) == 2
+    assert {os.path.realpath(f) for f in files} == {str((tmp_path / f"s-00000{i}.tar").resolve()) for i in (0, 1)}
+    assert reader.expand_shards(list(reversed(spec))) == files  # the same whatever the spelling order
+    dataset = make_dataset(spec, tokenizer, shuffle=False, num_epochs=1, even_ranks=False)
+    keys, _ = collect(EvidenceDataLoader(dataset))
+    assert sorted(keys) == sorted(k for k, _ in good_samples(4) + good_samples(3, prefix="other"))
+
+
+def test_negative_shuffle_seed_is_an_error_naming_the_field_at_construction(clean_shards, tokenizer):
+    """numpy refused it only when the first batch was drawn (inside a loader worker) with
+    "expected non-negative integer", naming nothing."""
+    shards, _ = clean_shards
+    with pytest.raises(ValueError, match=r"seed \(data.shuffle_seed\) must be a non-negative integer, got -1"):
+        make_dataset(shards, tokenizer, seed=-1)
+    make_dataset(shards, tokenizer, seed=-1, shuffle=False)  # an in-order pass uses no seed
 
 
 # ---------------------------------------------------------------- batch layout

@@ -9,7 +9,8 @@ is cheap (a seek per member, no data read), and the sample order is a pure funct
                             ->  sample order_e[j · R + rank]       (order_e: seeded permutation)
 
 with R data-parallel ranks and L = N // R samples per rank and epoch (the N mod R left over
-differ every epoch, so nothing is dropped for good). DataLoader worker u of W takes positions
+differ every epoch when shuffling, so nothing is dropped for good; an in-order pass with
+even ranks never reads them). DataLoader worker u of W takes positions
 k ≡ u (mod W) and fills batches with the valid samples among them; the DataLoader hands out
 batches round-robin over workers. So the loader state is just "which positions have been
 delivered", kept in the main process from what each delivered batch reports, never from what

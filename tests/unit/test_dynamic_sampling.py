@@ -259,3 +259,19 @@ def test_dp_max_gen_batches_error_is_raised_on_every_rank():
         assert out["calls"] == 2
         assert "kept 2 of the 4 groups" in out["error"]
         assert "dapo.max_gen_batches=2" in out["error"]
+
+
+def test_dp_rank_that_keeps_no_mixed_group_receives_its_whole_share():
+    """A rank whose chunks hold no mixed group at all (its kept batch is empty, its payload
+    widths its own) trains on B / DP groups sent whole by the other rank; the counts are
+    global."""
+    from tests.harness import run_distributed
+
+    scripts = [[("MMMM", 3)], [("CW", 5)]]
+    rank0, rank1 = run_distributed(_dp_worker, scripts, 4, 1, world_size=2, timeout_s=120)
+    assert rank0["calls"] == rank1["calls"] == 1
+    assert rank0["stats"] == rank1["stats"]
+    assert rank0["stats"]["kept_groups"] == 4 and rank0["stats"]["trimmed_groups"] == 0
+    assert rank0["stats"]["filtered_all_correct"] == rank0["stats"]["filtered_all_wrong"] == 1
+    assert rank0["ids"] == [0, 1] and rank1["ids"] == [2, 3]
+    assert rank1["tokens_shape"] == (2 * G, 5)  # its empty chunk's width: rank 0's rows padded

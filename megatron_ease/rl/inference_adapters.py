@@ -25,7 +25,7 @@ What the adapter does for RL rollouts instead of megatron-core's text-generation
   ``[3, b, prefix]``: generated tokens continue at the prompt's largest position + 1, HF's
   ``rope_deltas`` semantics).
 
-What the adapter changes for the length of a generation (``rollout_attention.py``; both can be
+What the adapter changes for the length of a generation (``rollout_attention.py``; each can be
 turned off, the rollouts are the same up to float noise):
 
 - ``cache_rotated_keys``: megatron-core's static path caches keys before rotary and re-rotates
@@ -37,6 +37,13 @@ turned off, the rollouts are the same up to float noise):
   TransformerEngine's is refused whatever the padding (its mask argument is a padding mask; an
   error says so; that backend is verified with the local spec only). SDPA also avoids the local attention's
   per-step copy of the grouped K/V cache to all heads (``benchmarks/README.md`` has numbers).
+- ``direct_linears``: at TP = 1 the parallel linears of the model (megatron-core's
+  ``ColumnParallelLinear`` / ``RowParallelLinear``, and the ``VocabParallelEmbedding``) run as
+  the matmul and bias add (the lookup) their forward computes, without the autograd
+  ``Function``, the TP-group lookups (a deprecation warning per row-parallel call) and the
+  identity TP mappings around it (``_DirectLinears``): a quarter of a decode step of the tiny
+  benchmark model, where a step is mostly Python. The same operations in the same order, so
+  the rollouts are bit-identical (tests compare them).
 
 Other limitations of megatron-core 0.16 this code lives with:
 
@@ -52,6 +59,7 @@ Other limitations of megatron-core 0.16 this code lives with:
 from __future__ import annotations
 
 import abc
+import types
 from typing import TYPE_CHECKING, Any, NamedTuple, Optional
 
 import torch
@@ -61,6 +69,11 @@ from megatron.core.inference.model_inference_wrappers.abstract_model_inference_w
 )
 from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import (
     InferenceWrapperConfig,
+)
+from megatron.core.tensor_parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
 )
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.utils import get_attr_wrapped_model, get_model_config, unwrap_model
@@ -76,6 +89,76 @@ def _causal_valid_mask(key_valid: torch.Tensor) -> torch.Tensor:
     s = key_valid.shape[1]
     causal = torch.ones(s, s, dtype=torch.bool, device=key_valid.device).tril()
     return ~(causal[None, None] & key_valid[:, None, None, :])
+
+
+def _direct_column_forward(self: ColumnParallelLinear, input_: torch.Tensor,
+                           weight: Optional[torch.Tensor] = None, runtime_gather_output=None):
+    """``ColumnParallelLinear.forward`` at TP = 1 (no gather, no copy to the TP region): its
+    ``matmul(input, weight.t()) + bias`` directly instead of through the autograd Function."""
+    output = torch.matmul(input_, (self.weight if weight is None else weight).t())
+    if self.skip_bias_add:
+        return output, self.bias
+    if self.bias is not None:
+        output = output + self.bias
+    return output, None
+
+
+def _direct_row_forward(self: RowParallelLinear, input_: torch.Tensor):
+    """``RowParallelLinear.forward`` at TP = 1 (the all-reduce is the identity)."""
+    output = torch.matmul(input_, self.weight.t())
+    if self.skip_bias_add:
+        return output, self.bias
+    if self.bias is not None:
+        output = output + self.bias
+    return output, None
+
+
+def _direct_embedding_forward(self: VocabParallelEmbedding, input_: torch.Tensor):
+    """``VocabParallelEmbedding.forward`` at TP = 1 (no vocabulary mask, identity reduce)."""
+    if self.deterministic_mode:
+        return self.weight[input_]
+    return torch.nn.functional.embedding(input_, self.weight)
+
+
+class _DirectLinears:
+    """Runs the model's TP = 1 parallel linears (and vocabulary embedding) without
+    megatron-core's training machinery while installed (one generation). A module qualifies when
+    it is exactly megatron-core's ``ColumnParallelLinear`` / ``RowParallelLinear`` /
+    ``VocabParallelEmbedding`` (a subclass may change ``forward``), its TP group has one rank,
+    and its forward has no sequence parallelism, expert communication, deferred embedding
+    gradient or embedding reduce-scatter to do; the others keep their forward."""
+
+    _FORWARDS = {ColumnParallelLinear: _direct_column_forward,
+                 RowParallelLinear: _direct_row_forward,
+                 VocabParallelEmbedding: _direct_embedding_forward}
+
+    def __init__(self, model: torch.nn.Module, enabled: bool):
+        self.linears = [m for m in model.modules() if enabled and self._qualifies(m)]
+        self._installed: list[torch.nn.Module] = []
+
+    @classmethod
+    def _qualifies(cls, module: torch.nn.Module) -> bool:
+        if type(module) not in cls._FORWARDS:
+            return False  # a subclass may have its own forward
+        group = getattr(module, "tp_group", None)
+        if group is None or group.size() != 1:
+            return False
+        if isinstance(module, VocabParallelEmbedding):
+            return not module.reduce_scatter_embeddings
+        return (not module.sequence_parallel
+                and not getattr(module, "explicit_expert_comm", False)
+                and not module.config.defer_embedding_wgrad_compute)
+
+    def install(self) -> None:
+        # A forward already set on the instance (someone else's wrapper) stays.
+        self._installed = [m for m in self.linears if "forward" not in m.__dict__]
+        for module in self._installed:
+            module.forward = types.MethodType(self._FORWARDS[type(module)], module)
+
+    def remove(self) -> None:
+        for module in self._installed:
+            module.__dict__.pop("forward", None)
+        self._installed = []
 
 
 class CacheState(NamedTuple):
@@ -105,10 +188,13 @@ class RolloutModelAdapter(AbstractModelInferenceWrapper, abc.ABC):
         pg_collection: process groups (default: megatron-core's ``parallel_state``).
         cache_rotated_keys: cache keys after rotary (see the module doc).
         attention_backend: ``"sdpa"`` (default) or ``"model"`` (the model's own core attention).
+        direct_linears: run TP = 1 parallel linears without the autograd Function (see the
+            module doc; the rollouts are bit-identical either way).
     """
 
     def __init__(self, model: torch.nn.Module, pg_collection=None,
-                 cache_rotated_keys: bool = True, attention_backend: str = "sdpa"):
+                 cache_rotated_keys: bool = True, attention_backend: str = "sdpa",
+                 direct_linears: bool = True):
         if attention_backend not in ("sdpa", "model"):
             raise ValueError(f"attention_backend must be 'sdpa' or 'model', got "
                              f"{attention_backend!r}")
@@ -128,6 +214,7 @@ class RolloutModelAdapter(AbstractModelInferenceWrapper, abc.ABC):
         self._attention = RolloutAttention(
             model, cache_rotated_keys=cache_rotated_keys and not config.flash_decode,
             sdpa=attention_backend == "sdpa" and not config.flash_decode)
+        self._linears = _DirectLinears(model, direct_linears)
         self._was_training: Optional[bool] = None  # the model's mode before prefill
         self._positions: Optional[torch.Tensor] = None  # [..., rows, max_seq]
         self._rollout_rows: Optional[torch.Tensor] = None  # prompt row of each rollout
@@ -270,6 +357,7 @@ class RolloutModelAdapter(AbstractModelInferenceWrapper, abc.ABC):
         self._positions = self._decode_mask = self._rollout_rows = None
         if self._was_training is not None:
             self._attention.remove()
+            self._linears.remove()
             self.model.train(self._was_training)
             self._was_training = None
 
@@ -281,6 +369,7 @@ class RolloutModelAdapter(AbstractModelInferenceWrapper, abc.ABC):
         self._was_training = self.model.training
         self.prep_model_for_inference()  # eval mode
         self._attention.install()
+        self._linears.install()
 
 
     # megatron-core's TextGenerationController protocol; the rollout engine calls prefill/decode.
@@ -410,7 +499,8 @@ class QwenVLRolloutAdapter(RolloutModelAdapter):
 def rollout_adapter_for(model: torch.nn.Module, pg_collection=None,
                         **options) -> RolloutModelAdapter:
     """The adapter of a (possibly DDP/Float16-wrapped) model: Qwen-VL or a plain GPTModel.
-    ``options``: ``cache_rotated_keys``, ``attention_backend`` (see ``RolloutModelAdapter``)."""
+    ``options``: ``cache_rotated_keys``, ``attention_backend``, ``direct_linears`` (see
+    ``RolloutModelAdapter``)."""
     from megatron.core.models.gpt import GPTModel
 
     inner = unwrap_model(model)

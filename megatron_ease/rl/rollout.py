@@ -202,23 +202,35 @@ class MegatronRolloutEngine(RolloutEngine):
         Each step decodes the rollouts of ``in_batch`` only: once the finished ones make up
         ``_DROP_FINISHED_FRACTION`` of it they leave the KV cache (a copy of the cache's filled
         part, about what one step's attention reads), until then they are fed padding and their
-        samples ignored. A step costs one host synchronisation (how many rows are done)."""
+        samples ignored. A step costs one host synchronisation (how many rows are done).
+
+        Until rows leave, the table is indexed with ``_ALL_ROWS`` (views and strided copies
+        instead of gathers and scatters by an index tensor), and a step whose batch has no
+        finished rollout (known from the previous step's synchronisation) skips masking them:
+        about a third of the table's work per step, which on a small model is a sizeable part of
+        the step."""
         if self.pipelined and self.adapter.pp_group.size() > 1 and len(prompts) > 1:
             return _PipelinedDecode(self, prompts, first_prompt, params, matcher).run()
         batch = PromptBatch.left_padded(prompts, self.pad_token_id, self.adapter.device)
         table = _RolloutTable(self, len(prompts), first_prompt, params, matcher)
         in_batch = table.all_rows()  # rollouts in the decode batch, in row order
+        rows: _Rows = _ALL_ROWS  # in_batch as the table's index
+        all_active = True  # no rollout of the batch has finished
         try:
             logits = self.adapter.prefill(batch, params.n, params.max_new_tokens)
             for step in range(params.max_new_tokens):
-                packed = self._share(table.sample(logits, in_batch, step), len(in_batch))
-                ended, keep = table.next_batch(table.record(in_batch, step, packed), step)
+                packed = self._share(table.sample(logits, rows, step, all_active),
+                                     len(in_batch))
+                done = table.record(rows, step, packed, all_active)
+                ended, keep = table.next_batch(done, step)
                 if ended:
                     break
+                # The drop leaves only unfinished rollouts; else none finished if none is done.
+                all_active = keep is not None or table.num_done == 0
                 if keep is not None:
                     self.adapter.select_rows(keep)
-                    in_batch = in_batch[keep]
-                logits = self.adapter.decode(table.tokens[in_batch, step])
+                    in_batch = rows = in_batch[keep]
+                logits = self.adapter.decode(table.tokens[rows, step])
         finally:
             self.adapter.release()
         return table.output()
@@ -249,9 +261,17 @@ class MegatronRolloutEngine(RolloutEngine):
         return packed
 
 
+# The table's rows of a decode batch: an index tensor, or every row in order (a basic index).
+_Rows = Union[torch.Tensor, slice]
+_ALL_ROWS = slice(None)
+
+
 class _RolloutTable:
     """One batch's rollouts as they are generated, the same on every rank: tokens, log-probs,
-    lengths and finished flags; and the sampling of a step on the sampling rank."""
+    lengths and finished flags; and the sampling of a step on the sampling rank.
+
+    ``in_batch`` (rows of a decode batch): an index tensor, or ``_ALL_ROWS``. ``all_active``:
+    the caller knows that none of them has finished (so none needs padding)."""
 
     def __init__(self, engine: MegatronRolloutEngine, num_prompts: int, first_prompt: int,
                  params: SamplingParams, matcher: Optional[StopStringMatcher]):
@@ -267,37 +287,49 @@ class _RolloutTable:
         self.stop_ids = torch.tensor(params.stop_token_ids, dtype=torch.long, device=device)
         self.suppressed = torch.tensor(params.suppress_token_ids, dtype=torch.long, device=device)
         self.generator = torch.Generator(device=device) if engine._is_sampling_rank else None
+        self.num_done = 0  # done rollouts of the batch of the last ``next_batch``
 
     def all_rows(self) -> torch.Tensor:
         return torch.arange(self.rows, device=self.lengths.device)
 
-    def sample(self, logits: Optional[torch.Tensor], in_batch: torch.Tensor,
-               step: int) -> Optional[torch.Tensor]:
+    def sample(self, logits: Optional[torch.Tensor], in_batch: _Rows, step: int,
+               all_active: bool = False) -> Optional[torch.Tensor]:
         """Token ``step`` of rollouts ``in_batch`` from their ``logits``: ``[3, len(in_batch)]``
         float64 (tokens, log-probs, stop flags) on the sampling rank, None elsewhere. Finished
         rollouts get padding."""
         if self.generator is None:
             return None
-        active = ~self.finished[in_batch]
         self.generator.manual_seed(_step_seed(self.params.seed, self.first_prompt, step))
-        token, log_prob = sample_next_tokens(logits, self.params, self.generator, rows=in_batch,
-                                             num_rows=self.rows, suppressed=self.suppressed)
-        token = torch.where(active, token, self.pad_token_id)
-        log_prob = torch.where(active, log_prob, 0.0)
-        stop = active & torch.isin(token, self.stop_ids)
+        token, log_prob = sample_next_tokens(
+            logits, self.params, self.generator,
+            rows=None if in_batch is _ALL_ROWS else in_batch,  # all rows: the same draws
+            num_rows=self.rows, suppressed=self.suppressed)
+        if all_active:
+            stop = torch.isin(token, self.stop_ids)
+        else:
+            active = ~self.finished[in_batch]
+            token = torch.where(active, token, self.pad_token_id)
+            log_prob = torch.where(active, log_prob, 0.0)
+            stop = active & torch.isin(token, self.stop_ids)
         if self.matcher is not None:
             self.tokens[in_batch, step] = token
-            stop |= self.matcher(self.tokens[in_batch], self.lengths[in_batch] + 1, active & ~stop)
+            unstopped = ~stop if all_active else active & ~stop
+            stop |= self.matcher(self.tokens[in_batch], self.lengths[in_batch] + 1, unstopped)
         return torch.stack([token.double(), log_prob.double(), stop.double()])
 
-    def record(self, in_batch: torch.Tensor, step: int, packed: torch.Tensor) -> torch.Tensor:
+    def record(self, in_batch: _Rows, step: int, packed: torch.Tensor,
+               all_active: bool = False) -> torch.Tensor:
         """Write ``sample``'s ``packed`` (as shared to this rank) for step ``step``; returns which
         of ``in_batch`` are done (finished before or now), ``[len(in_batch)]`` bool."""
-        active = ~self.finished[in_batch]
         self.tokens[in_batch, step] = packed[0].long()
         self.log_probs[in_batch, step] = packed[1].float()
-        self.lengths[in_batch] += active.long()
-        done = ~active | packed[2].bool()
+        if all_active:
+            self.lengths[in_batch] += 1
+            done = packed[2].bool()
+        else:
+            active = ~self.finished[in_batch]
+            self.lengths[in_batch] += active.long()
+            done = ~active | packed[2].bool()
         self.finished[in_batch] = done
         return done
 
@@ -307,8 +339,8 @@ class _RolloutTable:
         of the batch is done or ``step`` was the last; else ``keep`` are the positions in the
         batch of its unfinished rollouts once the finished make up
         ``_DROP_FINISHED_FRACTION`` of it (they then leave the KV cache), None to keep all. A
-        host synchronisation (how many are done)."""
-        num_done = int(done.sum())
+        host synchronisation (how many are done, kept in ``num_done``)."""
+        num_done = self.num_done = int(done.sum())
         if num_done == len(done) or step == self.params.max_new_tokens - 1:
             return True, None
         if num_done >= _DROP_FINISHED_FRACTION * len(done):

@@ -13,7 +13,9 @@ flash-attn only, no mrope) avoids, and one gap:
 
 - ``rotated_key_cache_adjust`` as each self-attention's ``_adjust_key_value_for_inference``: same
   offsets and return contract as megatron-core's, but the step's new queries and keys are rotated
-  here and cached rotated, so the attention gets no rotary embedding to apply. With SDPA the
+  here and cached rotated, so the attention gets no rotary embedding to apply (with the
+  step's cos / sin computed by the first layer and reused by the others, ``RotaryTables``,
+  where megatron-core recomputes them for the queries and the keys of every layer). With SDPA the
   buffers are batch-first, ``[b, g, s, d]``, so the attention reads each row's keys as one
   contiguous block (megatron-core's ``[s, b, g, d]`` makes every decode step a strided gather,
   about half of the attention's time on CPU); otherwise they keep megatron-core's layout;
@@ -46,7 +48,8 @@ from megatron.core.transformer.enums import AttnMaskType
 def rotated_key_cache_adjust(self: SelfAttention, inference_context, query, key, value,
                              rotary_pos_emb, rotary_pos_cos=None, rotary_pos_sin=None,
                              rotary_pos_cos_sin=None, sequence_len_offset=None, *,
-                             inference_params=None, batch_first: bool = False):
+                             inference_params=None, batch_first: bool = False,
+                             rotary: Optional["RotaryTables"] = None):
     """``Attention._adjust_key_value_for_inference`` for a static context, caching rotated keys.
 
     Queries and keys ``[s, b, g, d]`` of this step are rotated with rows ``[start, end)`` of the
@@ -56,6 +59,7 @@ def rotated_key_cache_adjust(self: SelfAttention, inference_context, query, key,
     ``rotary_pos_emb`` is None so ``Attention.forward`` does not rotate again. ``batch_first``:
     the buffers are ``[max_batch, g, max_seq, d]`` and the returned keys and values
     ``[end, b, g, d]`` views of them (for ``SdpaCoreAttention``, which permutes them back).
+    ``rotary``: the cos / sin of the step, shared by the layers (``RotaryTables``).
     """
     context = inference_context
     start, end = context.sequence_len_offset, context.sequence_len_offset + key.size(0)
@@ -80,14 +84,8 @@ def rotated_key_cache_adjust(self: SelfAttention, inference_context, query, key,
                          f"{key_memory.size(batch_dim)} rows cannot hold positions "
                          f"[{start}, {end}) of rows [{first}, {last})")
     if rotary_pos_emb is not None:
-        q_pos_emb, k_pos_emb = rotary_pos_emb
-        if q_pos_emb.size(0) != end - start:
-            q_pos_emb, k_pos_emb = q_pos_emb[start:end], k_pos_emb[start:end]
-        mscale = _yarn_get_concentration_factor_from_config(self.config)
-        query = apply_rotary_pos_emb(query, q_pos_emb, config=self.config, mscale=mscale,
-                                     cp_group=self.pg_collection.cp)
-        key = apply_rotary_pos_emb(key, k_pos_emb, config=self.config, mscale=mscale,
-                                   cp_group=self.pg_collection.cp)
+        query, key = _rotate_query_key(self, query, key, rotary_pos_emb, start, end, rotary,
+                                       together=batch_first)
     # As megatron-core: past the prompt the layer's own mask type is off (the explicit mask holds).
     attn_mask_type = AttnMaskType.no_mask if start > 0 else self.attn_mask_type
     if batch_first:
@@ -100,6 +98,76 @@ def rotated_key_cache_adjust(self: SelfAttention, inference_context, query, key,
     value_memory[start:end, first:last] = value
     return (query, key_memory[:end, first:last], value_memory[:end, first:last], None,
             attn_mask_type, None)
+
+
+class RotaryTables:
+    """The cos / sin a step's rotary embedding multiplies by, computed by the first layer that
+    rotates with the step's table rows and reused by the others (megatron-core's
+    ``apply_rotary_pos_emb`` takes them from the angles at every call: twice per layer per
+    step). Keyed by the table object (held here, so its identity stays unique) and the rows."""
+
+    def __init__(self):
+        self._key: Optional[tuple] = None
+        self._cos_sin: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def cos_sin(self, freqs: torch.Tensor, start: int, end: int, mscale: float,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, signed sin)`` of rows ``[start, end)`` of ``freqs`` (all of it when it has
+        just those rows), scaled by ``mscale``, in ``dtype``: megatron-core's ``cos_``, and its
+        ``sin_`` with the first half negated (``_rotate``)."""
+        key = (freqs, start, end, mscale, dtype)
+        cached = self._key
+        if cached is None or cached[0] is not freqs or cached[1:] != key[1:]:
+            if freqs.size(0) != end - start:
+                freqs = freqs[start:end]
+            sin = (torch.sin(freqs) * mscale).to(dtype)
+            first, second = torch.chunk(sin, 2, dim=-1)
+            self._cos_sin = ((torch.cos(freqs) * mscale).to(dtype),
+                             torch.cat((-first, second), dim=-1))
+            self._key = key
+        return self._cos_sin
+
+    def clear(self) -> None:
+        self._key = self._cos_sin = None
+
+
+def _rotate_query_key(self: SelfAttention, query, key, rotary_pos_emb, start: int, end: int,
+                      rotary: Optional[RotaryTables], together: bool = False):
+    """Queries and keys of rows ``[start, end)`` rotated as megatron-core's unfused
+    ``apply_rotary_pos_emb`` rotates them, bit for bit: ``t * cos + rotate_half(t) * sin``. With
+    ``rotary`` the cos / sin are the step's shared ones and the rotation skips the copy that
+    appends the (empty) unrotated part; ``together``: queries and keys are rotated as one tensor
+    (the returned ones are views of it, for ``SdpaCoreAttention``, which takes any strides).
+    The fused, interleaved, MLA and partial rotary variants go through megatron-core's
+    function."""
+    q_pos_emb, k_pos_emb = rotary_pos_emb
+    config = self.config
+    mscale = _yarn_get_concentration_factor_from_config(config)
+    if (rotary is None or q_pos_emb is not k_pos_emb or config.apply_rope_fusion
+            or config.rotary_interleaved or config.multi_latent_attention
+            or q_pos_emb.size(-1) != query.size(-1) or k_pos_emb.size(-1) != key.size(-1)):
+        if q_pos_emb.size(0) != end - start:
+            q_pos_emb, k_pos_emb = q_pos_emb[start:end], k_pos_emb[start:end]
+        query = apply_rotary_pos_emb(query, q_pos_emb, config=config, mscale=mscale,
+                                     cp_group=self.pg_collection.cp)
+        key = apply_rotary_pos_emb(key, k_pos_emb, config=config, mscale=mscale,
+                                   cp_group=self.pg_collection.cp)
+        return query, key
+    cos, signed_sin = rotary.cos_sin(q_pos_emb, start, end, mscale, query.dtype)
+    if together and query.dtype == key.dtype:
+        heads = query.size(2)
+        both = _rotate(torch.cat((query, key), dim=2), cos, signed_sin)
+        return both[:, :, :heads], both[:, :, heads:]
+    return _rotate(query, cos, signed_sin), _rotate(key, cos, signed_sin)
+
+
+def _rotate(t: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """megatron-core's ``(t * cos_) + (_rotate_half(t) * sin_)`` (not interleaved), with
+    ``signed_sin`` = ``sin_`` with its first half negated: ``rotate_half(t) * sin_`` is
+    ``[-x2, x1] * [s1, s2]``, and ``x2 * -s1`` is ``-x2 * s1`` bit for bit (IEEE products are
+    sign-symmetric), so the negation is done once per step instead of twice per layer."""
+    x1, x2 = torch.chunk(t, 2, dim=-1)
+    return (t * cos) + (torch.cat((x2, x1), dim=-1) * signed_sin)
 
 
 def additive_mask(masked: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -169,13 +237,15 @@ class RolloutAttention:
         self.cache_rotated_keys = cache_rotated_keys
         self.sdpa = sdpa
         self.batch_first_cache = cache_rotated_keys and sdpa
+        self.rotary = RotaryTables()
         self._replaced: list[tuple[SelfAttention, torch.nn.Module]] = []  # (module, its core)
 
     def install(self) -> None:
         for module in self.attentions:
             if self.cache_rotated_keys:
                 module._adjust_key_value_for_inference = functools.partial(
-                    rotated_key_cache_adjust, module, batch_first=self.batch_first_cache)
+                    rotated_key_cache_adjust, module, batch_first=self.batch_first_cache,
+                    rotary=self.rotary)
             if self.sdpa:
                 self._replaced.append((module, module.core_attention))
                 module.core_attention = SdpaCoreAttention(module.config)
@@ -200,6 +270,7 @@ class RolloutAttention:
         inference_context.max_batch_size = len(rows)
 
     def remove(self) -> None:
+        self.rotary.clear()
         for module in self.attentions:
             module.__dict__.pop("_adjust_key_value_for_inference", None)
         for module, core in self._replaced:

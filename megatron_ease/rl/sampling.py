@@ -86,7 +86,9 @@ def top_p_removed(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 def token_log_probs(logits: torch.Tensor, tokens: torch.Tensor,
                     temperature: float = 1.0) -> torch.Tensor:
     """``log softmax(logits / T)[token]`` in float32; ``T = 0`` (greedy) counts as 1."""
-    scaled = logits.float() / (temperature if temperature > 0 else 1.0)
+    scaled = logits.float()
+    if temperature > 0 and temperature != 1.0:  # x / 1 is x: one kernel less per step
+        scaled = scaled / temperature
     return scaled.gather(-1, tokens[:, None].long())[:, 0] - scaled.logsumexp(dim=-1)
 
 
@@ -120,19 +122,19 @@ def _sample_nucleus(probs: torch.Tensor, top_p: float, uniforms: Uniforms) -> to
     over the vocabulary. This is FlashInfer's pivot rejection sampling.
     """
     tokens = _draw(probs, uniforms())
-    pending = torch.arange(probs.shape[0], device=probs.device)  # rows whose draw is unchecked
+    pending = None  # rows whose draw is unchecked; None: all of them (the first round)
     candidates = probs
     while True:
-        row_probs = probs[pending]
-        chosen = row_probs.gather(-1, tokens[pending, None])  # [r, 1]
+        row_probs = probs if pending is None else probs[pending]
+        chosen = row_probs.gather(-1, (tokens if pending is None else tokens[pending])[:, None])
         rejected = row_probs.masked_fill(row_probs <= chosen, 0.0).sum(dim=-1) >= top_p
-        pending = pending[rejected]
+        pending = rejected.nonzero()[:, 0] if pending is None else pending[rejected]
         if not pending.numel():
             return tokens
         at_most_as_likely = row_probs[rejected] <= chosen[rejected]
-        candidates = candidates.index_put((pending,),
-                                          candidates[pending].masked_fill(at_most_as_likely, 0.0))
-        tokens = tokens.index_put((pending,), _draw(candidates[pending], uniforms()[pending]))
+        remaining = candidates[pending].masked_fill(at_most_as_likely, 0.0)
+        candidates = candidates.index_put((pending,), remaining)
+        tokens = tokens.index_put((pending,), _draw(remaining, uniforms()[pending]))
 
 
 def sample_next_tokens(logits: torch.Tensor, params: SamplingParams,
@@ -168,7 +170,7 @@ def sample_next_tokens(logits: torch.Tensor, params: SamplingParams,
                        device=logits.device)
         return u if rows is None else u[rows]
 
-    scaled = logits / params.temperature
+    scaled = logits if params.temperature == 1.0 else logits / params.temperature
     probs = scaled.softmax(dim=-1)
     if params.top_p < 1.0:
         tokens = _sample_nucleus(probs, params.top_p, uniforms)

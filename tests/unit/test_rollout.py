@@ -76,15 +76,18 @@ def _greedy_worker(max_new_tokens: int):
     # from their KV cache layout (batch-first for SDPA, megatron-core's sequence-first).
     sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, n=2, seed=1,
                               stop_token_ids=tuple(range(5, VOCAB, 12)))
-    paths = {}
+    paths, direct = {}, {}
     for name, options in {"rollout": {},
-                          "megatron": dict(cache_rotated_keys=False, attention_backend="model")
+                          "megatron": dict(cache_rotated_keys=False, attention_backend="model"),
+                          "autograd_linears": dict(direct_linears=False),
                           }.items():
         adapter = GPTRolloutAdapter(model, **options)
         paths[name] = _engine(model, adapter=adapter).generate(prompts, sampling)
+        direct[name] = len(adapter._linears.linears)
     attentions = [layer.self_attention for layer in model.decoder.layers]
     restored = all(isinstance(a.core_attention, DotProductAttention)
                    and "_adjust_key_value_for_inference" not in a.__dict__ for a in attentions)
+    restored &= not any("forward" in m.__dict__ for m in model.modules())
     def refusal(batch_prompts):
         """The error of the model's own attention backend on these prompts, None if it ran."""
         try:
@@ -113,7 +116,7 @@ def _greedy_worker(max_new_tokens: int):
     params = {n: p.detach().clone() for n, p in canonical_parameters(model).items()}
     return {"out": out, "ref": torch.stack(ref, 1), "ref_log_probs": torch.stack(ref_logp, 1),
             "params": params, "training": model.training, "paths": paths, "restored": restored,
-            "refused": refused, "refused_te": refused_te}
+            "refused": refused, "refused_te": refused_te, "direct": direct}
 
 
 def _sampling_worker(seed: int, temperature: float, top_p: float, n: int):
@@ -164,6 +167,37 @@ def _pipeline_worker():
 
 
 # -- sampler ---------------------------------------------------------------------------------------
+
+
+def test_rotary_tables_rotate_bit_for_bit_as_megatron_core_and_once_per_step():
+    """The step's cos / sin are computed once for all layers; the rotation with them, of queries
+    and keys apart or together, is megatron-core's unfused ``apply_rotary_pos_emb``, bit for bit
+    (a rope table sliced by cache rows, and an mrope-like table holding the step's rows)."""
+    from types import SimpleNamespace
+
+    from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+
+    from megatron_ease.rl.rollout_attention import RotaryTables, _rotate_query_key
+
+    config = SimpleNamespace(apply_rope_fusion=False, rotary_interleaved=False,
+                             multi_latent_attention=False, mrope_section=None)
+    attention = SimpleNamespace(config=config, pg_collection=SimpleNamespace(cp=None))
+    gen = torch.Generator().manual_seed(0)
+    rope = torch.rand(40, 1, 1, 16, generator=gen) * 40  # [max_seq, 1, 1, d]
+    tables = RotaryTables()
+    for start, end, b in [(0, 7, 3), (7, 8, 3), (8, 9, 5)]:
+        mrope = torch.rand(end - start, b, 1, 16, generator=gen) * 40
+        for freqs, rows in ((rope, rope[start:end]), (mrope, mrope)):
+            q = torch.randn(end - start, b, 4, 16, generator=gen)
+            k = torch.randn(end - start, b, 2, 16, generator=gen)
+            want = [apply_rotary_pos_emb(t, rows, config, cp_group=object()) for t in (q, k)]
+            for together in (False, True):
+                got = _rotate_query_key(attention, q, k, (freqs, freqs), start, end, tables,
+                                        together=together)
+                assert all(torch.equal(g, w) for g, w in zip(got, want))
+            cos = tables.cos_sin(freqs, start, end, 1.0, q.dtype)[0]
+            assert tables.cos_sin(freqs, start, end, 1.0, q.dtype)[0] is cos  # computed once
+    tables.clear()
 
 def test_top_p_filter_matches_hf_top_p_warper():
     from transformers.generation.logits_process import TopPLogitsWarper
@@ -303,6 +337,12 @@ def test_greedy_with_kv_cache_equals_full_recompute_and_hf_generate():
     torch.testing.assert_close(paths["rollout"].log_probs, paths["megatron"].log_probs,
                                atol=1e-5, rtol=0)
     assert res["restored"]
+    # TP = 1 linears (and the embedding) without the autograd Function: bit-identical rollouts.
+    # qkv, proj, fc1, fc2 of 4 layers, the embedding and the output layer
+    assert res["direct"]["rollout"] == 4 * 4 + 2 and res["direct"]["autograd_linears"] == 0
+    for key in ("tokens", "log_probs", "lengths"):
+        assert torch.equal(getattr(paths["rollout"], key),
+                           getattr(paths["autograd_linears"], key))
     assert res["refused"] and "key-padding mask" in res["refused"]
     assert res["refused_te"] and "TransformerEngine" in res["refused_te"]
 

@@ -66,6 +66,30 @@ def test_inspect_shards_exit_zero_and_overlays(tmp_path, capsys):
     assert Image.open(tmp_path / "ov" / pngs[0]).size[0] > 100
 
 
+def test_inspect_shards_reports_shards_without_a_sample_instead_of_a_traceback(
+        tmp_path, tiny_tokenizer_dir, capsys):
+    """Every shard unreadable (here: compressed) or empty: the reader refuses to stream
+    nothing, and the inspector raised that as a traceback instead of its report."""
+    import gzip
+
+    inspect_shards = load_tool("inspect_shards")
+    with EvidenceShardWriter(str(tmp_path / "ok"), "ok", samples_per_shard=100, strict=True) as writer:
+        for key, files in good_samples(2):
+            writer.write(key, files)
+    (tmp_path / "gz").mkdir()
+    (tmp_path / "gz" / "s-000000.tar").write_bytes(gzip.compress((tmp_path / "ok" / "ok-000000.tar").read_bytes()))
+    args = ["--tokenizer", tiny_tokenizer_dir]
+    code = inspect_shards.main([str(tmp_path / "gz" / "*.tar"), "--strict", *args])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert code == 1 and out[-1] == "valid=0 skipped=1" and "skipped[unreadable_shard]=1" in out
+    assert any(line.startswith("unreadable: ") and "gzip-compressed" in line for line in out)
+    assert inspect_shards.main([str(tmp_path / "gz" / "*.tar"), *args]) == 0
+    with tarfile.open(tmp_path / "empty.tar", "w"):
+        pass
+    assert inspect_shards.main([str(tmp_path / "empty.tar"), "--strict", *args]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "valid=0 skipped=0"
+
+
 def _save(path, image):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     image.save(path)

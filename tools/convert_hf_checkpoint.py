@@ -28,7 +28,9 @@ distributed checkpoint, or a directory whose ``latest_checkpointed_iteration.txt
 names ``iter_NNNNNNN`` (see ``megatron_ease/models/qwen_vl/checkpoint.py``). Without
 ``hf_conversion.json`` it writes transformers' default names in the HF config's dtype.
 ``--hf-config`` may hold only ``config.json``; every non-weight file in it (config, generation
-config, tokenizer) is copied to the output. Shards are written under temporary names and renamed
+config, tokenizer) is copied to the output. It may also name the config file itself (as
+``model.hf_config`` may): a ``config.json`` stands for its directory, a file of another name is
+written as ``config.json`` alone. Shards are written under temporary names and renamed
 when all are written, the index last, so an export cut off part way leaves no shard under its
 own name, also in an existing directory (``--out`` = ``--hf-config``). Without
 ``--hf-config``, a checkpoint the trainer wrote is exported with its run's config
@@ -93,8 +95,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     to_hf = sub.add_parser("megatron-to-hf", help="megatron checkpoint -> HF safetensors")
     to_hf.add_argument("--ckpt", required=True, help="megatron checkpoint (dir or its parent)")
     to_hf.add_argument("--hf-config", default=None,
-                       help="dir holding the HF config.json (default: for a checkpoint the "
-                            "trainer wrote, its run's model.hf_config, else a config.json made "
+                       help="dir holding the HF config.json, or the config file itself "
+                            "(default: for a checkpoint the trainer wrote, its run's "
+                            "model.hf_config, else a config.json made "
                             "from the run's model section, with its data.tokenizer's files)")
     to_hf.add_argument("--out", required=True, help="output HF model directory")
     check = sub.add_parser("verify", help="compare an HF model's and a megatron checkpoint's "
@@ -217,18 +220,39 @@ def _conversion_record(ckpt_dir: str, ckpt_arg: str) -> dict:
     return {}
 
 
+def _copy_file(src: str, dst: str) -> None:
+    if os.path.exists(dst) and os.path.samefile(src, dst):  # --out = --hf-config
+        return
+    temp = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.tmp-{os.getpid()}")
+    try:
+        shutil.copy2(src, temp)
+        os.replace(temp, dst)  # never a cut-off config or tokenizer file under its name
+    finally:
+        if os.path.exists(temp):
+            os.remove(temp)
+
+
 def _copy_config_files(hf_config_dir: str, out: str, skip: tuple = ()) -> None:
     for entry in sorted(os.listdir(hf_config_dir)):
-        src, dst = os.path.join(hf_config_dir, entry), os.path.join(out, entry)
-        if os.path.isfile(src) and not entry.endswith(_WEIGHT_SUFFIXES) and entry not in skip \
-                and not (os.path.exists(dst) and os.path.samefile(src, dst)):  # --out = --hf-config
-            temp = os.path.join(out, f".{entry}.tmp-{os.getpid()}")
-            try:
-                shutil.copy2(src, temp)
-                os.replace(temp, dst)  # never a cut-off config or tokenizer file under its name
-            finally:
-                if os.path.exists(temp):
-                    os.remove(temp)
+        src = os.path.join(hf_config_dir, entry)
+        if os.path.isfile(src) and not entry.endswith(_WEIGHT_SUFFIXES) and entry not in skip:
+            _copy_file(src, os.path.join(out, entry))
+
+
+def _config_source(path: str):
+    """``(hf config, directory whose non-weight files go to the output or None, config file to
+    write as config.json or None)`` of ``--hf-config`` / a run's ``model.hf_config``: a
+    directory holding config.json, or a config file (``model.hf_config`` may name one). A
+    ``config.json`` stands for its directory (an HF model's: generation config, tokenizer);
+    a file of another name is the config alone."""
+    from megatron_ease.models.qwen_vl import load_hf_config
+
+    hf_config = load_hf_config(path)  # a missing or unreadable one is an error naming it
+    if os.path.isdir(path):
+        return hf_config, path, None
+    if os.path.basename(path) == "config.json":
+        return hf_config, os.path.dirname(os.path.abspath(path)), None
+    return hf_config, None, path
 
 
 def _run_config_of(ckpt: str):
@@ -252,29 +276,29 @@ def megatron_to_hf(ckpt: str, hf_config_dir: Optional[str], out: str) -> None:
         canonical_parameters,
         hf_config_from_model_config,
         hf_tensors,
-        load_hf_config,
         model_config_from_hf,
         save_hf_weights,
         weight_table,
     )
 
     extra_files = None  # a directory whose non-weight files go to --out too
+    config_file = None  # a config file of another name, written as config.json
     made_config = False  # the config comes from the run's model section, not from a directory
     if hf_config_dir is not None:
-        hf_config, extra_files = load_hf_config(hf_config_dir), hf_config_dir
+        hf_config, extra_files, config_file = _config_source(hf_config_dir)
     else:
         run = _run_config_of(ckpt)
         if run is None:
             raise FileNotFoundError(f"{ckpt} has no trainer_state.json with its run's config "
                                     f"(a converted checkpoint?): give --hf-config, the HF model "
                                     f"directory it was converted from")
-        if run.model.hf_config and os.path.isdir(run.model.hf_config):
-            hf_config, extra_files = load_hf_config(run.model.hf_config), run.model.hf_config
+        if run.model.hf_config and os.path.exists(run.model.hf_config):
+            hf_config, extra_files, config_file = _config_source(run.model.hf_config)
             logger.info("HF config: the run's model.hf_config, %s", run.model.hf_config)
         else:
             hf_config, made_config = hf_config_from_model_config(run.model), True
             logger.info("HF config: made from the run's model section (model.hf_config %r is "
-                        "not a directory here)", run.model.hf_config)
+                        "not here)", run.model.hf_config)
             if run.data.tokenizer and os.path.isdir(run.data.tokenizer):
                 extra_files = run.data.tokenizer
     table = weight_table(hf_config.model_type)
@@ -307,6 +331,8 @@ def megatron_to_hf(ckpt: str, hf_config_dir: Optional[str], out: str) -> None:
         # The tokenizer directory's own config files (a full HF model's) are not this model's.
         _copy_config_files(extra_files, out, skip=("config.json", "generation_config.json")
                            if made_config else ())
+    if config_file is not None:
+        _copy_file(config_file, os.path.join(out, "config.json"))
     if made_config:
         # The weights' dtype (the most elements), as a published config gives it: what
         # from_pretrained(dtype="auto") and serving engines load the model in.
@@ -354,6 +380,21 @@ def verify_passes(diff: float, logit_scale: float) -> bool:
     return diff <= VERIFY_TOLERANCE * max(1.0, logit_scale)
 
 
+def _check_hf_weights(hf_dir: str) -> None:
+    """An HF directory ``verify`` can load: safetensors (readable headers, every indexed shard
+    there) or PyTorch ``.bin`` weights; else an error naming it (exit status 2, not the 1 of a
+    logit mismatch)."""
+    from megatron_ease.models.qwen_vl import HFCheckpoint
+
+    if any(os.path.isfile(os.path.join(hf_dir, name)) for name in
+           ("model.safetensors", "model.safetensors.index.json")):
+        HFCheckpoint(hf_dir)
+    elif not any(os.path.isfile(os.path.join(hf_dir, name)) for name in
+                 ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        raise FileNotFoundError(f"{hf_dir}: no model weights (model.safetensors, "
+                                f"model.safetensors.index.json or pytorch_model.bin)")
+
+
 def verify(hf_dir: str, ckpt: str) -> tuple[float, float]:
     """(max |logit difference| between HF and the converted checkpoint, both fp32, and the
     largest |HF logit|) on the probe."""
@@ -366,9 +407,12 @@ def verify(hf_dir: str, ckpt: str) -> tuple[float, float]:
         load_hf_config,
         load_model_checkpoint,
         model_config_from_hf,
+        resolve_checkpoint_dir,
     )
 
     model_cfg = model_config_from_hf(load_hf_config(hf_dir))
+    _check_hf_weights(hf_dir)
+    resolve_checkpoint_dir(ckpt)  # before the HF model loads: a wrong --ckpt fails at once
     probe = verification_probe(model_cfg)
     hf_model = AutoModelForImageTextToText.from_pretrained(hf_dir, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -406,6 +450,7 @@ def main(argv=None) -> int:
                         format="%(asctime)s %(name)s: %(message)s")
     from megatron_ease.distributed import destroy_distributed
     from megatron_ease.models.qwen_vl import UnsupportedModelError, WeightMismatchError
+    from megatron_ease.models.qwen_vl.checkpoint import AmbiguousCheckpointError
     from megatron_ease.models.qwen_vl.hf_config import UnreadableFileError
 
     _start_single_process()
@@ -418,7 +463,7 @@ def main(argv=None) -> int:
         megatron_to_hf(args.ckpt, args.hf_config, args.out)
         return 0
     except (UnsupportedModelError, WeightMismatchError, UnreadableFileError, FileNotFoundError,
-            FileExistsError) as e:
+            FileExistsError, AmbiguousCheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -616,3 +616,74 @@ def test_export_whose_shard_write_fails_leaves_no_shard_under_its_name(tmp_path,
     assert all(torch.equal(back[name], t) for name, t in tensors)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert index["weight_map"] == {f"t{i}": written[i] for i in range(3)}
+
+
+def test_megatron_to_hf_takes_the_config_file_itself_as_hf_config(converted, tmp_path):
+    """``--hf-config DIR/config.json`` (``load_hf_config`` reads a file, and ``model.hf_config``
+    may name one): the weights were written, then listing the "directory" raised
+    NotADirectoryError, a traceback and an output without config.json; a run whose
+    ``model.hf_config`` is a file was exported with a config made from its model section."""
+    import dataclasses
+
+    from megatron_ease.config import Config, config_to_dict
+
+    hf_dir = Path(converted["hf_dir"])
+    original = read_safetensors(hf_dir)
+
+    def assert_exported(out, config_from=hf_dir / "config.json", files=None):
+        back = read_safetensors(out)
+        assert original.keys() == back.keys()
+        assert all(torch.equal(back[k], v) and back[k].dtype == v.dtype for k, v in original.items())
+        assert (out / "config.json").read_bytes() == config_from.read_bytes()
+        if files is not None:
+            assert sorted(os.listdir(out)) == files
+
+    out = tmp_path / "from_config_json"
+    result = convert("megatron-to-hf", "--ckpt", converted["ckpt"], "--hf-config",
+                     str(hf_dir / "config.json"), "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    # config.json stands for its directory: the generation config comes along
+    assert_exported(out, files=sorted(os.listdir(hf_dir)))
+    other = tmp_path / "qwen_vl_config.json"
+    shutil.copy(hf_dir / "config.json", other)
+    out = tmp_path / "from_other_file"
+    result = convert("megatron-to-hf", "--ckpt", converted["ckpt"], "--hf-config", str(other),
+                     "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_exported(out, config_from=other, files=["config.json", "model.safetensors"])
+
+    trainer = tmp_path / "run" / "checkpoints"
+    shutil.copytree(converted["ckpt"], trainer / "iter_0000002",
+                    ignore=shutil.ignore_patterns("hf_conversion.json"))
+    (trainer / "latest_checkpointed_iteration.txt").write_text("2\n")
+    model = dataclasses.replace(model_config_from_hf(hf_dir), hf_config=str(hf_dir / "config.json"))
+    (trainer / "iter_0000002" / "trainer_state.json").write_text(
+        json.dumps({"step": 2, "config": config_to_dict(Config(model=model))}))
+    out = tmp_path / "from_run"
+    result = convert("megatron-to-hf", "--ckpt", str(trainer), "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_exported(out, files=sorted(os.listdir(hf_dir)))
+
+
+def test_unusable_inputs_to_verify_and_export_exit_2_naming_them(converted, tmp_path):
+    """An HF directory without weights (verify loaded it with transformers: an OSError
+    traceback) and a checkpoint that is ambiguous (a ValueError traceback) ended with exit
+    status 1, which ``verify`` gives a logit mismatch: scripts read them as a failed check."""
+    config_only = tmp_path / "config_only"
+    config_only.mkdir()
+    shutil.copy(Path(converted["hf_dir"]) / "config.json", config_only)
+    result = convert("verify", "--hf-dir", str(config_only), "--ckpt", converted["ckpt"])
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"error: {config_only}: no model weights" in result.stderr
+    assert "max_abs_logit_diff" not in result.stdout
+
+    both = tmp_path / "both"
+    shutil.copytree(converted["ckpt"], both)
+    (both / "latest").write_text("iter_0000003\n")
+    for args in (("verify", "--hf-dir", converted["hf_dir"], "--ckpt", str(both)),
+                 ("megatron-to-hf", "--ckpt", str(both), "--hf-config", converted["hf_dir"],
+                  "--out", str(tmp_path / "x"))):
+        result = convert(*args)
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert "also has latest pointing to a step directory" in result.stderr
+        assert "Traceback" not in result.stderr

@@ -31,6 +31,11 @@ _ANCHOR_KEY = "language_model.embedding.word_embeddings.weight"
 _MODEL_MODULES = ("language_model.", "vision_model.")
 
 
+class AmbiguousCheckpointError(ValueError):
+    """A directory is a distributed checkpoint and also points to a step directory: which one
+    is meant cannot be guessed."""
+
+
 def is_dist_checkpoint(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "metadata.json"))
 
@@ -42,8 +47,9 @@ def resolve_checkpoint_dir(path: str) -> str:
         if markers:
             # E.g. a converted checkpoint also used as a run's checkpoint.dir: which one is
             # meant cannot be guessed, and taking the top level would export the untrained one.
-            raise ValueError(f"{path} is a distributed checkpoint and also has {markers[0]} "
-                             f"pointing to a step directory; pass one of them explicitly")
+            raise AmbiguousCheckpointError(
+                f"{path} is a distributed checkpoint and also has {markers[0]} pointing to a "
+                f"step directory; pass one of them explicitly")
         return path
     for name in LATEST_FILES:
         marker = os.path.join(path, name)

@@ -504,6 +504,16 @@ def validate_config(cfg: Config, world_size: int = 1) -> None:
     check(m.num_query_groups % tp == 0,
           f"model.num_query_groups ({m.num_query_groups}) must be divisible by "
           f"parallel.tensor_model_parallel_size ({tp}): each TP rank needs whole KV heads")
+    # megatron-core splits the vocabulary (embedding, output layer) and the FFN over TP ranks
+    # and asserts even shares deep in model construction; Qwen's vocabularies (151936, 152064)
+    # divide by any TP size up to 128.
+    check(m.vocab_size % tp == 0,
+          f"model.vocab_size ({m.vocab_size}) must be divisible by "
+          f"parallel.tensor_model_parallel_size ({tp}): each TP rank holds an equal vocabulary "
+          f"share")
+    check(m.ffn_hidden_size % tp == 0,
+          f"model.ffn_hidden_size ({m.ffn_hidden_size}) must be divisible by "
+          f"parallel.tensor_model_parallel_size ({tp})")
     check(m.vision.num_heads >= 1, "model.vision.num_heads must be >= 1")
     v = m.vision
     if m.family == "qwen3_vl":

@@ -14,6 +14,7 @@ from tests.qwen_fixtures import (
     IMAGE,
     PAD,
     QWEN25VL_7B_CONFIG,
+    VISION_START,
     assert_rope_index_matches_hf,
     current_layout,
     hf_logits,
@@ -23,6 +24,7 @@ from tests.qwen_fixtures import (
     tiny_batch,
     tiny_hf_config,
     tiny_hf_model,
+    tiny_qwen3vl_config,
 )
 
 
@@ -301,6 +303,46 @@ def test_tp2_ranks_encode_a_share_of_the_images_each_with_tp1_loss_and_gradients
             assert sum(calls) == sum(patches) and max(calls) < sum(patches), (calls, patches)
 
 
+def _mixed_batch(patch_size: int) -> dict:
+    """Four samples as a trainer batch may hold them: an image token in the very first column
+    then long text (left-padded), three images of different aspect ratios (right-padded), text
+    only (left-padded), text ending in an image (no vision-end token)."""
+    gen = torch.Generator().manual_seed(5)
+
+    def text(n):
+        return torch.randint(1, 248, (n,), generator=gen).tolist()
+
+    grids = [(1, 2, 6), (1, 6, 2), (1, 4, 4), (1, 2, 8), (1, 4, 6)]
+    samples = [[IMAGE] * 3 + text(20),
+               text(2) + image_tokens(grids[1]) + text(1) + image_tokens(grids[2]) + text(1)
+               + image_tokens(grids[3]) + text(1),
+               text(9),
+               text(5) + [VISION_START] + [IMAGE] * 6]
+    seq = max(map(len, samples)) + 1
+    input_ids = torch.full((4, seq), PAD)
+    mask = torch.zeros(4, seq, dtype=torch.bool)
+    for row, ids in enumerate(samples):
+        cols = slice(0, len(ids)) if row == 1 else slice(seq - len(ids), seq)
+        input_ids[row, cols], mask[row, cols] = torch.tensor(ids), True
+    patches = sum(t * h * w for t, h, w in grids)
+    return {"input_ids": input_ids, "attention_mask": mask,
+            "pixel_values": torch.randn(patches, 3 * 2 * patch_size ** 2, generator=gen),
+            "image_grid_thw": torch.tensor(grids)}
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_logits_match_hf_on_a_mixed_batch(tmp_path, family):
+    """0, 1 and 3 images per sample, an image at the very start and at the very end, a
+    text-only row, both padding sides in one batch: HF's logits at every real token."""
+    qwen3 = family == "qwen3_vl"
+    model = save_tiny_hf(tmp_path, tiny_qwen3vl_config() if qwen3 else None)
+    batch = _mixed_batch(patch_size=16 if qwen3 else 14)
+    want = hf_logits(model, batch)
+    got = run_distributed(_logits_worker, str(tmp_path), batch, world_size=1)[0]
+    valid = batch["attention_mask"]
+    torch.testing.assert_close(got[valid], want[valid], atol=1e-4, rtol=0)
+
+
 def test_tied_embeddings_pp2_logits_match_hf(tmp_path):
     """Tied HF checkpoints have no lm_head: the last stage's output layer loads embed_tokens."""
     config = tiny_hf_config(tie_word_embeddings=True)
@@ -346,6 +388,29 @@ def _meta_param_count(hf_config_dict):
                                     params_dtype=torch.bfloat16, perform_initialization=False)
     assert all(p.is_meta for p in model.parameters())
     return sum(p.numel() for p in model.parameters())
+
+
+def test_transformer_engine_mask_refuses_rows_that_are_not_right_padded():
+    """TransformerEngine turns a ``padding_causal`` mask into per-row lengths (``cu_seqlens``)
+    and attends to each row's first ``length`` columns: a left-padded row would attend to its
+    padding and drop its last tokens, with no error. So that spec's mask takes right-padded rows
+    only (and says which rows are not); the local spec's explicit mask keeps any layout."""
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megatron_ease.models.qwen_vl import attention_mask_for
+
+    right = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [0, 0, 0, 0]], dtype=torch.bool)
+    mask = attention_mask_for(right, 3, 4, AttnMaskType.padding_causal)
+    assert mask.shape == (3, 1, 1, 4)
+    lengths = (~mask).sum(dim=-1).flatten()  # what TE reads of it
+    assert torch.equal(torch.arange(4) < lengths[:, None], right)
+    assert not attention_mask_for(None, 2, 4, AttnMaskType.padding_causal).any()
+    left = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1], [1, 0, 1, 0]], dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"rows \[1, 2\] .* padding before a real token"):
+        attention_mask_for(left, 3, 4, AttnMaskType.padding_causal)
+    causal = attention_mask_for(left, 3, 4, AttnMaskType.causal)  # [b, 1, s, s], True = masked
+    assert torch.equal(~causal[:, 0, -1], left)
+    assert torch.equal(~causal[1, 0], torch.ones(4, 4).tril().bool() & left[1])
 
 
 def test_7b_builds_on_meta_with_hf_parameter_count():

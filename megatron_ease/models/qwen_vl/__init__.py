@@ -26,6 +26,7 @@ Forward (training/RL; megatron-core schedules call ``model.set_input_tensor`` be
 
     out = model(input_ids,                 # [b, s]; every stage (positions derive from it)
                 attention_mask=valid,      # [b, s] bool, True = real token; left/right padding
+                                           # (right only with the TransformerEngine spec)
                 pixel_values=px,           # [num_patches, C*T*P*P] (stage 0)
                 image_grid_thw=grids,      # [num_images, 3], batch order (every stage)
                 position_ids=None,         # [3, b, s] mrope; None = derived (get_rope_index)

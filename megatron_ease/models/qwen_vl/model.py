@@ -61,17 +61,35 @@ def attention_mask_for(valid_mask: Optional[torch.Tensor], batch: int, seq_len: 
     """The attention mask a layer spec expects, True = masked.
 
     ``causal`` (local spec): ``[b, 1, s, s]``, causal and key padding in one mask (megatron-core's
-    local attention applies the mask it is given). ``padding_causal`` (TE spec): ``[b, 1, 1, s]``
-    key padding; the kernel adds the causal part.
+    local attention applies the mask it is given), any padding layout. ``padding_causal`` (TE
+    spec): ``[b, 1, 1, s]`` key padding; the kernel adds the causal part. TransformerEngine reads
+    only each row's count of valid tokens from that mask (``cu_seqlens``) and takes them to be the
+    row's first columns, so its rows must be right-padded: any other layout (left padding, holes)
+    is refused here rather than attended wrongly.
     """
     valid = (torch.ones(batch, seq_len, dtype=torch.bool, device=device) if valid_mask is None
              else valid_mask.to(device=device, dtype=torch.bool))
     if mask_type == AttnMaskType.padding_causal:
+        if valid_mask is not None:
+            _check_right_padded(valid)
         return ~valid[:, None, None, :]
     if mask_type == AttnMaskType.causal:
         causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=valid.device).tril()
         return ~(causal[None, None] & valid[:, None, None, :])
     raise ValueError(f"unsupported attn_mask_type {mask_type} for the Qwen-VL layer spec")
+
+
+def _check_right_padded(valid: torch.Tensor) -> None:
+    """Every row's valid tokens are a prefix of it (what TransformerEngine's padding masks mean)."""
+    later = valid[:, 1:] & ~valid[:, :-1]  # a valid token right after padding
+    if bool(later.any()):
+        rows = later.any(dim=1).nonzero().flatten().tolist()
+        raise ValueError(
+            f"rows {rows} of the attention mask have padding before a real token (left padding?): "
+            f"the TransformerEngine layer spec (attn_mask_type padding_causal) treats the first "
+            f"mask.sum() columns of each row as its tokens, so it takes right-padded rows only. "
+            f"Right-pad the batch (mrope positions do not depend on the padding side), or build "
+            f"the model with use_te=False")
 
 
 class QwenVLModel(MegatronModule):
@@ -236,8 +254,9 @@ class QwenVLModel(MegatronModule):
         Args:
             input_ids: ``[b, s]`` token ids (every stage: positions derive from them).
             position_ids: ``[3, b, s]`` mrope positions; None = derived here.
-            attention_mask: ``[b, s]`` bool valid-token mask (True = real token, any padding
-                side); None = no padding. The layers get ``attention_mask_for`` of it.
+            attention_mask: ``[b, s]`` bool valid-token mask (True = real token); None = no
+                padding. The layers get ``attention_mask_for`` of it: any padding side with the
+                local layer spec, right padding only with TransformerEngine's (others raise).
             pixel_values: ``[num_patches, C*T*P*P]`` patches of all images (stage 0).
             image_grid_thw: ``[num_images, 3]`` patch grids, batch order.
             labels: ``[b, s]``; when given, the last stage returns per-token ``-log p`` ``[b, s]``

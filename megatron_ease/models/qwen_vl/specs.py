@@ -43,8 +43,9 @@ def qwen_vl_layer_spec(use_te: Optional[bool] = None, qk_layernorm: bool = False
     RMSNorm with ``qk_layernorm``), RMSNorm, SwiGLU MLP.
 
     With TE the attention mask type is ``padding_causal`` and the model passes a ``[b, 1, 1, s]``
-    key-padding mask; the local spec keeps ``causal`` and receives the full ``[b, 1, s, s]`` mask
-    (see ``attention_mask_for``).
+    key-padding mask (TE reads it as row lengths: right-padded rows only); the local spec keeps
+    ``causal`` and receives the full ``[b, 1, s, s]`` mask, any padding layout (see
+    ``attention_mask_for``).
     """
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,

@@ -31,7 +31,7 @@ import sys
 import torch
 
 from megatron_ease.config import load_config
-from megatron_ease.eval.evaluator import attention_maps
+from megatron_ease.eval.evaluator import attention_maps, json_safe
 from megatron_ease.eval.plots import plot_attention_overlays
 from megatron_ease.train import int_at_least
 
@@ -248,8 +248,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True,
                         help="output directory; an existing one is continued only when it was "
                              f"made with the same arguments ({RUN_ARGS})")
-    parser.add_argument("--train-samples", type=int, default=2000)
-    parser.add_argument("--eval-samples", type=int, default=500)
+    # At least 1: with 0 held-out samples the demo trained both arms (minutes) and then failed
+    # to evaluate them (no eval shard); 0 also meant eval.samples (64) to the evaluator.
+    parser.add_argument("--train-samples", type=int_at_least(1), default=2000)
+    parser.add_argument("--eval-samples", type=int_at_least(1), default=500)
     parser.add_argument("--warm-start-steps", type=int, default=60)
     parser.add_argument("--rl-steps", type=int, default=150)
     parser.add_argument("--data", choices=list(DATASETS), default="object_colour",
@@ -295,7 +297,8 @@ def main(argv=None) -> int:
                "plots": plots}
     summary["verdict"] = verdict(summary, args.rl_steps, args.eval_samples)
     with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+        # Standard JSON: a metric without samples (NaN) is null, not NaN.
+        json.dump(json_safe(summary), f, indent=1, allow_nan=False)
     print(f"\n{'metric':<28}{'DAPO+EASE':>12}{'DAPO':>12}")
     for key in ("accuracy", "anti_prior_accuracy", "evidence_attention_mass", "eval_samples"):
         a, b = summary["ease"].get(key, float("nan")), summary["dapo"].get(key, float("nan"))

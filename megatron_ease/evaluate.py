@@ -13,8 +13,9 @@ share the samples. Greedy answers (up to ``dapo.max_response_length`` tokens) to
 reported are accuracy, anti-prior accuracy (samples whose answer is not the language-prior one),
 the share of response→image attention inside the evidence (with ``ease.layers``), and the
 samples evaluated and skipped. Rank 0 prints them as one JSON line (the last line of stdout) and
-writes them to ``--out``; ``--overlays N`` draws the first N samples' attention over the image
-(at PP > 1, the first stage's EASE layers).
+writes them to ``--out``, standard JSON: a metric without samples (e.g. anti-prior accuracy on a
+set that names no language prior) is ``null``, not ``NaN``. ``--overlays N`` draws the first N
+samples' attention over the image (averaged over the EASE layers of every pipeline stage).
 
 Exit status: 0, or 2 for a bad config, path or checkpoint (one ``config error`` line).
 """
@@ -82,7 +83,15 @@ def _write_json(path: str, payload: dict) -> None:
     from megatron_ease.training.checkpointing import write_atomic
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    write_atomic(path, json.dumps(payload, indent=1))
+    write_atomic(path, _dumps(payload, indent=1))
+
+
+def _dumps(payload, **kwargs) -> str:
+    """Standard JSON: NaN (a metric without samples) as null; json.dumps wrote ``NaN``, which
+    strict parsers (jq, JavaScript, json.loads(parse_constant=...)) refuse."""
+    from megatron_ease.eval.evaluator import json_safe
+
+    return json.dumps(json_safe(payload), allow_nan=False, **kwargs)
 
 
 def main(argv=None) -> int:
@@ -129,7 +138,7 @@ def main(argv=None) -> int:
         if launch.rank == 0:
             if args.out:
                 _write_json(args.out, result)
-            print(json.dumps(result), flush=True)
+            print(_dumps(result), flush=True)
         return 0
     finally:
         destroy_distributed()

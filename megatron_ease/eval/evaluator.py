@@ -14,6 +14,7 @@ data-parallel ranks evaluate their own share of the samples.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -43,6 +44,35 @@ def source_name(record: dict) -> str:
     return name or "unspecified"
 
 
+def answer_is_prior(record: dict) -> Optional[bool]:
+    """Whether the sample's answer is the language-prior one (what a model that does not look at
+    the image says): the record's ``answer_is_prior``, else its ``prior_answer`` compared with
+    its ``answer``; None when the record names no prior (a real benchmark's sample), which puts
+    it in neither subset: anti-prior accuracy is over the samples known to go against the prior.
+    """
+    flag = record.get("answer_is_prior")
+    if isinstance(flag, bool):
+        return flag
+    if isinstance(flag, str) and flag.strip().lower() in ("true", "false"):
+        return flag.strip().lower() == "true"
+    prior = record.get("prior_answer")
+    if prior is None or record.get("answer") is None:
+        return None
+    return str(prior).strip().lower() == str(record["answer"]).strip().lower()
+
+
+def json_safe(value):
+    """``value`` with every non-finite float (a metric without samples is NaN) as None, so that
+    ``json.dumps(..., allow_nan=False)`` writes standard JSON (``null``, not ``NaN``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 class Evaluator:
     """Evaluation of the policy ``model_chunks`` (this rank's chunks, wrapped or not) that
     ``engine`` generates with, on ``cfg.data.eval_shards``."""
@@ -65,7 +95,9 @@ class Evaluator:
         """Greedy accuracy (all, and anti-prior samples) and attention in evidence on the first
         ``max_samples`` (default ``eval.samples``) samples of the held-out shards, in shard
         order, each DP rank on its own part: the same samples whatever the DP size, loader
-        workers or batch size. Metrics are NaN if no sample could be read."""
+        workers or batch size. Metrics are NaN if no sample could be read (anti-prior accuracy
+        also when no sample is known to go against the language prior: ``answer_is_prior``);
+        ``json_safe`` turns them into JSON nulls."""
         from megatron_ease.rl.rewards import compute_rewards
 
         cfg = self.cfg
@@ -73,7 +105,9 @@ class Evaluator:
         reader = builders.build_reader(cfg, self.tokenizer, cfg.data.eval_shards,
                                        cfg.eval.batch_size, self.dp_rank, self.dp_size,
                                        train=False, max_samples=samples)
-        limit = len(range(self.dp_rank, samples, self.dp_size))  # this rank's share at most
+        # This rank's share (of the samples there are: ``samples`` may exceed the set).
+        limit = getattr(getattr(reader, "dataset", None), "epoch_length",
+                        len(range(self.dp_rank, samples, self.dp_size)))
         params = self._greedy()
         # correct, n, anti correct, anti n, ev, ev n, skipped samples
         totals = torch.zeros(7, dtype=torch.float64)
@@ -88,7 +122,8 @@ class Evaluator:
                 skip_special_tokens=True)
             rewards = compute_rewards(texts, batch["answers"], batch["answer_types"],
                                       batch["choices"])
-            anti = torch.tensor([not r.get("answer_is_prior", False) for r in batch["records"]],
+            # Samples known to go against the prior; one that names no prior is in neither set.
+            anti = torch.tensor([answer_is_prior(r) is False for r in batch["records"]],
                                 dtype=torch.float64)
             acc = rewards.accuracy.double()
             totals[:4] += torch.tensor([acc.sum(), len(prompts), (acc * anti).sum(), anti.sum()])
@@ -107,7 +142,8 @@ class Evaluator:
         c, n, ac, an, ev, evn, skipped = totals.tolist()
         nan = float("nan")
         metrics = {"accuracy": c / n if n else nan, "anti_prior_accuracy": ac / an if an else nan,
-                   "eval_samples": int(n), "skipped_samples": int(skipped)}
+                   "eval_samples": int(n), "anti_prior_samples": int(an),
+                   "skipped_samples": int(skipped)}
         if evn > 0:
             metrics["evidence_attention_mass"] = ev / evn
         metrics.update(self._per_source(by_source))

@@ -11,17 +11,34 @@ import os
 
 
 def first_image(shard: str, key: str):
-    """The sample's first image, read back from its shard (for the overlays)."""
-    import io
+    """The sample's first image, read back from its shard (for the overlays) as the reader
+    decoded it: the same member (``KEY.jpg`` or ``KEY.0.<ext>``, never a mask), upright (EXIF
+    orientation applied, the frame of its visual tokens and boxes) and in RGB as the processor
+    converts it."""
     import tarfile
 
-    from PIL import Image
+    from megatron_ease.data.image import to_rgb
+    from megatron_ease.data.schema import (
+        IMAGE_EXTENSIONS,
+        SampleError,
+        decode_sample,
+        split_member_name,
+    )
 
     with tarfile.open(shard) as tar:
-        names = sorted(m for m in tar.getnames() if m.startswith(key + ".")
-                       and m.rsplit(".", 1)[-1] in ("png", "jpg", "jpeg", "webp")
-                       and "mask" not in m)
-        return Image.open(io.BytesIO(tar.extractfile(names[0]).read())).convert("RGB")
+        members = {}
+        for member in tar.getmembers():
+            name_key, ext = split_member_name(member.name)
+            if name_key == key and member.isfile():
+                members[ext] = member
+        # Images and the JSON only (masks and other members are not needed to show it).
+        files = {ext: tar.extractfile(m).read() for ext, m in members.items()
+                 if ext == "json" or ext.rpartition(".")[2] in IMAGE_EXTENSIONS}
+    try:
+        return to_rgb(decode_sample(files, key, shard).images[0])
+    except SampleError as e:
+        raise ValueError(f"overlay: cannot read back the image of sample {key!r} of {shard}: "
+                         f"{e}") from None
 
 
 def normalised(grid):

@@ -353,3 +353,37 @@ def test_invalid_overrides_are_refused_before_anything_runs(tmp_path, stubbed_de
         assert "config error" in str(refused.value.code) and named in str(refused.value.code)
         assert not out.exists()
     assert stubbed_demo.calls == []
+
+
+def test_too_few_samples_are_refused_before_anything_runs(tmp_path, stubbed_demo, capsys):
+    """--eval-samples 0 wrote no held-out shard: both arms trained (minutes) and the evaluation
+    failed after them (and 0 meant the config's eval.samples to the evaluator)."""
+    for flag in ("--eval-samples", "--train-samples"):
+        with pytest.raises(SystemExit) as rejected:
+            stubbed_demo.main(["--out", str(tmp_path / flag), flag, "0"])
+        assert rejected.value.code == 2 and flag in capsys.readouterr().err
+        assert not (tmp_path / flag).exists()
+    assert stubbed_demo.calls == []
+
+
+def test_summary_is_standard_json_when_a_metric_has_no_samples(tmp_path, monkeypatch,
+                                                               stubbed_demo):
+    """An arm's metric without samples (NaN: no anti-prior sample among the held-out ones) was
+    written to summary.json as NaN, which is not JSON."""
+    from megatron_ease import demo
+
+    def run_arm(args, data_dir, name, ease, init_from):
+        run_dir = os.path.join(args.out, "runs", name)
+        os.makedirs(run_dir, exist_ok=True)
+        return {"eval": {"accuracy": 0.5, "anti_prior_accuracy": float("nan"),
+                         "evidence_attention_mass": 0.1, "eval_samples": args.eval_samples},
+                "overlays": [], "run_dir": run_dir}
+
+    monkeypatch.setattr(demo, "run_arm", run_arm)
+    assert stubbed_demo.main(["--out", str(tmp_path / "out")]) == 0
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text(), parse_constant=refuse)
+    assert summary["ease"]["anti_prior_accuracy"] is None and summary["ease"]["accuracy"] == 0.5

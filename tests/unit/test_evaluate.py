@@ -138,3 +138,127 @@ def test_bad_checkpoint_or_shards_are_one_line_refusals(trained, tmp_path, case,
     errors = [line for line in result.stderr.splitlines() if "config error" in line]
     assert len(errors) == 1 and errors[0].startswith(message), result.stderr
     assert "Traceback" not in result.stderr
+
+
+# -- the Evaluator's bookkeeping and the overlays' image, in process (no model) ---------------------
+
+def _fake_evaluator(monkeypatch, records: list[dict], batch_size: int = 3):
+    """An ``Evaluator`` at DP 1 whose reader yields ``records`` and whose greedy answer is right
+    exactly for the records with ``"answer": "yes"``."""
+    from collections import Counter
+    from types import SimpleNamespace
+
+    import torch
+
+    import megatron_ease.rl.rewards as rewards
+    from megatron_ease.config import Config
+    from megatron_ease.eval import evaluator
+    from megatron_ease.training import builders
+
+    class Reader:
+        skipped = Counter()
+
+        def __init__(self, max_samples):
+            self.records = records[:max_samples]
+
+        def __iter__(self):
+            for start in range(0, len(self.records), batch_size):
+                part = self.records[start:start + batch_size]
+                yield {"records": part, "answers": [r["answer"] for r in part],
+                       "answer_types": ["yesno"] * len(part), "choices": [None] * len(part)}
+
+    monkeypatch.setattr(builders, "build_reader", lambda *a, max_samples=None, **k:
+                        Reader(max_samples))
+    monkeypatch.setattr(evaluator, "split_prompts", lambda batch: [None] * len(batch["records"]))
+    monkeypatch.setattr(evaluator, "generate", lambda engine, prompts, params: SimpleNamespace(
+        tokens=torch.zeros(len(prompts), 1, dtype=torch.long), lengths=torch.ones(len(prompts))))
+    monkeypatch.setattr(rewards, "compute_rewards", lambda texts, answers, *a: SimpleNamespace(
+        accuracy=torch.tensor([float(a == "yes") for a in answers])))
+    cfg = Config()
+    cfg.ease.layers, cfg.logging.progress = [], False
+    e = evaluator.Evaluator.__new__(evaluator.Evaluator)
+    e.cfg, e.engine, e.model_chunks = cfg, None, []
+    e.tokenizer = SimpleNamespace(batch_decode=lambda rows, **k: [""] * len(rows))
+    e.dp_rank, e.dp_size, e.dp_group, e.is_logging_rank = 0, 1, None, True
+    return e
+
+
+def test_anti_prior_accuracy_counts_only_samples_known_to_go_against_the_prior(monkeypatch):
+    """A record that names no language prior (a real benchmark's) was counted as anti-prior:
+    on such a set anti-prior accuracy was the accuracy itself. It is over the samples whose
+    answer is known not to be the prior one (``answer_is_prior`` false, or a ``prior_answer``
+    other than the answer), and without any such sample it has no value."""
+    records = [{"answer": "yes", "answer_is_prior": True},
+               {"answer": "no", "answer_is_prior": False},
+               {"answer": "yes", "answer_is_prior": False},
+               {"answer": "yes", "prior_answer": "no"},  # anti-prior, right
+               {"answer": "no", "prior_answer": "no"},  # prior
+               {"answer": "yes"}, {"answer": "no"}]  # no prior named: in neither subset
+    metrics = _fake_evaluator(monkeypatch, records).evaluate(len(records))
+    assert metrics["accuracy"] == pytest.approx(4 / 7) and metrics["eval_samples"] == 7
+    assert metrics["anti_prior_accuracy"] == pytest.approx(2 / 3)  # was 3 / 6
+    unlabelled = _fake_evaluator(monkeypatch, records[-2:]).evaluate(2)
+    assert unlabelled["accuracy"] == 0.5 and np.isnan(unlabelled["anti_prior_accuracy"])
+    assert (metrics["anti_prior_samples"], unlabelled["anti_prior_samples"]) == (3, 0)
+
+
+def test_metrics_without_samples_are_json_null_not_nan(monkeypatch, tmp_path):
+    """Every sample skipped (or none against the prior): the metric has no value. The CLI wrote
+    it as ``NaN``, which is not JSON (jq, JavaScript and strict parsers refuse the file)."""
+    from megatron_ease import evaluate
+
+    metrics = _fake_evaluator(monkeypatch, []).evaluate(4)
+    assert metrics["eval_samples"] == 0 and np.isnan(metrics["accuracy"])
+    evaluate._write_json(str(tmp_path / "results.json"), {"checkpoint": "c", **metrics})
+    text = (tmp_path / "results.json").read_text()
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    parsed = json.loads(text, parse_constant=refuse)
+    assert parsed["accuracy"] is None and parsed["anti_prior_accuracy"] is None
+    assert parsed["eval_samples"] == 0
+
+
+def test_overlays_draw_the_image_the_reader_decoded(tmp_path):
+    """The overlay's image is read back from the shard as the reader decoded it: upright (a
+    camera JPEG's EXIF orientation applied: its visual tokens, boxes and masks are in that
+    frame; the overlay drew the grid over the sideways image), and found for a key that
+    contains "mask" (every member was taken for a mask: IndexError)."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    from megatron_ease.data.schema import decode_sample
+    from megatron_ease.eval.plots import first_image
+
+    image = Image.new("RGB", (112, 56), (200, 30, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: shown (and read) rotated by 90 degrees
+    raw = io.BytesIO()
+    image.save(raw, "JPEG", exif=exif.tobytes())
+    record = json.dumps({"question": "q?", "answer": "yes", "answer_type": "yesno"}).encode()
+    shard = str(tmp_path / "s.tar")
+    members = {}
+    with tarfile.open(shard, "w") as tar:
+        for key in ("k2", "dir/unmasked_1"):
+            for ext, data in (("jpg", raw.getvalue()), ("json", record),
+                              ("mask.png", _png(Image.new("L", (56, 112), 255)))):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+                members[key, ext] = data
+    for key in ("k2", "dir/unmasked_1"):
+        decoded = decode_sample({ext: members[key, ext] for ext in ("jpg", "json")}, key, shard)
+        shown = first_image(shard, key)
+        assert shown.size == decoded.images[0].size == (56, 112), key
+        assert shown.mode == "RGB"
+
+
+def _png(image) -> bytes:
+    import io
+
+    raw = io.BytesIO()
+    image.save(raw, "PNG")
+    return raw.getvalue()

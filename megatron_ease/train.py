@@ -35,6 +35,7 @@ def int_at_least(minimum: int):
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be {minimum} or more, got {value}")
         return value
+    parse.__name__ = "int"  # argparse names the type in its error: "invalid int value: 'x'"
     return parse
 
 

@@ -363,6 +363,9 @@ def test_too_few_samples_are_refused_before_anything_runs(tmp_path, stubbed_demo
             stubbed_demo.main(["--out", str(tmp_path / flag), flag, "0"])
         assert rejected.value.code == 2 and flag in capsys.readouterr().err
         assert not (tmp_path / flag).exists()
+    with pytest.raises(SystemExit):
+        stubbed_demo.main(["--out", str(tmp_path / "x"), "--eval-samples", "ten"])
+    assert "--eval-samples: invalid int value: 'ten'" in capsys.readouterr().err  # not "parse"
     assert stubbed_demo.calls == []
 
 

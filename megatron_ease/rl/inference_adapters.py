@@ -91,26 +91,27 @@ def _causal_valid_mask(key_valid: torch.Tensor) -> torch.Tensor:
     return ~(causal[None, None] & key_valid[:, None, None, :])
 
 
+def _matmul_bias(module, input_: torch.Tensor, weight: torch.Tensor):
+    """A parallel linear's ``(output, output_bias)`` at TP = 1: ``matmul(input, weight.t())``,
+    plus the bias unless the module returns it apart (``skip_bias_add``)."""
+    output = torch.matmul(input_, weight.t())
+    if module.skip_bias_add:
+        return output, module.bias
+    if module.bias is not None:
+        output = output + module.bias
+    return output, None
+
+
 def _direct_column_forward(self: ColumnParallelLinear, input_: torch.Tensor,
                            weight: Optional[torch.Tensor] = None, runtime_gather_output=None):
     """``ColumnParallelLinear.forward`` at TP = 1 (no gather, no copy to the TP region): its
-    ``matmul(input, weight.t()) + bias`` directly instead of through the autograd Function."""
-    output = torch.matmul(input_, (self.weight if weight is None else weight).t())
-    if self.skip_bias_add:
-        return output, self.bias
-    if self.bias is not None:
-        output = output + self.bias
-    return output, None
+    matmul and bias add directly instead of through the autograd Function."""
+    return _matmul_bias(self, input_, self.weight if weight is None else weight)
 
 
 def _direct_row_forward(self: RowParallelLinear, input_: torch.Tensor):
     """``RowParallelLinear.forward`` at TP = 1 (the all-reduce is the identity)."""
-    output = torch.matmul(input_, self.weight.t())
-    if self.skip_bias_add:
-        return output, self.bias
-    if self.bias is not None:
-        output = output + self.bias
-    return output, None
+    return _matmul_bias(self, input_, self.weight)
 
 
 def _direct_embedding_forward(self: VocabParallelEmbedding, input_: torch.Tensor):

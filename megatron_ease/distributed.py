@@ -160,6 +160,15 @@ def _port(text: str) -> int:
     return port
 
 
+def _tcp_init_method(master_addr: str, master_port: int) -> str:
+    """``tcp://host:port`` for torch.distributed, an IPv6 literal in brackets (``tcp://[::1]:29500``):
+    unbracketed, torch split ``::1:29500`` at its first colon and failed on the "port"."""
+    host = master_addr.strip()
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"tcp://{host}:{master_port}"
+
+
 def default_backend() -> str:
     """nccl when torch can use a GPU, else gloo on the CPU. A node that has NVIDIA GPUs that
     this torch cannot use (a CPU-only wheel, a driver too old for its CUDA) is refused: gloo
@@ -191,6 +200,13 @@ def init_process_group(launch: Optional[LaunchEnv] = None, backend: Optional[str
             "parallel.backend=nccl (the default with GPUs), or hide the GPUs "
             "(CUDA_VISIBLE_DEVICES=) to run on the CPU")
     device_id = None
+    if backend == "nccl" and not torch.cuda.is_available():
+        # Else a modulo by a device count of 0 ended the start with a bare ZeroDivisionError.
+        raise RuntimeError(
+            f"parallel.backend=nccl but torch sees no usable GPU (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}, torch {torch.__version__} "
+            f"built for CUDA {torch.version.cuda}): NCCL needs one GPU per rank. Run on GPUs, or "
+            f"leave parallel.backend unset / set parallel.backend=gloo for the CPU")
     if backend == "nccl":
         device_id = torch.device("cuda", launch.local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device_id)
@@ -201,7 +217,7 @@ def init_process_group(launch: Optional[LaunchEnv] = None, backend: Optional[str
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(
             backend=backend,
-            init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
+            init_method=_tcp_init_method(launch.master_addr, launch.master_port),
             rank=launch.rank,
             world_size=launch.world_size,
             timeout=datetime.timedelta(minutes=timeout_minutes),
@@ -216,8 +232,13 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1,
                               pipeline_model_parallel_size: int = 1,
                               virtual_pipeline_model_parallel_size: Optional[int] = None,
                               context_parallel_size: int = 1,
-                              seed: int = 1234) -> None:
-    """megatron-core's process groups for TP/PP/VPP/CP (DP derived), and seeded RNG streams."""
+                              seed: int = 1234,
+                              timeout_minutes: Optional[float] = None) -> None:
+    """megatron-core's process groups for TP/PP/VPP/CP (DP derived), and seeded RNG streams.
+
+    ``timeout_minutes``: how long a collective on those groups waits for a dead peer (the
+    default group's ``parallel.timeout_minutes``; None: megatron-core's own default, 30).
+    Training's collectives run on these groups, not on the default one."""
     from megatron.core import parallel_state
 
     world = torch.distributed.get_world_size()
@@ -232,6 +253,7 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
         context_parallel_size=context_parallel_size,
+        **({"distributed_timeout_minutes": timeout_minutes} if timeout_minutes is not None else {}),
     )
     model_parallel_seed(seed)
 
@@ -266,6 +288,7 @@ def initialize_distributed(parallel, seed: int = 1234, backend: Optional[str] = 
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
         context_parallel_size=parallel.context_parallel_size,
         seed=seed,
+        timeout_minutes=parallel.timeout_minutes,
     )
     if launch.rank == 0:
         from megatron.core import parallel_state
@@ -362,7 +385,8 @@ def _self_check(argv=None) -> int:
     parser.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     args = parser.parse_args(argv)
     launch = init_process_group(timeout_minutes=2)
-    initialize_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+    initialize_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                              timeout_minutes=2)
     total = all_reduce_(torch.tensor([float(launch.rank)]))
     ok = total.item() == launch.world_size * (launch.world_size - 1) / 2
     print(f"rank={launch.rank} local_rank={launch.local_rank} launcher={launch.launcher} "

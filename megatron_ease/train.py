@@ -96,8 +96,11 @@ def main(argv=None) -> int:
     # TERM then is kept for the first step boundary, not the default action (death, no requeue).
     preemption = PreemptionHandler()
     try:
-        initialize_distributed(cfg.parallel, seed=cfg.train.seed, backend=cfg.parallel.backend)
         try:
+            # Inside: a start that fails after the default group is up (megatron-core's groups,
+            # NCCL) still tears it down.
+            initialize_distributed(cfg.parallel, seed=cfg.train.seed,
+                                   backend=cfg.parallel.backend)
             if refused_by_any_rank(launch, path_error):
                 return 2
             from megatron_ease.training.trainer import run

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 
 import torch
 
@@ -95,9 +96,20 @@ def protect_checkpoint_writer() -> None:
 
 
 class PreemptionHandler:
+    """Keeps SIGTERM / SIGUSR1 for the next step boundary (``should_stop``) until ``restore``.
+
+    Python runs signal handlers in the main thread only, and only the main thread may install
+    them: built in another thread (a trainer run from a worker thread) the handler installs
+    nothing (that raised ValueError before) and ``should_stop`` still agrees with the ranks that
+    were signalled; the process keeps its own signal handling."""
+
     def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)):
         self.received: int | None = None
         self._previous = {}
+        if threading.current_thread() is not threading.main_thread():
+            logger.warning("preemption handler created outside the main thread: SIGTERM/SIGUSR1 "
+                           "are not caught here (a signal to another rank still stops this one)")
+            return
         for sig in signals:
             self._previous[sig] = signal.signal(sig, self._on_signal)
 
@@ -117,5 +129,7 @@ class PreemptionHandler:
         return bool(flag.item() > 0)
 
     def restore(self) -> None:
-        for sig, handler in self._previous.items():
+        """Put back the handlers this one replaced (once; a second call does nothing)."""
+        previous, self._previous = self._previous, {}
+        for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -204,3 +204,153 @@ def test_only_rank_0_logs_info_and_library_warnings(rank, monkeypatch):
     want = ["megatron.core.optimizer", "torch.distributed.checkpoint"] if rank == 0 else []
     assert sorted(str(w.message) for w in caught) == sorted(
         f"Apex is not installed ({module})" for module in want + ["megatron_ease.data.reader"])
+
+
+def test_an_ipv6_master_address_is_bracketed_in_the_rendezvous_url():
+    """``MASTER_ADDR=::1`` (torchrun --master-addr, an IPv6-only cluster): torch parsed
+    ``tcp://::1:29500`` at its first colon and failed: "Port could not be cast to integer"."""
+    from megatron_ease.distributed import _tcp_init_method
+
+    assert _tcp_init_method("::1", 29500) == "tcp://[::1]:29500"
+    assert _tcp_init_method("[fd00::2]", 123) == "tcp://[fd00::2]:123"  # already bracketed
+    assert _tcp_init_method("10.0.0.2", 29500) == "tcp://10.0.0.2:29500"
+    assert _tcp_init_method("node01", 29500) == "tcp://node01:29500"
+
+
+def test_the_launcher_smoke_test_meets_on_an_ipv6_loopback():
+    """The whole path, as torchrun hands it to a worker: env -> rendezvous on ``[::1]``."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+            port = s.getsockname()[1]
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+           "MASTER_ADDR": "::1", "MASTER_PORT": str(port), "CUDA_VISIBLE_DEVICES": "",
+           "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "megatron_ease.distributed"], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "world=1 allreduce_ok" in result.stdout and "master=::1:" in result.stdout
+
+
+def test_nccl_asked_for_without_a_usable_gpu_is_named(monkeypatch):
+    """``parallel.backend=nccl`` on a CPU-only node (or with ``CUDA_VISIBLE_DEVICES=``, as
+    slurm/common.sh sets without GPUs): a bare ZeroDivisionError (local rank % 0 GPUs)."""
+    import torch
+
+    from megatron_ease.distributed import LaunchEnv, init_process_group
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    started = []
+    monkeypatch.setattr(torch.distributed, "init_process_group",
+                        lambda *a, **k: started.append(k))
+    with pytest.raises(RuntimeError, match="parallel.backend=nccl but torch sees no usable GPU"):
+        init_process_group(LaunchEnv(0, 2, 0, "127.0.0.1", 1234, "slurm"), backend="nccl")
+    assert not started
+
+
+def test_the_configured_timeout_reaches_megatron_cores_groups(monkeypatch):
+    """``parallel.timeout_minutes`` bounded the default group only: megatron-core's TP/PP/DP/CP
+    groups (where training's collectives run) kept its own 30 minutes for a dead peer."""
+    import types
+
+    import torch
+    from megatron.core import parallel_state
+
+    from megatron_ease import distributed
+
+    created = []
+    monkeypatch.setattr(parallel_state, "initialize_model_parallel",
+                        lambda **k: created.append(k))
+    monkeypatch.setattr(distributed, "model_parallel_seed", lambda seed: None)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a, **k: 4)
+    started = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group",
+                        lambda *a, **k: started.append(k))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    parallel = types.SimpleNamespace(
+        tensor_model_parallel_size=2, pipeline_model_parallel_size=1,
+        virtual_pipeline_model_parallel_size=None, context_parallel_size=1, timeout_minutes=3.5)
+    distributed.initialize_distributed(
+        parallel, backend="gloo", launch=distributed.LaunchEnv(1, 4, 1, "h", 1234, "torchrun"))
+    assert started[0]["timeout"].total_seconds() == 210
+    assert created[0]["distributed_timeout_minutes"] == 3.5
+    assert created[0]["tensor_model_parallel_size"] == 2
+
+
+def test_a_failed_start_still_destroys_the_process_group(monkeypatch):
+    """train.main: an error in initialize_distributed after the default group was up (in
+    megatron-core's groups, say) left it undestroyed at exit."""
+    import types
+
+    from megatron_ease import distributed, train
+
+    destroyed = []
+
+    def failing_start(*a, **k):
+        raise RuntimeError("NCCL error in a subgroup")
+
+    cfg = types.SimpleNamespace(parallel=types.SimpleNamespace(backend="gloo"),
+                                train=types.SimpleNamespace(seed=1))
+    monkeypatch.setattr(train, "start_up", lambda *a, **k: (
+        distributed.LaunchEnv(0, 2, 0, "h", 1, "torchrun"), cfg, None))
+    monkeypatch.setattr(distributed, "initialize_distributed", failing_start)
+    monkeypatch.setattr(distributed, "destroy_distributed", lambda: destroyed.append(True))
+    with pytest.raises(RuntimeError, match="NCCL error in a subgroup"):
+        train.main(["--config", "x.yaml"])
+    assert destroyed == [True]
+
+
+def test_a_preemption_handler_outside_the_main_thread_installs_nothing():
+    """A trainer run from a worker thread: ``signal.signal`` raised ValueError ("signal only
+    works in main thread") before anything started."""
+    import signal
+    import threading
+
+    from megatron_ease.training.preemption import PreemptionHandler
+
+    before = signal.getsignal(signal.SIGUSR1)
+    outcome = []
+
+    def build():
+        try:
+            handler = PreemptionHandler()
+            outcome.append(handler.should_stop())
+            handler.restore()
+        except Exception as e:  # noqa: BLE001 - reported below
+            outcome.append(e)
+
+    thread = threading.Thread(target=build)
+    thread.start()
+    thread.join()
+    assert outcome == [False]
+    assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def test_restoring_a_preemption_handler_twice_keeps_a_later_handler():
+    """``run`` restores the CLI's handler and the CLI restores it again: the second call put
+    back the handlers of the first construction over whatever was installed since."""
+    import signal
+
+    from megatron_ease.training.preemption import PreemptionHandler
+
+    before = signal.getsignal(signal.SIGUSR1)
+    handler = PreemptionHandler()
+    handler.restore()
+    try:
+        later = PreemptionHandler()
+        handler.restore()
+        assert signal.getsignal(signal.SIGUSR1) == later._on_signal
+        later.restore()
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+    assert signal.getsignal(signal.SIGUSR1) is before

@@ -444,6 +444,7 @@ def run(cfg: Config, preemption: Optional[PreemptionHandler] = None) -> int:
     the process group starts); else one is installed here, before the trainer is built: a
     signal while the model and checkpoint load is kept for the first step boundary instead of
     killing the job before it can save."""
+    own_handler = preemption is None
     preemption = preemption or PreemptionHandler()
     try:
         os.makedirs(cfg.logging.run_dir, exist_ok=True)
@@ -453,4 +454,8 @@ def run(cfg: Config, preemption: Optional[PreemptionHandler] = None) -> int:
         finally:
             trainer.metrics.close()
     finally:
-        preemption.restore()
+        # The caller's handler stays until the caller is done: restored here, a second signal
+        # (Slurm's TERM after USR1) during the process group's teardown took the default
+        # action and turned the saved run's exit 75 into 143, which is not requeued.
+        if own_handler:
+            preemption.restore()

@@ -354,3 +354,37 @@ def test_restoring_a_preemption_handler_twice_keeps_a_later_handler():
     finally:
         signal.signal(signal.SIGUSR1, before)
     assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def test_run_leaves_the_callers_preemption_handler_installed(monkeypatch, tmp_path):
+    """train.main installs the handler and restores it after the process group's teardown;
+    trainer.run restored it first, so a second signal during the teardown killed a run that had
+    saved for a requeue (exit 143 instead of 75)."""
+    import signal
+    import types
+
+    from megatron_ease.config import Config
+    from megatron_ease.training import trainer as trainer_module
+    from megatron_ease.training.preemption import PreemptionHandler
+
+    class StubTrainer:
+        def __init__(self, cfg):
+            self.metrics = types.SimpleNamespace(close=lambda: None)
+
+        def train(self, preemption):
+            return 75
+
+    monkeypatch.setattr(trainer_module, "Trainer", StubTrainer)
+    cfg = Config()
+    cfg.logging.run_dir = str(tmp_path / "run")
+    before = signal.getsignal(signal.SIGUSR1)
+    handler = PreemptionHandler()
+    try:
+        assert trainer_module.run(cfg, handler) == 75
+        assert signal.getsignal(signal.SIGUSR1) == handler._on_signal
+        assert signal.getsignal(signal.SIGTERM) == handler._on_signal
+    finally:
+        handler.restore()
+    assert signal.getsignal(signal.SIGUSR1) == before
+    assert trainer_module.run(cfg) == 75  # its own handler: restored when it returns
+    assert signal.getsignal(signal.SIGUSR1) == before

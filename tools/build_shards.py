@@ -12,6 +12,20 @@ Manifest lines (``--format jsonl``), paths relative to --image-root:
      "boxes": [[x0, y0, x1, y1], ...]? (image 0, original pixels) | "evidence": [{"image": i, "box": [...]}]?,
      "mask": "m.png"? | "masks": ["m0.png", null]?, "key": "unique_id"?, ...any other fields are kept}
 
+Boxes are ``[x0, y0, x1, y1]`` in pixels of the image as stored (after its EXIF rotation) unless
+``--box-format`` says otherwise: ``xywh`` (pixels, ``[x, y, width, height]``), ``xyxy-norm``
+(fractions 0-1 of the width and height) or ``xyxy-1000`` (0-1000, Qwen-VL grounding); they are
+converted to pixel ``[x0, y0, x1, y1]``. A single-image line with numeric ``width`` and ``height``
+gives the frame its pixel boxes are in (an annotation of the original image): when the stored
+image has another size with the same aspect ratio the boxes are scaled to it (and ``width``/
+``height`` updated), with another aspect ratio the line is skipped (``box_frame_mismatch``).
+The tool cannot tell the conventions apart in general, but refuses what cannot be pixel boxes of
+the image: an empty or inverted box (``x1 <= x0``, e.g. xywh read as xyxy: ``empty_box``), a box
+reaching past the image by more than 2% (e.g. 0-1000 boxes on a smaller image:
+``box_outside_image``), and a sample whose boxes all lie within [0, 1] on an image of more than a
+few pixels (normalised boxes read as pixels: ``box_looks_normalised``); each is skipped, counted
+and logged (or raises under --strict).
+
 Keys are sanitised to ``[A-Za-z0-9_-]`` (a dot or slash becomes ``_``; leading underscores of a
 key starting with ``__``, which webdataset reserves, are dropped); without a key (or with
 ``null``/``""``) a line gets ``line<N>``. A line whose key sanitises to nothing (``bad_key``) or
@@ -28,7 +42,8 @@ float weights as round(clip(w, 0, 1) * 65535) in a 16-bit PNG.
 Visual-CoT metadata lines (``--format visual_cot``): {"dataset", "split", "image", "question",
 "answer", "bboxs": [[x1, y1, x2, y2], ...], "width", "height"}; images are looked up as
 ``ROOT/IMAGE`` then ``ROOT/DATASET/IMAGE`` (textcap images live under textvqa), answers are free
-text (answer_type ``text``). Every sample is validated with the reader's own code before it is
+text (answer_type ``text``); the boxes are pixels of the ``width`` x ``height`` image, checked
+and scaled as above (``--box-format`` applies to ``--format jsonl`` only). Every sample is validated with the reader's own code before it is
 written; invalid ones are counted by reason and logged (or raise under --strict).
 """
 
@@ -53,7 +68,7 @@ from PIL import Image, ImageOps  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from megatron_ease.data.image import to_rgb  # noqa: E402
-from megatron_ease.data.schema import _MASK_16BIT_MODES, IMAGE_EXTENSIONS  # noqa: E402
+from megatron_ease.data.schema import _MASK_16BIT_MODES, IMAGE_EXTENSIONS, check_box  # noqa: E402
 from megatron_ease.data.writer import EvidenceShardWriter, sample_members  # noqa: E402
 
 logger = logging.getLogger("build_shards")
@@ -190,6 +205,88 @@ def _mask_png_image(mask: Image.Image, path: str) -> Image.Image:
     return mask if mask.mode == "L" else mask.convert("L")
 
 
+BOX_FORMATS = ("xyxy", "xywh", "xyxy-norm", "xyxy-1000")
+# How far (fraction of the side, at least one pixel) a box may reach past the image: annotation
+# tools round, and some use inclusive pixel ends.
+_BOX_SLACK = 0.02
+_BOX_FORMAT_HINT = "(see --box-format: xyxy pixels, xywh, xyxy-norm 0-1, xyxy-1000)"
+
+
+def _upright_size(data: bytes) -> Optional[tuple[int, int]]:
+    """(width, height) of an encoded image as the reader sees it (EXIF rotation applied), from
+    its header; None when it does not open (decode_sample then reports it)."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90 or 270 degrees
+            width, height = height, width
+        return width, height
+    except Exception:  # PIL raises many types
+        return None
+
+
+def _number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and np.isfinite(value) and value > 0
+
+
+def _pixel_evidence(record: dict, sizes: list[Optional[tuple[int, int]]], box_format: str) -> None:
+    """Convert record["evidence"] boxes to pixel [x0, y0, x1, y1] of the stored images and refuse
+    boxes that cannot be such (ManifestError). Entries the schema rejects anyway (not an object,
+    a bad box, an image index the sample lacks) are left for decode_sample to report."""
+    evidence = record.get("evidence")
+    if not isinstance(evidence, list):
+        return
+    entries = []
+    for entry in evidence:
+        if not isinstance(entry, dict) or "box" not in entry or check_box(entry["box"]) is not None:
+            continue
+        index = entry.get("image", 0)
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(sizes) or sizes[index] is None:
+            continue
+        entries.append((entry, index))
+    if not entries:
+        return
+    frame = None
+    if len(sizes) == 1 and _number(record.get("width")) and _number(record.get("height")):
+        frame = (float(record["width"]), float(record["height"]))
+        width, height = sizes[0]
+        if frame != (width, height):
+            if abs(frame[0] / frame[1] - width / height) > 0.01 * width / height:
+                raise ManifestError("box_frame_mismatch", f"boxes are given for a {record['width']}x{record['height']} "
+                                    f"image, the image is {width}x{height} (another aspect ratio)")
+            record["width"], record["height"] = width, height
+    converted = []
+    for entry, index in entries:
+        width, height = sizes[index]
+        x0, y0, a, b = (float(v) for v in entry["box"])
+        x1, y1 = (x0 + a, y0 + b) if box_format == "xywh" else (a, b)
+        if box_format == "xyxy-norm":
+            x0, x1, y0, y1 = x0 * width, x1 * width, y0 * height, y1 * height
+        elif box_format == "xyxy-1000":
+            x0, x1, y0, y1 = x0 * width / 1000, x1 * width / 1000, y0 * height / 1000, y1 * height / 1000
+        elif frame is not None and frame != (width, height):
+            sx, sy = width / frame[0], height / frame[1]
+            x0, x1, y0, y1 = x0 * sx, x1 * sx, y0 * sy, y1 * sy
+        converted.append((entry, index, [x0, y0, x1, y1]))
+    for entry, index, box in converted:
+        width, height = sizes[index]
+        x0, y0, x1, y1 = box
+        if not (x0 < x1 and y0 < y1):
+            raise ManifestError("empty_box", f"box {entry['box']!r} (as {box_format}) is empty or inverted "
+                                f"{_BOX_FORMAT_HINT}")
+        slack_x, slack_y = max(1.0, _BOX_SLACK * width), max(1.0, _BOX_SLACK * height)
+        if x0 < -slack_x or y0 < -slack_y or x1 > width + slack_x or y1 > height + slack_y:
+            raise ManifestError("box_outside_image", f"box {entry['box']!r} (as {box_format}) reaches past image "
+                                f"{index} ({width}x{height}) {_BOX_FORMAT_HINT}")
+    if box_format in ("xyxy", "xywh") and all(
+            max(sizes[index]) > 4 and all(0 <= float(v) <= 1 for v in entry["box"]) for entry, index, _ in converted):
+        raise ManifestError("box_looks_normalised", f"every box lies within [0, 1] ({converted[0][0]['box']!r}) on "
+                            f"images of more than a few pixels: normalised boxes? {_BOX_FORMAT_HINT}")
+    for entry, _, box in converted:
+        if box_format != "xyxy" or frame is not None and frame != sizes[0]:
+            entry["box"] = box
+
+
 def _sanitise_key(key: str) -> str:
     """Webdataset keys end at the first dot and must not look like paths; names starting with
     ``__`` are webdataset's (``__key__``, ``__index__``) and the reader ignores them, so their
@@ -221,7 +318,7 @@ def _jsonl_key(item: dict, line: int) -> str:
     return sanitised
 
 
-def convert_jsonl(item: dict, line: int, image_root: str) -> tuple[str, dict[str, bytes]]:
+def convert_jsonl(item: dict, line: int, image_root: str, box_format: str = "xyxy") -> tuple[str, dict[str, bytes]]:
     key = _jsonl_key(item, line)
     if "images" in item:
         images = _paths(item, "images")
@@ -241,11 +338,12 @@ def convert_jsonl(item: dict, line: int, image_root: str) -> tuple[str, dict[str
             raise ManifestError("bad_manifest_line", f'"evidence" must be a list when "boxes" is given too, got {evidence!r}')
         record["evidence"] = evidence + [{"image": 0, "box": b} for b in boxes]
     encoded = [_image_bytes(os.path.join(image_root, p)) for p in images]
+    _pixel_evidence(record, [_upright_size(data) for _, data in encoded], box_format)
     mask_bytes = {i: _mask_bytes(os.path.join(image_root, p)) for i, p in enumerate(masks) if p}
     return key, sample_members(record, encoded, mask_bytes)
 
 
-def convert_visual_cot(item: dict, line: int, image_root: str) -> tuple[str, dict[str, bytes]]:
+def convert_visual_cot(item: dict, line: int, image_root: str, box_format: str = "xyxy") -> tuple[str, dict[str, bytes]]:
     dataset = item.get("dataset") or ""
     image = item.get("image")
     if not isinstance(image, str) or not image or not isinstance(dataset, str):
@@ -260,10 +358,15 @@ def convert_visual_cot(item: dict, line: int, image_root: str) -> tuple[str, dic
         "source": f"visual_cot/{dataset}",
         "split": item.get("split"),
     }
+    for name in ("width", "height"):  # the frame of the boxes (checked and scaled below)
+        if name in item:
+            record[name] = item[name]
     # The line number keeps keys unique; a missing dataset or split leaves no empty part (a key
     # '__000000001' would be a webdataset name, which the reader ignores).
     key = _sanitise_key("_".join(str(part) for part in (dataset, item.get("split"), f"{line:09d}") if part))
-    return key, sample_members(record, [_image_bytes(path)])
+    encoded = _image_bytes(path)
+    _pixel_evidence(record, [_upright_size(encoded[1])], "xyxy")  # Visual-CoT boxes are xyxy pixels
+    return key, sample_members(record, [encoded])
 
 
 CONVERTERS = {"jsonl": convert_jsonl, "visual_cot": convert_visual_cot}
@@ -279,11 +382,14 @@ def build_shards(
     strict: bool = False,
     limit: Optional[int] = None,
     overwrite: bool = False,
+    box_format: str = "xyxy",
 ) -> dict[str, Any]:
     """Convert, validate and write; returns {shards, written, skipped: {reason: n}}. Shards
     already named ``PREFIX-*.tar`` in ``out_dir`` are an error, or removed first with
     ``overwrite``."""
     convert = CONVERTERS[fmt]
+    if box_format not in BOX_FORMATS:
+        raise ValueError(f"box_format must be one of {BOX_FORMATS}, got {box_format!r}")
     manifest_problems: Counter = Counter()
     key_lines: dict[str, int] = {}  # key of each written sample -> its manifest line
     # The manifest is opened (and a JSON array parsed) before the writer clears --out under
@@ -301,7 +407,7 @@ def build_shards(
                 if not isinstance(item, dict):
                     raise ManifestError("bad_manifest_line", f"not a JSON object: {item}")
                 try:
-                    key, files = convert(item, line, image_root)
+                    key, files = convert(item, line, image_root, box_format)
                 except OSError as e:  # a path that exists but cannot be read (permissions, ...)
                     raise ManifestError("missing_file", f"{type(e).__name__}: {e}") from None
                 except (KeyError, TypeError, ValueError) as e:
@@ -335,11 +441,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--strict", action="store_true", help="stop at the first invalid sample")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace shards PREFIX-*.tar already in --out (else they are an error)")
+    parser.add_argument("--box-format", choices=BOX_FORMATS, default="xyxy",
+                        help="box convention of --format jsonl manifests: xyxy = [x0, y0, x1, y1] pixels (default), "
+                             "xywh = [x, y, width, height] pixels, xyxy-norm = 0-1, xyxy-1000 = 0-1000 (Qwen-VL)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     try:
         summary = build_shards(args.manifest, args.image_root, args.out, args.format, args.prefix,
-                               args.samples_per_shard, args.strict, args.limit, args.overwrite)
+                               args.samples_per_shard, args.strict, args.limit, args.overwrite, args.box_format)
     except (FileExistsError, ManifestFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

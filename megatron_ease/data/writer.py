@@ -6,6 +6,7 @@ import glob
 import json
 import logging
 import os
+import re
 from collections import Counter
 from typing import Any, Mapping, Optional, Sequence
 
@@ -53,7 +54,11 @@ class EvidenceShardWriter:
         os.makedirs(out_dir, exist_ok=True)
         # Shards of an earlier build under the same prefix: a build with fewer shards would
         # leave the old tail behind, and a glob over the directory would read its samples twice.
-        old = sorted(glob.glob(os.path.join(glob.escape(out_dir), f"{glob.escape(prefix)}-[0-9]*.tar")))
+        # Exactly PREFIX-<digits>.tar: the glob alone also matched another prefix's shards
+        # (train-[0-9]*.tar matches train-2024-000000.tar), which --overwrite then deleted.
+        name = re.compile(re.escape(prefix) + r"-[0-9]+\.tar")
+        old = sorted(path for path in glob.glob(os.path.join(glob.escape(out_dir), f"{glob.escape(prefix)}-[0-9]*.tar"))
+                     if name.fullmatch(os.path.basename(path)))
         if old and not overwrite:
             raise FileExistsError(f"{out_dir} already holds {len(old)} shard(s) named {prefix}-*.tar "
                                   f"(e.g. {os.path.basename(old[0])}): choose another directory or "

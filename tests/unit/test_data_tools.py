@@ -401,3 +401,63 @@ def _encode(image, fmt="PNG"):
     buffer = io.BytesIO()
     image.save(buffer, format=fmt)
     return buffer.getvalue()
+
+
+def test_build_shards_refuses_boxes_that_cannot_be_pixels_and_converts_box_formats(tmp_path, caplog):
+    """Boxes were written as given, whatever their convention: normalised 0-1 boxes covered no
+    pixel, 0-1000 (Qwen grounding) boxes were clipped to the image, xywh read as xyxy was empty,
+    and boxes for a bigger original image (record width/height) landed in the wrong place: each
+    silently lost or misplaced the evidence. They are refused with a reason, or converted to
+    pixel xyxy under --box-format / the record's frame."""
+    build = load_tool("build_shards")
+    root = tmp_path / "img"
+    _save(str(root / "a.jpg"), Image.new("RGB", (640, 480)))
+    lines = [
+        dict(QA, key="norm", image="a.jpg", boxes=[[0.1, 0.2, 0.5, 0.6]]),
+        dict(QA, key="q1000", image="a.jpg", boxes=[[100, 200, 900, 950]]),
+        dict(QA, key="xywh", image="a.jpg", evidence=[{"image": 0, "box": [300, 200, 100, 50]}]),
+        dict(QA, key="aspect", image="a.jpg", width=1000, height=1000, boxes=[[0, 0, 10, 10]]),
+        dict(QA, key="frame", image="a.jpg", width=1280, height=960, boxes=[[600, 400, 1200, 900]]),
+        dict(QA, key="ok", image="a.jpg", boxes=[[10, 20, 640, 480]]),
+        dict(QA, key="nobox", image="a.jpg"),
+    ]
+    manifest = _write_manifest(tmp_path / "m.jsonl", lines)
+    with caplog.at_level("WARNING", logger="build_shards"):
+        summary = build.build_shards(manifest, str(root), str(tmp_path / "out"))
+    assert summary["skipped"] == {"box_looks_normalised": 1, "box_outside_image": 1, "empty_box": 1,
+                                  "box_frame_mismatch": 1}
+    assert "--box-format" in caplog.text
+    samples = _read_built(summary["shards"])
+    assert sorted(samples) == ["frame", "nobox", "ok"]
+    assert samples["frame"].boxes == [[[300.0, 200.0, 600.0, 450.0]]]  # scaled to the stored image
+    assert samples["frame"].record["width"] == 640 and samples["frame"].record["height"] == 480
+    assert samples["ok"].boxes == [[[10.0, 20.0, 640.0, 480.0]]]
+    with pytest.raises(ValueError, match="m.jsonl:1: box_looks_normalised"):
+        build.build_shards(manifest, str(root), str(tmp_path / "strict"), strict=True)
+
+    expected = [[64.0, 96.0, 320.0, 288.0]]
+    for fmt, box in [("xyxy-norm", [0.1, 0.2, 0.5, 0.6]), ("xyxy-1000", [100, 200, 500, 600]),
+                     ("xywh", [64, 96, 256, 192])]:
+        manifest = _write_manifest(tmp_path / f"{fmt}.jsonl", [dict(QA, key="k", image="a.jpg", boxes=[box])])
+        out = str(tmp_path / f"out_{fmt}")
+        assert build.main(["--manifest", manifest, "--image-root", str(root), "--out", out, "--box-format", fmt]) == 0
+        assert _read_built([os.path.join(out, "shard-000000.tar")])["k"].boxes == [expected], fmt
+
+    # Visual-CoT boxes are pixels of its width x height: scaled when the stored image is resized.
+    cot = _write_manifest(tmp_path / "cot.jsonl", [
+        {"dataset": "gqa", "split": "train", "image": "a.jpg", "question": "What?", "answer": "red",
+         "bboxs": [[128, 96, 256, 192]], "width": 1280, "height": 960}])
+    summary = build.build_shards(cot, str(root), str(tmp_path / "cot"), fmt="visual_cot")
+    assert _read_built(summary["shards"])["gqa_train_000000001"].boxes == [[[64.0, 48.0, 128.0, 96.0]]]
+
+
+def test_overwrite_keeps_shards_of_a_longer_prefix(tmp_path):
+    """--prefix train --overwrite deleted train-2024-000000.tar (the glob train-[0-9]*.tar
+    matched it), and without --overwrite refused a directory holding no train shard."""
+    (tmp_path / "train-2024-000000.tar").write_bytes(b"other build")
+    with EvidenceShardWriter(str(tmp_path), "train") as writer:  # no conflict
+        for key, files in good_samples(1):
+            writer.write(key, files)
+    with EvidenceShardWriter(str(tmp_path), "train", overwrite=True):
+        pass
+    assert sorted(os.listdir(tmp_path)) == ["train-2024-000000.tar"]

@@ -9,7 +9,9 @@ makes every 32nd vocabulary id a stop token, so rollouts end at different steps 
 do (about 1/32 per step on these random-weight models: a mean near 28 of 64 tokens); each engine
 is then credited with the tokens it generated up to and including each stop. HF gets
 ``num_return_sequences=G`` (it prefills each prompt G times; our engine prefills it once and
-replicates the KV cache). Greedy outputs of ours and HF are checked to be equal first.
+replicates the KV cache). Greedy outputs of ours and HF are checked to be equal first (a
+difference stops the run on CPU; on a GPU, where the kernels round differently and can flip
+a near-tie, it prints a WARNING and the timing goes on).
 
 Engines: ``hf`` (``generate``, SDPA attention, dynamic cache), ``ours`` (the rollout engine with
 its default attention path: rotated-key cache + SDPA core attention) and ``mcore static``
@@ -192,8 +194,18 @@ def main():
             batch = PromptBatch.left_padded(prompts, 0, args.device)
             _, want = hf_generate(hf, batch, 16, 1, 0.0, 1.0)
             for engine_name, engine in engines.items():
-                if not torch.equal(ours(engine, prompts, 16, 1, 0.0, 1.0)[1], want):
-                    raise RuntimeError(f"{name}: greedy rollouts of {engine_name} differ from HF")
+                got = ours(engine, prompts, 16, 1, 0.0, 1.0)[1]
+                if torch.equal(got, want):
+                    continue
+                message = f"{name}: greedy rollouts of {engine_name} differ from HF"
+                if args.device == "cpu" or got.shape != want.shape:
+                    raise RuntimeError(message)
+                # On a GPU the engines' kernels (SDPA, local attention, HF's) round differently,
+                # which can flip a near-tie of the argmax; say so and time them all the same.
+                differs = (got != want).any(dim=0).nonzero()
+                print(f"WARNING {message} from step {int(differs[0])} of {got.shape[1]} "
+                      f"({int((got == want).all(dim=1).sum())} of {got.shape[0]} rollouts "
+                      f"equal)", flush=True)
             for workload in args.workloads:
                 sizes, lengths, *options = workload.split(":")
                 b, g = (int(x) for x in sizes.split("x"))

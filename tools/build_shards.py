@@ -385,8 +385,8 @@ def build_shards(
     box_format: str = "xyxy",
 ) -> dict[str, Any]:
     """Convert, validate and write; returns {shards, written, skipped: {reason: n}}. Shards
-    already named ``PREFIX-*.tar`` in ``out_dir`` are an error, or removed first with
-    ``overwrite``."""
+    already named ``PREFIX-*.tar`` in ``out_dir`` are an error, or replaced with ``overwrite``
+    once the build completes (a failed or interrupted build leaves ``out_dir`` as it was)."""
     convert = CONVERTERS[fmt]
     if box_format not in BOX_FORMATS:
         raise ValueError(f"box_format must be one of {BOX_FORMATS}, got {box_format!r}")
@@ -440,7 +440,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="convert at most this many manifest lines")
     parser.add_argument("--strict", action="store_true", help="stop at the first invalid sample")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace shards PREFIX-*.tar already in --out (else they are an error)")
+                        help="replace shards PREFIX-*.tar already in --out (else they are an error), "
+                             "when the build completes: one that fails leaves them")
     parser.add_argument("--box-format", choices=BOX_FORMATS, default="xyxy",
                         help="box convention of --format jsonl manifests: xyxy = [x0, y0, x1, y1] pixels (default), "
                              "xywh = [x, y, width, height] pixels, xyxy-norm = 0-1, xyxy-1000 = 0-1000 (Qwen-VL)")

@@ -42,9 +42,12 @@ class EvidenceShardWriter:
     """Numbered shards ``{prefix}-000000.tar`` of ``samples_per_shard`` valid samples each.
 
     Every sample goes through ``decode_sample`` (the reader's validation) before it is written:
-    invalid ones are counted by reason and logged, or raise under ``strict``. Each shard is
-    written to a temporary name and renamed when complete, so a crash never leaves a truncated
-    shard under a final name. Tar metadata is fixed (mtime 0), so equal inputs give equal bytes.
+    invalid ones are counted by reason and logged, or raise under ``strict``. Shards are written
+    under temporary names (``NAME.tar.tmp``) and renamed when the build closes, after which the
+    earlier build's shards it ``overwrite``s are removed: a build that fails or is interrupted
+    (a strict error, Ctrl-C) leaves the directory as it was, not a partial dataset that looks
+    complete (or, with ``overwrite``, the old one gone). Tar metadata is fixed (mtime 0), so
+    equal inputs give equal bytes.
     """
 
     def __init__(self, out_dir: str, prefix: str = "shard", samples_per_shard: int = 1000, strict: bool = False,
@@ -63,8 +66,7 @@ class EvidenceShardWriter:
             raise FileExistsError(f"{out_dir} already holds {len(old)} shard(s) named {prefix}-*.tar "
                                   f"(e.g. {os.path.basename(old[0])}): choose another directory or "
                                   f"prefix, or overwrite them (build_shards.py --overwrite)")
-        for path in old:
-            os.remove(path)
+        self._old = old  # removed when the new shards are published (close)
         self.out_dir, self.prefix, self.samples_per_shard, self.strict = out_dir, prefix, samples_per_shard, strict
         self.shards: list[str] = []
         self.num_written = 0
@@ -72,6 +74,7 @@ class EvidenceShardWriter:
         self._keys: set[str] = set()
         self._tar: Optional[wds.TarWriter] = None
         self._tmp_path = ""
+        self._done: list[tuple[str, str]] = []  # (temporary path, final path) of closed shards
         self._count = 0
 
     def write(self, key: str, files: Mapping[str, bytes]) -> bool:
@@ -106,8 +109,16 @@ class EvidenceShardWriter:
         return True
 
     def close(self) -> dict[str, Any]:
-        """Finish the last shard; returns the summary {shards, written, skipped}."""
+        """Finish the last shard and publish the build (rename every shard to its name, then
+        remove the earlier build's others); returns the summary {shards, written, skipped}."""
         self._close_current()
+        for tmp, final in self._done:
+            os.replace(tmp, final)
+        new = {final for _, final in self._done}
+        for path in self._old:
+            if path not in new:
+                os.remove(path)
+        self._done, self._old = [], []
         return {"shards": list(self.shards), "written": self.num_written, "skipped": dict(self.skipped)}
 
     def __enter__(self):
@@ -116,9 +127,14 @@ class EvidenceShardWriter:
     def __exit__(self, exc_type, *_):
         if exc_type is None:
             self.close()
-        elif self._tar is not None:
-            self._tar.close()
-            os.remove(self._tmp_path)
+        else:  # nothing is published: the directory stays as it was
+            if self._tar is not None:
+                self._tar.close()
+                os.remove(self._tmp_path)
+                self._tar = None
+            for tmp, _ in self._done:
+                os.remove(tmp)
+            self._done = []
 
     def _shard_path(self, index: int) -> str:
         return os.path.join(self.out_dir, f"{self.prefix}-{index:06d}.tar")
@@ -134,5 +150,5 @@ class EvidenceShardWriter:
         if self._tar is None:
             return
         self._tar.close()
-        os.replace(self._tmp_path, self.shards[-1])
+        self._done.append((self._tmp_path, self.shards[-1]))
         self._tar = None

@@ -461,3 +461,28 @@ def test_overwrite_keeps_shards_of_a_longer_prefix(tmp_path):
     with EvidenceShardWriter(str(tmp_path), "train", overwrite=True):
         pass
     assert sorted(os.listdir(tmp_path)) == ["train-2024-000000.tar"]
+
+
+def test_a_failed_build_leaves_the_directory_as_it_was(tmp_path):
+    """Shards were renamed to their final names as each one filled, and --overwrite removed the
+    earlier build first: a build stopped part way (a strict error, Ctrl-C) left a partial dataset
+    that looked complete, with the old one gone."""
+    with EvidenceShardWriter(str(tmp_path), "train", samples_per_shard=1) as writer:
+        for key, files in good_samples(3):
+            writer.write(key, files)
+    before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+    assert sorted(before) == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    samples = list(good_samples(5))
+    with pytest.raises(KeyboardInterrupt):
+        with EvidenceShardWriter(str(tmp_path), "train", samples_per_shard=1, overwrite=True) as writer:
+            for i, (key, files) in enumerate(samples):
+                if i == 4:
+                    raise KeyboardInterrupt
+                writer.write("new_" + key, files)
+    assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before
+    # Completed with fewer shards: the new ones replace the old, the old tail goes.
+    with EvidenceShardWriter(str(tmp_path), "train", samples_per_shard=2, overwrite=True) as writer:
+        for key, files in samples[:3]:
+            writer.write("new_" + key, files)
+    assert sorted(os.listdir(tmp_path)) == ["train-000000.tar", "train-000001.tar"]
+    assert (tmp_path / "train-000000.tar").read_bytes() != before["train-000000.tar"]

@@ -260,7 +260,8 @@ class Evaluator:
 
 def attention_maps(evaluator: Evaluator, num_samples: int) -> list[dict]:
     """Greedy answers and the EASE layers' response→image attention for the first held-out
-    samples: per sample the image, evidence target and attention as visual-token grids (none
+    samples: per sample the evidence target and attention as visual-token grids, of every image
+    (``images``: grid, target, evidence, attention each) and of the first at the top level (none
     for ``num_samples`` 0). Every rank reads the same samples (the forward is collective).
     ``evaluator``: an ``Evaluator``, or what has its ``cfg``, ``tokenizer`` and
     ``attention_for`` (the ``Trainer``)."""
@@ -275,17 +276,20 @@ def attention_maps(evaluator: Evaluator, num_samples: int) -> list[dict]:
     merge = cfg.model.vision.spatial_merge_size
     out = []
     for i, prompt in enumerate(prompts):
-        _, h, w = (int(x) for x in prompt.image_grid_thw[0])
-        h, w = h // merge, w // merge
         image_mask = batch["image_mask"][i][:batch["input_ids"].shape[1]]
-        target = batch["evidence_target"][i][image_mask][:h * w]
+        target = batch["evidence_target"][i][image_mask]
         # E > 0: the target p* is smoothed with an alpha / N floor, so it is positive everywhere.
-        evidence = batch["evidence_mask"][i][image_mask][:h * w]
-        attention = masses[i][:h * w]
+        evidence = batch["evidence_mask"][i][image_mask]
+        images, start = [], 0
+        for t, h, w in prompt.image_grid_thw.tolist():  # the sample's images, in token order
+            h, w = int(h) // merge, int(w) // merge
+            rows = slice(start, start + h * w)
+            images.append({"grid": [h, w], "target": target[rows].reshape(h, w).tolist(),
+                           "evidence": evidence[rows].reshape(h, w).tolist(),
+                           "attention": masses[i][rows].reshape(h, w).tolist()})
+            start += int(t) * h * w
+        # The first image's grids at the top level (as before multi-image samples were drawn).
         out.append({"key": batch["keys"][i], "shard": batch["shards"][i],
                     "question": batch["records"][i]["question"],
-                    "answer": batch["answers"][i], "grid": [h, w],
-                    "target": target.reshape(h, w).tolist(),
-                    "evidence": evidence.reshape(h, w).tolist(),
-                    "attention": attention.reshape(h, w).tolist()})
+                    "answer": batch["answers"][i], **images[0], "images": images})
     return out

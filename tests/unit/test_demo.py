@@ -289,7 +289,7 @@ def test_attention_overlays_share_one_colour_scale_from_zero(monkeypatch, tmp_pa
             {"key": "k", "shard": "s", "question": "q", "answer": "a", "grid": [4, 4],
              "target": target.tolist(), "evidence": evidence.tolist(),
              "attention": attention.tolist()}]}
-    monkeypatch.setattr(plots, "first_image", lambda shard, key: Image.new("RGB", (32, 32)))
+    monkeypatch.setattr(plots, "sample_images", lambda shard, key: [Image.new("RGB", (32, 32))])
     shown, colorbars = [], []
     imshow, colorbar = matplotlib.axes.Axes.imshow, matplotlib.figure.FigureBase.colorbar
 

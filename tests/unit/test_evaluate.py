@@ -256,6 +256,56 @@ def test_overlays_draw_the_image_the_reader_decoded(tmp_path):
         assert shown.mode == "RGB"
 
 
+def test_overlays_draw_every_image_of_a_multi_image_sample(tmp_path, monkeypatch):
+    """A sample of two images was drawn from its first image alone (its grid, attention and an
+    "in evidence" share of that image only): evidence on the second image never showed."""
+    import io
+    import tarfile
+
+    import matplotlib
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from megatron_ease.eval import plots
+
+    shard = str(tmp_path / "s.tar")
+    record = json.dumps({"question": "q?", "answer": "yes", "answer_type": "yesno"}).encode()
+    with tarfile.open(shard, "w") as tar:
+        for ext, data in (("0.png", _png(Image.new("RGB", (56, 56), (200, 0, 0)))),
+                          ("1.png", _png(Image.new("RGB", (112, 56), (0, 0, 200)))),
+                          ("json", record)):
+            info = tarfile.TarInfo(f"m.{ext}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    first = {"grid": [2, 2], "target": [[0.4, 0.1], [0.1, 0.1]],
+             "evidence": [[True, False], [False, False]], "attention": [[1.0, 0.0], [0.0, 0.0]]}
+    second = {"grid": [2, 4], "target": [[0.0375] * 4] * 2, "evidence": [[False] * 4] * 2,
+              "attention": [[1.0] * 4] * 2}
+    sample = {"key": "m", "shard": shard, "question": "q?", "answer": "yes", **first,
+              "images": [first, second]}
+    layouts, titles, shown = [], [], []
+    subplots, set_title = plt.subplots, matplotlib.axes.Axes.set_title
+    imshow = matplotlib.axes.Axes.imshow
+
+    def spy_imshow(ax, data, *a, **k):
+        if np.ndim(data) == 2:
+            shown.append(np.asarray(data))
+        return imshow(ax, data, *a, **k)
+
+    monkeypatch.setattr(plt, "subplots", lambda *a, **k: layouts.append(a) or subplots(*a, **k))
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title",
+                        lambda ax, text, *a, **k: titles.append(text) or set_title(ax, text, *a, **k))
+    monkeypatch.setattr(matplotlib.axes.Axes, "imshow", spy_imshow)
+    [path] = plots.plot_attention_overlays({"ease": [sample]}, str(tmp_path / "plots"))
+    assert os.path.isfile(path) and layouts == [(2, 3)]  # a row per image
+    assert "image 1" in titles
+    assert any("in evidence: 0.111" in t for t in titles), titles  # 1 of 9 over both images
+    # The attention grids are shares of the sample's whole attention (both images).
+    assert [grid.shape for grid in shown] == [(2, 2), (2, 2), (2, 4), (2, 4)]
+    np.testing.assert_allclose(shown[1].sum() + shown[3].sum(), 1.0)
+    np.testing.assert_allclose(shown[3], np.full((2, 4), 1 / 9))
+
+
 def _png(image) -> bytes:
     import io
 

@@ -13,7 +13,9 @@
 # Times are estimates for one H200 (none of this has run there yet); every stage prints the
 # seconds each command took. All four stages should fit one 10-minute device call; a machine
 # stays warm only ~30 s after a call, so one call with all stages costs less than two. Each
-# command is stopped after its own limit (LIMIT below), so a hang costs one stage, not the rest.
+# command is stopped after its own limit (LIMIT below): a hang ends that command, not the run,
+# but the limits add up to more than one call's 10 minutes, so a hang early (tests, slice) can
+# still leave later stages to the call's own limit: then rerun just those stages.
 #
 # OUT gets at most five files, what a device call brings back: OUT/versions.log and
 # OUT/STAGE.log per stage run (the tile sweep appends to slice.log). The exit status is non-zero

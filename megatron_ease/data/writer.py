@@ -46,8 +46,9 @@ class EvidenceShardWriter:
     under temporary names (``NAME.tar.tmp``) and renamed when the build closes, after which the
     earlier build's shards it ``overwrite``s are removed: a build that fails or is interrupted
     (a strict error, Ctrl-C) leaves the directory as it was, not a partial dataset that looks
-    complete (or, with ``overwrite``, the old one gone). Tar metadata is fixed (mtime 0), so
-    equal inputs give equal bytes.
+    complete (or, with ``overwrite``, the old one gone). Until then the new build takes disk
+    beside the old (and a glob such as ``dir/*`` also matches its ``.tmp`` files; ``*.tar``
+    does not). Tar metadata is fixed (mtime 0), so equal inputs give equal bytes.
     """
 
     def __init__(self, out_dir: str, prefix: str = "shard", samples_per_shard: int = 1000, strict: bool = False,

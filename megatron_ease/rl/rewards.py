@@ -40,6 +40,7 @@ _MAX_SCAN_CHARS = 16384
 # Relative only: an absolute tolerance credits "0" for any small reference (6.67e-11, 1.6e-19).
 # Integers below 2**53 (exact in a float) compare exactly: 1000001 is not 1000000.
 _NUMBER_REL_TOL = 1e-6
+_INTEGER_REL_TOL = 1e-9  # when one side is a whole number
 _EXACT_INTEGER_LIMIT = 2.0**53
 
 
@@ -584,7 +585,8 @@ def _yesno_from_words(words: list[str]) -> Optional[str]:
         return None if _NEGATIONS.intersection(rest) else "yes"
     if words[0] in ("not", "never") and _POLAR_WORDS.get(words[1] if len(words) > 1 else "") \
             == "no":
-        return None  # "Not no", "The answer is not false": a negated no commits to nothing
+        return None  # "Not no", "not false": a negated no commits to nothing (a statement,
+        # "The answer is not false", is read by its truth word below: yes)
     if words[0] in _NO_WORDS or words[0] in _NOBODY or words[:2] == ["neither", "of"]:
         return "no"  # "None of the people are wearing hats", "Neither of them is"
     has_yes, has_no = "yes" in words, "no" in words
@@ -706,9 +708,9 @@ def _plain_number_text(span: str) -> str:
     # Thousands written 1\,000 or 1{,}000 (LaTeX), and an en dash used as a minus sign ("–3").
     span = _THOUSANDS_LATEX.sub(lambda m: "," if "{" in m.group() else "", span)
     span = _DASH_MINUS.sub("-", span)
-    span = _SIGN_WORD.sub("-", span)
     span = re.sub(r"(?<=\d)\s*~\s*(?=\d)", " to ", span)  # "5~6" (LaTeX's ~ is a space)
     span = _unwrap_latex(span).replace("\\%", "%").replace("\u2044", "/")
+    span = _SIGN_WORD.sub("-", span)  # after unwrapping: "\text{minus }5"
     span = _DEGREES.sub(" ", span)
 
     def mixed(m: re.Match) -> str:
@@ -871,9 +873,13 @@ def numbers_equal(response: Number, reference: Number) -> bool:
 
 
 def _close(a: float, b: float) -> bool:
-    if all(x.is_integer() and abs(x) < _EXACT_INTEGER_LIMIT for x in (a, b)):
+    whole = [x.is_integer() and abs(x) < _EXACT_INTEGER_LIMIT for x in (a, b)]
+    if all(whole):
         return a == b
-    return math.isclose(a, b, rel_tol=_NUMBER_REL_TOL, abs_tol=0.0)
+    # One whole number: a near miss of a large integer is no match (1000000.5 is not 1000000),
+    # float noise is (3.0000000001 is 3).
+    return math.isclose(a, b, rel_tol=_INTEGER_REL_TOL if any(whole) else _NUMBER_REL_TOL,
+                        abs_tol=0.0)
 
 
 # --- math -------------------------------------------------------------------------------------

@@ -143,7 +143,8 @@ def _rotate_query_key(self: SelfAttention, query, key, rotary_pos_emb, start: in
     q_pos_emb, k_pos_emb = rotary_pos_emb
     config = self.config
     mscale = _yarn_get_concentration_factor_from_config(config)
-    if (rotary is None or q_pos_emb is not k_pos_emb or config.apply_rope_fusion
+    if (rotary is None or q_pos_emb is not k_pos_emb or query.dtype != key.dtype
+            or config.apply_rope_fusion
             or config.rotary_interleaved or config.multi_latent_attention
             or q_pos_emb.size(-1) != query.size(-1) or k_pos_emb.size(-1) != key.size(-1)):
         if q_pos_emb.size(0) != end - start:
@@ -154,7 +155,7 @@ def _rotate_query_key(self: SelfAttention, query, key, rotary_pos_emb, start: in
                                    cp_group=self.pg_collection.cp)
         return query, key
     cos, signed_sin = rotary.cos_sin(q_pos_emb, start, end, mscale, query.dtype)
-    if together and query.dtype == key.dtype:
+    if together:
         heads = query.size(2)
         both = _rotate(torch.cat((query, key), dim=2), cos, signed_sin)
         return both[:, :, :heads], both[:, :, heads:]

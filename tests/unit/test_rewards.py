@@ -429,6 +429,10 @@ HEDGES_AND_FORMATS = [
     ("Answer: negative 5", "5", "number", None, False, "-5"),
     ("Answer: minus 3 degrees", "-3", "number", None, True, "-3"),
     ("Answer: negative five", "5", "number", None, False, "-5"),
+    ("\\boxed{\\text{minus }5}", "5", "number", None, False, "-5"),  # inside LaTeX too
+    # A near miss of a whole number is no match; float noise is.
+    ("Answer: 1000000.5", "1000000", "number", None, False, "1000000.5"),
+    ("Answer: 3.0000000001", "3", "number", None, True, ANY),
     # Bounds and comparisons state no value; "±" and a parenthesised base are expressions.
     ("Answer: under 5", "5", "number", None, False, None),
     ("There are over 20 people.", "20", "number", None, False, None),

@@ -68,7 +68,12 @@ from PIL import Image, ImageOps  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from megatron_ease.data.image import to_rgb  # noqa: E402
-from megatron_ease.data.schema import _MASK_16BIT_MODES, IMAGE_EXTENSIONS, check_box  # noqa: E402
+from megatron_ease.data.schema import (  # noqa: E402
+    _16BIT_GRAY_MODES,
+    _EXIF_ORIENTATION,
+    IMAGE_EXTENSIONS,
+    check_box,
+)
 from megatron_ease.data.writer import EvidenceShardWriter, sample_members  # noqa: E402
 
 logger = logging.getLogger("build_shards")
@@ -192,7 +197,7 @@ def _mask_png_image(mask: Image.Image, path: str) -> Image.Image:
     gray (weight value/255), converted as the reader converts it."""
     mask.load()
     mask = ImageOps.exif_transpose(mask)  # as for images: the PNG keeps no EXIF orientation
-    if mask.mode in _MASK_16BIT_MODES:
+    if mask.mode in _16BIT_GRAY_MODES:
         return Image.fromarray(np.asarray(mask).astype(np.uint16))
     if mask.mode == "F":
         weights = np.asarray(mask, dtype=np.float64)
@@ -218,7 +223,7 @@ def _upright_size(data: bytes) -> Optional[tuple[int, int]]:
     try:
         image = Image.open(io.BytesIO(data))
         width, height = image.size
-        if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90 or 270 degrees
+        if image.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # rotated by 90 or 270 degrees
             width, height = height, width
         return width, height
     except Exception:  # PIL raises many types

@@ -19,6 +19,8 @@ from PIL import Image
 # the PIL module carries the same function and is importable everywhere.
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
+from megatron_ease.data.schema import is_16bit_gray
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -81,9 +83,6 @@ class ImageProcessingConfig:
         return (r_width // self.cell) * (r_height // self.cell)
 
 
-_16BIT_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
-
-
 def to_rgb(image: Image.Image) -> Image.Image:
     """RGB as HF's ``convert_to_rgb``: transparency is composited onto white.
 
@@ -91,7 +90,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     16-bit PNGs) keeps the high byte of each value, as PIL decodes 16-bit colour PNGs: PIL's
     own conversion clips every value above 255, which turned such images white.
     """
-    if image.mode in _16BIT_GRAY_MODES or (image.mode == "I" and image.format == "PNG"):
+    if is_16bit_gray(image):
         values = np.asarray(image).astype(np.int64)
         gray = Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8))
         if image.info.get("transparency") is None:

@@ -277,7 +277,13 @@ def _open_image(raw: bytes, fail, reason: str, name: str) -> Image.Image:
 _EXIF_ORIENTATION = 0x0112
 
 
-_MASK_16BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+_16BIT_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def is_16bit_gray(image: Image.Image) -> bool:
+    """16-bit grayscale: the I;16 modes, and mode I from a PNG (older Pillow versions open
+    16-bit PNGs as I); full scale 65535. Images and masks alike."""
+    return image.mode in _16BIT_GRAY_MODES or (image.mode == "I" and image.format == "PNG")
 
 
 def _mask_array(mask: Image.Image, fail, name: str) -> np.ndarray:
@@ -295,7 +301,7 @@ def _mask_array(mask: Image.Image, fail, name: str) -> np.ndarray:
     """
     if mask.mode == "L":
         return np.asarray(mask).astype(np.uint8)
-    if mask.mode in _MASK_16BIT_MODES or (mask.mode == "I" and mask.format == "PNG"):
+    if is_16bit_gray(mask):
         values = np.asarray(mask)
         if values.size and (values.min() < 0 or values.max() > 65535):
             raise fail("undecodable_mask", f"{name}: 16-bit mask with values outside [0, 65535]")

@@ -10,11 +10,6 @@ from __future__ import annotations
 import os
 
 
-def first_image(shard: str, key: str):
-    """The sample's first image as ``sample_images`` reads it."""
-    return sample_images(shard, key)[0]
-
-
 def sample_images(shard: str, key: str) -> list:
     """The sample's images, read back from its shard (for the overlays) as the reader decoded
     them: the same members (``KEY.jpg`` or ``KEY.<i>.<ext>``, never a mask), upright (EXIF

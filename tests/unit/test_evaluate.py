@@ -231,7 +231,7 @@ def test_overlays_draw_the_image_the_reader_decoded(tmp_path):
     from PIL import Image
 
     from megatron_ease.data.schema import decode_sample
-    from megatron_ease.eval.plots import first_image
+    from megatron_ease.eval.plots import sample_images
 
     image = Image.new("RGB", (112, 56), (200, 30, 30))
     exif = Image.Exif()
@@ -251,7 +251,7 @@ def test_overlays_draw_the_image_the_reader_decoded(tmp_path):
                 members[key, ext] = data
     for key in ("k2", "dir/unmasked_1"):
         decoded = decode_sample({ext: members[key, ext] for ext in ("jpg", "json")}, key, shard)
-        shown = first_image(shard, key)
+        [shown] = sample_images(shard, key)
         assert shown.size == decoded.images[0].size == (56, 112), key
         assert shown.mode == "RGB"
 

@@ -121,6 +121,18 @@ def test_model_parallel_seed_seeds_the_cpu_generators_on_gpu_nodes_too(monkeypat
     assert torch.equal(draws[0][0], draws[1][0]) and draws[0][1:] == draws[1][1:]
 
 
+def _recorded_starts(monkeypatch) -> list:
+    """torch.distributed's process-group start replaced by a record of its keyword arguments
+    (nothing is initialised yet); the list fills as ``init_process_group`` starts one."""
+    import torch
+
+    started = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group",
+                        lambda *a, **k: started.append(k))
+    return started
+
+
 def test_gloo_with_gpus_visible_is_refused_before_anything_starts(monkeypatch):
     """gloo on a GPU node: the model is built on the GPU and megatron-core's CUDA-tensor
     collectives (gradient reduce-scatter, pipeline p2p) fail deep inside the first step."""
@@ -129,9 +141,7 @@ def test_gloo_with_gpus_visible_is_refused_before_anything_starts(monkeypatch):
     from megatron_ease.distributed import LaunchEnv, init_process_group
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    started = []
-    monkeypatch.setattr(torch.distributed, "init_process_group",
-                        lambda *a, **k: started.append(k))
+    started = _recorded_starts(monkeypatch)
     with pytest.raises(ValueError, match="parallel.backend=gloo with GPUs visible"):
         init_process_group(LaunchEnv(0, 2, 0, "127.0.0.1", 1234, "torchrun"), backend="gloo")
     assert not started
@@ -173,10 +183,7 @@ def test_nccl_process_group_is_bound_to_the_local_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     current = []
     monkeypatch.setattr(torch.cuda, "set_device", current.append)
-    started = []
-    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
-    monkeypatch.setattr(torch.distributed, "init_process_group",
-                        lambda *a, **k: started.append(k))
+    started = _recorded_starts(monkeypatch)
     init_process_group(LaunchEnv(6, 8, 6, "127.0.0.1", 1234, "torchrun"), backend="nccl")
     assert current == [torch.device("cuda", 2)]
     assert started[0]["device_id"] == torch.device("cuda", 2) and started[0]["backend"] == "nccl"
@@ -249,9 +256,7 @@ def test_nccl_asked_for_without_a_usable_gpu_is_named(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    started = []
-    monkeypatch.setattr(torch.distributed, "init_process_group",
-                        lambda *a, **k: started.append(k))
+    started = _recorded_starts(monkeypatch)
     with pytest.raises(RuntimeError, match="parallel.backend=nccl but torch sees no usable GPU"):
         init_process_group(LaunchEnv(0, 2, 0, "127.0.0.1", 1234, "slurm"), backend="nccl")
     assert not started
@@ -272,10 +277,7 @@ def test_the_configured_timeout_reaches_megatron_cores_groups(monkeypatch):
                         lambda **k: created.append(k))
     monkeypatch.setattr(distributed, "model_parallel_seed", lambda seed: None)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a, **k: 4)
-    started = []
-    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
-    monkeypatch.setattr(torch.distributed, "init_process_group",
-                        lambda *a, **k: started.append(k))
+    started = _recorded_starts(monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     parallel = types.SimpleNamespace(
         tensor_model_parallel_size=2, pipeline_model_parallel_size=1,
